@@ -1,0 +1,80 @@
+"""O(S) mask metadata for the Gemma-3 image-span mask.
+
+The mask is carried as per-token *segment ids*: -1 for text, k >= 0 for the k-th image of a row.
+For that mask family every query's allowed keys form one interval ``[k_start(i), k_end(i))``:
+
+    k_end(i)   = min(kv_length, max(i + 1, end of the image run that holds i))
+    k_start(i) = max(0, i - W + 1)          (0 without a sliding window)
+
+Everything here is O(S) in memory; nothing of size [S, S] is ever built.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
+
+TEXT_SEGMENT = -1
+
+
+def segment_ids_from_image_mask(is_image: Bool[Array, "B S"]) -> Int[Array, "B S"]:
+    """Segment ids as transformers builds them: a new image starts wherever a run of image tokens starts.
+
+    Images are numbered 0, 1, ... per row; text tokens get -1.
+    """
+    is_image = jnp.asarray(is_image, dtype=bool)
+    prev = jnp.pad(is_image, ((0, 0), (1, 0)))[:, :-1]
+    starts = is_image & ~prev
+    group = jnp.cumsum(starts.astype(jnp.int32), axis=1) - 1
+    return jnp.where(is_image, group, TEXT_SEGMENT).astype(jnp.int32)
+
+
+def run_ends(segment_ids: Int[Array, "B S"]) -> Int[Array, "B S"]:
+    """For each position, one past the last index of the run of equal ids that holds it (exclusive end).
+
+    Computed with a reverse cumulative min over "run boundary" positions: O(S).
+    """
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    _, s = segment_ids.shape
+    idx = jnp.arange(s, dtype=jnp.int32)
+    # boundary[j] is True when position j is the last of its run.
+    nxt = jnp.pad(segment_ids, ((0, 0), (0, 1)), constant_values=jnp.iinfo(jnp.int32).min)[:, 1:]
+    is_last = segment_ids != nxt
+    cand = jnp.where(is_last, idx[None, :] + 1, s)
+    return jax.lax.cummin(cand, axis=1, reverse=True).astype(jnp.int32)
+
+
+def key_intervals(
+    segment_ids: Int[Array, "B Sk"],
+    *,
+    q_len: int | None = None,
+    sliding_window: int | None = None,
+    kv_lengths: Int[Array, "B"] | None = None,
+    causal: bool = True,
+) -> tuple[Int[Array, "B Sq"], Int[Array, "B Sq"]]:
+    """Per-query allowed key interval ``[k_start, k_end)`` for queries at the last ``q_len`` positions.
+
+    Each maximal run of one non-negative id is one image (transformers builds ids that way). A row whose
+    interval is empty (k_start >= k_end) attends to nothing.
+    With ``causal=False`` every query sees keys ``[0, kv_length)`` (the SigLIP encoder).
+    """
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    b, sk = segment_ids.shape
+    sq = sk if q_len is None else q_len
+    if not 0 < sq <= sk:
+        raise ValueError(f"need 0 < q_len <= Sk, got {q_len=} {sk=}")
+    kv_len = jnp.full((b,), sk, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
+    pos = jnp.arange(sk - sq, sk, dtype=jnp.int32)[None, :]  # [1, Sq] absolute query positions
+    if causal:
+        seg_q = segment_ids[:, sk - sq :]
+        ends = run_ends(segment_ids)[:, sk - sq :]
+        k_end = jnp.where(seg_q >= 0, jnp.maximum(pos + 1, ends), pos + 1)
+    else:
+        k_end = jnp.full((b, sq), sk, jnp.int32)
+    k_end = jnp.minimum(k_end, kv_len[:, None])
+    if sliding_window is None:
+        k_start = jnp.zeros((b, sq), jnp.int32)
+    else:
+        k_start = jnp.broadcast_to(jnp.maximum(pos - sliding_window + 1, 0), (b, sq))
+    return k_start.astype(jnp.int32), k_end.astype(jnp.int32)
