@@ -1,0 +1,85 @@
+"""Small building blocks shared by the text decoder and the vision tower.
+
+Parameters start as zeros of the right shape and dtype: real values come from a checkpoint
+(``gemma3_jax.loading``), and models are built under ``nnx.eval_shape`` so nothing is allocated twice.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from gemma3_jax.config import RopeConfig
+
+
+def param(shape: tuple[int, ...], dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype))
+
+
+def gelu_tanh(x: Array) -> Array:
+    """gelu with the tanh approximation (transformers' ``gelu_pytorch_tanh``)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+class RMSNorm(nnx.Module):
+    """Gemma RMSNorm: ``x / rms(x) * (1 + w)`` computed in float32, cast back to x's dtype."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = param((dim,), dtype)
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias (SigLIP), statistics in float32."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.scale = param((dim,), dtype)
+        self.bias = param((dim,), dtype)
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class GeGLU(nnx.Module):
+    """Gemma MLP: ``down(gelu_tanh(gate(x)) * up(x))``."""
+
+    def __init__(self, dim: int, hidden: int, dtype):
+        self.gate = param((dim, hidden), dtype)  # [D, F]
+        self.up = param((dim, hidden), dtype)  # [D, F]
+        self.down = param((hidden, dim), dtype)  # [F, D]
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        gate = jnp.einsum("BTD,DF->BTF", x, self.gate[...])
+        up = jnp.einsum("BTD,DF->BTF", x, self.up[...])
+        return jnp.einsum("BTF,FD->BTD", gelu_tanh(gate) * up, self.down[...])
+
+
+def rope_cos_sin(
+    positions: Int[Array, "B T"], head_dim: int, rope: RopeConfig, dtype
+) -> tuple[Float[Array, "B T H"], Float[Array, "B T H"]]:
+    """cos and sin of the rotary angles, computed in float32 and cast to ``dtype`` as transformers does."""
+    inv_freq = 1.0 / (rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    inv_freq = inv_freq / rope.factor  # linear scaling; factor 1 for the default rope
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, H]
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: Float[Array, "B T N H"], cos: Array, sin: Array) -> Float[Array, "B T N H"]:
+    """Rotate-half RoPE; cos/sin [B, T, H] broadcast over heads."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]

@@ -1,0 +1,211 @@
+"""Load a Hugging Face Gemma-3 safetensors checkpoint into ``Gemma3``.
+
+The model is first built abstractly (``nnx.eval_shape``: shapes only, no memory), then every tensor is
+read, converted to the Flax layout, cast and placed one at a time, so the host never holds two full
+copies of the weights. Both key layouts are understood: transformers v5 (``model.language_model.*``,
+``model.vision_tower.*``, ``model.multi_modal_projector.*``), the older one (``language_model.model.*``,
+``vision_tower.vision_model.*``, ``multi_modal_projector.*``) and text-only ``model.*``. Safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from gemma3_jax.config import Gemma3Config
+from gemma3_jax.model import Gemma3
+
+# Prefix -> part of the model. Order matters: the most specific first.
+_PREFIXES = (
+    ("model.vision_tower.vision_model.", "vision"),
+    ("vision_tower.vision_model.", "vision"),
+    ("model.vision_tower.", "vision"),
+    ("vision_tower.", "vision"),
+    ("model.multi_modal_projector.", "projector"),
+    ("multi_modal_projector.", "projector"),
+    ("model.language_model.", "text"),
+    ("language_model.model.", "text"),
+    ("language_model.", "text"),
+    ("model.", "text"),
+    ("", "text"),
+)
+_LM_HEAD = ("lm_head.weight", "language_model.lm_head.weight", "model.lm_head.weight")
+_UNUSED = re.compile(r"^vision:head\.")  # SigLIP's pooling head: Gemma-3 does not use it
+
+
+# A conversion: (HF shape from our shape, HF tensor -> our layout).
+Conversion = tuple[Callable[[tuple], tuple], Callable]
+_COPY: Conversion = (lambda s: s, lambda w, s: w)
+_T: Conversion = (lambda s: s[::-1], lambda w, s: w.T)  # nn.Linear [out, in] -> [in, out]
+_IN_HEADS: Conversion = (lambda s: (s[1] * s[2], s[0]), lambda w, s: w.T.reshape(s))  # [N*H, D] -> [D, N, H]
+_OUT_HEADS: Conversion = (lambda s: (s[2], s[0] * s[1]), lambda w, s: w.T.reshape(s))  # [D, N*H] -> [N, H, D]
+_HEADS_BIAS: Conversion = (lambda s: (s[0] * s[1],), lambda w, s: w.reshape(s))  # [N*H] -> [N, H]
+_CONV: Conversion = (  # Conv2d [E, C, p, p] -> [C*p*p, E]
+    lambda s: (s[1], -1, -1, -1),
+    lambda w, s: w.reshape(w.shape[0], -1).T,
+)
+
+_RULES: list[tuple[re.Pattern, str, Conversion]] = [
+    (re.compile(p), target, conv)
+    for p, target, conv in [
+        # text decoder
+        (r"text:embed_tokens\.weight", "text.embed", _COPY),
+        (r"text:norm\.weight", "text.final_norm.weight", _COPY),
+        (r"text:layers\.(\d+)\.input_layernorm\.weight", "text.layers.{0}.input_norm.weight", _COPY),
+        (r"text:layers\.(\d+)\.post_attention_layernorm\.weight", "text.layers.{0}.post_attn_norm.weight", _COPY),
+        (r"text:layers\.(\d+)\.pre_feedforward_layernorm\.weight", "text.layers.{0}.pre_ffw_norm.weight", _COPY),
+        (r"text:layers\.(\d+)\.post_feedforward_layernorm\.weight", "text.layers.{0}.post_ffw_norm.weight", _COPY),
+        (r"text:layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", "text.layers.{0}.attn.{1}_proj", _IN_HEADS),
+        (r"text:layers\.(\d+)\.self_attn\.o_proj\.weight", "text.layers.{0}.attn.o_proj", _OUT_HEADS),
+        (r"text:layers\.(\d+)\.self_attn\.([qk])_norm\.weight", "text.layers.{0}.attn.{1}_norm.weight", _COPY),
+        (r"text:layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", "text.layers.{0}.mlp.{1}", _T),
+        # SigLIP
+        (r"vision:embeddings\.patch_embedding\.weight", "vision.patch_embed", _CONV),
+        (r"vision:embeddings\.patch_embedding\.bias", "vision.patch_bias", _COPY),
+        (r"vision:embeddings\.position_embedding\.weight", "vision.pos_embed", _COPY),
+        (r"vision:post_layernorm\.weight", "vision.post_norm.scale", _COPY),
+        (r"vision:post_layernorm\.bias", "vision.post_norm.bias", _COPY),
+        (r"vision:encoder\.layers\.(\d+)\.layer_norm([12])\.weight", "vision.layers.{0}.norm{1}.scale", _COPY),
+        (r"vision:encoder\.layers\.(\d+)\.layer_norm([12])\.bias", "vision.layers.{0}.norm{1}.bias", _COPY),
+        (r"vision:encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", "vision.layers.{0}.attn.{1}_proj", _IN_HEADS),
+        (r"vision:encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.bias", "vision.layers.{0}.attn.{1}_bias", _HEADS_BIAS),
+        (r"vision:encoder\.layers\.(\d+)\.self_attn\.out_proj\.weight", "vision.layers.{0}.attn.o_proj", _OUT_HEADS),
+        (r"vision:encoder\.layers\.(\d+)\.self_attn\.out_proj\.bias", "vision.layers.{0}.attn.o_bias", _COPY),
+        (r"vision:encoder\.layers\.(\d+)\.mlp\.(fc[12])\.weight", "vision.layers.{0}.mlp.{1}", _T),
+        (r"vision:encoder\.layers\.(\d+)\.mlp\.(fc[12])\.bias", "vision.layers.{0}.mlp.{1}_bias", _COPY),
+        # projector
+        (r"projector:mm_input_projection_weight", "projector.proj", _COPY),
+        (r"projector:mm_soft_emb_norm\.weight", "projector.norm.weight", _COPY),
+    ]
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: missing, unexpected or mis-shaped tensors."""
+
+
+def normalize_key(key: str) -> str:
+    """'model.language_model.layers.0.x' -> 'text:layers.0.x' (part:name), whichever layout."""
+    for prefix, part in _PREFIXES:
+        if key.startswith(prefix):
+            return f"{part}:{key[len(prefix):]}"
+    raise AssertionError("unreachable: the empty prefix matches everything")
+
+
+def target_of(key: str) -> tuple[str, Conversion] | None:
+    """Our parameter path and conversion for an HF key; None if the key is known to be unused."""
+    name = normalize_key(key)
+    if _UNUSED.match(name):
+        return None
+    for pattern, target, conv in _RULES:
+        m = pattern.fullmatch(name)
+        if m:
+            return target.format(*m.groups()), conv
+    raise CheckpointError(f"unexpected tensor {key!r} in the checkpoint (read as {name!r})")
+
+
+def hf_name_of(param_path: str) -> str:
+    """Our parameter path -> the (normalized) HF tensor name it is read from, for error messages."""
+    for pattern, target, _ in _RULES:
+        t = re.escape(target)
+        for i in range(4):
+            t = t.replace(re.escape("{%d}" % i), "(.+?)")
+        m = re.fullmatch(t, param_path)
+        if m:
+            groups = iter(m.groups())
+            return re.sub(r"\([^)]*\)", lambda _: next(groups), pattern.pattern).replace("\\.", ".")
+    return param_path
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        files = [path / n for n in names]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint shard(s) missing: {', '.join(missing)}")
+    return files
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, Callable, tuple[int, ...]]]:
+    """(key, reader, shape) for every tensor; a tensor is read only when its reader is called."""
+    for file in files:
+        with safe_open(str(file), framework="flax") as f:
+            for key in f.keys():
+                yield key, (lambda f=f, key=key: f.get_tensor(key)), tuple(f.get_slice(key).get_shape())
+
+
+def _params_by_path(model: nnx.Module) -> dict[str, nnx.Param]:
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param):
+            out[".".join(str(p) for p in path)] = node
+    return out
+
+
+def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "reference", progress: bool = True) -> Gemma3:
+    """Read a checkpoint directory (config.json + safetensors) into a ``Gemma3`` with weights in ``dtype``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    cfg = Gemma3Config.from_pretrained(path)
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float16:
+        raise ValueError("dtype=float16 is refused: Gemma-3 activations overflow float16; use bfloat16 or float32")
+    files = checkpoint_files(path)
+    model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, attention))
+    params = _params_by_path(model)
+    loaded: set[str] = set()
+    tied = _is_tied(path)
+    count = 0
+    for file in files:
+        with safe_open(str(file), framework="flax") as f:
+            count += len(f.keys())
+    for key, read, hf_shape in tqdm(_iter_tensors(files), total=count, desc="loading weights", disable=not progress):
+        if key in _LM_HEAD:
+            if not tied:
+                raise CheckpointError(f"{key!r}: untied lm_head is not supported (Gemma-3 ties it to the embedding)")
+            continue
+        target = target_of(key)
+        if target is None:
+            continue
+        name, (hf_shape_of, convert) = target
+        if name not in params:
+            raise CheckpointError(f"unexpected tensor {key!r}: the model has no {name!r} (config mismatch?)")
+        if name in loaded:
+            raise CheckpointError(f"tensor {key!r} maps to {name!r}, which was already loaded")
+        p = params[name]
+        want = p.get_value().shape
+        expect = hf_shape_of(want)
+        if len(expect) != len(hf_shape) or any(e not in (-1, h) for e, h in zip(expect, hf_shape)):
+            raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, expected {list(expect)} for {name!r}")
+        value = convert(read(), want).astype(dtype)
+        if value.shape != want:
+            raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, which does not fit {name!r} {want}")
+        p.set_value(value)
+        loaded.add(name)
+    missing = [hf_name_of(n) for n in sorted(set(params) - loaded)]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"missing tensor(s) in {path}: {', '.join(missing[:5])}{more}")
+    return model
+
+
+def _is_tied(path: Path) -> bool:
+    with open(path / "config.json") as f:
+        d = json.load(f)
+    return bool(d.get("tie_word_embeddings", (d.get("text_config") or {}).get("tie_word_embeddings", True)))

@@ -1,0 +1,122 @@
+"""The Gemma-3 model: vision tower + projector + text decoder, and its forward API.
+
+``model(input_ids, pixel_values=None, attention_mask=None) -> logits [B, L, V]`` checks its inputs on the
+host (one clear ValueError naming the value), then runs one jit-compiled function.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from gemma3_jax.config import Gemma3Config
+from gemma3_jax.text import TextModel
+from gemma3_jax.vision import Projector, VisionTower
+from pallas_kernels.segments import segment_ids_from_image_mask
+
+
+class Gemma3(nnx.Module):
+    def __init__(self, cfg: Gemma3Config, dtype=jnp.bfloat16, attention: str = "reference"):
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.attention = attention
+        self.text = TextModel(cfg.text, self.dtype)
+        if cfg.is_multimodal:
+            self.vision = VisionTower(cfg.vision, self.dtype)
+            self.projector = Projector(cfg, self.dtype)
+
+    # ---- pure pieces (traceable) -------------------------------------------------------------
+    def image_features(self, pixel_values: Float[Array, "I C S S"]) -> Float[Array, "I T D"]:
+        """Soft tokens of each image, in the text embedding space."""
+        return self.projector(self.vision(pixel_values, self.attention))
+
+    def embed(self, input_ids: Int[Array, "B L"], pixel_values=None) -> Float[Array, "B L D"]:
+        """Token embeddings with image features scattered, in order, into the image-token positions."""
+        is_image = input_ids == self.cfg.image_token_id
+        ids = input_ids
+        if self.cfg.image_token_id >= self.cfg.text.vocab_size:  # out-of-vocabulary placeholder, as HF
+            ids = jnp.where(is_image, 0, input_ids)
+        x = self.text.embed_tokens(ids)
+        if pixel_values is None:
+            return x
+        feats = self.image_features(pixel_values)
+        feats = feats.reshape(-1, feats.shape[-1]).astype(x.dtype)  # [I*T, D] in prompt order
+        slot = jnp.cumsum(is_image.reshape(-1)) - 1  # row-major rank of each image token
+        gathered = jnp.take(feats, jnp.clip(slot, 0, feats.shape[0] - 1), axis=0).reshape(x.shape)
+        return jnp.where(is_image[..., None], gathered, x)
+
+    def forward(
+        self,
+        input_ids: Int[Array, "B L"],
+        pixel_values: Float[Array, "I C S S"] | None = None,
+        kv_lengths: Int[Array, "B"] | None = None,
+    ) -> Float[Array, "B L D"]:
+        """Final hidden states (after the last norm)."""
+        b, length = input_ids.shape
+        x = self.embed(input_ids, pixel_values)
+        segment_ids = segment_ids_from_image_mask(input_ids == self.cfg.image_token_id)
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        return self.text(x, positions, segment_ids, kv_lengths, self.attention)
+
+    # ---- the user-facing call ------------------------------------------------------------------
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None) -> Float[Array, "B L V"]:
+        input_ids, pixel_values, kv_lengths = self.check_inputs(input_ids, pixel_values, attention_mask)
+        graphdef, state = nnx.split(self)
+        return _logits(graphdef, state, input_ids, pixel_values, kv_lengths)
+
+    def check_inputs(self, input_ids, pixel_values=None, attention_mask=None):
+        """Validate on the host; returns (input_ids, pixel_values, kv_lengths) as device arrays."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids must be a [B, L] integer array, got shape {ids.shape} dtype {ids.dtype}")
+        if ids.shape[1] == 0:
+            raise ValueError(f"input_ids is empty: shape {ids.shape}")
+        cfg = self.cfg
+        is_image = ids == cfg.image_token_id
+        bad = (ids < 0) | ((ids >= cfg.text.vocab_size) & ~is_image)
+        if bad.any():
+            raise ValueError(f"token id {int(ids[bad][0])} out of range for vocab_size={cfg.text.vocab_size}")
+        n_image_tokens = int(is_image.sum())
+        if pixel_values is not None:
+            if not cfg.is_multimodal:
+                raise ValueError("pixel_values given to a text-only model (its config has no vision_config)")
+            pixel_values = np.asarray(pixel_values)
+            v = cfg.vision
+            want = (v.num_channels, v.image_size, v.image_size)
+            if pixel_values.ndim != 4 or pixel_values.shape[1:] != want:
+                raise ValueError(f"pixel_values must be [num_images, {', '.join(map(str, want))}], got {pixel_values.shape}")
+            expected = pixel_values.shape[0] * cfg.mm_tokens_per_image
+            if n_image_tokens != expected:
+                raise ValueError(
+                    f"{pixel_values.shape[0]} images need {expected} image tokens "
+                    f"(id {cfg.image_token_id}) in input_ids, found {n_image_tokens}"
+                )
+            pixel_values = jnp.asarray(pixel_values, self.dtype)
+        elif n_image_tokens:
+            raise ValueError(f"input_ids hold {n_image_tokens} image tokens (id {cfg.image_token_id}) but no pixel_values")
+        kv_lengths = None
+        if attention_mask is not None:
+            mask = np.asarray(attention_mask)
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+            if not np.isin(mask, (0, 1)).all():
+                raise ValueError("attention_mask must hold only 0 and 1")
+            lengths = mask.sum(axis=1).astype(np.int32)
+            prefix = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+            if (prefix != mask.astype(bool)).any():
+                row = int(np.nonzero((prefix != mask.astype(bool)).any(axis=1))[0][0])
+                raise ValueError(f"attention_mask row {row} is not right-padded (ones, then zeros)")
+            if not (lengths == ids.shape[1]).all():
+                kv_lengths = jnp.asarray(lengths)
+        return jnp.asarray(ids, jnp.int32), pixel_values, kv_lengths
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, input_ids, pixel_values, kv_lengths):
+    model = nnx.merge(graphdef, state)
+    return model.text.logits(model.forward(input_ids, pixel_values, kv_lengths))

@@ -1,0 +1,107 @@
+"""SigLIP vision tower and the Gemma-3 multimodal projector.
+
+Shapes: I images, C channels, P patches per image, E vision hidden, N heads, H head dim, F MLP hidden,
+T soft tokens per image, D text hidden.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from gemma3_jax.attention import attend
+from gemma3_jax.config import Gemma3Config, VisionConfig
+from gemma3_jax.layers import LayerNorm, RMSNorm, gelu_tanh, param
+
+
+def patchify(pixels: Float[Array, "I C S S"], patch: int) -> Float[Array, "I P CPP"]:
+    """[I, C, S, S] -> [I, P, C*p*p], patches row-major and features in Conv2d weight order (c, y, x)."""
+    i, c, s, _ = pixels.shape
+    g = s // patch
+    x = pixels.reshape(i, c, g, patch, g, patch)
+    x = x.transpose(0, 2, 4, 1, 3, 5)  # [I, gy, gx, C, py, px]
+    return x.reshape(i, g * g, c * patch * patch)
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, dtype):
+        e, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+        self.q_proj, self.q_bias = param((e, n, h), dtype), param((n, h), dtype)
+        self.k_proj, self.k_bias = param((e, n, h), dtype), param((n, h), dtype)
+        self.v_proj, self.v_bias = param((e, n, h), dtype), param((n, h), dtype)
+        self.o_proj, self.o_bias = param((n, h, e), dtype), param((e,), dtype)
+        self.scale = h**-0.5
+
+    def __call__(self, x: Float[Array, "I P E"], impl: str) -> Float[Array, "I P E"]:
+        q = jnp.einsum("IPE,ENH->IPNH", x, self.q_proj[...]) + self.q_bias[...]
+        k = jnp.einsum("IPE,ENH->IPNH", x, self.k_proj[...]) + self.k_bias[...]
+        v = jnp.einsum("IPE,ENH->IPNH", x, self.v_proj[...]) + self.v_bias[...]
+        out = attend(q, k, v, None, scale=self.scale, causal=False, impl=impl)  # bidirectional, no mask
+        return jnp.einsum("IPNH,NHE->IPE", out, self.o_proj[...]) + self.o_bias[...]
+
+
+class VisionMLP(nnx.Module):
+    def __init__(self, cfg: VisionConfig, dtype):
+        self.fc1, self.fc1_bias = param((cfg.hidden_size, cfg.intermediate_size), dtype), param(
+            (cfg.intermediate_size,), dtype
+        )
+        self.fc2, self.fc2_bias = param((cfg.intermediate_size, cfg.hidden_size), dtype), param(
+            (cfg.hidden_size,), dtype
+        )
+
+    def __call__(self, x: Float[Array, "I P E"]) -> Float[Array, "I P E"]:
+        h = gelu_tanh(jnp.einsum("IPE,EF->IPF", x, self.fc1[...]) + self.fc1_bias[...])
+        return jnp.einsum("IPF,FE->IPE", h, self.fc2[...]) + self.fc2_bias[...]
+
+
+class EncoderLayer(nnx.Module):
+    def __init__(self, cfg: VisionConfig, dtype):
+        self.norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
+        self.attn = VisionAttention(cfg, dtype)
+        self.norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
+        self.mlp = VisionMLP(cfg, dtype)
+
+    def __call__(self, x: Float[Array, "I P E"], impl: str) -> Float[Array, "I P E"]:
+        x = x + self.attn(self.norm1(x), impl)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTower(nnx.Module):
+    """SigLIP: patch embedding (a strided conv as one matmul), positions, encoder, post-layernorm."""
+
+    def __init__(self, cfg: VisionConfig, dtype):
+        self.cfg = cfg
+        cpp = cfg.num_channels * cfg.patch_size**2
+        self.patch_embed = param((cpp, cfg.hidden_size), dtype)  # [C*p*p, E]
+        self.patch_bias = param((cfg.hidden_size,), dtype)
+        self.pos_embed = param((cfg.patches_per_side**2, cfg.hidden_size), dtype)  # [P, E]
+        self.layers = nnx.List([EncoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.post_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
+
+    def __call__(self, pixels: Float[Array, "I C S S"], impl: str) -> Float[Array, "I P E"]:
+        w = self.patch_embed[...]
+        patches = patchify(pixels.astype(w.dtype), self.cfg.patch_size)
+        x = jnp.einsum("IPK,KE->IPE", patches, w) + self.patch_bias[...] + self.pos_embed[...]
+        for layer in self.layers:
+            x = layer(x, impl)
+        return self.post_norm(x)
+
+
+class Projector(nnx.Module):
+    """Average-pool patches to ``mm_tokens_per_image``, soft-embedding RMSNorm, project to text hidden."""
+
+    def __init__(self, cfg: Gemma3Config, dtype):
+        v = cfg.vision
+        self.patches_per_side = v.patches_per_side
+        self.tokens_per_side = int(round(cfg.mm_tokens_per_image**0.5))
+        self.norm = RMSNorm(v.hidden_size, v.layer_norm_eps, dtype)
+        self.proj = param((v.hidden_size, cfg.text.hidden_size), dtype)  # [E, D]
+
+    def __call__(self, x: Float[Array, "I P E"]) -> Float[Array, "I T D"]:
+        i, _, e = x.shape
+        g, t = self.patches_per_side, self.tokens_per_side
+        k = g // t
+        pooled = x.reshape(i, t, k, t, k, e).astype(jnp.float32).mean(axis=(2, 4)).astype(x.dtype)
+        pooled = self.norm(pooled.reshape(i, t * t, e))
+        return jnp.einsum("ITE,ED->ITD", pooled, self.proj[...])
