@@ -1,0 +1,45 @@
+import os
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity: no reduced-precision dots
+
+import hf_checkpoints as hfc  # noqa: E402
+
+TOL = 1e-4  # max |dlogit| <= TOL * max |logit|
+
+
+def rel_err(ours, ref, valid=None) -> float:
+    import numpy as np
+
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    diff = np.abs(ours - ref)
+    if valid is not None:
+        diff, ref = diff[valid], ref[valid]
+    return float(diff.max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="session")
+def tiny_mm(tmp_path_factory):
+    """(path, hf_model) of a tiny random multimodal Gemma-3 (7 layers, window 8, 4 soft tokens per image)."""
+    path = tmp_path_factory.mktemp("tiny_mm")
+    return path, hfc.make_multimodal(path, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_text")
+    return path, hfc.make_text_only(path, seed=1)
+
+
+@pytest.fixture(scope="session")
+def real_270m():
+    """(path, hf_model, tokenizer) of the real Gemma-3 270M, converted once into a cache directory."""
+    cache = Path(os.environ.get("GEMMA3_JAX_TEST_CACHE", Path.home() / ".cache" / "gemma3_jax_tests"))
+    path = cache / "gemma3-270m-f32"
+    model, tok = hfc.convert_gguf_270m(path)
+    return path, model, tok
