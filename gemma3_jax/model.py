@@ -55,8 +55,8 @@ class Gemma3(nnx.Module):
         input_ids: Int[Array, "B L"],
         pixel_values: Float[Array, "I C S S"] | None = None,
         kv_lengths: Int[Array, "B"] | None = None,
-    ) -> Float[Array, "B L D"]:
-        """Final hidden states (after the last norm)."""
+    ) -> tuple[Float[Array, "B L D"], list]:
+        """Final hidden states (after the last norm) and each layer's (keys, values)."""
         b, length = input_ids.shape
         x = self.embed(input_ids, pixel_values)
         segment_ids = segment_ids_from_image_mask(input_ids == self.cfg.image_token_id)
@@ -119,4 +119,5 @@ class Gemma3(nnx.Module):
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(graphdef, state, input_ids, pixel_values, kv_lengths):
     model = nnx.merge(graphdef, state)
-    return model.text.logits(model.forward(input_ids, pixel_values, kv_lengths))
+    hidden, _ = model.forward(input_ids, pixel_values, kv_lengths)
+    return model.text.logits(hidden)

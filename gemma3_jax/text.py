@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from gemma3_jax import cache as kvc
 from gemma3_jax.attention import attend
 from gemma3_jax.config import GLOBAL, SLIDING, TextConfig
 from gemma3_jax.layers import GeGLU, RMSNorm, apply_rope, param, rope_cos_sin
@@ -43,7 +44,8 @@ class Attention(nnx.Module):
         segment_ids: Int[Array, "B T"],
         kv_lengths: Int[Array, "B"] | None,
         impl: str,
-    ) -> Float[Array, "B T D"]:
+    ) -> tuple[Float[Array, "B T D"], tuple[Array, Array]]:
+        """Output and this layer's (keys, values) [B, T, K, H] for a KV cache."""
         q = self.q_norm(jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...]))
         q = apply_rope(q, cos, sin)
         k, v = self.project_kv(x, cos, sin)
@@ -57,7 +59,17 @@ class Attention(nnx.Module):
             scale=self.scale,
             impl=impl,
         )
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...])
+        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...]), (k, v)
+
+    def decode(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"]):
+        """One token per row at position ``pos``: writes its key/value into the cache, attends over it."""
+        ring = self.sliding_window is not None
+        q = apply_rope(self.q_norm(jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...])), cos, sin)
+        k, v = self.project_kv(x, cos, sin)
+        k_buf = kvc.write_step(k_buf, k[:, 0], pos, ring)
+        v_buf = kvc.write_step(v_buf, v[:, 0], pos, ring)
+        out = kvc.attend_step(q[:, 0], k_buf, v_buf, pos, ring, self.scale)
+        return jnp.einsum("BNH,NHD->BD", out, self.o_proj[...])[:, None], k_buf, v_buf
 
 
 class DecoderLayer(nnx.Module):
@@ -72,10 +84,15 @@ class DecoderLayer(nnx.Module):
         self.layer_type = SLIDING if cfg.is_sliding(layer) else GLOBAL
 
     def __call__(self, x, cos, sin, segment_ids, kv_lengths, impl: str):
-        h = self.attn(self.input_norm(x), cos, sin, segment_ids, kv_lengths, impl)
-        x = x + self.post_attn_norm(h)
-        h = self.mlp(self.pre_ffw_norm(x))
-        return x + self.post_ffw_norm(h)
+        h, kv = self.attn(self.input_norm(x), cos, sin, segment_ids, kv_lengths, impl)
+        return self._ffw(x + self.post_attn_norm(h)), kv
+
+    def decode(self, x, cos, sin, k_buf, v_buf, pos):
+        h, k_buf, v_buf = self.attn.decode(self.input_norm(x), cos, sin, k_buf, v_buf, pos)
+        return self._ffw(x + self.post_attn_norm(h)), k_buf, v_buf
+
+    def _ffw(self, x):
+        return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
 
 
 class TextModel(nnx.Module):
@@ -114,11 +131,26 @@ class TextModel(nnx.Module):
         segment_ids: Int[Array, "B T"],
         kv_lengths: Int[Array, "B"] | None,
         impl: str,
-    ) -> Float[Array, "B T D"]:
-        """Hidden states after the final norm (call ``logits`` on what you need)."""
+    ) -> tuple[Float[Array, "B T D"], list[tuple[Array, Array]]]:
+        """Hidden states after the final norm (call ``logits`` on what you need) and each layer's (k, v)."""
         tables = self.rope_tables(positions)
-        x = embeddings
+        x, kvs = embeddings, []
         for layer in self.layers:
             cos, sin = tables[layer.layer_type]
-            x = layer(x, cos, sin, segment_ids, kv_lengths, impl)
-        return self.final_norm(x)
+            x, kv = layer(x, cos, sin, segment_ids, kv_lengths, impl)
+            kvs.append(kv)
+        return self.final_norm(x), kvs
+
+    def decode_step(
+        self, embeddings: Float[Array, "B 1 D"], cache: kvc.KVCache
+    ) -> tuple[Float[Array, "B 1 D"], kvc.KVCache]:
+        """One token per row at position ``cache.lengths``; returns hidden states and the updated cache."""
+        pos = cache.lengths
+        tables = self.rope_tables(pos[:, None])
+        x, ks, vs = embeddings, [], []
+        for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v):
+            cos, sin = tables[layer.layer_type]
+            x, k_buf, v_buf = layer.decode(x, cos, sin, k_buf, v_buf, pos)
+            ks.append(k_buf)
+            vs.append(v_buf)
+        return self.final_norm(x), kvc.KVCache(tuple(ks), tuple(vs), pos + 1)

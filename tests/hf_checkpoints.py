@@ -53,18 +53,18 @@ def vision_config(**over) -> dict:
     return cfg
 
 
-def randomize_(model: torch.nn.Module, seed: int) -> None:
+def randomize_(model: torch.nn.Module, seed: int, gain: float = 0.5) -> None:
     """Every parameter random: matrices ~ N(0, 0.5/sqrt(fan_in)), vectors ~ N(0, 0.1) (+1 for LayerNorm scales)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2:
-                fan_in = p.shape[-1] if "embed_tokens" not in name else 1
+                fan_in = p.shape[-1]
                 if "patch_embedding" in name:
                     fan_in = int(np.prod(p.shape[1:]))
                 if "mm_input_projection" in name:
                     fan_in = p.shape[0]
-                std = 0.5 / fan_in**0.5
+                std = gain / fan_in**0.5
             else:
                 std = 0.1
             p.copy_(torch.randn(p.shape, generator=g) * std)

@@ -75,7 +75,7 @@ def test_attention_layer(pair, layer):
     hf_attn = hf.language_model.layers[layer].self_attn
     want, _ = hf_attn(_t(x), position_embeddings=(cos, sin), attention_mask=additive)
     c, s = ours.text.rope_tables(jnp.asarray(pos))[layer_type]
-    got = ours.text.layers[layer].attn(jnp.asarray(x), c, s, seg, None, "reference")
+    got, _ = ours.text.layers[layer].attn(jnp.asarray(x), c, s, seg, None, "reference")
     assert rel_err(got, want.detach()) < TIGHT
 
 

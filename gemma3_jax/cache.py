@@ -1,0 +1,83 @@
+"""KV cache: full-length buffers for global layers, ring buffers of ``sliding_window`` slots for sliding layers.
+
+Shapes: B batch, C cache length, W window slots, K key/value heads, H head dim, L prompt (bucket) length.
+Position p of a row lives at index p of a global buffer and at slot ``p % W`` of a ring buffer.
+Decode steps are plain causal over the cache: the token at position ``pos`` sees every held position <= pos
+(within the window on sliding layers).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from gemma3_jax.config import TextConfig
+
+
+class KVCache(NamedTuple):
+    k: tuple[Array, ...]  # one per layer: [B, C, K, H] (global) or [B, W, K, H] (sliding)
+    v: tuple[Array, ...]
+    lengths: Int[Array, "B"]  # tokens held per row = position of the next token
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.size * x.dtype.itemsize for x in (*self.k, *self.v))
+
+
+def layer_slots(cfg: TextConfig, layer: int, cache_length: int) -> int:
+    return min(cfg.sliding_window, cache_length) if cfg.is_sliding(layer) else cache_length
+
+
+def init_cache(cfg: TextConfig, batch: int, cache_length: int, dtype) -> KVCache:
+    shapes = [(batch, layer_slots(cfg, i, cache_length), cfg.num_kv_heads, cfg.head_dim) for i in range(cfg.num_layers)]
+    return KVCache(
+        k=tuple(jnp.zeros(s, dtype) for s in shapes),
+        v=tuple(jnp.zeros(s, dtype) for s in shapes),
+        lengths=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def ring_positions(last: Int[Array, "B"], slots: int) -> Int[Array, "B W"]:
+    """Position held by each ring slot when ``last`` is the newest position written (-1 or less: empty)."""
+    s = jnp.arange(slots, dtype=jnp.int32)[None, :]
+    return last[:, None] - jnp.mod(last[:, None] - s, slots)
+
+
+def fill_layer(buf: Float[Array, "B S K H"], new: Float[Array, "B L K H"], lengths: Int[Array, "B"], ring: bool):
+    """Write a prefilled prompt's keys or values (positions 0..L-1, rows valid up to ``lengths``)."""
+    slots, length = buf.shape[1], new.shape[1]
+    if not ring:
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, 0, 0))
+    pos = ring_positions(lengths - 1, slots)  # [B, W]: newest position of each slot
+    taken = jnp.take_along_axis(new, jnp.clip(pos, 0, length - 1)[:, :, None, None], axis=1)
+    return jnp.where((pos >= 0)[:, :, None, None], taken, buf).astype(buf.dtype)
+
+
+def write_step(buf: Float[Array, "B S K H"], new: Float[Array, "B K H"], pos: Int[Array, "B"], ring: bool):
+    """Write one decode token per row at its own position."""
+    idx = jnp.mod(pos, buf.shape[1]) if ring else pos
+    return buf.at[jnp.arange(buf.shape[0]), idx].set(new.astype(buf.dtype), mode="drop")
+
+
+def attend_step(
+    q: Float[Array, "B N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"],
+    pos: Int[Array, "B"],
+    ring: bool,
+    scale: float,
+) -> Float[Array, "B N H"]:
+    """One query per row over its cache (after ``write_step``), float32 softmax."""
+    b, n, h = q.shape
+    kh = k.shape[2]
+    held = ring_positions(pos, k.shape[1]) if ring else jnp.broadcast_to(jnp.arange(k.shape[1]), (b, k.shape[1]))
+    valid = (held >= 0) & (held <= pos[:, None])  # [B, S]
+    qg = q.reshape(b, kh, n // kh, h)
+    logits = jnp.einsum("BKGH,BSKH->BKGS", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("BKGS,BSKH->BKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, n, h).astype(q.dtype)

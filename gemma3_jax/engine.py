@@ -1,0 +1,196 @@
+"""Jit-compiled prefill and decode over a KV cache, on token ids.
+
+- ``prefill``: a batch of prompts right-padded to a bucket length (a small fixed set, so compiles are
+  reused), images through the vision tower, attention with the image-span mask; fills the caches and
+  returns only the last-token logits and a first sampled token.
+- ``decode``: up to ``chunk`` steps per host call in a ``lax.while_loop`` with on-device sampling and stop
+  detection; the cache is donated into the step (no copy per step). Streaming hands back chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemma3_jax import cache as kvc
+from gemma3_jax.model import Gemma3
+from gemma3_jax.sampling import SamplingParams, sample
+
+BUCKETS = tuple(2**i for i in range(5, 18))  # 32 ... 131072
+MAX_STOP_IDS = 8
+
+
+def bucket_length(n: int, cache_length: int) -> int:
+    for b in BUCKETS:
+        if b >= n:
+            return min(b, cache_length)
+    return cache_length
+
+
+@dataclasses.dataclass
+class Timings:
+    compile_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens: int = 0
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+
+class Engine:
+    """Holds the model's state and its compiled steps (keyed by shapes and static settings)."""
+
+    def __init__(self, model: Gemma3, cache_length: int = 4096, chunk: int = 32):
+        self.graphdef, self.state = nnx.split(model)
+        self.cfg = model.cfg
+        self.dtype = model.dtype
+        self.cache_length = int(cache_length)
+        self.chunk = int(chunk)
+        self._compiled: dict = {}
+        self._donate = jax.default_backend() != "cpu"
+
+    # ---- compiled functions -------------------------------------------------------------------
+    def _prefill_fn(self, params: SamplingParams):
+        graphdef, cfg, cache_length = self.graphdef, self.cfg.text, self.cache_length
+
+        def prefill(state, input_ids, pixel_values, lengths, key):
+            model = nnx.merge(graphdef, state)
+            b = input_ids.shape[0]
+            hidden, kvs = model.forward(input_ids, pixel_values, lengths)
+            last = hidden[jnp.arange(b), lengths - 1][:, None]  # [B, 1, D]
+            logits = model.text.logits(last)[:, 0].astype(jnp.float32)  # [B, V]: never [B, L, V]
+            cache = kvc.init_cache(cfg, b, cache_length, model.dtype)
+            ks, vs = [], []
+            for i, (k, v) in enumerate(kvs):
+                ring = cfg.is_sliding(i)
+                ks.append(kvc.fill_layer(cache.k[i], k, lengths, ring))
+                vs.append(kvc.fill_layer(cache.v[i], v, lengths, ring))
+            token = sample(logits, key, params)
+            return kvc.KVCache(tuple(ks), tuple(vs), lengths), token, logits
+
+        return prefill
+
+    def _decode_fn(self, params: SamplingParams):
+        graphdef, steps, pad = self.graphdef, self.chunk, self.cfg.text.pad_token_id
+
+        def decode(state, cache, token, done, remaining, key, stops):
+            model = nnx.merge(graphdef, state)
+            b = token.shape[0]
+
+            def body(carry):
+                cache, token, done, remaining, key, out, i = carry
+                hidden, cache = model.text.decode_step(model.text.embed_tokens(token[:, None]), cache)
+                logits = model.text.logits(hidden)[:, 0].astype(jnp.float32)
+                key, sub = jax.random.split(key)
+                nxt = jnp.where(done, pad, sample(logits, sub, params))
+                remaining = remaining - (~done).astype(jnp.int32)
+                done = done | jnp.isin(nxt, stops) | (remaining <= 0)
+                out = out.at[:, i].set(nxt)
+                return cache, nxt, done, remaining, key, out, i + 1
+
+            def cond(carry):
+                return (carry[-1] < steps) & ~jnp.all(carry[2])
+
+            out = jnp.full((b, steps), pad, jnp.int32)
+            carry = (cache, token, done, remaining, key, out, jnp.int32(0))
+            cache, token, done, remaining, key, out, n = jax.lax.while_loop(cond, body, carry)
+            return cache, token, done, remaining, key, out, n
+
+        return decode
+
+    def _compiled_fn(self, name: str, make, static_key, args, timings: Timings, donate=()):
+        """The compiled step for these static settings and argument shapes (compiled once, then reused)."""
+        shapes = tuple(
+            (x.shape, x.dtype) if hasattr(x, "shape") else x for x in jax.tree.leaves(args[1:])
+        )  # args[0] is the model state: fixed for this engine
+        key = (name, static_key, shapes)
+        if key not in self._compiled:
+            t = time.perf_counter()
+            fn = jax.jit(make(), donate_argnums=donate if self._donate else ())
+            self._compiled[key] = fn.lower(*args).compile()
+            timings.compile_s += time.perf_counter() - t
+        return self._compiled[key]
+
+    # ---- host API ------------------------------------------------------------------------------
+    def prefill(
+        self,
+        prompts: Sequence[Sequence[int]],
+        pixel_values: np.ndarray | None = None,
+        *,
+        params: SamplingParams = SamplingParams(),
+        key: jax.Array | None = None,
+        max_new_tokens: int = 1,
+        timings: Timings | None = None,
+    ) -> tuple[kvc.KVCache, jax.Array, jax.Array]:
+        """Right-pad to a bucket, run the compiled prefill: (cache, first sampled token [B], logits [B, V])."""
+        timings = timings if timings is not None else Timings()
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        if len(prompts) == 0 or (lengths == 0).any():
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        need = int(lengths.max()) + max_new_tokens
+        if need > self.cache_length:
+            raise ValueError(
+                f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) = {need} "
+                f"exceeds the cache length {self.cache_length}"
+            )
+        length = bucket_length(int(lengths.max()), self.cache_length)
+        ids = np.full((len(prompts), length), self.cfg.text.pad_token_id, np.int32)
+        for row, p in enumerate(prompts):
+            ids[row, : len(p)] = p
+        mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+        ids_j, px_j, _ = nnx.merge(self.graphdef, self.state).check_inputs(ids, pixel_values, mask)
+        key = jax.random.key(0) if key is None else key
+        args = (self.state, ids_j, px_j, jnp.asarray(lengths), key)
+        fn = self._compiled_fn("prefill", lambda: self._prefill_fn(params), params, args, timings)
+        t = time.perf_counter()
+        cache, token, logits = fn(*args)
+        token.block_until_ready()
+        timings.prefill_s += time.perf_counter() - t
+        return cache, token, logits
+
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        pixel_values: np.ndarray | None = None,
+        *,
+        max_new_tokens: int = 64,
+        params: SamplingParams = SamplingParams(),
+        stop_ids: Sequence[int] = (1, 106),
+        seed: int = 0,
+        timings: Timings | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yields [B, n] int arrays of new tokens chunk by chunk (pad after a row stops)."""
+        timings = timings if timings is not None else Timings()
+        key, sub = jax.random.split(jax.random.key(seed))
+        cache, token, _ = self.prefill(
+            prompts, pixel_values, params=params, key=sub, max_new_tokens=max_new_tokens, timings=timings
+        )
+        first = np.asarray(token)
+        yield first[:, None]
+
+        if len(stop_ids) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop token ids, got {len(stop_ids)}: {list(stop_ids)}")
+        stops = np.full((MAX_STOP_IDS,), -1, np.int32)  # a fixed-size argument: no recompile per stop set
+        stops[: len(stop_ids)] = stop_ids
+        done = jnp.asarray(np.isin(first, stops[: len(stop_ids)]) | (max_new_tokens <= 1))
+        remaining = jnp.full((len(prompts),), max_new_tokens - 1, jnp.int32)
+        stops = jnp.asarray(stops)
+        while not bool(np.all(np.asarray(done))):
+            args = (self.state, cache, token, done, remaining, key, stops)
+            fn = self._compiled_fn("decode", lambda: self._decode_fn(params), params, args, timings, donate=(1,))
+            t = time.perf_counter()
+            cache, token, done, remaining, key, out, n = fn(*args)
+            out = np.asarray(out)[:, : int(n)]
+            timings.decode_s += time.perf_counter() - t
+            timings.decode_tokens += int(n) * len(prompts)
+            yield out

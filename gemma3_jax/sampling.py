@@ -1,0 +1,72 @@
+"""On-device token sampling: greedy, temperature, top-k, top-p."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` switch those filters off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def generation_defaults(checkpoint: str | Path | None) -> dict:
+    """Sampling defaults from a checkpoint's generation_config.json (do_sample, temperature, top_k, top_p)."""
+    if checkpoint is None:
+        return {}
+    file = Path(checkpoint) / "generation_config.json"
+    if not file.is_file():
+        return {}
+    with open(file) as f:
+        g = json.load(f)
+    out = {}
+    if g.get("do_sample"):
+        for key in ("temperature", "top_k", "top_p"):
+            if g.get(key) is not None:
+                out[key] = g[key]
+    eos = g.get("eos_token_id")
+    if eos is not None:
+        out["eos_token_id"] = tuple(eos) if isinstance(eos, list) else (eos,)
+    return out
+
+
+def sample(logits: Float[Array, "B V"], key: Array, params: SamplingParams) -> Int[Array, "B"]:
+    """Next token per row. ``params`` is static (part of the compiled step)."""
+    logits = logits.astype(jnp.float32)
+    if params.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / params.temperature
+    if params.top_k:
+        k = min(params.top_k, logits.shape[-1])
+        vals, idx = jax.lax.top_k(logits, k)  # sorted, descending
+    else:
+        idx = jnp.argsort(-logits, axis=-1)
+        vals = jnp.take_along_axis(logits, idx, axis=-1)
+    if params.top_p < 1.0:
+        probs = jax.nn.softmax(vals, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each candidate
+        vals = jnp.where(before < params.top_p, vals, -jnp.inf)  # the first candidate always stays
+    choice = jax.random.categorical(key, vals, axis=-1)
+    return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)

@@ -1,0 +1,124 @@
+"""KV cache, prefill and decode against full forwards and transformers' generate (float32, CPU)."""
+
+import hf_checkpoints as hfc
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import TOL, rel_err
+from test_parity import multimodal_batch
+
+import gemma3_jax
+from gemma3_jax.engine import Engine
+from gemma3_jax.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def mm(tiny_mm):
+    path, hf = tiny_mm
+    return gemma3_jax.load_pretrained(path, dtype=jnp.float32, progress=False), hf
+
+
+@pytest.fixture(scope="module")
+def mm_engine(mm):
+    """One engine for the multimodal tests, so its compiled steps are reused."""
+    return Engine(mm[0], cache_length=96, chunk=8)
+
+
+def _prompts(ids, mask):
+    return [list(map(int, row[: int(m.sum())])) for row, m in zip(ids, mask)]
+
+
+def test_decode_logits_equal_full_forward(mm, mm_engine):
+    """Teacher-forced decode past several sliding windows (window 8) equals the full forward at each position."""
+    model, _ = mm
+    ids, px, mask = multimodal_batch()
+    prompts = _prompts(ids, mask)  # lengths 48 and 26
+    steps = 20
+    cache, _, logits0 = mm_engine.prefill(prompts, px)
+    rng = np.random.default_rng(3)
+    forced = rng.integers(3, hfc.BOI - 1, size=(2, steps)).astype(np.int32)
+    full = [p + list(f) for p, f in zip(prompts, forced)]
+    length = max(map(len, full))
+    full_ids = np.zeros((2, length), np.int32)
+    full_mask = np.zeros((2, length), np.int32)
+    for r, row in enumerate(full):
+        full_ids[r, : len(row)] = row
+        full_mask[r, : len(row)] = 1
+    ref = np.asarray(model(full_ids, px, full_mask))
+    lens = [len(p) for p in prompts]
+    worst = rel_err(logits0, np.stack([ref[r, lens[r] - 1] for r in range(2)]))
+    step = jax.jit(lambda c, t: model.text.decode_step(model.text.embed_tokens(t[:, None]), c))
+    for i in range(steps):
+        hidden, cache = step(cache, jnp.asarray(forced[:, i]))
+        got = np.asarray(model.text.logits(hidden))[:, 0]
+        want = np.stack([ref[r, lens[r] + i] for r in range(2)])
+        worst = max(worst, rel_err(got, want))
+    print(f"\ndecode vs full forward, {steps} steps past the window: {worst:.2e}")
+    assert worst <= TOL
+
+
+def _hf_greedy(hf, prompt, pixels, n):
+    t = torch.tensor([prompt])
+    kw = {}
+    if pixels is not None:
+        kw = dict(pixel_values=torch.tensor(pixels), token_type_ids=(t == hfc.IMAGE_TOKEN).long())
+    with torch.no_grad():
+        out = hf.generate(input_ids=t, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
+    return out[0, len(prompt) :].tolist()
+
+
+def test_greedy_matches_hf_generate_multimodal_batch(mm, mm_engine):
+    """Two prompts of different lengths (4 images and 1 image) in one batch, 32 new tokens each."""
+    _, hf = mm
+    ids, px, mask = multimodal_batch()
+    prompts = _prompts(ids, mask)
+    ours = np.concatenate(list(mm_engine.generate_ids(prompts, px, max_new_tokens=32, stop_ids=())), axis=1)
+    n0 = prompts[0].count(hfc.IMAGE_TOKEN) // hfc.MM_TOKENS
+    for r, pixels in enumerate((px[:n0], px[n0:])):
+        want = _hf_greedy(hf, prompts[r], pixels, 32)
+        assert len(set(want)) > 3  # a continuation that moves, not one repeated token
+        assert ours[r].tolist() == want, f"row {r}"
+
+
+def test_text_only_greedy_and_stop_token(tiny_text):
+    path, hf = tiny_text
+    model = gemma3_jax.load_pretrained(path, dtype=jnp.float32, progress=False)
+    prompt = [2, 17, 33, 5, 9, 100, 7, 250, 11]
+    want = _hf_greedy(hf, prompt, None, 24)
+    engine = Engine(model, cache_length=64, chunk=5)
+    got = np.concatenate(list(engine.generate_ids([prompt], max_new_tokens=24, stop_ids=())), axis=1)[0]
+    assert got.tolist() == want
+    stop = want[6]  # stopping on a token ends that row right after it
+    first = want.index(stop)
+    got = np.concatenate(list(engine.generate_ids([prompt], max_new_tokens=24, stop_ids=(stop,))), axis=1)[0]
+    assert got.tolist() == want[: first + 1]
+
+
+def test_sampling_is_seeded(mm_engine):
+    engine = mm_engine
+    ids, px, mask = multimodal_batch()
+    prompts = _prompts(ids, mask)
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
+
+    def run(seed):
+        chunks = engine.generate_ids(prompts, px, max_new_tokens=16, params=params, stop_ids=(), seed=seed)
+        return np.concatenate(list(chunks), axis=1)
+
+    a, b, c = run(1), run(1), run(2)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    greedy = np.concatenate(list(engine.generate_ids(prompts, px, max_new_tokens=16, stop_ids=())), axis=1)
+    assert (a != greedy).any()
+
+
+def test_engine_rejects_bad_requests(mm):
+    model, _ = mm
+    engine = Engine(model, cache_length=32)
+    with pytest.raises(ValueError, match="exceeds the cache length 32"):
+        list(engine.generate_ids([[2] * 20], max_new_tokens=20))
+    with pytest.raises(ValueError, match="empty prompt"):
+        list(engine.generate_ids([[]], max_new_tokens=4))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(temperature=1.0, top_p=0.0)
