@@ -1,0 +1,222 @@
+"""Pallas (Triton) flash attention with the Gemma-3 image-span mask, in O(S) mask memory.
+
+Mask (see reference.py): key j is allowed for query i iff ``j <= i or seg[i] == seg[j] >= 0``, with a
+sliding window also ``j > i - W``, and never for ``j >= kv_lengths[b]``. For every query the allowed keys
+are one interval [k_start, k_end) (segments.key_intervals). Outside the kernel, in O(S), each query
+block gets its key-block range split into partial / full / partial phases (block_ranges.py); the kernel
+loops only over that range and applies the two-comparison element mask only on the partial blocks.
+
+Public pallas (pl) and pallas.triton (plgpu) APIs only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.block_ranges import block_ranges
+from pallas_kernels.reference import reference_attention
+from pallas_kernels.segments import key_intervals
+from pallas_kernels.tuning import compiler_params, default_config
+
+_LOG2E = math.log2(math.e)
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _ex2_approx(x):
+    """exp2 as one MUFU.EX2 (ex2.approx.ftz.f32), skipping libdevice's subnormal handling (GPU only)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.elementwise_inline_asm(
+        "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+    )[0]
+
+
+def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, fold, block_k, qk_scale, precision,
+            fast_exp2):
+    """One program: block_q queries x `fold` query heads sharing one KV head.
+
+    Online softmax in the log2 domain: p = exp2(s * qk_scale - m), with qk_scale = scale * log2(e) so the
+    scale multiply fuses into the subtraction (one FMA per logit). Masked logits are -inf.
+    """
+    exp2 = _ex2_approx if fast_exp2 else jnp.exp2
+    block_q = q_ref.shape[0]
+    lo, f_lo, f_hi, hi = meta_ref[0], meta_ref[1], meta_ref[2], meta_ref[3]
+    ks = ks_ref[...]
+    ke = ke_ref[...]
+    qs = [q_ref[:, h, :] for h in range(fold)]
+    d = q_ref.shape[-1]
+    f32 = jnp.float32
+    init = tuple(
+        (jnp.zeros((block_q, d), f32), jnp.full((block_q,), -jnp.inf, f32), jnp.zeros((block_q,), f32))
+        for _ in range(fold)
+    )
+    dims_qk = (((1,), (1,)), ((), ()))
+    dims_pv = (((1,), (0,)), ((), ()))
+
+    def step(kb, carry, masked):
+        start = pl.multiple_of(kb * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        if masked:
+            col = start + jnp.arange(block_k, dtype=jnp.int32)[None, :]
+            allowed = (col >= ks[:, None]) & (col < ke[:, None])
+        out = []
+        for h in range(fold):
+            acc, m, l = carry[h]
+            s = lax.dot_general(qs[h], k, dims_qk, precision=precision, preferred_element_type=f32)
+            if masked:
+                s = jnp.where(allowed, s, -jnp.inf)
+            m_cand = jnp.maximum(m, jnp.max(s, axis=1) * qk_scale)
+            # A row with no allowed key so far keeps m = -inf: subtract 0 instead, so exp2(-inf) = 0 and never
+            # NaN. (A finite mask value is not safe: s*scale - m of two huge equal numbers can round to +ulp,
+            # which exp2 turns into inf.) Unmasked blocks always hold a finite max.
+            m_use = jnp.where(m_cand == -jnp.inf, 0.0, m_cand) if masked else m_cand
+            alpha = exp2(m - m_use)
+            acc, l, m = acc * alpha[:, None], l * alpha, m_cand
+            p = exp2(s * qk_scale - m_use[:, None])
+            l = l + jnp.sum(p, axis=1)
+            pv = lax.dot_general(p.astype(v.dtype), v, dims_pv, precision=precision, preferred_element_type=f32)
+            out.append((acc + pv, m, l))
+        return tuple(out)
+
+    carry = lax.fori_loop(lo, f_lo, functools.partial(step, masked=True), init)
+    carry = lax.fori_loop(f_lo, f_hi, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(f_hi, hi, functools.partial(step, masked=True), carry)
+    nonempty = (ke > ks)[:, None]
+    for h in range(fold):
+        acc, _, l = carry[h]
+        o = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+        o_ref[:, h, :] = jnp.where(nonempty, o, 0.0).astype(o_ref.dtype)
+
+
+def _check(q, k, v, segment_ids, kv_lengths, block_q, block_k):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, S, H, D]: got {q.shape=} {k.shape=} {v.shape=}")
+    b, sq, hq, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {k.shape=} {v.shape=}")
+    bk_, sk, hkv, dk = k.shape
+    if bk_ != b or dk != d:
+        raise ValueError(f"batch/head-dim mismatch: {q.shape=} {k.shape=}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"Hq must be a multiple of Hkv: {q.shape=} {k.shape=}")
+    if not 0 < sq <= sk:
+        raise ValueError(f"need 0 < Sq <= Sk: {q.shape=} {k.shape=}")
+    if not 0 < d <= 256:
+        raise ValueError(f"head dim must be in 1..256: {q.shape=}")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"dtypes must match and be bf16/fp16/fp32: {q.dtype=} {k.dtype=} {v.dtype=}")
+    if segment_ids is not None and tuple(segment_ids.shape) != (b, sk):
+        raise ValueError(f"segment_ids must be [B, Sk]: {segment_ids.shape=} {k.shape=}")
+    if kv_lengths is not None and tuple(jnp.shape(kv_lengths)) != (b,):
+        raise ValueError(f"kv_lengths must be [B]: {jnp.shape(kv_lengths)=} {q.shape=}")
+    for name, val in (("block_q", block_q), ("block_k", block_k)):
+        if val is not None and (val < 1 or val & (val - 1)):
+            raise ValueError(f"{name} must be a power of two: {name}={val}")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "sliding_window", "scale", "causal", "interpret", "block_q", "block_k", "num_warps", "num_stages",
+        "group_fold", "fast_exp2",
+    ),
+)
+def image_span_attention(
+    q, k, v, segment_ids=None, *, sliding_window=None, kv_lengths=None, scale=None, causal=True,
+    interpret=False, block_q=None, block_k=None, num_warps=None, num_stages=None, group_fold=None,
+    fast_exp2=None,
+):
+    """Masked flash attention. q [B, Sq, Hq, D]; k, v [B, Sk, Hkv, D]; segment_ids [B, Sk] (-1 text).
+
+    Returns [B, Sq, Hq, D] in q's dtype. Queries are the last Sq of the Sk positions. Rows with no
+    allowed key are zeros. ``causal=False``: bidirectional, only kv_lengths masks.
+    """
+    _check(q, k, v, segment_ids, kv_lengths, block_q, block_k)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1: {sliding_window=}")
+    b, sq, hq, d = q.shape
+    _, sk, hkv, _ = k.shape
+    g = hq // hkv
+    dp = max(16, _next_pow2(d))
+    cfg = default_config(dp, sq, g, jnp.dtype(q.dtype).itemsize)
+    fold = group_fold or cfg.group_fold
+    if g % fold:
+        raise ValueError(f"group_fold must divide Hq // Hkv: {group_fold=} {q.shape=} {k.shape=}")
+    bq = min(block_q or cfg.block_q, max(16, _next_pow2(sq)))
+    bk = min(block_k or cfg.block_k, max(16, _next_pow2(sk)))
+    nwarps = num_warps or cfg.num_warps
+    nstages = num_stages or cfg.num_stages
+    fast = (cfg.fast_exp2 if fast_exp2 is None else bool(fast_exp2)) and not interpret
+    scale = d**-0.5 if scale is None else float(scale)
+
+    if segment_ids is None:
+        segment_ids = jnp.full((b, sk), -1, jnp.int32)
+    ks, ke = key_intervals(
+        jnp.asarray(segment_ids, jnp.int32), q_len=sq, sliding_window=sliding_window,
+        kv_lengths=kv_lengths, causal=causal,
+    )
+    meta = block_ranges(ks, ke, block_q=bq, block_k=bk)  # [B, nq, 4]
+    nq = meta.shape[1]
+    sqp, skp = nq * bq, -(-sk // bk) * bk
+    ks = jnp.pad(ks, ((0, 0), (0, sqp - sq)))
+    ke = jnp.pad(ke, ((0, 0), (0, sqp - sq)))  # padding rows are empty -> zeros
+    qp = jnp.pad(q, ((0, 0), (0, sqp - sq), (0, 0), (0, dp - d))) if (sqp, dp) != (sq, d) else q
+    if (skp, dp) != (sk, d):
+        k = jnp.pad(k, ((0, 0), (0, skp - sk), (0, 0), (0, dp - d)))
+        v = jnp.pad(v, ((0, 0), (0, skp - sk), (0, 0), (0, dp - d)))
+    hp = hq // fold
+    q5 = qp.reshape(b, sqp, hp, fold, dp)
+
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _kernel, fold=fold, block_k=bk, qk_scale=scale * _LOG2E, precision=precision,
+        fast_exp2=fast,
+    )
+    rev = lambda i: nq - 1 - i  # longest rows (last query blocks) start first
+    out = pl.pallas_call(
+        kernel,
+        grid=(nq, b, hp),
+        in_specs=[
+            pl.BlockSpec((None, None, 4), lambda i, bb, h: (bb, rev(i), 0)),
+            pl.BlockSpec((None, bq), lambda i, bb, h: (bb, rev(i))),
+            pl.BlockSpec((None, bq), lambda i, bb, h: (bb, rev(i))),
+            pl.BlockSpec((None, bq, None, fold, dp), lambda i, bb, h: (bb, rev(i), h, 0, 0)),
+            pl.BlockSpec((None, skp, None, dp), lambda i, bb, h: (bb, 0, (h * fold) // g, 0)),
+            pl.BlockSpec((None, skp, None, dp), lambda i, bb, h: (bb, 0, (h * fold) // g, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, bq, None, fold, dp), lambda i, bb, h: (bb, rev(i), h, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
+        compiler_params=compiler_params(nwarps, nstages),
+        interpret=interpret,
+        name="image_span_attention",
+    )(meta, ks, ke, q5, k, v)
+    return out.reshape(b, sqp, hq, dp)[:, :sq, :, :d]
+
+
+def attention(
+    q, k, v, segment_ids=None, *, sliding_window=None, kv_lengths=None, scale=None, causal=True,
+    implementation: str = "auto", **kernel_kwargs,
+):
+    """Dispatch for the model: "pallas" (compiled on GPU, interpret mode elsewhere), "reference", "auto".
+
+    "auto" = the Pallas kernel, compiled on GPU and in interpret mode on other backends.
+    """
+    kw = dict(sliding_window=sliding_window, kv_lengths=kv_lengths, scale=scale, causal=causal)
+    if implementation == "reference":
+        return reference_attention(q, k, v, segment_ids, **kw)
+    if implementation not in ("auto", "pallas"):
+        raise ValueError(f"unknown {implementation=}")
+    interpret = jax.default_backend() != "gpu"
+    return image_span_attention(q, k, v, segment_ids, interpret=interpret, **kw, **kernel_kwargs)

@@ -1,0 +1,230 @@
+"""CPU tests of the Pallas image-span attention kernel (interpret mode) against reference_attention.
+
+Shapes are small and most cases pass block sizes explicitly so interpret mode stays fast; segment ids and
+kv_lengths are traced, so a sweep of layouts at one shape compiles once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import attention, image_span_attention, reference_attention, segment_ids_from_image_mask
+
+F32_TOL, LOWP_TOL = 1e-5, 1e-2
+
+
+def rel(out, ref) -> float:
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    assert np.all(np.isfinite(out)), "NaN/inf in kernel output"
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / (denom if denom > 0 else 1.0))
+
+
+def qkv(seed, b, sq, sk, hq, hkv, d, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    mk = lambda *s: jnp.asarray(rng.standard_normal(s) * 1.5, jnp.float32).astype(dtype)  # noqa: E731
+    return mk(b, sq, hq, d), mk(b, sk, hkv, d), mk(b, sk, hkv, d)
+
+
+def random_layout(rng, s: int) -> np.ndarray:
+    """Image-token mask of one row: random spans of text and images (spans of 1..70 tokens, some images
+    separated by a single text token, sometimes an image at position 0 and/or one that runs to the end)."""
+    is_img = np.zeros(s, bool)
+    pos = 0 if rng.random() < 0.5 else int(rng.choice([1, 2, 9, 40]))
+    while pos < s:
+        n = int(rng.choice([1, 3, 16, 17, 31, 33, 47, 70]))
+        is_img[pos : pos + n] = True
+        pos += n + int(rng.choice([1, 1, 2, 5, 23, 60]))
+    if rng.random() < 0.5:
+        is_img[s - int(rng.choice([1, 7, 30])) :] = True
+    return is_img
+
+
+FIXED_LAYOUTS = [
+    lambda s: np.r_[np.ones(40, bool), np.zeros(s - 40, bool)],  # image at 0
+    lambda s: np.r_[np.zeros(s - 50, bool), np.ones(50, bool)],  # image at the end
+    lambda s: np.r_[np.zeros(10, bool), np.ones(20, bool), [False], np.ones(20, bool), [False],
+                    np.ones(s - 52, bool)],  # adjacent images split by one text token; long last image
+    lambda s: (np.arange(s) // 33) % 2 == 1,  # spans crossing 16/32-blocks
+    lambda s: np.zeros(s, bool),  # text only
+    lambda s: np.ones(s, bool),  # one image over everything
+]
+
+
+def layouts(seed, b, s, n_random):
+    rng = np.random.default_rng(seed)
+    rows = [f(s) for f in FIXED_LAYOUTS] + [random_layout(rng, s) for _ in range(n_random)]
+    while len(rows) % b:
+        rows.append(random_layout(rng, s))
+    return [segment_ids_from_image_mask(jnp.asarray(np.stack(rows[i : i + b]))) for i in range(0, len(rows), b)]
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_layout_sweep_f32(window):
+    b, s, hq, hkv, d = 2, 203, 4, 2, 64
+    q, k, v = qkv(0, b, s, s, hq, hkv, d)
+    rng = np.random.default_rng(1)
+    for i, seg in enumerate(layouts(2 + (window or 0), b, s, n_random=6)):
+        kvl = jnp.asarray(rng.choice([s, s, s - 1, 150, 31, 0], size=b), jnp.int32)
+        kw = dict(sliding_window=window, kv_lengths=kvl)
+        out = image_span_attention(q, k, v, seg, interpret=True, block_q=32, block_k=16, **kw)
+        err = rel(out, reference_attention(q, k, v, seg, **kw))
+        assert err <= F32_TOL, (i, err, np.asarray(kvl))
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,d,window,bq,bk",
+    [
+        (4, 4, 72, None, 32, 32),  # GQA 1, SigLIP head dim (padded to 128 inside)
+        (4, 2, 128, 40, 16, 32),  # GQA 2, block_k > block_q
+        (8, 2, 256, None, 32, 16),  # GQA 4, D=256
+        (8, 1, 64, 7, 64, 16),  # GQA 8, tiny window
+    ],
+)
+def test_gqa_head_dims(hq, hkv, d, window, bq, bk):
+    b, s = 1, 150
+    q, k, v = qkv(hq + d, b, s, s, hq, hkv, d)
+    seg = layouts(hq * d, b, s, n_random=0)[2]  # adjacent images + long last image
+    out = image_span_attention(q, k, v, seg, sliding_window=window, interpret=True, block_q=bq, block_k=bk)
+    assert err_ok(out, reference_attention(q, k, v, seg, sliding_window=window), F32_TOL)
+
+
+def err_ok(out, ref, tol):
+    e = rel(out, ref)
+    assert e <= tol, e
+    return True
+
+
+@pytest.mark.parametrize("sq,window", [(1, None), (37, 30), (128, None)])
+def test_chunked_queries(sq, window):
+    b, sk, hq, hkv, d = 2, 230, 2, 1, 64
+    q, k, v = qkv(sq, b, sq, sk, hq, hkv, d)
+    seg = layouts(7, b, sk, n_random=8)[4]
+    kvl = jnp.asarray([sk, sk - 20], jnp.int32)
+    kw = dict(sliding_window=window, kv_lengths=kvl)
+    out = image_span_attention(q, k, v, seg, interpret=True, block_q=32, block_k=32, **kw)
+    assert err_ok(out, reference_attention(q, k, v, seg, **kw), F32_TOL)
+
+
+def test_bidirectional_siglip():
+    b, s, h, d = 2, 100, 2, 72
+    q, k, v = qkv(5, b, s, s, h, h, d)
+    kvl = jnp.asarray([100, 64], jnp.int32)
+    out = image_span_attention(q, k, v, None, causal=False, kv_lengths=kvl, interpret=True, block_q=32, block_k=16)
+    assert err_ok(out, reference_attention(q, k, v, None, causal=False, kv_lengths=kvl), F32_TOL)
+
+
+def test_empty_rows_are_zero():
+    b, s, hq, hkv, d = 2, 70, 2, 2, 64
+    q, k, v = qkv(9, b, s, s, hq, hkv, d)
+    seg = jnp.full((b, s), -1, jnp.int32)
+    kvl = jnp.asarray([0, 20], jnp.int32)  # row 0: nothing; row 1: queries >= 20 see 20 keys
+    out = image_span_attention(q, k, v, seg, kv_lengths=kvl, interpret=True, block_q=16, block_k=16)
+    assert np.all(np.asarray(out[0]) == 0.0)
+    assert err_ok(out, reference_attention(q, k, v, seg, kv_lengths=kvl), F32_TOL)
+    # window 1 + kv_length 0 and a window past every key: still zeros, never NaN
+    out = image_span_attention(q, k, v, seg, kv_lengths=kvl, sliding_window=1, interpret=True,
+                               block_q=16, block_k=16)
+    assert err_ok(out, reference_attention(q, k, v, seg, kv_lengths=kvl, sliding_window=1), F32_TOL)
+
+
+@pytest.mark.parametrize("s,window,bq,bk", [(100, 8, None, None), (68, 8, 128, 32), (129, 40, 64, 64)])
+def test_rows_whose_first_key_block_is_fully_masked(s, window, bq, bk):
+    """Regression: a row's first visited key block held no allowed key (window start past it). With a
+    finite mask value, s*scale - m of two huge equal numbers rounded to +1 ulp and exp2 gave inf -> NaN."""
+    q, k, v = qkv(s + window, 1, s, s, 2, 1, 32)
+    seg = jnp.full((1, s), -1, jnp.int32)
+    out = image_span_attention(q, k, v, seg, sliding_window=window, interpret=True, block_q=bq, block_k=bk)
+    assert err_ok(out, reference_attention(q, k, v, seg, sliding_window=window), F32_TOL)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision(dtype):
+    b, s, hq, hkv, d = 2, 160, 4, 2, 128
+    q, k, v = qkv(11, b, s, s, hq, hkv, d, dtype)
+    seg = layouts(3, b, s, n_random=4)[3]
+    kw = dict(sliding_window=50, kv_lengths=jnp.asarray([160, 99], jnp.int32))
+    out = image_span_attention(q, k, v, seg, interpret=True, block_q=32, block_k=32, **kw)
+    assert out.dtype == dtype
+    ref = reference_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), seg, **kw)
+    assert err_ok(out, ref, LOWP_TOL)
+
+
+@pytest.mark.parametrize("s,window", [(300, None), (257, 100)])
+def test_default_blocks(s, window):
+    b, hq, hkv, d = 1, 2, 1, 64
+    q, k, v = qkv(s, b, s, s, hq, hkv, d)
+    seg = layouts(s, b, s, n_random=3)[6]
+    out = attention(q, k, v, seg, sliding_window=window)  # "auto": interpret mode on CPU
+    assert err_ok(out, reference_attention(q, k, v, seg, sliding_window=window), F32_TOL)
+    ref = attention(q, k, v, seg, sliding_window=window, implementation="reference")
+    assert err_ok(ref, reference_attention(q, k, v, seg, sliding_window=window), 0.0)
+
+
+def test_shape_errors():
+    q, k, v = qkv(0, 1, 32, 32, 4, 2, 64)
+    seg = jnp.full((1, 32), -1, jnp.int32)
+    bad = [
+        dict(q=q[..., :3, :]),  # Hq not a multiple of Hkv
+        dict(v=v[:, :16]),  # k/v mismatch
+        dict(q=jnp.zeros((1, 64, 4, 64))),  # Sq > Sk
+        dict(q=jnp.zeros((1, 32, 4, 300)), k=jnp.zeros((1, 32, 2, 300)), v=jnp.zeros((1, 32, 2, 300))),  # D > 256
+        dict(k=k.astype(jnp.bfloat16)),  # dtype mismatch
+        dict(q=q.astype(jnp.int32), k=k.astype(jnp.int32), v=v.astype(jnp.int32)),  # int dtype
+        dict(q=q[0]),  # rank
+        dict(seg=seg[:, :10]),  # segment ids shape
+        dict(kv_lengths=jnp.zeros((3,), jnp.int32)),
+        dict(block_q=24),  # not a power of two
+    ]
+    for case in bad:
+        args = dict(q=q, k=k, v=v, seg=seg, kv_lengths=None, block_q=16)
+        args.update(case)
+        with pytest.raises(ValueError, match="="):
+            image_span_attention(args["q"], args["k"], args["v"], args["seg"], kv_lengths=args["kv_lengths"],
+                                 block_q=args["block_q"], interpret=True)
+
+
+def _max_intermediate(jaxpr) -> tuple[int, str]:
+    """Largest array (elements) anywhere in a jaxpr, recursing into sub-jaxprs (pallas_call, loops, conds)."""
+    best = (0, "")
+
+    def sub_jaxprs(params):
+        for val in params.values():
+            vals = val if isinstance(val, (list, tuple)) else [val]
+            for x in vals:
+                if hasattr(x, "eqns"):  # Jaxpr
+                    yield x
+                elif hasattr(getattr(x, "jaxpr", None), "eqns"):  # ClosedJaxpr
+                    yield x.jaxpr
+
+    def visit(jx):
+        nonlocal best
+        for var in list(jx.invars) + list(jx.constvars) + [o for e in jx.eqns for o in e.outvars]:
+            shape = getattr(var.aval, "shape", ())
+            n = int(np.prod(shape)) if shape else 1
+            if n > best[0]:
+                best = (n, f"{var.aval}")
+        for eqn in jx.eqns:
+            for sj in sub_jaxprs(eqn.params):
+                visit(sj)
+
+    visit(jaxpr.jaxpr)
+    return best
+
+
+@pytest.mark.parametrize("sq,sk,window", [(512, 512, None), (512, 512, 64), (128, 512, None)])
+def test_no_quadratic_intermediates(sq, sk, window):
+    """The production path (compiled kernel wrapper) never builds an [Sq, Sk]-sized array."""
+    q, k, v = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in [(1, sq, 2, 64), (1, sk, 1, 64), (1, sk, 1, 64)])
+    seg = jax.ShapeDtypeStruct((1, sk), jnp.int32)
+    kvl = jax.ShapeDtypeStruct((1,), jnp.int32)
+    fn = lambda q, k, v, s, n: image_span_attention(q, k, v, s, kv_lengths=n, sliding_window=window)  # noqa: E731
+    n, what = _max_intermediate(jax.make_jaxpr(fn)(q, k, v, seg, kvl))
+    assert n < sq * sk, f"intermediate {what} has {n} >= Sq*Sk = {sq * sk} elements"
+    # the checker itself sees a dense mask when there is one
+    n_ref, _ = _max_intermediate(jax.make_jaxpr(lambda q, k, v, s: reference_attention(q, k, v, s))(q, k, v, seg))
+    assert n_ref >= sq * sk
