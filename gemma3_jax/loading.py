@@ -157,7 +157,7 @@ def _params_by_path(model: nnx.Module) -> dict[str, nnx.Param]:
     return out
 
 
-def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "reference", progress: bool = True) -> Gemma3:
+def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto", progress: bool = True) -> Gemma3:
     """Read a checkpoint directory (config.json + safetensors) into a ``Gemma3`` with weights in ``dtype``."""
     path = Path(path)
     if not path.is_dir():

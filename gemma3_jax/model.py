@@ -21,7 +21,7 @@ from pallas_kernels.segments import segment_ids_from_image_mask
 
 
 class Gemma3(nnx.Module):
-    def __init__(self, cfg: Gemma3Config, dtype=jnp.bfloat16, attention: str = "reference"):
+    def __init__(self, cfg: Gemma3Config, dtype=jnp.bfloat16, attention: str = "auto"):
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
         self.attention = attention

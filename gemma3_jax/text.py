@@ -11,7 +11,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from gemma3_jax import cache as kvc
-from gemma3_jax.attention import attend
+from pallas_kernels import attention as attend
 from gemma3_jax.config import GLOBAL, SLIDING, TextConfig
 from gemma3_jax.layers import GeGLU, RMSNorm, apply_rope, param, rope_cos_sin
 
@@ -57,7 +57,7 @@ class Attention(nnx.Module):
             sliding_window=self.sliding_window,
             kv_lengths=kv_lengths,
             scale=self.scale,
-            impl=impl,
+            implementation=impl,
         )
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...]), (k, v)
 

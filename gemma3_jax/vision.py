@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from gemma3_jax.attention import attend
+from pallas_kernels import attention as attend
 from gemma3_jax.config import Gemma3Config, VisionConfig
 from gemma3_jax.layers import LayerNorm, RMSNorm, gelu_tanh, param
 
@@ -37,7 +37,7 @@ class VisionAttention(nnx.Module):
         q = jnp.einsum("IPE,ENH->IPNH", x, self.q_proj[...]) + self.q_bias[...]
         k = jnp.einsum("IPE,ENH->IPNH", x, self.k_proj[...]) + self.k_bias[...]
         v = jnp.einsum("IPE,ENH->IPNH", x, self.v_proj[...]) + self.v_bias[...]
-        out = attend(q, k, v, None, scale=self.scale, causal=False, impl=impl)  # bidirectional, no mask
+        out = attend(q, k, v, None, scale=self.scale, causal=False, implementation=impl)  # bidirectional, no mask
         return jnp.einsum("IPNH,NHE->IPE", out, self.o_proj[...]) + self.o_bias[...]
 
 
