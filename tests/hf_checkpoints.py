@@ -171,3 +171,53 @@ def convert_gguf_270m(dst: Path):
         tokenizer.save_pretrained(str(dst))
         os.replace(tmp, dst / "model.safetensors")
     return model, tokenizer
+
+
+def small_gemma_tokenizer():
+    """A Gemma BPE tokenizer (transformers) over a small vocabulary with Gemma-3's special tokens."""
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
+    for ch in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789▁\n.,?!:'":
+        vocab.setdefault(ch, len(vocab))
+    merges = [("\n", "\n"), ("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "s"), ("▁", "i"), ("▁i", "s")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, extra_special_tokens={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    return tok
+
+
+def make_chat_checkpoint(path: Path, seed: int = 0, image_size: int = 28, text_only: bool = False):
+    """A complete tiny checkpoint directory (model, tokenizer, image processor unless ``text_only``) with the
+    model's special-token ids taken from the tokenizer. Returns (hf_model, hf_processor or hf_tokenizer)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3 import Gemma3ImageProcessorPil
+
+    tok = small_gemma_tokenizer()
+    if text_only:
+        model = make_text_only(path, seed=seed, vocab_size=len(tok))
+        tok.save_pretrained(path)
+        return model, tok
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<start_of_image>", "<end_of_image>", "<image_soft_token>")}
+    vocab = len(tok)
+    cfg = Gemma3Config(
+        text_config=text_config(vocab_size=vocab),
+        vision_config=vision_config(image_size=image_size),
+        mm_tokens_per_image=MM_TOKENS,
+        image_token_index=ids["<image_soft_token>"],
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    randomize_(model, seed)
+    model.save_pretrained(path)
+    ip = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
+                                 image_std=[0.5] * 3, resample=2, rescale_factor=1 / 255)
+    proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=MM_TOKENS)
+    proc.save_pretrained(path)
+    return model, proc

@@ -6,6 +6,10 @@ import torch
 from conftest import TOL, rel_err
 
 import gemma3_jax
+import pytest
+from gemma3_jax.generator import Generator
+
+pytestmark = pytest.mark.xdist_group("real_270m")  # one worker converts the real model
 
 PROMPTS = [
     "The capital of France is Paris. The capital of Germany is",
@@ -33,3 +37,18 @@ def test_real_270m_logits_and_argmax(real_270m):
     # The continuation is coherent text: the next word after "...Germany is" is " Berlin".
     last = int(mask[0].sum()) - 1
     assert tok.decode(int(ours[0, last].argmax())).strip() == "Berlin"
+
+
+def test_real_270m_greedy_generation_matches_hf(real_270m):
+    """Raw-text prompts (--no-chat), 32 new tokens, greedy: token-identical to transformers' generate."""
+    path, hf, tok = real_270m
+    gen = Generator.from_pretrained(path, dtype="float32", cache_length=256, progress=False)
+    out = gen.generate(PROMPTS, max_new_tokens=32, chat=False)
+    for prompt, ours, text in zip(PROMPTS, out.token_ids, out.texts):
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        assert ids[0].tolist() == gen.tokenizer.encode(prompt, add_bos=True)
+        with torch.no_grad():
+            want = hf.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=[1, 106], pad_token_id=0)
+        want = want[0, ids.shape[1]:].tolist()
+        print(f"\n{prompt!r} -> {text!r}")
+        assert ours == want

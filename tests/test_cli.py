@@ -1,0 +1,121 @@
+"""scripts/generate.py and the Generator API: a working run, and one clear line for each bad input."""
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import hf_checkpoints as hfc
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "scripts" / "generate.py")
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat_ckpt")
+    hfc.make_chat_checkpoint(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text_ckpt")
+    hfc.make_chat_checkpoint(path, seed=1, text_only=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    out = {
+        "rgba": Image.fromarray(rng.integers(0, 256, (50, 40, 4), dtype=np.uint8)),
+        "cmyk": Image.fromarray(rng.integers(0, 256, (30, 60, 3), dtype=np.uint8)).convert("CMYK"),
+        "gray": Image.fromarray(rng.integers(0, 256, (33, 31), dtype=np.uint8)),
+        "one": Image.fromarray(rng.integers(0, 256, (1, 1, 3), dtype=np.uint8)),
+        "large": Image.fromarray(rng.integers(0, 256, (3000, 4000, 3), dtype=np.uint8)),
+    }
+    paths = {}
+    for name, im in out.items():
+        paths[name] = d / (f"{name}.jpg" if name == "cmyk" else f"{name}.png")
+        im.save(paths[name])
+    (d / "notes.png").write_text("this is not an image")
+    paths["text"] = d / "notes.png"
+    return paths
+
+
+def run(capsys, *argv):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_generates_with_an_image(ckpt, images, capsys):
+    rc, out, err = run(capsys, "--model", ckpt, "--prompt", "What is this?", "--image", images["rgba"],
+                       "--max-new-tokens", 6, "--dtype", "float32", "--cache-length", 128)
+    assert rc == 0, err
+    assert out.endswith("\n")
+    assert "prefill" in err and "tok/s" in err and "compile" in err
+
+
+def test_generator_takes_any_image_mode(ckpt, images):
+    """RGBA, CMYK, grayscale, 1x1 and a 4000x3000 image all work, in one batch."""
+    from gemma3_jax.generator import Generator
+
+    gen = Generator.from_pretrained(ckpt, dtype="float32", cache_length=128, progress=False)
+    names = ["rgba", "cmyk", "gray", "one", "large"]
+    out = gen.generate(["Describe."] * len(names), images=[[images[n]] for n in names], max_new_tokens=3)
+    assert len(out.token_ids) == len(names) and all(len(t) == 3 for t in out.token_ids)
+    again = gen.generate("Describe.", images=[images["cmyk"]], max_new_tokens=3)
+    assert again.token_ids[0] == out.token_ids[1]  # same prompt and image alone: same greedy tokens
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("missing_image", "image file not found"),
+        ("not_an_image", "not an image file"),
+        ("image_count", "2 <start_of_image> markers|markers"),
+        ("text_only_image", "text-only model"),
+        ("too_long", "exceeds the cache length"),
+        ("empty_prompt", "empty"),
+        ("bad_dtype", "unknown dtype 'int8'"),
+        ("float16", "float16"),
+        ("missing_files", "model.safetensors"),
+        ("misshaped", "shape"),
+        ("no_model", "neither a checkpoint directory nor a .gguf"),
+    ],
+)
+def test_cli_bad_input_one_line_and_nonzero_exit(case, match, ckpt, text_ckpt, images, tmp_path, capsys):
+    base = ["--model", ckpt, "--prompt", "Hello there", "--dtype", "float32", "--cache-length", 64]
+    args = {
+        "missing_image": base + ["--image", tmp_path / "nope.png"],
+        "not_an_image": base + ["--image", images["text"]],
+        "image_count": ["--model", ckpt, "--prompt", "<start_of_image> and <start_of_image>", "--image",
+                        images["rgba"], "--dtype", "float32"],
+        "text_only_image": ["--model", text_ckpt, "--prompt", "hi", "--image", images["rgba"], "--dtype", "float32"],
+        "too_long": base + ["--max-new-tokens", 60],
+        "empty_prompt": ["--model", ckpt, "--prompt", "   "],
+        "bad_dtype": ["--model", ckpt, "--prompt", "hi", "--dtype", "int8"],
+        "float16": ["--model", ckpt, "--prompt", "hi", "--dtype", "float16"],
+        "missing_files": ["--model", tmp_path, "--prompt", "hi"],
+        "misshaped": ["--model", tmp_path, "--prompt", "hi", "--dtype", "float32"],
+        "no_model": ["--model", tmp_path / "absent", "--prompt", "hi"],
+    }[case]
+    if case == "missing_files":
+        shutil.copy(ckpt / "config.json", tmp_path / "config.json")
+    if case == "misshaped":
+        hfc.rewrite_layout(ckpt, tmp_path, "v5", reshape="model.language_model.layers.2.mlp.up_proj.weight")
+    rc, out, err = run(capsys, *args)
+    assert rc == 2
+    assert out == ""  # nothing half-written
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and len([ln for ln in lines if ln.startswith("error")]) == 1
+    import re
+
+    assert re.search(match, lines[-1]), lines[-1]
