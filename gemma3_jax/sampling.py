@@ -42,10 +42,9 @@ def generation_defaults(checkpoint: str | Path | None) -> dict:
     with open(file) as f:
         g = json.load(f)
     out = {}
-    if g.get("do_sample"):
-        for key in ("temperature", "top_k", "top_p"):
-            if g.get(key) is not None:
-                out[key] = g[key]
+    if g.get("do_sample"):  # transformers' defaults where the file is silent: temperature 1, top_k 50, top_p 1
+        out = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+        out.update({k: g[k] for k in ("temperature", "top_k", "top_p") if g.get(k) is not None})
     eos = g.get("eos_token_id")
     if eos is not None:
         out["eos_token_id"] = tuple(eos) if isinstance(eos, list) else (eos,)

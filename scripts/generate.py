@@ -30,7 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32")
+    p.add_argument("--dtype", help="bfloat16 or float32 (default: bfloat16 on a GPU, float32 on a CPU, where bfloat16 "
+                   "matmuls are emulated and slow)")
     p.add_argument("--cache-length", type=int, default=4096)
     p.add_argument("--no-chat", action="store_true", help="raw text after <bos> (for base models like the 270M)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeat for several)")
@@ -44,6 +45,10 @@ def main(argv=None) -> int:
     from gemma3_jax.processor import ImageError
 
     try:
+        if args.dtype is None:
+            import jax
+
+            args.dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
         resolve_dtype(args.dtype)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

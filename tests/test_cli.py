@@ -119,3 +119,17 @@ def test_cli_bad_input_one_line_and_nonzero_exit(case, match, ckpt, text_ckpt, i
     import re
 
     assert re.search(match, lines[-1]), lines[-1]
+
+
+def test_generation_config_defaults(tmp_path):
+    """Sampling defaults come from generation_config.json; do_sample fills in transformers' own defaults."""
+    import json
+
+    from gemma3_jax.sampling import generation_defaults
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 64, "top_p": 0.95,
+                                                                 "eos_token_id": [1, 106]}))
+    assert generation_defaults(tmp_path) == {"temperature": 1.0, "top_k": 64, "top_p": 0.95, "eos_token_id": (1, 106)}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "eos_token_id": 1}))
+    assert generation_defaults(tmp_path) == {"eos_token_id": (1,)}  # no do_sample: greedy
+    assert generation_defaults(tmp_path / "absent") == {}
