@@ -79,20 +79,11 @@ class HFTokenizer:
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     """(transformers Gemma3Processor reloaded from disk, its directory)."""
-    from transformers import Gemma3Processor, GemmaTokenizer
+    import hf_checkpoints as hfc
+    from transformers import Gemma3Processor
     from transformers.models.gemma3 import Gemma3ImageProcessorPil
 
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>",
-                                          "<end_of_turn>"])}
-    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
-    for ch in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789▁\n.,?!:'":
-        vocab.setdefault(ch, len(vocab))
-    merges = [("\n", "\n"), ("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "s"), ("▁", "i"), ("▁i", "s")]
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    tok = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, extra_special_tokens={
-        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
-    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok = hfc.small_gemma_tokenizer()
     ip = Gemma3ImageProcessorPil(size={"height": S, "width": S}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                                  resample=2, rescale_factor=1 / 255)
     path = tmp_path_factory.mktemp("hf_processor")
