@@ -31,6 +31,12 @@ def layer_slots(cfg: TextConfig, layer: int, cache_length: int) -> int:
     return min(cfg.sliding_window, cache_length) if cfg.is_sliding(layer) else cache_length
 
 
+def cache_nbytes(cfg: TextConfig, batch: int, cache_length: int, dtype) -> int:
+    """Bytes of keys and values a cache of this shape holds (without allocating it)."""
+    per_slot = 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+    return batch * per_slot * sum(layer_slots(cfg, i, cache_length) for i in range(cfg.num_layers))
+
+
 def init_cache(cfg: TextConfig, batch: int, cache_length: int, dtype) -> KVCache:
     shapes = [(batch, layer_slots(cfg, i, cache_length), cfg.num_kv_heads, cfg.head_dim) for i in range(cfg.num_layers)]
     return KVCache(

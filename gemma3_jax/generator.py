@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from gemma3_jax.cache import cache_nbytes
 from gemma3_jax.engine import Engine, Timings
 from gemma3_jax.loading import load_pretrained
 from gemma3_jax.model import Gemma3
@@ -33,6 +34,7 @@ class GenerationResult:
     token_ids: list[list[int]]
     prompt_tokens: list[int]
     timings: Timings
+    cache_bytes: int  # keys + values held: full length on global layers, window-sized rings on sliding ones
 
 
 def resolve_dtype(name: str):
@@ -197,7 +199,8 @@ class Generator:
             text = self._text(tokens[row])
             cut = _first_stop(text, stop)
             texts.append(text if cut is None else text[:cut])
-        return GenerationResult(texts, tokens, [len(i) for i in ids], timings)
+        cache_bytes = cache_nbytes(self.model.cfg.text, len(prompts), self.engine.cache_length, self.model.dtype)
+        return GenerationResult(texts, tokens, [len(i) for i in ids], timings, cache_bytes)
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

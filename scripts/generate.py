@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     tm = out.timings
     print(
         f"prompt {out.prompt_tokens[0]} tokens | compile {tm.compile_s:.1f} s | prefill {tm.prefill_s * 1e3:.1f} ms | "
-        f"decode {tm.decode_tokens} tokens at {tm.decode_tok_per_s:.1f} tok/s | total {time.perf_counter() - t:.1f} s",
+        f"decode {tm.decode_tokens} tokens at {tm.decode_tok_per_s:.1f} tok/s | "
+        f"KV cache {out.cache_bytes / 2**20:.1f} MiB | total {time.perf_counter() - t:.1f} s",
         file=sys.stderr,
     )
     return 0

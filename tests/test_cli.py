@@ -133,3 +133,19 @@ def test_generation_config_defaults(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "eos_token_id": 1}))
     assert generation_defaults(tmp_path) == {"eos_token_id": (1,)}  # no do_sample: greedy
     assert generation_defaults(tmp_path / "absent") == {}
+
+
+def test_generation_imports_no_torch(ckpt, images):
+    """The CLI with an image runs in a process where torch and transformers cannot be imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runpy; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
+        f"sys.argv = ['generate.py', '--model', {str(ckpt)!r}, '--prompt', 'Hi', '--image', {str(images['gray'])!r}, "
+        "'--max-new-tokens', '3', '--cache-length', '128']; "
+        f"runpy.run_path({str(ROOT / 'scripts' / 'generate.py')!r}, run_name='__main__')"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "tok/s" in run.stderr and "KV cache" in run.stderr

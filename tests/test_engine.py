@@ -113,6 +113,16 @@ def test_sampling_is_seeded(mm_engine):
     assert (a != greedy).any()
 
 
+def test_cache_bytes(mm):
+    """Global layers hold the full length, sliding layers a ring of window slots; the count matches the buffers."""
+    from gemma3_jax.cache import cache_nbytes, init_cache
+
+    cfg = mm[0].cfg.text  # 7 layers: 6 sliding (window 8), 1 global
+    cache = init_cache(cfg, 2, 96, jnp.float32)
+    assert [k.shape[1] for k in cache.k] == [8, 8, 8, 8, 8, 96, 8]
+    assert cache.nbytes == cache_nbytes(cfg, 2, 96, jnp.float32) == 2 * 2 * 2 * 32 * 4 * (6 * 8 + 96)
+
+
 def test_engine_rejects_bad_requests(mm):
     model, _ = mm
     engine = Engine(model, cache_length=32)
