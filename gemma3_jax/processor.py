@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gemma3_jax.tokenizer import find_chat_template, read_json
+
 if TYPE_CHECKING:
     from gemma3_jax.config import Gemma3Config
 
@@ -232,7 +234,7 @@ class Processor:
         v5's nested "image_processor"), else config.json; the chat template from chat_template.jinja / .json,
         processor_config.json or tokenizer_config.json."""
         path = Path(path)
-        proc, pre = _read_json(path / "processor_config.json"), _read_json(path / "preprocessor_config.json")
+        proc, pre = read_json(path / "processor_config.json"), read_json(path / "preprocessor_config.json")
         img = {**pre, **(proc.get("image_processor") or {})}
         cfg = None
         if (path / "config.json").is_file():
@@ -264,7 +266,7 @@ class Processor:
             kw.setdefault("image_size", cfg.vision.image_size)
             kw.setdefault("mm_tokens_per_image", cfg.mm_tokens_per_image)
             kw["image_token_id"] = cfg.image_token_id
-        kw["chat_template"] = _find_chat_template(path, proc)
+        kw["chat_template"] = find_chat_template(path, proc, read_json(path / "tokenizer_config.json"))
         return cls(**{**kw, **overrides})
 
     # ---- images
@@ -357,19 +359,3 @@ class Processor:
 
 _IMAGE_KEYS = ("rescale_factor", "resample", "do_pan_and_scan", "pan_and_scan_min_crop_size",
                "pan_and_scan_max_num_crops", "pan_and_scan_min_ratio_to_activate")
-
-
-def _read_json(file: Path) -> dict:
-    return json.loads(file.read_text()) if file.is_file() else {}
-
-
-def _find_chat_template(path: Path, proc: dict) -> str | None:
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
-    for source in (_read_json(path / "chat_template.json"), proc, _read_json(path / "tokenizer_config.json")):
-        t = source.get("chat_template")
-        if isinstance(t, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            t = next((x["template"] for x in t if x.get("name") == "default"), None)
-        if t:
-            return t
-    return None

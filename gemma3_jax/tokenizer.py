@@ -157,8 +157,8 @@ class Tokenizer:
             backend = _SentencePiece(path / "tokenizer.model")
         else:
             raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}")
-        cfg = _read_json(path / "tokenizer_config.json")
-        model_cfg = _read_json(path / "config.json")
+        cfg = read_json(path / "tokenizer_config.json")
+        model_cfg = read_json(path / "config.json")
         model_cfg = model_cfg.get("text_config") or model_cfg
 
         def special(name: str, default: str, id_key: str, default_id: int) -> int:
@@ -175,7 +175,7 @@ class Tokenizer:
             bos_id=special("bos", "<bos>", "bos_token_id", 2),
             eos_id=special("eos", "<eos>", "eos_token_id", 1),
             pad_id=special("pad", "<pad>", "pad_token_id", 0),
-            chat_template=_chat_template(path, cfg),
+            chat_template=find_chat_template(path, cfg),
             add_bos=bool(cfg.get("add_bos_token", True)),
         )
 
@@ -203,7 +203,8 @@ class Tokenizer:
         (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def _read_json(file: Path) -> dict:
+def read_json(file: Path) -> dict:
+    """A JSON file's object, {} when the file is absent; a clear error when it is not valid JSON."""
     if not file.is_file():
         return {}
     try:
@@ -213,11 +214,16 @@ def _read_json(file: Path) -> dict:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
 
 
-def _chat_template(path: Path, cfg: dict) -> str | None:
+def find_chat_template(path: Path, *configs: dict) -> str | None:
+    """A checkpoint's chat template: chat_template.jinja, chat_template.json, then each config dict given
+    (processor_config.json, tokenizer_config.json, ...) in order. None if there is none."""
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text()
-    template = _read_json(path / "chat_template.json").get("chat_template") or cfg.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template}
-        template = named.get("default", next(iter(named.values()), None))
-    return template
+    for source in (read_json(path / "chat_template.json"), *configs):
+        template = source.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default", next(iter(named.values()), None))
+        if template:
+            return template
+    return None
