@@ -1,8 +1,8 @@
 """Block sizes / launch parameters for the image-span attention kernel, and compiler-params glue.
 
 The table is keyed by padded head dim; entries were picked from H100 measurements
-(scripts/bench_attention.py, see docs/kernel_notes.md). ``group_fold`` is how many query heads that
-share one KV head one program handles (each K/V tile is loaded once for all of them).
+(scripts/bench_attention.py, see docs/kernel_notes.md). Head dims that are not powers of two use the
+entry of the next power of two (the kernel computes them in power-of-two column chunks).
 """
 
 from __future__ import annotations
@@ -16,35 +16,32 @@ class KernelConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    group_fold: int = 1
     fast_exp2: bool = False  # ex2.approx.ftz inline asm (GPU only; interpret mode uses jnp.exp2)
 
 
 # padded head dim -> config (GPU, bf16/fp16).
 # D=256 from H100 runs (docs/kernel_notes.md): 128x64, 8 warps, 2 stages, no head folding was best at
-# every length 2K-32K (64x64/4w: -20..-35%; 128x32: -10..-30%; fold=2: -45%; 3 stages at 128x64 needs
+# every length 2K-32K (64x64/4w: -20..-35%; 128x32: -10..-30%; two query heads per program sharing each
+# K/V tile: -45%, removed; 3 stages at 128x64 needs
 # 256 KiB of shared memory and does not launch). fast_exp2 (ex2.approx.ftz inline asm instead of
 # libdevice exp2f): +6..10% at 8K-32K. A lazy rescale (move the max only when it grew by > 8) measured
 # +0..1% alone and -3% together with fast_exp2, and was removed.
 # Smaller head dims: correctness checked on the H100 (D=64/72/128, also with fast_exp2), speed not
 # measured: same shape, 3 stages where the shared memory allows it.
 _TABLE: dict[int, KernelConfig] = {
-    16: KernelConfig(128, 64, 4, 3, 1, fast_exp2=True),
-    32: KernelConfig(128, 64, 4, 3, 1, fast_exp2=True),
-    64: KernelConfig(128, 64, 4, 3, 1, fast_exp2=True),
-    128: KernelConfig(128, 64, 8, 3, 1, fast_exp2=True),
-    256: KernelConfig(128, 64, 8, 2, 1, fast_exp2=True),
+    16: KernelConfig(128, 64, 4, 3, fast_exp2=True),
+    32: KernelConfig(128, 64, 4, 3, fast_exp2=True),
+    64: KernelConfig(128, 64, 4, 3, fast_exp2=True),
+    128: KernelConfig(128, 64, 8, 3, fast_exp2=True),
+    256: KernelConfig(128, 64, 8, 2, fast_exp2=True),
 }
 
 
-def default_config(head_dim_padded: int, q_len: int, group: int, dtype_bytes: int = 2) -> KernelConfig:
+def default_config(head_dim_padded: int, q_len: int, dtype_bytes: int = 2) -> KernelConfig:
     cfg = _TABLE[min(max(head_dim_padded, 16), 256)]
     if dtype_bytes == 4:  # fp32 tiles are twice as large: halve the key block
         cfg = dataclasses.replace(cfg, block_k=max(16, cfg.block_k // 2), num_stages=2)
-    fold = cfg.group_fold
-    while fold > 1 and group % fold:
-        fold //= 2
-    return dataclasses.replace(cfg, group_fold=fold)
+    return cfg
 
 
 def compiler_params(num_warps: int | None, num_stages: int | None):

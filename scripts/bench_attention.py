@@ -8,7 +8,7 @@ Every timed kernel is checked on query slices against a float32 reference (refer
 Sq < Sk chunk semantics: the last 256 queries of the whole sequence and of a prefix ending at S/2);
 error > 2e-2 (or NaN) marks the row FAILED.
 
-    python scripts/bench_attention.py [--out PATH] [--sizes 2048,8192] [--configs 128x64w8s2f1,...]
+    python scripts/bench_attention.py [--out PATH] [--sizes 2048,8192] [--configs 128x64w8s2E,...]
                                       [--peers cudnn,xla,flex,tokamax_triton,tokamax_mosaic]
 """
 
@@ -47,17 +47,12 @@ def layout(s: int) -> jax.Array:
 
 
 def parse_config(txt: str) -> dict:
-    # "128x64w8s2f1[E]" -> block_q=128 block_k=64 num_warps=8 num_stages=2 group_fold=1
-    # (E: ex2.approx inline asm)
-    flags = txt[txt.index("f") + 2 :]
-    txt = txt[: txt.index("f") + 2]
-    fast = "E" in flags
-    bq, rest = txt.split("x")
+    # "128x64w8s2[E]" -> block_q=128 block_k=64 num_warps=8 num_stages=2 (E: ex2.approx inline asm)
+    fast = txt.endswith("E")
+    bq, rest = txt.rstrip("E").split("x")
     bk, rest = rest.split("w")
-    nw, rest = rest.split("s")
-    ns, fold = rest.split("f")
-    return dict(block_q=int(bq), block_k=int(bk), num_warps=int(nw), num_stages=int(ns), group_fold=int(fold),
-                fast_exp2=fast)
+    nw, ns = rest.split("s")
+    return dict(block_q=int(bq), block_k=int(bk), num_warps=int(nw), num_stages=int(ns), fast_exp2=fast)
 
 
 def time_jax(fn, *args, iters=10, reps=7, warmup=3) -> float:
@@ -132,7 +127,7 @@ def bench_ours(results, case, cfg_txt):
         out = fn(case.q, case.k, case.v, case.seg)
         err = case.error(out)
         ms = time_jax(fn, case.q, case.k, case.v, case.seg)
-        dflt = default_config(D, case.s, HQ // HKV)
+        dflt = default_config(D, case.s)
         blocks = count_blocks(block_ranges(case.ks, case.ke, block_q=cfg.get("block_q", dflt.block_q),
                                            block_k=cfg.get("block_k", dflt.block_k)))
         row(results, f"ours[{cfg_txt}]", case, ms, err, note=f"blocks={blocks}")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import attention, image_span_attention, reference_attention, segment_ids_from_image_mask
+from pallas_kernels.attention import head_chunks
 
 F32_TOL, LOWP_TOL = 1e-5, 1e-2
 
@@ -79,7 +80,8 @@ def test_layout_sweep_f32(window):
 @pytest.mark.parametrize(
     "hq,hkv,d,window,bq,bk",
     [
-        (4, 4, 72, None, 32, 32),  # GQA 1, SigLIP head dim (padded to 128 inside)
+        (4, 4, 72, None, 32, 32),  # GQA 1, SigLIP head dim (64 + 16 column chunks inside)
+        (2, 1, 112, 20, 32, 32),  # three column chunks: 64 + 32 + 16
         (4, 2, 128, 40, 16, 32),  # GQA 2, block_k > block_q
         (8, 2, 256, None, 32, 16),  # GQA 4, D=256
         (8, 1, 64, 7, 64, 16),  # GQA 8, tiny window
@@ -91,6 +93,13 @@ def test_gqa_head_dims(hq, hkv, d, window, bq, bk):
     seg = layouts(hq * d, b, s, n_random=0)[2]  # adjacent images + long last image
     out = image_span_attention(q, k, v, seg, sliding_window=window, interpret=True, block_q=bq, block_k=bk)
     assert err_ok(out, reference_attention(q, k, v, seg, sliding_window=window), F32_TOL)
+
+
+def test_head_chunks():
+    assert head_chunks(256) == ((0, 256),)
+    assert head_chunks(72) == ((0, 64), (64, 16))  # 80 columns computed, not 128
+    assert head_chunks(112) == ((0, 64), (64, 32), (96, 16))
+    assert head_chunks(1) == ((0, 16),)
 
 
 def err_ok(out, ref, tol):
