@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from gemma3_jax.config import TextConfig
+from pallas_kernels.decode_attention import decode
 
 
 class KVCache(NamedTuple):
@@ -68,6 +69,16 @@ def write_step(buf: Float[Array, "B S K H"], new: Float[Array, "B K H"], pos: In
     return buf.at[jnp.arange(buf.shape[0]), idx].set(new.astype(buf.dtype), mode="drop")
 
 
+def attend(q, k, v, pos, ring: bool, scale: float, impl: str):
+    """Decode attention after ``write_step``: the Pallas kernel ("auto"/"pallas") or attend_step ("reference").
+
+    The kernel needs no slot order: a buffer of S slots holds exactly the slots s < min(pos + 1, S), whether
+    it is a ring (sliding layers) or indexed by position (global layers)."""
+    if impl == "reference":
+        return attend_step(q, k, v, pos, ring, scale)
+    return decode(q, k, v, jnp.minimum(pos + 1, k.shape[1]), scale=scale, implementation=impl)
+
+
 def attend_step(
     q: Float[Array, "B N H"],
     k: Float[Array, "B S K H"],
@@ -76,7 +87,8 @@ def attend_step(
     ring: bool,
     scale: float,
 ) -> Float[Array, "B N H"]:
-    """One query per row over its cache (after ``write_step``), float32 softmax."""
+    """One query per row over its cache (after ``write_step``), float32 softmax: the jnp oracle, which reads
+    slot positions from the ring explicitly."""
     b, n, h = q.shape
     kh = k.shape[2]
     held = ring_positions(pos, k.shape[1]) if ring else jnp.broadcast_to(jnp.arange(k.shape[1]), (b, k.shape[1]))

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from gemma3_jax import cache as kvc
-from gemma3_jax.model import Gemma3
+from gemma3_jax.model import Gemma3, check_inputs
 from gemma3_jax.sampling import SamplingParams, sample
 
 # Prompt lengths are padded up to one of these (each is compiled once): powers of two and 1.5x powers of two,
@@ -28,10 +28,12 @@ BUCKETS = tuple(sorted({2**i for i in range(5, 18)} | {3 * 2**i for i in range(4
 MAX_STOP_IDS = 8
 
 
-def default_compiler_options() -> dict[str, bool]:
-    """XLA options for the compiled steps on this backend (none off the GPU)."""
-    if jax.default_backend() != "gpu":
-        return {}
+def default_compiler_options(step: str) -> dict[str, bool]:
+    """XLA options for the compiled ``step`` ("prefill" or "decode"): none so far.
+
+    Measured on the H100 (docs/kernel_notes.md, decode): ``xla_gpu_enable_triton_gemm=false`` made a batch-1
+    decode step 1.5x slower (cuBLAS GEMV plus weight concatenations XLA inserts), so XLA's defaults stay."""
+    del step
     return {}
 
 
@@ -61,7 +63,7 @@ class Engine:
         self, model: Gemma3, cache_length: int = 4096, chunk: int = 32, compiler_options: dict | None = None
     ):
         self.graphdef, self.state = nnx.split(model)
-        self.compiler_options = default_compiler_options() if compiler_options is None else dict(compiler_options)
+        self.compiler_options = compiler_options  # None: default_compiler_options(step) per step
         self.cfg = model.cfg
         self.dtype = model.dtype
         self.cache_length = int(cache_length)
@@ -99,7 +101,9 @@ class Engine:
 
             def body(carry):
                 cache, token, done, remaining, key, out, i = carry
-                hidden, cache = model.text.decode_step(model.text.embed_tokens(token[:, None]), cache)
+                hidden, cache = model.text.decode_step(
+                    model.text.embed_tokens(token[:, None]), cache, model.attention
+                )
                 logits = model.text.logits(hidden)[:, 0].astype(jnp.float32)
                 key, sub = jax.random.split(key)
                 nxt = jnp.where(done, pad, sample(logits, sub, params))
@@ -127,7 +131,8 @@ class Engine:
         if key not in self._compiled:
             t = time.perf_counter()
             fn = jax.jit(make(), donate_argnums=donate if self._donate else ())
-            self._compiled[key] = fn.lower(*args).compile(self.compiler_options or None)
+            opts = default_compiler_options(name) if self.compiler_options is None else self.compiler_options
+            self._compiled[key] = fn.lower(*args).compile(opts or None)
             timings.compile_s += time.perf_counter() - t
         return self._compiled[key]
 
@@ -160,7 +165,7 @@ class Engine:
         for row, p in enumerate(prompts):
             ids[row, : len(p)] = p
         mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
-        ids_j, px_j, _ = nnx.merge(self.graphdef, self.state).check_inputs(ids, pixel_values, mask)
+        ids_j, px_j, _ = check_inputs(self.cfg, self.dtype, ids, pixel_values, mask)  # no nnx.merge per call
         key = jax.random.key(0) if key is None else key
         args = (self.state, ids_j, px_j, jnp.asarray(lengths), key)
         fn = self._compiled_fn("prefill", lambda: self._prefill_fn(params), params, args, timings)

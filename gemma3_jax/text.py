@@ -17,14 +17,17 @@ from gemma3_jax.layers import GeGLU, RMSNorm, apply_rope, param, rope_cos_sin
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with q/k RMSNorm before RoPE and the image-span mask."""
+    """Grouped-query attention with q/k RMSNorm before RoPE and the image-span mask.
+
+    Weights are [out, in] (transformers' layout): every product contracts the contiguous last axis, which is
+    what batch-1 decode's matrix-vector products want (H100: 2.6 TB/s vs 1.7 for [in, out] under XLA)."""
 
     def __init__(self, cfg: TextConfig, layer: int, dtype):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = param((d, n, h), dtype)
-        self.k_proj = param((d, k, h), dtype)
-        self.v_proj = param((d, k, h), dtype)
-        self.o_proj = param((n, h, d), dtype)
+        self.q_proj = param((n, h, d), dtype)
+        self.k_proj = param((k, h, d), dtype)
+        self.v_proj = param((k, h, d), dtype)
+        self.o_proj = param((d, n, h), dtype)
         self.q_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
         self.sliding_window = cfg.sliding_window if cfg.is_sliding(layer) else None
@@ -32,8 +35,8 @@ class Attention(nnx.Module):
 
     def project_kv(self, x: Float[Array, "B T D"], cos: Array, sin: Array):
         """Keys (normed, rotated) and values of ``x``: what a KV cache stores."""
-        k = self.k_norm(jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...]))
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...])
+        k = self.k_norm(jnp.einsum("BTD,KHD->BTKH", x, self.k_proj[...]))
+        v = jnp.einsum("BTD,KHD->BTKH", x, self.v_proj[...])
         return apply_rope(k, cos, sin), v
 
     def __call__(
@@ -46,7 +49,7 @@ class Attention(nnx.Module):
         impl: str,
     ) -> tuple[Float[Array, "B T D"], tuple[Array, Array]]:
         """Output and this layer's (keys, values) [B, T, K, H] for a KV cache."""
-        q = self.q_norm(jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...]))
+        q = self.q_norm(jnp.einsum("BTD,NHD->BTNH", x, self.q_proj[...]))
         q = apply_rope(q, cos, sin)
         k, v = self.project_kv(x, cos, sin)
         out = attend(
@@ -59,17 +62,17 @@ class Attention(nnx.Module):
             scale=self.scale,
             implementation=impl,
         )
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...]), (k, v)
+        return jnp.einsum("BTNH,DNH->BTD", out, self.o_proj[...]), (k, v)
 
-    def decode(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"]):
+    def decode(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"], impl: str):
         """One token per row at position ``pos``: writes its key/value into the cache, attends over it."""
         ring = self.sliding_window is not None
-        q = apply_rope(self.q_norm(jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...])), cos, sin)
+        q = apply_rope(self.q_norm(jnp.einsum("BTD,NHD->BTNH", x, self.q_proj[...])), cos, sin)
         k, v = self.project_kv(x, cos, sin)
         k_buf = kvc.write_step(k_buf, k[:, 0], pos, ring)
         v_buf = kvc.write_step(v_buf, v[:, 0], pos, ring)
-        out = kvc.attend_step(q[:, 0], k_buf, v_buf, pos, ring, self.scale)
-        return jnp.einsum("BNH,NHD->BD", out, self.o_proj[...])[:, None], k_buf, v_buf
+        out = kvc.attend(q[:, 0], k_buf, v_buf, pos, ring, self.scale, impl)
+        return jnp.einsum("BNH,DNH->BD", out, self.o_proj[...])[:, None], k_buf, v_buf
 
 
 class DecoderLayer(nnx.Module):
@@ -87,8 +90,8 @@ class DecoderLayer(nnx.Module):
         h, kv = self.attn(self.input_norm(x), cos, sin, segment_ids, kv_lengths, impl)
         return self._ffw(x + self.post_attn_norm(h)), kv
 
-    def decode(self, x, cos, sin, k_buf, v_buf, pos):
-        h, k_buf, v_buf = self.attn.decode(self.input_norm(x), cos, sin, k_buf, v_buf, pos)
+    def decode(self, x, cos, sin, k_buf, v_buf, pos, impl: str):
+        h, k_buf, v_buf = self.attn.decode(self.input_norm(x), cos, sin, k_buf, v_buf, pos, impl)
         return self._ffw(x + self.post_attn_norm(h)), k_buf, v_buf
 
     def _ffw(self, x):
@@ -142,15 +145,17 @@ class TextModel(nnx.Module):
         return self.final_norm(x), kvs
 
     def decode_step(
-        self, embeddings: Float[Array, "B 1 D"], cache: kvc.KVCache
+        self, embeddings: Float[Array, "B 1 D"], cache: kvc.KVCache, impl: str = "auto"
     ) -> tuple[Float[Array, "B 1 D"], kvc.KVCache]:
-        """One token per row at position ``cache.lengths``; returns hidden states and the updated cache."""
+        """One token per row at position ``cache.lengths``; returns hidden states and the updated cache.
+
+        ``impl``: "auto"/"pallas" = the Pallas decode kernel, "reference" = cache.attend_step in jnp."""
         pos = cache.lengths
         tables = self.rope_tables(pos[:, None])
         x, ks, vs = embeddings, [], []
         for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v):
             cos, sin = tables[layer.layer_type]
-            x, k_buf, v_buf = layer.decode(x, cos, sin, k_buf, v_buf, pos)
+            x, k_buf, v_buf = layer.decode(x, cos, sin, k_buf, v_buf, pos, impl)
             ks.append(k_buf)
             vs.append(v_buf)
         return self.final_norm(x), kvc.KVCache(tuple(ks), tuple(vs), pos + 1)

@@ -12,7 +12,6 @@ Public pallas (pl) and pallas.triton (plgpu) APIs only.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -20,26 +19,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.block_ranges import block_ranges
+from pallas_kernels.common import DTYPES, LOG2E, ex2_approx, next_pow2
 from pallas_kernels.reference import reference_attention
 from pallas_kernels.segments import key_intervals
 from pallas_kernels.tuning import compiler_params, default_config
 
-_LOG2E = math.log2(math.e)
-_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def _ex2_approx(x):
-    """exp2 as one MUFU.EX2 (ex2.approx.ftz.f32), skipping libdevice's subnormal handling (GPU only)."""
-    from jax.experimental.pallas import triton as plgpu
-
-    return plgpu.elementwise_inline_asm(
-        "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
-    )[0]
 
 
 def head_chunks(d: int) -> tuple[tuple[int, int], ...]:
@@ -64,7 +50,7 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
     scale multiply fuses into the subtraction (one FMA per logit). Masked logits are -inf. The head dim is
     processed in ``chunks`` (head_chunks): logits sum over them, each has its own accumulator.
     """
-    exp2 = _ex2_approx if fast_exp2 else jnp.exp2
+    exp2 = ex2_approx if fast_exp2 else jnp.exp2
     block_q = q_ref.shape[0]
     lo, f_lo, f_hi, hi = meta_ref[0], meta_ref[1], meta_ref[2], meta_ref[3]
     ks = ks_ref[...]
@@ -129,7 +115,7 @@ def _check(q, k, v, segment_ids, kv_lengths, block_q, block_k):
         raise ValueError(f"need 0 < Sq <= Sk: {q.shape=} {k.shape=}")
     if not 0 < d <= 256:
         raise ValueError(f"head dim must be in 1..256: {q.shape=}")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"dtypes must match and be bf16/fp16/fp32: {q.dtype=} {k.dtype=} {v.dtype=}")
     if segment_ids is not None and tuple(segment_ids.shape) != (b, sk):
         raise ValueError(f"segment_ids must be [B, Sk]: {segment_ids.shape=} {k.shape=}")
@@ -164,9 +150,9 @@ def image_span_attention(
     g = hq // hkv
     chunks = head_chunks(d)
     dp = sum(w for _, w in chunks)  # d rounded up to a multiple of 16
-    cfg = default_config(_next_pow2(dp), sq, jnp.dtype(q.dtype).itemsize)
-    bq = min(block_q or cfg.block_q, max(16, _next_pow2(sq)))
-    bk = min(block_k or cfg.block_k, max(16, _next_pow2(sk)))
+    cfg = default_config(dp, sq, jnp.dtype(q.dtype).itemsize)
+    bq = min(block_q or cfg.block_q, max(16, next_pow2(sq)))
+    bk = min(block_k or cfg.block_k, max(16, next_pow2(sk)))
     nwarps = num_warps or cfg.num_warps
     nstages = num_stages or cfg.num_stages
     fast = (cfg.fast_exp2 if fast_exp2 is None else bool(fast_exp2)) and not interpret
@@ -190,7 +176,7 @@ def image_span_attention(
 
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     kernel = functools.partial(
-        _kernel, chunks=chunks, block_k=bk, qk_scale=scale * _LOG2E, precision=precision, fast_exp2=fast,
+        _kernel, chunks=chunks, block_k=bk, qk_scale=scale * LOG2E, precision=precision, fast_exp2=fast,
     )
     rev = lambda i: nq - 1 - i  # longest rows (last query blocks) start first
     out = pl.pallas_call(

@@ -1,0 +1,241 @@
+"""Pallas (Triton) flash-decoding: one query token per row over a KV cache buffer.
+
+q [B, N, H]; k, v [B, S, K, H] (cache layout of gemma3_jax/cache.py); row b attends the slots s < lengths[b].
+Slot order does not matter (softmax is permutation invariant), so a sliding-window ring buffer of W slots
+after writing position pos is simply lengths = min(pos + 1, W), a full buffer lengths = pos + 1.
+
+Design (decode is memory bound: each K/V byte is read once):
+- Grid (B, K, splits). A program takes the G = N // K query heads of one kv head (padded with zero rows to
+  Gp = max(16, next_pow2(G)) for Triton's dot) and one contiguous run of whole key blocks of its row.
+- Splits divide each row's *valid* blocks ceil(lengths[b] / block_k) (computed outside, O(B * splits)), so
+  all splits get work whatever the length; programs with an empty range load no K/V and write m = -inf,
+  l = 0, acc = 0. Each program writes its unnormalised partial (acc [Gp, Hp], m [Gp], l [Gp], log2 units);
+  the log-sum-exp combine across splits runs in jnp (O(B * N * splits * H)).
+- Only a program's last block is masked (slot >= its block start and < lengths[b]). The cache's last block
+  may stick out of the buffer when S % block_k != 0: its load is shifted back to start at S - block_k and
+  the overlap (already seen by the block before) is masked, so the cache is never padded or copied along S.
+  The head dim is padded to a power of two (a copy of K/V) only when H is not one (H = 72, say).
+
+Public pallas (pl) and pallas.triton APIs only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import DTYPES, LOG2E, ex2_approx, next_pow2
+from pallas_kernels.tuning import compiler_params
+
+_TARGET_PROGRAMS = 264  # ~2 waves of the H100's 132 SMs
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    block_k: int
+    num_warps: int
+    num_stages: int
+    fast_exp2: bool = True  # ex2.approx.ftz (GPU only; interpret mode uses jnp.exp2)
+
+
+# padded head dim -> config for 2-byte dtypes (fp32 halves block_k). NOT YET TUNED ON THE H100: starting
+# points sized so 2 stages of the K and V tiles (2 * 2 * block_k * Hp * 2 bytes = 128 KiB at Hp = 256) fit in
+# shared memory next to the [Gp, Hp] f32 accumulator. First look (H100, jax 0.11.2, bf16, H=256, one timing
+# each, no repeats): 1.2-2.5 TB/s of K/V read at 33-268 MB of cache (B=1 K=1 S=32K ... B=8 K=4 S=8K); these
+# defaults were within ~10% of the best of block_k {32, 64, 128} x num_splits {auto, 64, 132} x warps {4, 8}.
+_DECODE_TABLE: dict[int, DecodeConfig] = {
+    16: DecodeConfig(128, 4, 2),
+    32: DecodeConfig(128, 4, 2),
+    64: DecodeConfig(128, 4, 2),
+    128: DecodeConfig(128, 4, 2),
+    256: DecodeConfig(64, 4, 2),
+}
+
+
+def decode_config(head_dim_padded: int, dtype_bytes: int = 2) -> DecodeConfig:
+    cfg = _DECODE_TABLE[min(max(head_dim_padded, 16), 256)]
+    if dtype_bytes == 4:
+        cfg = dataclasses.replace(cfg, block_k=max(16, cfg.block_k // 2))
+    return cfg
+
+
+def _kernel(meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_k, qk_scale, precision, fast_exp2):
+    """One program: Gp query rows (the heads of one kv head) x key blocks [lo, hi) of one row.
+
+    Online softmax in log2 units, p = exp2(s * qk_scale - m), qk_scale = scale * log2(e).
+    """
+    exp2 = ex2_approx if fast_exp2 else jnp.exp2
+    lo, hi, length = meta_ref[0], meta_ref[1], meta_ref[2]
+    slots = k_ref.shape[0]
+    q = q_ref[...]
+    gp, d = q.shape
+    f32 = jnp.float32
+    init = (jnp.zeros((gp, d), f32), jnp.full((gp,), -jnp.inf, f32), jnp.zeros((gp,), f32))
+    dims_qk = (((1,), (1,)), ((), ()))
+    dims_pv = (((1,), (0,)), ((), ()))
+
+    def step(kb, carry, masked):
+        acc, m, l = carry
+        start = kb * block_k
+        if masked:  # the cache's last block may stick out: load [S - block_k, S), mask what came before start
+            load_at = jnp.minimum(start, slots - block_k)
+        else:
+            load_at = pl.multiple_of(start, block_k)
+        k = k_ref[pl.ds(load_at, block_k), :]
+        v = v_ref[pl.ds(load_at, block_k), :]
+        s = lax.dot_general(q, k, dims_qk, precision=precision, preferred_element_type=f32)  # [Gp, block_k]
+        if masked:
+            col = load_at + jnp.arange(block_k, dtype=jnp.int32)
+            s = jnp.where(((col >= start) & (col < length))[None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1) * qk_scale)
+        # A block always holds a valid slot (start < length), but guard anyway: a row whose max is still -inf
+        # subtracts 0, so exp2(-inf) = 0 and never NaN (as in attention.py).
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+        alpha = exp2(m - m_use)
+        p = exp2(s * qk_scale - m_use[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        pv = lax.dot_general(p.astype(v.dtype), v, dims_pv, precision=precision, preferred_element_type=f32)
+        return acc * alpha[:, None] + pv, m_new, l
+
+    last = jnp.maximum(hi - 1, lo)  # hi <= lo: both loops are empty, no K/V is loaded
+    carry = lax.fori_loop(lo, last, functools.partial(step, masked=False), init)
+    acc, m, l = lax.fori_loop(last, hi, functools.partial(step, masked=True), carry)
+    acc_ref[...] = acc
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _check(q, k, v, lengths):
+    if q.ndim != 3 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q must be [B, N, H] and k, v [B, S, K, H]: got {q.shape=} {k.shape=} {v.shape=}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {k.shape=} {v.shape=}")
+    b, n, h = q.shape
+    bk_, s, kh, hk = k.shape
+    if bk_ != b or hk != h:
+        raise ValueError(f"batch/head-dim mismatch: {q.shape=} {k.shape=}")
+    if kh == 0 or n % kh:
+        raise ValueError(f"N (query heads) must be a multiple of K (kv heads): {q.shape=} {k.shape=}")
+    if s < 1:
+        raise ValueError(f"the cache needs at least one slot: {k.shape=}")
+    if not 0 < h <= 256:
+        raise ValueError(f"head dim must be in 1..256: {q.shape=}")
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"dtypes must match and be bf16/fp16/fp32: {q.dtype=} {k.dtype=} {v.dtype=}")
+    if tuple(jnp.shape(lengths)) != (b,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+        raise ValueError(f"lengths must be an integer [B] array: {jnp.shape(lengths)=} {q.shape=}")
+
+
+@functools.partial(
+    jax.jit, static_argnames=("scale", "interpret", "block_k", "num_splits", "num_warps", "num_stages", "fast_exp2")
+)
+def decode_attention(
+    q, k, v, lengths, *, scale, interpret=False, block_k=None, num_splits=None, num_warps=None, num_stages=None,
+    fast_exp2=None,
+):
+    """q [B, N, H], k/v [B, S, K, H], lengths [B] -> [B, N, H] in q's dtype; rows with length 0 are zeros."""
+    _check(q, k, v, lengths)
+    if block_k is not None and (block_k < 16 or block_k & (block_k - 1)):
+        raise ValueError(f"block_k must be a power of two >= 16: {block_k=}")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1: {num_splits=}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0: {scale=}")
+    b, n, h = q.shape
+    _, s, kh, _ = k.shape
+    g = n // kh
+    gp, hp = max(16, next_pow2(g)), max(16, next_pow2(h))
+    cfg = decode_config(hp, jnp.dtype(q.dtype).itemsize)
+    fast = (cfg.fast_exp2 if fast_exp2 is None else bool(fast_exp2)) and not interpret
+    lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, s)  # never read past the buffer
+
+    if s < 16:  # a block must fit in the buffer; only tiny caches are padded (cheap)
+        k = jnp.pad(k, ((0, 0), (0, 16 - s), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 16 - s), (0, 0), (0, 0)))
+    slots = k.shape[1]
+    bk = min(block_k or cfg.block_k, 1 << (slots.bit_length() - 1))  # power of two <= slots
+    n_blocks = -(-slots // bk)
+    splits = num_splits or -(-_TARGET_PROGRAMS // (b * kh))
+    splits = max(1, min(splits, n_blocks))
+
+    # Per (row, split): key-block range [lo, hi) = this split's share of the row's valid blocks.
+    row_blocks = -(-lengths // bk)  # [B]
+    per = -(-row_blocks // splits)
+    lo = jnp.minimum(jnp.arange(splits, dtype=jnp.int32)[None, :] * per[:, None], row_blocks[:, None])
+    hi = jnp.minimum(lo + per[:, None], row_blocks[:, None])
+    meta = jnp.stack([lo, hi, jnp.broadcast_to(lengths[:, None], lo.shape), jnp.zeros_like(lo)], axis=-1)
+
+    q4 = q.reshape(b, kh, g, h)
+    if (gp, hp) != (g, h):
+        q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, gp - g), (0, hp - h)))
+    if hp != h:  # non-power-of-two head dim (72): Triton needs power-of-two tiles, so K/V are copied once here
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, hp - h)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, hp - h)))
+
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    kernel = functools.partial(_kernel, block_k=bk, qk_scale=float(scale) * LOG2E, precision=precision,
+                               fast_exp2=fast)
+    f32 = jnp.float32
+    acc, m, l = pl.pallas_call(
+        kernel,
+        grid=(b, kh, splits),
+        in_specs=[
+            pl.BlockSpec((None, None, 4), lambda bb, hh, sp: (bb, sp, 0)),
+            pl.BlockSpec((None, None, gp, hp), lambda bb, hh, sp: (bb, hh, 0, 0)),
+            pl.BlockSpec((None, slots, None, hp), lambda bb, hh, sp: (bb, 0, hh, 0)),
+            pl.BlockSpec((None, slots, None, hp), lambda bb, hh, sp: (bb, 0, hh, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, gp, hp), lambda bb, hh, sp: (bb, hh, sp, 0, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda bb, hh, sp: (bb, hh, sp, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda bb, hh, sp: (bb, hh, sp, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, kh, splits, gp, hp), f32),
+            jax.ShapeDtypeStruct((b, kh, splits, gp), f32),
+            jax.ShapeDtypeStruct((b, kh, splits, gp), f32),
+        ],
+        compiler_params=compiler_params(num_warps or cfg.num_warps, num_stages or cfg.num_stages),
+        interpret=interpret,
+        name="decode_attention",
+    )(meta, q4, k, v)
+
+    # Log-sum-exp combine of the splits (m in log2 units; empty splits have m = -inf, l = 0, acc = 0).
+    m_max = jnp.max(m, axis=2, keepdims=True)
+    w = jnp.exp2(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))  # [B, K, P, Gp]
+    l_sum = jnp.sum(w * l, axis=2)
+    acc_sum = jnp.sum(w[..., None] * acc, axis=2)
+    out = acc_sum / jnp.where(l_sum == 0.0, 1.0, l_sum)[..., None]  # empty rows: 0 / 1 = exact zeros
+    return out[:, :, :g, :h].reshape(b, n, h).astype(q.dtype)
+
+
+def decode_attention_reference(q, k, v, lengths, *, scale):
+    """Pure-jnp oracle: float32 softmax over slots s < lengths[b]; rows with length 0 are zeros."""
+    _check(q, k, v, lengths)
+    b, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    hi = lax.Precision.HIGHEST
+    qg = q.reshape(b, kh, n // kh, h).astype(jnp.float32)
+    logits = jnp.einsum("bkgh,bskh->bkgs", qg, k.astype(jnp.float32), precision=hi) * scale
+    valid = jnp.arange(s)[None, :] < jnp.asarray(lengths)[:, None]
+    logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - jnp.where(m == -jnp.inf, 0.0, m))
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgs,bskh->bkgh", p, v.astype(jnp.float32), precision=hi) / jnp.where(l == 0.0, 1.0, l)
+    return out.reshape(b, n, h).astype(q.dtype)
+
+
+def decode(q, k, v, lengths, *, scale, implementation: str = "auto", **kernel_kwargs):
+    """Dispatch: "auto"/"pallas" = the kernel (compiled on GPU, interpret mode elsewhere), "reference" = jnp."""
+    if implementation == "reference":
+        return decode_attention_reference(q, k, v, lengths, scale=scale)
+    if implementation not in ("auto", "pallas"):
+        raise ValueError(f"unknown {implementation=}")
+    interpret = jax.default_backend() != "gpu"
+    return decode_attention(q, k, v, lengths, scale=scale, interpret=interpret, **kernel_kwargs)
