@@ -57,14 +57,14 @@ class GeGLU(nnx.Module):
     """Gemma MLP: ``down(gelu_tanh(gate(x)) * up(x))``."""
 
     def __init__(self, dim: int, hidden: int, dtype):
-        self.gate = param((dim, hidden), dtype)  # [D, F]
-        self.up = param((dim, hidden), dtype)  # [D, F]
-        self.down = param((hidden, dim), dtype)  # [F, D]
+        self.gate = param((hidden, dim), dtype)  # [F, D]: [out, in] as transformers stores it
+        self.up = param((hidden, dim), dtype)  # [F, D]
+        self.down = param((dim, hidden), dtype)  # [D, F]
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        gate = jnp.einsum("BTD,DF->BTF", x, self.gate[...])
-        up = jnp.einsum("BTD,DF->BTF", x, self.up[...])
-        return jnp.einsum("BTF,FD->BTD", gelu_tanh(gate) * up, self.down[...])
+        gate = jnp.einsum("BTD,FD->BTF", x, self.gate[...])
+        up = jnp.einsum("BTD,FD->BTF", x, self.up[...])
+        return jnp.einsum("BTF,DF->BTD", gelu_tanh(gate) * up, self.down[...])
 
 
 def rope_cos_sin(

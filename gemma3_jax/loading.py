@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from tqdm.auto import tqdm
@@ -44,9 +43,11 @@ _UNUSED = re.compile(r"^vision:head\.")  # SigLIP's pooling head: Gemma-3 does n
 # A conversion: (HF shape from our shape, HF tensor -> our layout).
 Conversion = tuple[Callable[[tuple], tuple], Callable]
 _COPY: Conversion = (lambda s: s, lambda w, s: w)
-_T: Conversion = (lambda s: s[::-1], lambda w, s: w.T)  # nn.Linear [out, in] -> [in, out]
+_T: Conversion = (lambda s: s[::-1], lambda w, s: w.T)  # nn.Linear [out, in] -> [in, out] (SigLIP)
 _IN_HEADS: Conversion = (lambda s: (s[1] * s[2], s[0]), lambda w, s: w.T.reshape(s))  # [N*H, D] -> [D, N, H]
 _OUT_HEADS: Conversion = (lambda s: (s[2], s[0] * s[1]), lambda w, s: w.T.reshape(s))  # [D, N*H] -> [N, H, D]
+_OUT_IN_HEADS: Conversion = (lambda s: (s[0] * s[1], s[2]), lambda w, s: w.reshape(s))  # [N*H, D] -> [N, H, D]
+_IN_OUT_HEADS: Conversion = (lambda s: (s[0], s[1] * s[2]), lambda w, s: w.reshape(s))  # [D, N*H] -> [D, N, H]
 _HEADS_BIAS: Conversion = (lambda s: (s[0] * s[1],), lambda w, s: w.reshape(s))  # [N*H] -> [N, H]
 _CONV: Conversion = (  # Conv2d [E, C, p, p] -> [C*p*p, E]
     lambda s: (s[1], -1, -1, -1),
@@ -63,10 +64,10 @@ _RULES: list[tuple[re.Pattern, str, Conversion]] = [
         (r"text:layers\.(\d+)\.post_attention_layernorm\.weight", "text.layers.{0}.post_attn_norm.weight", _COPY),
         (r"text:layers\.(\d+)\.pre_feedforward_layernorm\.weight", "text.layers.{0}.pre_ffw_norm.weight", _COPY),
         (r"text:layers\.(\d+)\.post_feedforward_layernorm\.weight", "text.layers.{0}.post_ffw_norm.weight", _COPY),
-        (r"text:layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", "text.layers.{0}.attn.{1}_proj", _IN_HEADS),
-        (r"text:layers\.(\d+)\.self_attn\.o_proj\.weight", "text.layers.{0}.attn.o_proj", _OUT_HEADS),
+        (r"text:layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", "text.layers.{0}.attn.{1}_proj", _OUT_IN_HEADS),
+        (r"text:layers\.(\d+)\.self_attn\.o_proj\.weight", "text.layers.{0}.attn.o_proj", _IN_OUT_HEADS),
         (r"text:layers\.(\d+)\.self_attn\.([qk])_norm\.weight", "text.layers.{0}.attn.{1}_norm.weight", _COPY),
-        (r"text:layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", "text.layers.{0}.mlp.{1}", _T),
+        (r"text:layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", "text.layers.{0}.mlp.{1}", _COPY),
         # SigLIP
         (r"vision:embeddings\.patch_embedding\.weight", "vision.patch_embed", _CONV),
         (r"vision:embeddings\.patch_embedding\.bias", "vision.patch_bias", _COPY),

@@ -40,13 +40,13 @@ def _init_std(path: str, shape: tuple[int, ...]) -> tuple[float, float]:
     leaf = path.rsplit(".", 1)[-1]
     if len(shape) == 1 or leaf.endswith("_bias") or leaf == "bias":  # vectors and [N, H] head biases
         return (1.0 if leaf == "scale" else 0.0), 0.02
-    if leaf == "o_proj":  # [N, H, D]: contracts N*H
+    if path.startswith("text."):  # [out, in] layouts: q/k/v [N, H, D], o_proj [D, N, H], mlp [F, D] / [D, F],
+        fan_in = math.prod(shape[1:]) if leaf == "o_proj" else shape[-1]  # embed [V, D] (contracted over D)
+    elif leaf == "o_proj":  # vision [N, H, E]: contracts N*H
         fan_in = shape[0] * shape[1]
-    elif leaf == "embed":  # [V, D]: rows scaled by sqrt(D) on input, contracted over D as the lm_head
-        fan_in = shape[1]
     elif leaf == "pos_embed":  # [P, E], added to the patch embeddings
         fan_in = shape[1]
-    else:  # [in, ...] layouts: q/k/v [D, N, H], mlp [D, F] / [F, D], patch_embed [CPP, E], projector [E, D]
+    else:  # vision [in, ...] layouts: q/k/v [E, N, H], mlp [E, F] / [F, E], patch_embed [CPP, E], projector [E, D]
         fan_in = shape[0]
     return 0.0, 1.0 / math.sqrt(fan_in)
 
