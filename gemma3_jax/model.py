@@ -71,49 +71,53 @@ class Gemma3(nnx.Module):
 
     def check_inputs(self, input_ids, pixel_values=None, attention_mask=None):
         """Validate on the host; returns (input_ids, pixel_values, kv_lengths) as device arrays."""
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"input_ids must be a [B, L] integer array, got shape {ids.shape} dtype {ids.dtype}")
-        if ids.shape[1] == 0:
-            raise ValueError(f"input_ids is empty: shape {ids.shape}")
-        cfg = self.cfg
-        is_image = ids == cfg.image_token_id
-        bad = (ids < 0) | ((ids >= cfg.text.vocab_size) & ~is_image)
-        if bad.any():
-            raise ValueError(f"token id {int(ids[bad][0])} out of range for vocab_size={cfg.text.vocab_size}")
-        n_image_tokens = int(is_image.sum())
-        if pixel_values is not None:
-            if not cfg.is_multimodal:
-                raise ValueError("pixel_values given to a text-only model (its config has no vision_config)")
-            pixel_values = np.asarray(pixel_values)
-            v = cfg.vision
-            want = (v.num_channels, v.image_size, v.image_size)
-            if pixel_values.ndim != 4 or pixel_values.shape[1:] != want:
-                raise ValueError(f"pixel_values must be [num_images, {', '.join(map(str, want))}], got {pixel_values.shape}")
-            expected = pixel_values.shape[0] * cfg.mm_tokens_per_image
-            if n_image_tokens != expected:
-                raise ValueError(
-                    f"{pixel_values.shape[0]} images need {expected} image tokens "
-                    f"(id {cfg.image_token_id}) in input_ids, found {n_image_tokens}"
-                )
-            pixel_values = jnp.asarray(pixel_values, self.dtype)
-        elif n_image_tokens:
-            raise ValueError(f"input_ids hold {n_image_tokens} image tokens (id {cfg.image_token_id}) but no pixel_values")
-        kv_lengths = None
-        if attention_mask is not None:
-            mask = np.asarray(attention_mask)
-            if mask.shape != ids.shape:
-                raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
-            if not np.isin(mask, (0, 1)).all():
-                raise ValueError("attention_mask must hold only 0 and 1")
-            lengths = mask.sum(axis=1).astype(np.int32)
-            prefix = np.arange(ids.shape[1])[None, :] < lengths[:, None]
-            if (prefix != mask.astype(bool)).any():
-                row = int(np.nonzero((prefix != mask.astype(bool)).any(axis=1))[0][0])
-                raise ValueError(f"attention_mask row {row} is not right-padded (ones, then zeros)")
-            if not (lengths == ids.shape[1]).all():
-                kv_lengths = jnp.asarray(lengths)
-        return jnp.asarray(ids, jnp.int32), pixel_values, kv_lengths
+        return check_inputs(self.cfg, self.dtype, input_ids, pixel_values, attention_mask)
+
+
+def check_inputs(cfg: Gemma3Config, dtype, input_ids, pixel_values=None, attention_mask=None):
+    """Gemma3.check_inputs without a model instance (the Engine holds only its config and state)."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be a [B, L] integer array, got shape {ids.shape} dtype {ids.dtype}")
+    if ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty: shape {ids.shape}")
+    is_image = ids == cfg.image_token_id
+    bad = (ids < 0) | ((ids >= cfg.text.vocab_size) & ~is_image)
+    if bad.any():
+        raise ValueError(f"token id {int(ids[bad][0])} out of range for vocab_size={cfg.text.vocab_size}")
+    n_image_tokens = int(is_image.sum())
+    if pixel_values is not None:
+        if not cfg.is_multimodal:
+            raise ValueError("pixel_values given to a text-only model (its config has no vision_config)")
+        pixel_values = np.asarray(pixel_values)
+        v = cfg.vision
+        want = (v.num_channels, v.image_size, v.image_size)
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != want:
+            raise ValueError(f"pixel_values must be [num_images, {', '.join(map(str, want))}], got {pixel_values.shape}")
+        expected = pixel_values.shape[0] * cfg.mm_tokens_per_image
+        if n_image_tokens != expected:
+            raise ValueError(
+                f"{pixel_values.shape[0]} images need {expected} image tokens "
+                f"(id {cfg.image_token_id}) in input_ids, found {n_image_tokens}"
+            )
+        pixel_values = jnp.asarray(pixel_values, dtype)
+    elif n_image_tokens:
+        raise ValueError(f"input_ids hold {n_image_tokens} image tokens (id {cfg.image_token_id}) but no pixel_values")
+    kv_lengths = None
+    if attention_mask is not None:
+        mask = np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("attention_mask must hold only 0 and 1")
+        lengths = mask.sum(axis=1).astype(np.int32)
+        prefix = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+        if (prefix != mask.astype(bool)).any():
+            row = int(np.nonzero((prefix != mask.astype(bool)).any(axis=1))[0][0])
+            raise ValueError(f"attention_mask row {row} is not right-padded (ones, then zeros)")
+        if not (lengths == ids.shape[1]).all():
+            kv_lengths = jnp.asarray(lengths)
+    return jnp.asarray(ids, jnp.int32), pixel_values, kv_lengths
 
 
 @functools.partial(jax.jit, static_argnums=0)
