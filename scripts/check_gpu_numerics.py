@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
 """On the GPU: the model through the compiled Pallas kernels (text and vision) against transformers.
 
-A tiny random multimodal Gemma-3 (7 layers, window 8, 5 images over 2 rows, right padding) in float32:
-max |dlogit| / max |logit| of our logits vs transformers' on the same GPU (no TF32 on either side), and
-greedy generation (KV cache, donated buffers, on-device sampling) vs transformers' generate.
+- A tiny random multimodal Gemma-3 (7 layers, window 8, 5 images over 2 rows, right padding) in float32:
+  max |dlogit| / max |logit| of our logits vs transformers' on the same GPU (no TF32 on either side), and
+  greedy generation (KV cache, donated buffers, on-device sampling) vs transformers' generate.
+- ``--real-gguf PATH``: the real Gemma-3 270M (the PyPI GGUF, converted here with gemma3_jax.gguf) in
+  bfloat16 on both sides (ours: the default GPU path; transformers: sdpa), teacher-forced over the first
+  ``--tokens`` tokens of ``--text`` (default README.md): top-1 agreement of the next-token predictions
+  (limit 99%), and how far apart the two logits are where they disagree.
 Prints one line per check; exits non-zero when a check fails.
+
+    python scripts/check_gpu_numerics.py [--skip-tiny] [--real-gguf PATH [--text FILE] [--tokens N]]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -18,8 +25,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import jax  # noqa: E402
-
-jax.config.update("jax_default_matmul_precision", "highest")
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -32,12 +37,12 @@ import gemma3_jax  # noqa: E402
 from gemma3_jax.engine import Engine  # noqa: E402
 
 
-def main() -> int:
+def tiny_check() -> bool:
+    """Float32 everywhere: XLA's matmuls at full precision, transformers without TF32."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    print(f"jax {jax.__version__} backend {jax.default_backend()} devices {jax.devices()}")
     ok = True
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, jax.default_matmul_precision("highest"):
         path = Path(d)
         hf = hfc.make_multimodal(path, seed=0).to("cuda").eval()
         model = gemma3_jax.load_pretrained(path, dtype=jnp.float32, progress=False)
@@ -66,6 +71,74 @@ def main() -> int:
             same = got[r].tolist() == want
             ok &= same
             print(f"greedy row {r}: {'identical' if same else 'DIFFERENT'} over 24 tokens")
+    return ok
+
+
+def real_270m_check(gguf: Path, text_file: Path, n_tokens: int) -> bool:
+    """bf16 on both sides, as users run it: top-1 agreement of teacher-forced next-token predictions.
+
+    For scale, the same agreement between float32 and bfloat16 runs of each implementation (float32 without
+    TF32): how much bfloat16 rounding alone moves the top-1 token."""
+    from transformers import AutoModelForCausalLM
+
+    from gemma3_jax.gguf import convert_gguf
+    from gemma3_jax.tokenizer import Tokenizer
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    logits = {}
+    with tempfile.TemporaryDirectory() as d:
+        path = convert_gguf(gguf, Path(d) / "gemma-3-270m", progress=False)
+        tok = Tokenizer.from_checkpoint(path)
+        ids = tok.encode(text_file.read_text(), add_bos=True)[:n_tokens]
+        if len(ids) < n_tokens:
+            raise ValueError(f"{text_file} holds only {len(ids)} tokens, {n_tokens=} asked")
+        for name, jdt, tdt in (("bf16", jnp.bfloat16, torch.bfloat16), ("f32", jnp.float32, torch.float32)):
+            model = gemma3_jax.load_pretrained(path, dtype=jdt, progress=False)
+            with jax.default_matmul_precision("highest" if jdt == jnp.float32 else "default"):
+                logits[f"ours {name}"] = np.asarray(model(np.array([ids], np.int32)).astype(jnp.float32))[0]
+            del model
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=tdt, attn_implementation="sdpa").to(dev).eval()
+            with torch.no_grad():
+                logits[f"hf {name}"] = hf(input_ids=torch.tensor([ids], device=dev)).logits[0].float().cpu().numpy()
+            window = hf.config.sliding_window
+            del hf
+
+    def agreement(mine: str, ref: str) -> tuple[float, float, np.ndarray]:
+        """(tie-aware, same-index) top-1 agreement of ``mine`` with ``ref``, and ref's margins where they differ.
+
+        transformers returns bf16 logits in bf16: exact ties for the top are common (bf16 steps of 0.125 at
+        20), so ``mine``'s top-1 agrees when ``ref`` gives it the top logit too."""
+        a, b = logits[mine].argmax(-1), logits[ref].argmax(-1)
+        rows = np.arange(len(a))
+        gap = logits[ref][rows, b] - logits[ref][rows, a]
+        return float((gap == 0).mean()), float((a == b).mean()), gap[gap > 0]
+
+    agree, strict, gap = agreement("ours bf16", "hf bf16")
+    err = float(np.abs(logits["ours bf16"] - logits["hf bf16"]).max() / np.abs(logits["hf bf16"]).max())
+    print(f"real 270M bf16, teacher-forced over {len(ids)} tokens of {text_file.name} (window {window}): "
+          f"top-1 agreement with transformers bf16 {agree * 100:.2f}% (limit 99%; same index {strict * 100:.2f}%); "
+          f"max|dlogit|/max|logit| {err:.2e}; transformers' margins where ours differ: {np.round(gap, 3).tolist()}")
+    for mine, ref in (("hf bf16", "hf f32"), ("ours bf16", "hf f32"), ("ours f32", "hf f32"), ("ours bf16", "ours f32")):
+        a, st, g = agreement(mine, ref)
+        print(f"  for scale: top-1 of {mine} vs {ref}: {a * 100:.2f}% ({len(g)} differ, margins in {ref}: "
+              f"{np.round(g, 3).tolist()[:12]})")
+    return agree >= 0.99
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--skip-tiny", action="store_true")
+    ap.add_argument("--real-gguf", type=Path, default=None)
+    ap.add_argument("--text", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--tokens", type=int, default=768)
+    args = ap.parse_args()
+    print(f"jax {jax.__version__} backend {jax.default_backend()} devices {jax.devices()}")
+    ok = True
+    if not args.skip_tiny:
+        ok &= tiny_check()
+    if args.real_gguf is not None:
+        ok &= real_270m_check(args.real_gguf, args.text, args.tokens)
     print("ALL OK" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -1,0 +1,397 @@
+"""Where the time of a prefill and a decode step goes (Gemma-3-4B shapes, random bf16 weights, GPU).
+
+Sections (``--only``):
+- ``gemv``: the decode matmuls alone (34 layers of q/k/v/o/gate/up/down + the tied lm_head, no attention),
+  64 steps in one ``fori_loop``, batch 1: separate vs fused projections (q|k|v and gate|up as one matrix),
+  [in, out] vs [out, in] weight layout, XLA's default options vs ``xla_gpu_enable_triton_gemm=false``.
+  Bytes = every weight read once per step.
+- ``decode``: the Engine's decode chunk at batch 1 (after the 1-image prompt) and at batch 32 over an 8K
+  cache (filled with random keys/values, no prefill), with the attention over the cache as the Pallas decode
+  kernel (the model's path), as XLA's einsums (cache.attend_step), and replaced by nothing (the step without
+  attention: an ablation); compiler options as above. Also a perfetto trace of one chunk: kernel time
+  by kernel name.
+- ``prefill``: the 1-image prompt through the Engine, the vision tower alone, the text forward alone at
+  323 tokens padded to 384 and to 512, and SigLIP's attention alone (our kernel at D=72, padded to 128)
+  next to cuDNN.
+
+    python scripts/profile_generate.py [--only gemv,decode,prefill] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import gzip
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections import defaultdict
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench_generate import PEAK_BW, make_pixels, make_prompt, round_up, spec_of  # noqa: E402
+from gemma3_jax import cache as kvc  # noqa: E402
+from gemma3_jax.engine import Engine  # noqa: E402
+from gemma3_jax.random_init import random_model  # noqa: E402
+from gemma3_jax.sampling import SamplingParams  # noqa: E402
+
+NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
+OPTIONS = {  # XLA compiler options tried on the prefill parts
+    "default": None,
+    "no_triton_gemm": NO_TRITON_GEMM,
+    "command_buffers_off": {"xla_gpu_enable_command_buffer": ""},
+    "graph_min_size_1": {"xla_gpu_graph_min_graph_size": 1},
+    "command_buffers_all": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN",
+                            "xla_gpu_graph_min_graph_size": 1},
+}
+RESULTS: dict = {}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def save() -> None:
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "profile_generate.json"), "w") as fh:
+            json.dump(RESULTS, fh, indent=1, default=str)
+
+
+def bench_async(fn, *args, iters: int = 20, reps: int = 5) -> float:
+    """Median over reps of the mean time of ``iters`` back-to-back calls (dispatch overlapped with the GPU)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / iters)
+    return statistics.median(times)
+
+
+def bench(fn, *args, runs: int = 10) -> float:
+    """Median seconds of ``fn(*args)`` until ready, after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# ---- matmuls of a decode step -------------------------------------------------------------------
+def gemv_section(cfg, small: bool) -> None:
+    t = cfg.text
+    d, f, qd, kd = t.hidden_size, t.intermediate_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    steps = 8 if small else 64
+    key = jax.random.key(0)
+    draw = jax.jit(lambda k, shape: jax.random.normal(k, shape, jnp.bfloat16) * 0.02, static_argnums=1)
+
+    def weights(fused: bool, transposed: bool):
+        shapes = ([(d, qd + 2 * kd)] if fused else [(d, qd), (d, kd), (d, kd)]) + [(qd, d)]
+        shapes += [(d, 2 * f)] if fused else [(d, f), (d, f)]
+        shapes += [(f, d)]
+        shapes = [s[::-1] if transposed else s for s in shapes]
+        layers = [[draw(jax.random.fold_in(key, 100 * i + j), s) for j, s in enumerate(shapes)]
+                  for i in range(t.num_layers)]
+        lm = draw(jax.random.fold_in(key, 99), (t.vocab_size, d))
+        return layers, lm
+
+    def mm(x, w, transposed):
+        return jnp.einsum("bi,oi->bo", x, w) if transposed else x @ w
+
+    def make(fused: bool, transposed: bool):
+        def step(x, layers, lm):
+            for ws in layers:
+                if fused:
+                    qkv = mm(x, ws[0], transposed)
+                    q, kv = qkv[:, :qd], qkv[:, qd:]
+                    o, gu, down = ws[1], ws[2], ws[3]
+                    g_u = mm(x, gu, transposed)
+                    g, u = g_u[:, :f], g_u[:, f:]
+                else:
+                    q = mm(x, ws[0], transposed)
+                    kv = mm(x, ws[1], transposed) + mm(x, ws[2], transposed)
+                    o, down = ws[3], ws[6]
+                    g, u = mm(x, ws[4], transposed), mm(x, ws[5], transposed)
+                x = x + mm(q, o, transposed) + 1e-3 * jnp.sum(kv, axis=1, keepdims=True).astype(x.dtype)
+                x = x + mm(jax.nn.gelu(g) * u, down, transposed)
+            logits = jnp.einsum("bd,vd->bv", x, lm, preferred_element_type=jnp.float32)
+            return x + 1e-3 * logits[:, :d].astype(x.dtype)
+
+        def run(x, layers, lm):
+            return jax.lax.fori_loop(0, steps, lambda i, x: step(x, layers, lm), x)
+
+        return run
+
+    nbytes = None
+    for fused in (False, True):
+        for transposed in (False, True):
+            layers, lm = weights(fused, transposed)
+            nbytes = sum(w.size * 2 for ws in layers for w in ws) + lm.size * 2
+            x = jax.random.normal(key, (1, d), jnp.bfloat16)
+            for name, opts in (("default", None), ("no_triton_gemm", NO_TRITON_GEMM)):
+                label = f"{'fused' if fused else 'separate'} {'[out,in]' if transposed else '[in,out]'} {name}"
+                try:
+                    c = jax.jit(make(fused, transposed)).lower(x, layers, lm).compile(opts)
+                    s = bench(c, x, layers, lm, runs=5) / steps
+                    RESULTS.setdefault("gemv", {})[label] = dict(step_ms=s * 1e3, tb_per_s=nbytes / s / 1e12)
+                    log(f"gemv {label}: {s * 1e3:.3f} ms/step, {nbytes / s / 1e12:.2f} TB/s")
+                except Exception:
+                    RESULTS.setdefault("errors", []).append(f"gemv {label}: {traceback.format_exc()[-800:]}")
+                    traceback.print_exc()
+                save()
+            del layers, lm
+    RESULTS["gemv_bytes"] = nbytes
+    log(f"gemv floor at {PEAK_BW / 1e12:.1f} TB/s: {nbytes / PEAK_BW * 1e3:.3f} ms/step")
+
+
+# ---- a decode step ------------------------------------------------------------------------------
+def random_cache(cfg, batch: int, cache_length: int, held: int, dtype):
+    """A cache with ``held`` random positions per row (what a prefill of ``held`` tokens leaves)."""
+    t = cfg.text
+    ks, vs = [], []
+    key = jax.random.key(1)
+    for i in range(t.num_layers):
+        shape = (batch, kvc.layer_slots(t, i, cache_length), t.num_kv_heads, t.head_dim)
+        ks.append(jax.random.normal(jax.random.fold_in(key, 2 * i), shape, dtype))
+        vs.append(jax.random.normal(jax.random.fold_in(key, 2 * i + 1), shape, dtype))
+    return kvc.KVCache(tuple(ks), tuple(vs), jnp.full((batch,), held, jnp.int32))
+
+
+@contextlib.contextmanager
+def patched_attention(mode: str):
+    """mode: "pallas" (the model's kernel), "xla" (cache.attend_step: XLA einsums), "none" (no attention over
+    the cache: the step without it, an ablation)."""
+    orig = kvc.attend
+    if mode == "none":
+        kvc.attend = lambda q, k, v, pos, ring, scale, impl: q
+    elif mode == "xla":
+        kvc.attend = lambda q, k, v, pos, ring, scale, impl: kvc.attend_step(q, k, v, pos, ring, scale)
+    try:
+        yield
+    finally:
+        kvc.attend = orig
+
+
+def kernel_table(logdir: str, steps: int, top: int = 25) -> dict:
+    """GPU kernel time per kernel name from the perfetto trace JAX wrote under ``logdir``."""
+    files = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        return {"error": f"no perfetto trace under {logdir}: {glob.glob(os.path.join(logdir, '**'), recursive=True)[:20]}"}
+    with gzip.open(files[0], "rt") as fh:
+        trace = json.load(fh)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    pnames = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, n in pnames.items() if "GPU" in n or "gpu" in n}
+    per = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu:
+            r = per[e["name"]]
+            r[0] += e.get("dur", 0.0)
+            r[1] += 1
+    total = sum(v[0] for v in per.values())
+    rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
+    return dict(total_us_per_step=total / steps, processes=sorted(set(pnames.values()))[:10],
+                top=[dict(name=n[:120], us_per_step=v[0] / steps, calls_per_step=v[1] / steps) for n, v in rows])
+
+
+def traced(compiled, args, steps: int) -> dict:
+    """Kernel table of one call of ``compiled`` (after a warm-up), per step."""
+    with tempfile.TemporaryDirectory() as logdir:
+        jax.block_until_ready(compiled(*args))
+        with jax.profiler.trace(logdir, create_perfetto_trace=True):
+            jax.block_until_ready(compiled(*args))
+        return kernel_table(logdir, steps)
+
+
+def log_kernels(k: dict, n: int = 14) -> None:
+    if "top" not in k:
+        log(f"  kernels: {k}")
+        return
+    log(f"  kernels: {k['total_us_per_step']:.0f} us/step in total; top:")
+    for row in k["top"][:n]:
+        log(f"    {row['us_per_step']:8.1f} us x{row['calls_per_step']:.0f}  {row['name']}")
+
+
+def decode_section(cfg, small: bool, model) -> None:
+    spec = spec_of(small)
+    rng = np.random.default_rng(0)
+    chunk = 32
+    cases = [("b1_short", 1, round_up(spec.short[0] + spec.new), spec.short[0]),
+             ("b32_8k", 32, round_up(8192 + 2 * chunk) if not small else 512, 8192 if not small else 400)]
+    modes = ["pallas", "xla", "none"]
+    for name, batch, cache_length, held in cases:
+        cache0 = random_cache(cfg, batch, cache_length, held, model.dtype)
+        token = jnp.asarray(rng.integers(10, 1000, batch), jnp.int32)
+        done = jnp.zeros((batch,), bool)
+        remaining = jnp.full((batch,), 10**6, jnp.int32)
+        stops = jnp.full((8,), -1, jnp.int32)
+        for opts_name, opts in (("default", None),):
+            for mode in modes:
+                label = f"{name} {mode} {opts_name}"
+                try:
+                    with patched_attention(mode):
+                        eng = Engine(model, cache_length=cache_length, chunk=chunk, compiler_options=opts or {})
+                        fn = jax.jit(eng._decode_fn(SamplingParams()))
+                        args = (eng.state, cache0, token, done, remaining, jax.random.key(0), stops)
+                        t = time.perf_counter()
+                        c = fn.lower(*args).compile(opts)
+                        compile_s = time.perf_counter() - t
+                    s = bench(c, *args, runs=5) / chunk
+                    r = dict(step_ms=s * 1e3, tok_per_s=batch / s, compile_s=compile_s, cache_gib=cache0.nbytes / 2**30)
+                    if mode == "pallas":
+                        r["kernels"] = traced(c, args, chunk)
+                    RESULTS.setdefault("decode", {})[label] = r
+                    log(f"decode {label}: {s * 1e3:.3f} ms/step, {batch / s:.0f} tok/s (compile {compile_s:.1f} s)")
+                    if "kernels" in r:
+                        log_kernels(r["kernels"])
+                except Exception:
+                    RESULTS.setdefault("errors", []).append(f"decode {label}: {traceback.format_exc()[-1200:]}")
+                    traceback.print_exc()
+                save()
+        del cache0
+
+
+# ---- prefill ------------------------------------------------------------------------------------
+def prefill_section(cfg, small: bool, model, prefill_options=("default",), vision_sweep=True) -> None:
+    spec = spec_of(small)
+    rng = np.random.default_rng(0)
+    n, imgs = spec.short
+    prompt = make_prompt(cfg, n, imgs, rng)
+    px = make_pixels(cfg, imgs, rng)
+    for opts_name, opts in (("default", None),):
+        try:
+            eng = Engine(model, cache_length=round_up(n + spec.new), compiler_options=opts or {})
+            eng.prefill([prompt], px)  # compile
+            s = bench(lambda: eng.prefill([prompt], px), runs=5)
+            RESULTS.setdefault("prefill", {})[f"engine short {opts_name}"] = dict(ms=s * 1e3)
+            log(f"prefill engine {n} tok {imgs} img ({opts_name}): {s * 1e3:.2f} ms")
+        except Exception:
+            RESULTS.setdefault("errors", []).append(f"prefill engine {opts_name}: {traceback.format_exc()[-1200:]}")
+            traceback.print_exc()
+        save()
+    graphdef, state = nnx.split(model)
+
+    def vision(state, px):
+        return nnx.merge(graphdef, state).image_features(px)
+
+    def text(state, ids):
+        m = nnx.merge(graphdef, state)
+        hidden, kvs = m.forward(ids)
+        return hidden[:, -1], kvs
+
+    pxj = jnp.asarray(px, model.dtype)
+    parts = [("vision tower + projector, 1 image", vision, (state, pxj))]
+    for length in (n, 384, 512) if not small else (n, 32):
+        ids = jnp.asarray(rng.integers(10, 1000, (1, length)), jnp.int32)
+        parts.append((f"text forward {length} tok", text, (state, ids)))
+    for opts_name in prefill_options:
+        opts = OPTIONS[opts_name]
+        for label, fn, args in parts if opts_name == "default" else [p for p in parts if "384" in p[0]]:
+            try:
+                c = jax.jit(fn).lower(*args).compile(opts)
+                s = bench(c, *args, runs=5)
+                r = RESULTS.setdefault("prefill", {})[f"{label} {opts_name}"] = dict(ms=s * 1e3)
+                r["back_to_back_ms"] = bench_async(c, *args, iters=5) * 1e3
+                log(f"prefill part {label} ({opts_name}): {s * 1e3:.2f} ms one call, "
+                    f"{r['back_to_back_ms']:.2f} ms back to back")
+                if opts_name == "default" and ("384" in label or "vision" in label):
+                    r["kernels"] = traced(c, args, 1)
+                    log_kernels(r["kernels"], 8)
+                if "384" in label and opts is None:  # jax.jit's C++ dispatch instead of the Compiled object's
+                    f = jax.jit(fn)
+                    r["jit_ms"] = bench(f, *args, runs=5) * 1e3
+                    log(f"  same through jax.jit: {r['jit_ms']:.2f} ms one call")
+            except Exception:
+                RESULTS.setdefault("errors", []).append(f"prefill {label}: {traceback.format_exc()[-1200:]}")
+                traceback.print_exc()
+            save()
+    if not vision_sweep:
+        return
+    # SigLIP attention alone: 16 heads, D=72, 4096 patches, bidirectional.
+    v = cfg.vision
+    from pallas_kernels import image_span_attention
+
+    s_len, heads, hd = v.patches_per_side**2, v.num_heads, v.hidden_size // v.num_heads
+    key = jax.random.key(3)
+    q, k, vv = (jax.random.normal(jax.random.fold_in(key, i), (1, s_len, heads, hd), model.dtype) for i in range(3))
+    flop = 4 * s_len * s_len * heads * hd
+    interpret = jax.default_backend() != "gpu"
+
+    def ours(**kw):
+        return jax.jit(lambda q, k, v: image_span_attention(q, k, v, causal=False, interpret=interpret, **kw))
+
+    def padded128(q, k, v):  # the layout before column chunks: D=72 zero-padded to 128
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 128 - hd)))  # noqa: E731
+        return image_span_attention(pad(q), pad(k), pad(v), causal=False, scale=hd**-0.5, interpret=interpret)
+
+    impls = [("ours", ours()), ("ours padded to 128", jax.jit(padded128))]
+    for cfg_txt in ("128x128w4s2", "128x64w4s3", "128x64w4s2", "64x64w4s3", "64x128w4s2", "128x32w4s3",
+                    "64x32w4s3", "128x64w8s2"):
+        bq, rest = cfg_txt.split("x")
+        bk, rest = rest.split("w")
+        nw, ns = rest.split("s")
+        impls.append((f"ours {cfg_txt}", ours(block_q=int(bq), block_k=int(bk), num_warps=int(nw), num_stages=int(ns))))
+    if jax.default_backend() == "gpu":
+        impls.append(("cudnn", jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))))
+        impls.append(("xla", jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))))
+    for label, fn in impls:
+        try:
+            s = bench_async(fn, q, k, vv, iters=20)
+            if label != "ours padded to 128":
+                ref = jax.nn.dot_product_attention(q[:, :512].astype(jnp.float32), k.astype(jnp.float32),
+                                                   vv.astype(jnp.float32))
+                got = fn(q, k, vv)[:, :512].astype(jnp.float32)
+                err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+                if not err < 2e-2:
+                    raise AssertionError(f"vision attention {label}: relative error {err:.2e} vs float32")
+            RESULTS.setdefault("vision_attention", {})[label] = dict(ms=s * 1e3, tflops=flop / s / 1e12)
+            log(f"vision attention {label}: {s * 1e3:.3f} ms per layer, {flop / s / 1e12:.0f} TFLOP/s (D={hd})")
+        except Exception:
+            RESULTS.setdefault("errors", []).append(f"vision attention {label}: {traceback.format_exc()[-800:]}")
+            traceback.print_exc()
+    save()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default="gemv,decode,prefill")
+    ap.add_argument("--small", action="store_true", help="tiny config (CPU check of every code path)")
+    ap.add_argument("--prefill-options", default="default", help=f"comma list of {list(OPTIONS)}")
+    ap.add_argument("--no-vision-sweep", action="store_true")
+    args = ap.parse_args()
+    sections = [s for s in args.only.split(",") if s]
+    spec = spec_of(args.small)
+    RESULTS.update(jax=jax.__version__, device=str(jax.devices()[0]), sections=sections)
+    log(f"jax {jax.__version__} on {jax.devices()[0]}")
+    if "gemv" in sections:
+        gemv_section(spec.cfg, args.small)
+    if {"decode", "prefill"} & set(sections):
+        model = random_model(spec.cfg, jnp.bfloat16)
+        if "decode" in sections:
+            decode_section(spec.cfg, args.small, model)
+        if "prefill" in sections:
+            prefill_section(spec.cfg, args.small, model, args.prefill_options.split(","), not args.no_vision_sweep)
+    for e in RESULTS.get("errors", []):
+        print("ERROR:", e.strip().splitlines()[-1])
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
