@@ -248,7 +248,7 @@ def decode_section(cfg, small: bool, model) -> None:
                     with patched_attention(mode):
                         eng = Engine(model, cache_length=cache_length, chunk=chunk, compiler_options=opts or {})
                         fn = jax.jit(eng._decode_fn(SamplingParams()))
-                        args = (eng.state, cache0, token, done, remaining, jax.random.key(0), stops)
+                        args = (eng.weights, cache0, token, done, remaining, jax.random.key(0), stops)
                         t = time.perf_counter()
                         c = fn.lower(*args).compile(opts)
                         compile_s = time.perf_counter() - t
