@@ -1,7 +1,7 @@
 """End-to-end generation benchmark: our Engine (Gemma-3-4B shapes, random bf16 weights) vs transformers.
 
-Ours: prefill latency (1 image + 64 text = 323 tokens, 8 images = 2353 tokens, a ~32K prompt of text and
-16 images), decode tokens/s after a 1-image prompt at batch 1/8/32 (256 new tokens) and at batch 1 after the
+Ours: prefill latency (1 image + 64 text = 323 tokens, 8 images = 2353 tokens, 8192 tokens with 16 images,
+a ~32K prompt of text and 16 images), decode tokens/s after a 1-image prompt at batch 1/8/32 (256 new tokens) and at batch 1 after the
 32K prompt (128 new tokens), compile times (Engine Timings.compile_s), the start of a second process with
 JAX's persistent compilation cache (process start -> first token), peak device memory.
 Peer: transformers Gemma3ForConditionalGeneration, same config, bf16, sdpa, random init on the device;
@@ -57,6 +57,7 @@ class Spec:
     cfg: Gemma3Config
     short: tuple[int, int]  # (tokens, images) of the 1-image prompt
     multi: tuple[int, int]
+    mid: tuple[int, int]  # ~8K tokens, 16 images
     long: tuple[int, int]
     new: int  # new tokens after the short prompt
     long_new: int
@@ -76,9 +77,11 @@ def small_config() -> Gemma3Config:
 
 def spec_of(small: bool) -> Spec:
     if small:
-        return Spec(small_config(), (15, 1), (81, 8), (480, 16), new=24, long_new=16, batches=(1, 8, 32),
+        return Spec(small_config(), (15, 1), (81, 8), (240, 16), (480, 16), new=24, long_new=16,
+                    batches=(1, 8, 32),
                     peer_batches=(1, 8))
-    return Spec(gemma3_4b_config(), (323, 1), (2353, 8), (32640, 16), new=256, long_new=128, batches=(1, 8, 32),
+    return Spec(gemma3_4b_config(), (323, 1), (2353, 8), (8192, 16), (32640, 16), new=256, long_new=128,
+                batches=(1, 8, 32),
                 peer_batches=(1, 8))
 
 
@@ -266,7 +269,8 @@ def bench_ours(args, spec: Spec, sections: set[str], res: dict, cache_dir: str |
     short_px = make_pixels(cfg, spec.short[1], rng)
     short_engine = Engine(model, cache_length=round_up(spec.short[0] + spec.new))
     if "prefill" in sections:
-        for name, (n, imgs), eng in (("short", spec.short, short_engine), ("multi", spec.multi, None)):
+        for name, (n, imgs), eng in (("short", spec.short, short_engine), ("multi", spec.multi, None),
+                                     ("8k", spec.mid, None)):
             try:
                 prompt = short_prompt if name == "short" else make_prompt(cfg, n, imgs, rng)
                 px = short_px if name == "short" else make_pixels(cfg, imgs, rng)
@@ -382,7 +386,7 @@ def bench_peer(args, spec: Spec, res: dict) -> None:
                     pixel_values=torch.tensor(px, device=dev, dtype=dtype))
 
     rng = np.random.default_rng(1)
-    for name, (n, imgs) in (("short", spec.short), ("multi", spec.multi)):
+    for name, (n, imgs) in (("short", spec.short), ("multi", spec.multi), ("8k", spec.mid)):
         try:
             kw = inputs(n, imgs, 1, rng)
             times = []
@@ -440,7 +444,7 @@ def bench_peer(args, spec: Spec, res: dict) -> None:
         return dict(tok_per_s=statistics.median(rates), batch=b, first_call_s=warm, compile=mode,
                     auto_compiled=bool(cuda and mode == "auto"))
 
-    for b in spec.peer_batches:
+    for b in spec.peer_batches if not args.no_peer_decode else ():
         for mode in (args.peer_compile, "off") if args.peer_compile == "auto" else ("off",):
             try:
                 r = peer_decode(b, mode)
@@ -517,6 +521,7 @@ def main() -> int:
     ap.add_argument("--decode-runs", type=int, default=2, help="timed generate runs per batch (median)")
     ap.add_argument("--peer-compile", choices=("auto", "off"), default="auto",
                     help="transformers' auto torch.compile of the static-cache decode step")
+    ap.add_argument("--no-peer-decode", action="store_true", help="peer: prefill only")
     ap.add_argument("--cold-start", action="store_true", help="also time a start with an empty compilation cache")
     ap.add_argument("--second-start-timeout", type=int, default=300)
     ap.add_argument("--second-start", action="store_true", help=argparse.SUPPRESS)

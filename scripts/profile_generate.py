@@ -368,6 +368,37 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
     save()
 
 
+def decode_kernel_section(cfg, small: bool) -> None:
+    """The decode kernel alone at the batch-32 / 8K cache shapes of one global and one ring layer: a sweep."""
+    from pallas_kernels.decode_attention import decode_attention
+
+    t = cfg.text
+    b, held = (32, 8192) if not small else (4, 300)
+    key = jax.random.key(5)
+    interpret = jax.default_backend() != "gpu"
+    for name, slots in (("global", held + 64), ("ring", min(t.sliding_window, held))):
+        k, v = (jax.random.normal(jax.random.fold_in(key, i), (b, slots, t.num_kv_heads, t.head_dim), jnp.bfloat16)
+                for i in range(2))
+        q = jax.random.normal(jax.random.fold_in(key, 2), (b, t.num_heads, t.head_dim), jnp.bfloat16)
+        lengths = jnp.full((b,), min(held + 1, slots), jnp.int32)
+        nbytes = 2 * b * int(lengths[0]) * t.num_kv_heads * t.head_dim * 2
+        for bk, splits, warps, stages in ((None, None, None, None), (32, None, 4, 2), (64, 8, 4, 2), (64, 16, 4, 2),
+                                          (32, 16, 4, 3), (64, None, 8, 2), (32, 32, 4, 2), (128, 16, 8, 2),
+                                          (64, 32, 4, 3)):
+            label = f"{name} bk{bk} splits{splits} w{warps} s{stages}"
+            try:
+                fn = jax.jit(lambda q, k, v, n, bk=bk, splits=splits, warps=warps, stages=stages: decode_attention(
+                    q, k, v, n, scale=0.0625, interpret=interpret, block_k=bk, num_splits=splits, num_warps=warps,
+                    num_stages=stages))
+                sec = bench_async(fn, q, k, v, lengths, iters=20)
+                RESULTS.setdefault("decode_kernel", {})[label] = dict(us=sec * 1e6, tb_per_s=nbytes / sec / 1e12)
+                log(f"decode kernel {label}: {sec * 1e6:.1f} us, {nbytes / sec / 1e12:.2f} TB/s of K/V")
+            except Exception:
+                RESULTS.setdefault("errors", []).append(f"decode kernel {label}: {traceback.format_exc()[-800:]}")
+                traceback.print_exc()
+        save()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", default="gemv,decode,prefill")
@@ -379,6 +410,8 @@ def main() -> int:
     spec = spec_of(args.small)
     RESULTS.update(jax=jax.__version__, device=str(jax.devices()[0]), sections=sections)
     log(f"jax {jax.__version__} on {jax.devices()[0]}")
+    if "decode_kernel" in sections:
+        decode_kernel_section(spec.cfg, args.small)
     if "gemv" in sections:
         gemv_section(spec.cfg, args.small)
     if {"decode", "prefill"} & set(sections):
