@@ -57,13 +57,13 @@ class GeGLU(nnx.Module):
     """Gemma MLP: ``down(gelu_tanh(gate(x)) * up(x))``."""
 
     def __init__(self, dim: int, hidden: int, dtype):
-        self.gate = param((hidden, dim), dtype)  # [F, D]: [out, in] as transformers stores it
-        self.up = param((hidden, dim), dtype)  # [F, D]
+        self.gate_up = param((2 * hidden, dim), dtype)  # [2F, D]: gate rows then up rows, [out, in]
         self.down = param((dim, hidden), dtype)  # [D, F]
+        self.hidden = hidden
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        gate = jnp.einsum("BTD,FD->BTF", x, self.gate[...])
-        up = jnp.einsum("BTD,FD->BTF", x, self.up[...])
+        h = jnp.einsum("BTD,FD->BTF", x, self.gate_up[...])  # one product for both halves
+        gate, up = h[..., : self.hidden], h[..., self.hidden :]
         return jnp.einsum("BTF,DF->BTD", gelu_tanh(gate) * up, self.down[...])
 
 

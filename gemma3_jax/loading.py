@@ -14,12 +14,13 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from gemma3_jax.config import Gemma3Config
+from gemma3_jax.config import Gemma3Config, TextConfig
 from gemma3_jax.model import Gemma3
 
 # Prefix -> part of the model. Order matters: the most specific first.
@@ -64,10 +65,11 @@ _RULES: list[tuple[re.Pattern, str, Conversion]] = [
         (r"text:layers\.(\d+)\.post_attention_layernorm\.weight", "text.layers.{0}.post_attn_norm.weight", _COPY),
         (r"text:layers\.(\d+)\.pre_feedforward_layernorm\.weight", "text.layers.{0}.pre_ffw_norm.weight", _COPY),
         (r"text:layers\.(\d+)\.post_feedforward_layernorm\.weight", "text.layers.{0}.post_ffw_norm.weight", _COPY),
-        (r"text:layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", "text.layers.{0}.attn.{1}_proj", _OUT_IN_HEADS),
+        (r"text:layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", "text.layers.{0}.attn.qkv_proj[{1}]", _OUT_IN_HEADS),
         (r"text:layers\.(\d+)\.self_attn\.o_proj\.weight", "text.layers.{0}.attn.o_proj", _IN_OUT_HEADS),
         (r"text:layers\.(\d+)\.self_attn\.([qk])_norm\.weight", "text.layers.{0}.attn.{1}_norm.weight", _COPY),
-        (r"text:layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", "text.layers.{0}.mlp.{1}", _COPY),
+        (r"text:layers\.(\d+)\.mlp\.(gate|up)_proj\.weight", "text.layers.{0}.mlp.gate_up[{1}]", _COPY),
+        (r"text:layers\.(\d+)\.mlp\.down_proj\.weight", "text.layers.{0}.mlp.down", _COPY),
         # SigLIP
         (r"vision:embeddings\.patch_embedding\.weight", "vision.patch_embed", _CONV),
         (r"vision:embeddings\.patch_embedding\.bias", "vision.patch_bias", _COPY),
@@ -87,6 +89,27 @@ _RULES: list[tuple[re.Pattern, str, Conversion]] = [
         (r"projector:mm_soft_emb_norm\.weight", "projector.norm.weight", _COPY),
     ]
 ]
+
+
+# Fused weights: several checkpoint tensors stacked along axis 0 of one parameter (target "name[piece]").
+# Each piece's rows, in order, as a function of the text config.
+_PIECES: dict[str, Callable[[TextConfig], list[tuple[str, int]]]] = {
+    "qkv_proj": lambda t: [("q", t.num_heads), ("k", t.num_kv_heads), ("v", t.num_kv_heads)],
+    "gate_up": lambda t: [("gate", t.intermediate_size), ("up", t.intermediate_size)],
+}
+
+
+def split_piece(target: str) -> tuple[str, str | None]:
+    """'text.layers.0.attn.qkv_proj[k]' -> ('text.layers.0.attn.qkv_proj', 'k'); plain names -> (name, None)."""
+    if target.endswith("]"):
+        name, piece = target[:-1].split("[")
+        return name, piece
+    return target, None
+
+
+def pieces_of(name: str, cfg: TextConfig) -> list[tuple[str, int]] | None:
+    fused = _PIECES.get(name.rsplit(".", 1)[-1])
+    return fused(cfg) if fused else None
 
 
 class CheckpointError(ValueError):
@@ -114,7 +137,8 @@ def target_of(key: str) -> tuple[str, Conversion] | None:
 
 
 def hf_name_of(param_path: str) -> str:
-    """Our parameter path -> the (normalized) HF tensor name it is read from, for error messages."""
+    """Our parameter path (``name[piece]`` for a piece of a fused weight) -> the (normalized) HF tensor name it
+    is read from, for error messages."""
     for pattern, target, _ in _RULES:
         t = re.escape(target)
         for i in range(4):
@@ -171,6 +195,7 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
     model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, attention))
     params = _params_by_path(model)
     loaded: set[str] = set()
+    pending: dict[str, dict[str, jax.Array]] = {}  # fused weights: pieces read so far
     tied = _is_tied(path)
     count = 0
     for file in files:
@@ -184,22 +209,38 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
         target = target_of(key)
         if target is None:
             continue
-        name, (hf_shape_of, convert) = target
+        full, (hf_shape_of, convert) = target
+        name, piece = split_piece(full)
         if name not in params:
             raise CheckpointError(f"unexpected tensor {key!r}: the model has no {name!r} (config mismatch?)")
-        if name in loaded:
-            raise CheckpointError(f"tensor {key!r} maps to {name!r}, which was already loaded")
+        if name in loaded or piece in pending.get(name, {}):
+            raise CheckpointError(f"tensor {key!r} maps to {full!r}, which was already loaded")
         p = params[name]
         want = p.get_value().shape
+        if piece is not None:  # this piece's rows of the fused weight
+            rows = dict(pieces_of(name, cfg.text))[piece]
+            want = (rows, *want[1:])
         expect = hf_shape_of(want)
         if len(expect) != len(hf_shape) or any(e not in (-1, h) for e, h in zip(expect, hf_shape)):
             raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, expected {list(expect)} for {name!r}")
         value = convert(read(), want).astype(dtype)
         if value.shape != want:
-            raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, which does not fit {name!r} {want}")
+            raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, which does not fit {full!r} {want}")
+        if piece is not None:
+            got = pending.setdefault(name, {})
+            got[piece] = value
+            order = [k for k, _ in pieces_of(name, cfg.text)]
+            if set(got) != set(order):
+                continue
+            value = jnp.concatenate([got[k] for k in order], axis=0)
+            del pending[name]
         p.set_value(value)
         loaded.add(name)
-    missing = [hf_name_of(n) for n in sorted(set(params) - loaded)]
+    missing = []
+    for n in sorted(set(params) - loaded):
+        fused = pieces_of(n, cfg.text)
+        have = pending.get(n, {})
+        missing += [hf_name_of(f"{n}[{k}]") for k, _ in fused if k not in have] if fused else [hf_name_of(n)]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"missing tensor(s) in {path}: {', '.join(missing[:5])}{more}")

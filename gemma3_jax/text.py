@@ -24,20 +24,22 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: TextConfig, layer: int, dtype):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = param((n, h, d), dtype)
-        self.k_proj = param((k, h, d), dtype)
-        self.v_proj = param((k, h, d), dtype)
+        # q, k and v heads stacked in one weight [N + 2K, H, D]: one product per layer, no run-time concatenation
+        self.qkv_proj = param((n + 2 * k, h, d), dtype)
         self.o_proj = param((d, n, h), dtype)
+        self.num_heads, self.num_kv_heads = n, k
         self.q_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
         self.sliding_window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.scale = cfg.attn_scale
 
-    def project_kv(self, x: Float[Array, "B T D"], cos: Array, sin: Array):
-        """Keys (normed, rotated) and values of ``x``: what a KV cache stores."""
-        k = self.k_norm(jnp.einsum("BTD,KHD->BTKH", x, self.k_proj[...]))
-        v = jnp.einsum("BTD,KHD->BTKH", x, self.v_proj[...])
-        return apply_rope(k, cos, sin), v
+    def project(self, x: Float[Array, "B T D"], cos: Array, sin: Array):
+        """Queries and keys (normed, rotated) [B, T, N|K, H] and values [B, T, K, H] of ``x``."""
+        n, k = self.num_heads, self.num_kv_heads
+        qkv = jnp.einsum("BTD,MHD->BTMH", x, self.qkv_proj[...])  # M = N + 2K
+        q = apply_rope(self.q_norm(qkv[:, :, :n]), cos, sin)
+        keys = apply_rope(self.k_norm(qkv[:, :, n : n + k]), cos, sin)
+        return q, keys, qkv[:, :, n + k :]
 
     def __call__(
         self,
@@ -49,9 +51,7 @@ class Attention(nnx.Module):
         impl: str,
     ) -> tuple[Float[Array, "B T D"], tuple[Array, Array]]:
         """Output and this layer's (keys, values) [B, T, K, H] for a KV cache."""
-        q = self.q_norm(jnp.einsum("BTD,NHD->BTNH", x, self.q_proj[...]))
-        q = apply_rope(q, cos, sin)
-        k, v = self.project_kv(x, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         out = attend(
             q,
             k,
@@ -67,8 +67,7 @@ class Attention(nnx.Module):
     def decode(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"], impl: str):
         """One token per row at position ``pos``: writes its key/value into the cache, attends over it."""
         ring = self.sliding_window is not None
-        q = apply_rope(self.q_norm(jnp.einsum("BTD,NHD->BTNH", x, self.q_proj[...])), cos, sin)
-        k, v = self.project_kv(x, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         k_buf = kvc.write_step(k_buf, k[:, 0], pos, ring)
         v_buf = kvc.write_step(v_buf, v[:, 0], pos, ring)
         out = kvc.attend(q[:, 0], k_buf, v_buf, pos, ring, self.scale, impl)

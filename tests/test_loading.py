@@ -45,6 +45,9 @@ def test_bfloat16_weights(base):
     "damage,match",
     [
         (dict(drop="model.language_model.layers.3.self_attn.k_proj.weight"), r"missing.*layers\.3\.self_attn\.k_proj"),
+        # pieces of the fused q|k|v and gate|up weights are named one by one
+        (dict(drop="model.language_model.layers.1.mlp.up_proj.weight"), r"missing[^,]*layers\.1\.mlp\.up_proj\.weight$"),
+        (dict(reshape="model.language_model.layers.0.self_attn.v_proj.weight"), r"layers\.0\.self_attn\.v_proj\.weight.*shape"),
         (dict(reshape="model.vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight"), r"encoder\.layers\.1\.mlp\.fc1\.weight.*shape"),
         (dict(extra="model.language_model.layers.0.self_attn.rotary.weight"), r"unexpected tensor.*rotary"),
         (dict(extra="model.language_model.layers.9.input_layernorm.weight"), r"unexpected tensor.*layers\.9"),
