@@ -274,9 +274,10 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
     n, imgs = spec.short
     prompt = make_prompt(cfg, n, imgs, rng)
     px = make_pixels(cfg, imgs, rng)
-    for opts_name, opts in (("default", None),):
+    for opts_name in ("library defaults", *prefill_options):
+        opts = None if opts_name == "library defaults" else (OPTIONS[opts_name] or {})
         try:
-            eng = Engine(model, cache_length=round_up(n + spec.new), compiler_options=opts or {})
+            eng = Engine(model, cache_length=round_up(n + spec.new), compiler_options=opts)
             eng.prefill([prompt], px)  # compile
             s = bench(lambda: eng.prefill([prompt], px), runs=5)
             RESULTS.setdefault("prefill", {})[f"engine short {opts_name}"] = dict(ms=s * 1e3)
@@ -302,7 +303,7 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
         parts.append((f"text forward {length} tok", text, (state, ids)))
     for opts_name in prefill_options:
         opts = OPTIONS[opts_name]
-        for label, fn, args in parts if opts_name == "default" else [p for p in parts if "384" in p[0]]:
+        for label, fn, args in parts if opts_name == "default" else [p for p in parts if "384" in p[0] or "vision" in p[0]]:
             try:
                 c = jax.jit(fn).lower(*args).compile(opts)
                 s = bench(c, *args, runs=5)
