@@ -23,6 +23,18 @@ def rel_err(ours, ref, valid=None) -> float:
     return float(diff.max() / np.abs(ref).max())
 
 
+def rel_norm(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64 (the kernels' measure); fails on NaN/inf in ``out``."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    assert np.all(np.isfinite(out)), "NaN/inf in kernel output"
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / (denom if denom > 0 else 1.0))
+
+
 @pytest.fixture(scope="session")
 def tiny_mm(tmp_path_factory):
     """(path, hf_model) of a tiny random multimodal Gemma-3 (7 layers, window 8, 4 soft tokens per image)."""

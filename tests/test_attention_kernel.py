@@ -11,18 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import rel_norm as rel
 from pallas_kernels import attention, image_span_attention, reference_attention, segment_ids_from_image_mask
 from pallas_kernels.attention import head_chunks
 
 F32_TOL, LOWP_TOL = 1e-5, 1e-2
-
-
-def rel(out, ref) -> float:
-    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
-    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-    assert np.all(np.isfinite(out)), "NaN/inf in kernel output"
-    denom = np.linalg.norm(ref)
-    return float(np.linalg.norm(out - ref) / (denom if denom > 0 else 1.0))
 
 
 def qkv(seed, b, sq, sk, hq, hkv, d, dtype=jnp.float32):

@@ -11,19 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import rel_norm as rel
 from gemma3_jax.cache import attend_step, write_step
 from pallas_kernels import decode, decode_attention, decode_attention_reference
 
 F32_TOL, LOWP_TOL = 1e-5, 1e-2
 INTERPRET = jax.default_backend() != "gpu"
-
-
-def rel(out, ref) -> float:
-    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
-    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-    assert np.all(np.isfinite(out)), "NaN/inf in kernel output"
-    denom = np.linalg.norm(ref)
-    return float(np.linalg.norm(out - ref) / (denom if denom > 0 else 1.0))
 
 
 def inputs(seed, b, s, kh, g, h, dtype, q_mult=1.0):
