@@ -26,6 +26,7 @@ import time
 T_PROC0 = time.time()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -153,6 +154,16 @@ def decode_floor(cfg: Gemma3Config, batch: int, context: int) -> dict:
     return dict(weight_bytes=weights, kv_bytes=kv, floor_step_s=step, floor_tok_per_s=batch / step)
 
 
+@contextlib.contextmanager
+def attempt(res: dict, label: str):
+    """One measurement: an exception is recorded under res["errors"] and printed, and the run goes on."""
+    try:
+        yield
+    except Exception:
+        res.setdefault("errors", []).append(f"{label}: {traceback.format_exc()[-1500:]}")
+        traceback.print_exc()
+
+
 # ---- ours ---------------------------------------------------------------------------------------
 def peak_mem() -> int | None:
     try:
@@ -271,7 +282,7 @@ def bench_ours(args, spec: Spec, sections: set[str], res: dict, cache_dir: str |
     if "prefill" in sections:
         for name, (n, imgs), eng in (("short", spec.short, short_engine), ("multi", spec.multi, None),
                                      ("8k", spec.mid, None)):
-            try:
+            with attempt(res, f"prefill {name}"):
                 prompt = short_prompt if name == "short" else make_prompt(cfg, n, imgs, rng)
                 px = short_px if name == "short" else make_pixels(cfg, imgs, rng)
                 eng = eng or Engine(model, cache_length=round_up(n + 1))
@@ -281,13 +292,10 @@ def bench_ours(args, spec: Spec, sections: set[str], res: dict, cache_dir: str |
                 save(res)
                 log(f"prefill {name} {n} tok: {r['median_s'] * 1e3:.2f} ms (bucket {r['bucket']}, "
                     f"compile {r['compile_s']:.1f} s)")
-            except Exception:
-                res.setdefault("errors", []).append(f"prefill {name}: {traceback.format_exc()[-1500:]}")
-                traceback.print_exc()
     if "decode" in sections or "compile" in sections:
         batches = spec.batches if "decode" in sections else (1,)
         for b in batches:
-            try:
+            with attempt(res, f"decode b{b}"):
                 prompts = [make_prompt(cfg, *spec.short, rng) for _ in range(b)]
                 px = make_pixels(cfg, spec.short[1] * b, rng)
                 r = time_decode(short_engine, prompts, px, spec.new, args.decode_runs)
@@ -296,22 +304,16 @@ def bench_ours(args, spec: Spec, sections: set[str], res: dict, cache_dir: str |
                 save(res)
                 log(f"decode b{b}: {r['tok_per_s']:.1f} tok/s ({r['step_ms']:.2f} ms/step, "
                     f"decode compile {r['decode_compile_s']:.1f} s)")
-            except Exception:
-                res.setdefault("errors", []).append(f"decode b{b}: {traceback.format_exc()[-1500:]}")
-                traceback.print_exc()
             if b == 1 and "compile" in sections and cache_dir:
                 for cold in ((True, False) if args.cold_start else (False,)):
-                    try:
+                    with attempt(res, "start"):
                         d = tempfile.mkdtemp(prefix="jaxcache_cold_") if cold else cache_dir
                         r = second_start(args, d, args.small, cold)
                         res.setdefault("start", {})["cold" if cold else "second"] = r
                         log(f"{'cold' if cold else 'second'} start: first token {r['first_token_s']:.1f} s "
                             f"(compile {r['prefill_compile_s']:.1f} s), first chunk {r['first_chunk_s']:.1f} s")
-                    except Exception:
-                        res.setdefault("errors", []).append(f"start: {traceback.format_exc()[-1500:]}")
-                        traceback.print_exc()
     if "long" in sections:
-        try:
+        with attempt(res, "long"):
             n, imgs = spec.long
             prompt = make_prompt(cfg, n, imgs, rng)
             px = make_pixels(cfg, imgs, rng)
@@ -326,9 +328,6 @@ def bench_ours(args, spec: Spec, sections: set[str], res: dict, cache_dir: str |
             save(res)
             log(f"decode after {n} tok, b1: {r['tok_per_s']:.1f} tok/s")
             del eng
-        except Exception:
-            res.setdefault("errors", []).append(f"long: {traceback.format_exc()[-1500:]}")
-            traceback.print_exc()
     res["peak_bytes"] = peak_mem()
     del short_engine, model
     gc.collect()
@@ -387,7 +386,7 @@ def bench_peer(args, spec: Spec, res: dict) -> None:
 
     rng = np.random.default_rng(1)
     for name, (n, imgs) in (("short", spec.short), ("multi", spec.multi), ("8k", spec.mid)):
-        try:
+        with attempt(res, f"peer prefill {name}"):
             kw = inputs(n, imgs, 1, rng)
             times = []
             with torch.inference_mode():
@@ -408,9 +407,6 @@ def bench_peer(args, spec: Spec, res: dict) -> None:
             peer.setdefault("prefill", {})[name] = dict(median_s=statistics.median(times), tokens=n, images=imgs)
             save(res)
             log(f"peer prefill {name}: {statistics.median(times) * 1e3:.2f} ms")
-        except Exception:
-            res.setdefault("errors", []).append(f"peer prefill {name}: {traceback.format_exc()[-1500:]}")
-            traceback.print_exc()
 
     class Clock(LogitsProcessor):
         """Called once per step; the first call follows the prefill: synchronize and start the clock there."""
@@ -446,15 +442,12 @@ def bench_peer(args, spec: Spec, res: dict) -> None:
 
     for b in spec.peer_batches if not args.no_peer_decode else ():
         for mode in (args.peer_compile, "off") if args.peer_compile == "auto" else ("off",):
-            try:
+            with attempt(res, f"peer decode b{b} compile {mode}"):
                 r = peer_decode(b, mode)
                 peer.setdefault("decode", {})[f"b{b}"] = r
                 save(res)
                 log(f"peer decode b{b} (compile {mode}): {r['tok_per_s']:.1f} tok/s (first call {r['first_call_s']:.1f} s)")
                 break
-            except Exception:
-                res.setdefault("errors", []).append(f"peer decode b{b} compile {mode}: {traceback.format_exc()[-1500:]}")
-                traceback.print_exc()
     if cuda:
         peer["peak_bytes"] = int(torch.cuda.max_memory_allocated())
     del model
@@ -550,11 +543,8 @@ def main() -> int:
     if sections - {"peer"}:
         bench_ours(args, spec, sections, res, cache_dir)
     if "peer" in sections:
-        try:
+        with attempt(res, "peer"):
             bench_peer(args, spec, res)
-        except Exception:
-            res.setdefault("errors", []).append(f"peer: {traceback.format_exc()[-1500:]}")
-            traceback.print_exc()
     res["wall_s"] = time.time() - T_PROC0
     save(res)
     out = OUT_PATH

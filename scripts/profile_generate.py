@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from collections import defaultdict
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -41,7 +40,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_generate import PEAK_BW, make_pixels, make_prompt, round_up, spec_of  # noqa: E402
+from bench_attention import time_jax  # noqa: E402
+from bench_generate import PEAK_BW, attempt, make_pixels, make_prompt, round_up, spec_of  # noqa: E402
 from gemma3_jax import cache as kvc  # noqa: E402
 from gemma3_jax.engine import Engine  # noqa: E402
 from gemma3_jax.random_init import random_model  # noqa: E402
@@ -67,19 +67,6 @@ def save() -> None:
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "profile_generate.json"), "w") as fh:
             json.dump(RESULTS, fh, indent=1, default=str)
-
-
-def bench_async(fn, *args, iters: int = 20, reps: int = 5) -> float:
-    """Median over reps of the mean time of ``iters`` back-to-back calls (dispatch overlapped with the GPU)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t) / iters)
-    return statistics.median(times)
 
 
 def bench(fn, *args, runs: int = 10) -> float:
@@ -146,14 +133,11 @@ def gemv_section(cfg, small: bool) -> None:
             x = jax.random.normal(key, (1, d), jnp.bfloat16)
             for name, opts in (("default", None), ("no_triton_gemm", NO_TRITON_GEMM)):
                 label = f"{'fused' if fused else 'separate'} {'[out,in]' if transposed else '[in,out]'} {name}"
-                try:
+                with attempt(RESULTS, f"gemv {label}"):
                     c = jax.jit(make(fused, transposed)).lower(x, layers, lm).compile(opts)
                     s = bench(c, x, layers, lm, runs=5) / steps
                     RESULTS.setdefault("gemv", {})[label] = dict(step_ms=s * 1e3, tb_per_s=nbytes / s / 1e12)
                     log(f"gemv {label}: {s * 1e3:.3f} ms/step, {nbytes / s / 1e12:.2f} TB/s")
-                except Exception:
-                    RESULTS.setdefault("errors", []).append(f"gemv {label}: {traceback.format_exc()[-800:]}")
-                    traceback.print_exc()
                 save()
             del layers, lm
     RESULTS["gemv_bytes"] = nbytes
@@ -244,7 +228,7 @@ def decode_section(cfg, small: bool, model) -> None:
         for opts_name, opts in (("default", None),):
             for mode in modes:
                 label = f"{name} {mode} {opts_name}"
-                try:
+                with attempt(RESULTS, f"decode {label}"):
                     with patched_attention(mode):
                         eng = Engine(model, cache_length=cache_length, chunk=chunk, compiler_options=opts or {})
                         fn = jax.jit(eng._decode_fn(SamplingParams()))
@@ -260,9 +244,6 @@ def decode_section(cfg, small: bool, model) -> None:
                     log(f"decode {label}: {s * 1e3:.3f} ms/step, {batch / s:.0f} tok/s (compile {compile_s:.1f} s)")
                     if "kernels" in r:
                         log_kernels(r["kernels"])
-                except Exception:
-                    RESULTS.setdefault("errors", []).append(f"decode {label}: {traceback.format_exc()[-1200:]}")
-                    traceback.print_exc()
                 save()
         del cache0
 
@@ -276,15 +257,12 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
     px = make_pixels(cfg, imgs, rng)
     for opts_name in ("library defaults", *prefill_options):
         opts = None if opts_name == "library defaults" else (OPTIONS[opts_name] or {})
-        try:
+        with attempt(RESULTS, f"prefill engine {opts_name}"):
             eng = Engine(model, cache_length=round_up(n + spec.new), compiler_options=opts)
             eng.prefill([prompt], px)  # compile
             s = bench(lambda: eng.prefill([prompt], px), runs=5)
             RESULTS.setdefault("prefill", {})[f"engine short {opts_name}"] = dict(ms=s * 1e3)
             log(f"prefill engine {n} tok {imgs} img ({opts_name}): {s * 1e3:.2f} ms")
-        except Exception:
-            RESULTS.setdefault("errors", []).append(f"prefill engine {opts_name}: {traceback.format_exc()[-1200:]}")
-            traceback.print_exc()
         save()
     graphdef, state = nnx.split(model)
 
@@ -304,11 +282,11 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
     for opts_name in prefill_options:
         opts = OPTIONS[opts_name]
         for label, fn, args in parts if opts_name == "default" else [p for p in parts if "384" in p[0] or "vision" in p[0]]:
-            try:
+            with attempt(RESULTS, f"prefill {label}"):
                 c = jax.jit(fn).lower(*args).compile(opts)
                 s = bench(c, *args, runs=5)
                 r = RESULTS.setdefault("prefill", {})[f"{label} {opts_name}"] = dict(ms=s * 1e3)
-                r["back_to_back_ms"] = bench_async(c, *args, iters=5) * 1e3
+                r["back_to_back_ms"] = time_jax(c, *args, iters=5, reps=5)
                 log(f"prefill part {label} ({opts_name}): {s * 1e3:.2f} ms one call, "
                     f"{r['back_to_back_ms']:.2f} ms back to back")
                 if opts_name == "default" and ("384" in label or "vision" in label):
@@ -318,9 +296,6 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
                     f = jax.jit(fn)
                     r["jit_ms"] = bench(f, *args, runs=5) * 1e3
                     log(f"  same through jax.jit: {r['jit_ms']:.2f} ms one call")
-            except Exception:
-                RESULTS.setdefault("errors", []).append(f"prefill {label}: {traceback.format_exc()[-1200:]}")
-                traceback.print_exc()
             save()
     if not vision_sweep:
         return
@@ -352,8 +327,8 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
         impls.append(("cudnn", jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))))
         impls.append(("xla", jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))))
     for label, fn in impls:
-        try:
-            s = bench_async(fn, q, k, vv, iters=20)
+        with attempt(RESULTS, f"vision attention {label}"):
+            s = time_jax(fn, q, k, vv, iters=20, reps=5) / 1e3
             if label != "ours padded to 128":
                 ref = jax.nn.dot_product_attention(q[:, :512].astype(jnp.float32), k.astype(jnp.float32),
                                                    vv.astype(jnp.float32))
@@ -363,9 +338,6 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
                     raise AssertionError(f"vision attention {label}: relative error {err:.2e} vs float32")
             RESULTS.setdefault("vision_attention", {})[label] = dict(ms=s * 1e3, tflops=flop / s / 1e12)
             log(f"vision attention {label}: {s * 1e3:.3f} ms per layer, {flop / s / 1e12:.0f} TFLOP/s (D={hd})")
-        except Exception:
-            RESULTS.setdefault("errors", []).append(f"vision attention {label}: {traceback.format_exc()[-800:]}")
-            traceback.print_exc()
     save()
 
 
@@ -387,16 +359,13 @@ def decode_kernel_section(cfg, small: bool) -> None:
                                           (32, 16, 4, 3), (64, None, 8, 2), (32, 32, 4, 2), (128, 16, 8, 2),
                                           (64, 32, 4, 3)):
             label = f"{name} bk{bk} splits{splits} w{warps} s{stages}"
-            try:
+            with attempt(RESULTS, f"decode kernel {label}"):
                 fn = jax.jit(lambda q, k, v, n, bk=bk, splits=splits, warps=warps, stages=stages: decode_attention(
                     q, k, v, n, scale=0.0625, interpret=interpret, block_k=bk, num_splits=splits, num_warps=warps,
                     num_stages=stages))
-                sec = bench_async(fn, q, k, v, lengths, iters=20)
+                sec = time_jax(fn, q, k, v, lengths, iters=20, reps=5) / 1e3
                 RESULTS.setdefault("decode_kernel", {})[label] = dict(us=sec * 1e6, tb_per_s=nbytes / sec / 1e12)
                 log(f"decode kernel {label}: {sec * 1e6:.1f} us, {nbytes / sec / 1e12:.2f} TB/s of K/V")
-            except Exception:
-                RESULTS.setdefault("errors", []).append(f"decode kernel {label}: {traceback.format_exc()[-800:]}")
-                traceback.print_exc()
         save()
 
 
