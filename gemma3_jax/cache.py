@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, Int
 
 from gemma3_jax.config import TextConfig
 from pallas_kernels.decode_attention import decode
+from pallas_kernels.decode_fused import decode_attention_fused
 
 
 class KVCache(NamedTuple):
@@ -77,6 +78,18 @@ def attend(q, k, v, pos, ring: bool, scale: float, impl: str):
     if impl == "reference":
         return attend_step(q, k, v, pos, ring, scale)
     return decode(q, k, v, jnp.minimum(pos + 1, k.shape[1]), scale=scale, implementation=impl)
+
+
+def fused_step_supported(head_dim: int) -> bool:
+    """Whether ``fused_step`` takes this head dim (powers of two 32..256; Gemma-3 text uses 256)."""
+    return head_dim in (32, 64, 128, 256)
+
+
+def fused_step(qkv, q_norm, k_norm, eps, cos, sin, k, v, pos, ring: bool, scale: float):
+    """q/k RMSNorm + RoPE, write_step and attend in one Pallas kernel (compiled on GPU, interpreted elsewhere):
+    qkv [B, N + 2K, H] raw projections, cos/sin [B, H] -> (out [B, N, H], k, v)."""
+    return decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k, v, pos, ring=ring, scale=scale, eps=eps,
+                                  interpret=jax.default_backend() != "gpu")
 
 
 def attend_step(

@@ -67,10 +67,16 @@ class Attention(nnx.Module):
     def decode(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"], impl: str):
         """One token per row at position ``pos``: writes its key/value into the cache, attends over it."""
         ring = self.sliding_window is not None
-        q, k, v = self.project(x, cos, sin)
-        k_buf = kvc.write_step(k_buf, k[:, 0], pos, ring)
-        v_buf = kvc.write_step(v_buf, v[:, 0], pos, ring)
-        out = kvc.attend(q[:, 0], k_buf, v_buf, pos, ring, self.scale, impl)
+        if impl != "reference" and kvc.fused_step_supported(self.qkv_proj.shape[1]):
+            # one kernel for q/k norms, RoPE, the cache writes and the attention
+            qkv = jnp.einsum("BD,MHD->BMH", x[:, 0], self.qkv_proj[...])
+            norms = (self.q_norm.weight[...], self.k_norm.weight[...], self.q_norm.eps)
+            out, k_buf, v_buf = kvc.fused_step(qkv, *norms, cos[:, 0], sin[:, 0], k_buf, v_buf, pos, ring, self.scale)
+        else:
+            q, k, v = self.project(x, cos, sin)
+            k_buf = kvc.write_step(k_buf, k[:, 0], pos, ring)
+            v_buf = kvc.write_step(v_buf, v[:, 0], pos, ring)
+            out = kvc.attend(q[:, 0], k_buf, v_buf, pos, ring, self.scale, impl)
         return jnp.einsum("BNH,DNH->BD", out, self.o_proj[...])[:, None], k_buf, v_buf
 
 

@@ -163,12 +163,7 @@ def decode_attention(
     splits = num_splits or -(-_TARGET_PROGRAMS // (b * kh))
     splits = max(1, min(splits, n_blocks))
 
-    # Per (row, split): key-block range [lo, hi) = this split's share of the row's valid blocks.
-    row_blocks = -(-lengths // bk)  # [B]
-    per = -(-row_blocks // splits)
-    lo = jnp.minimum(jnp.arange(splits, dtype=jnp.int32)[None, :] * per[:, None], row_blocks[:, None])
-    hi = jnp.minimum(lo + per[:, None], row_blocks[:, None])
-    meta = jnp.stack([lo, hi, jnp.broadcast_to(lengths[:, None], lo.shape), jnp.zeros_like(lo)], axis=-1)
+    meta = split_ranges(lengths, splits, bk)
 
     q4 = q.reshape(b, kh, g, h)
     if (gp, hp) != (g, h):
@@ -205,13 +200,30 @@ def decode_attention(
         name="decode_attention",
     )(meta, q4, k, v)
 
-    # Log-sum-exp combine of the splits (m in log2 units; empty splits have m = -inf, l = 0, acc = 0).
+    return combine_splits(acc, m, l, g, h, q.dtype)
+
+
+def split_ranges(lengths, splits: int, block_k: int, extra=None):
+    """[B, splits, 4] int32 per (row, split): key-block range [lo, hi) = this split's share of the row's
+    ceil(lengths / block_k) valid blocks, the row's length, and ``extra`` [B] (0 when None)."""
+    row_blocks = -(-lengths // block_k)  # [B]
+    per = -(-row_blocks // splits)
+    lo = jnp.minimum(jnp.arange(splits, dtype=jnp.int32)[None, :] * per[:, None], row_blocks[:, None])
+    hi = jnp.minimum(lo + per[:, None], row_blocks[:, None])
+    extra = jnp.zeros_like(lo) if extra is None else jnp.broadcast_to(extra[:, None], lo.shape)
+    return jnp.stack([lo, hi, jnp.broadcast_to(lengths[:, None], lo.shape), extra], axis=-1)
+
+
+def combine_splits(acc, m, l, g: int, h: int, dtype):
+    """Log-sum-exp combine of per-split partials acc [B, K, P, Gp, Hp], m and l [B, K, P, Gp] (m in log2
+    units; empty splits have m = -inf, l = 0, acc = 0) -> [B, K * g, h]; rows with no key are exact zeros."""
+    b, kh = acc.shape[:2]
     m_max = jnp.max(m, axis=2, keepdims=True)
     w = jnp.exp2(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))  # [B, K, P, Gp]
     l_sum = jnp.sum(w * l, axis=2)
     acc_sum = jnp.sum(w[..., None] * acc, axis=2)
     out = acc_sum / jnp.where(l_sum == 0.0, 1.0, l_sum)[..., None]  # empty rows: 0 / 1 = exact zeros
-    return out[:, :, :g, :h].reshape(b, n, h).astype(q.dtype)
+    return out[:, :, :g, :h].reshape(b, kh * g, h).astype(dtype)
 
 
 def decode_attention_reference(q, k, v, lengths, *, scale):

@@ -159,9 +159,12 @@ def random_cache(cfg, batch: int, cache_length: int, held: int, dtype):
 
 @contextlib.contextmanager
 def patched_attention(mode: str):
-    """mode: "pallas" (the model's kernel), "xla" (cache.attend_step: XLA einsums), "none" (no attention over
-    the cache: the step without it, an ablation)."""
-    orig = kvc.attend
+    """mode: "fused" (the model's path: norms, RoPE, cache write and attention in one Pallas kernel),
+    "pallas" (XLA norms/RoPE/cache writes + the Pallas decode kernel), "xla" (cache.attend_step: XLA
+    einsums), "none" (no attention over the cache: the step without it, an ablation)."""
+    orig, orig_fused = kvc.attend, kvc.fused_step_supported
+    if mode != "fused":
+        kvc.fused_step_supported = lambda head_dim: False
     if mode == "none":
         kvc.attend = lambda q, k, v, pos, ring, scale, impl: q
     elif mode == "xla":
@@ -169,10 +172,10 @@ def patched_attention(mode: str):
     try:
         yield
     finally:
-        kvc.attend = orig
+        kvc.attend, kvc.fused_step_supported = orig, orig_fused
 
 
-def kernel_table(logdir: str, steps: int, top: int = 25) -> dict:
+def kernel_table(logdir: str, steps: int, top: int = 40) -> dict:
     """GPU kernel time per kernel name from the perfetto trace JAX wrote under ``logdir``."""
     files = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not files:
@@ -203,7 +206,7 @@ def traced(compiled, args, steps: int) -> dict:
         return kernel_table(logdir, steps)
 
 
-def log_kernels(k: dict, n: int = 14) -> None:
+def log_kernels(k: dict, n: int = 30) -> None:
     if "top" not in k:
         log(f"  kernels: {k}")
         return
@@ -217,8 +220,9 @@ def decode_section(cfg, small: bool, model) -> None:
     rng = np.random.default_rng(0)
     chunk = 32
     cases = [("b1_short", 1, round_up(spec.short[0] + spec.new), spec.short[0]),
+             ("b8_short", 8, round_up(spec.short[0] + spec.new), spec.short[0]),
              ("b32_8k", 32, round_up(8192 + 2 * chunk) if not small else 512, 8192 if not small else 400)]
-    modes = ["pallas", "xla", "none"]
+    modes = ["fused", "pallas", "xla", "none"]
     for name, batch, cache_length, held in cases:
         cache0 = random_cache(cfg, batch, cache_length, held, model.dtype)
         token = jnp.asarray(rng.integers(10, 1000, batch), jnp.int32)
@@ -238,7 +242,7 @@ def decode_section(cfg, small: bool, model) -> None:
                         compile_s = time.perf_counter() - t
                     s = bench(c, *args, runs=5) / chunk
                     r = dict(step_ms=s * 1e3, tok_per_s=batch / s, compile_s=compile_s, cache_gib=cache0.nbytes / 2**30)
-                    if mode == "pallas":
+                    if mode in ("fused", "pallas"):
                         r["kernels"] = traced(c, args, chunk)
                     RESULTS.setdefault("decode", {})[label] = r
                     log(f"decode {label}: {s * 1e3:.3f} ms/step, {batch / s:.0f} tok/s (compile {compile_s:.1f} s)")

@@ -1,0 +1,109 @@
+"""The fused decode-attention kernel (q/k norms, RoPE, cache write, attention) against its jnp composition,
+in interpret mode on CPU (compiled on a GPU): ring and global buffers, before and after a ring wraps, GQA,
+float32 and bf16; and the model's fused decode step against its unfused reference path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_norm as rel
+
+import gemma3_jax
+from gemma3_jax import cache as kvc
+from pallas_kernels.decode_fused import (
+    decode_attention_fused,
+    decode_attention_fused_reference,
+)
+
+INTERPRET = jax.default_backend() != "gpu"
+
+
+def inputs(seed, b, kh, g, h, s, pos, dtype):
+    rng = np.random.default_rng(seed)
+    mk = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+    pos = jnp.asarray(pos, jnp.int32)
+    angles = pos[:, None].astype(jnp.float32) * jnp.linspace(0.0, 1.0, h)[None]
+    return dict(qkv=mk(b, kh * g + 2 * kh, h), q_norm=mk(h) * 0.2, k_norm=mk(h) * 0.2,
+                cos=jnp.cos(angles).astype(dtype), sin=jnp.sin(angles).astype(dtype),
+                k_cache=mk(b, s, kh, h), v_cache=mk(b, s, kh, h), pos=pos)
+
+
+@pytest.mark.parametrize(
+    "kh,g,h,s,ring,pos,dtype,block_k,splits",
+    [
+        (2, 2, 32, 40, False, [0, 5, 39], jnp.float32, 16, None),  # first token, S % block_k != 0
+        (1, 4, 64, 24, True, [0, 23, 24, 50], jnp.float32, 16, None),  # ring before, at and after wrapping
+        (2, 1, 32, 8, True, [3, 8, 9], jnp.float32, None, None),  # ring smaller than a block (padded)
+        (4, 2, 64, 70, False, [69, 1, 33, 20], jnp.bfloat16, 16, 3),
+        (1, 8, 256, 48, True, [47, 48, 100], jnp.bfloat16, None, 1),  # 4B-like heads, one split
+        (2, 2, 128, 64, False, [10, 63], jnp.float16, 32, 64),  # more splits than blocks: clamped
+    ],
+)
+def test_matches_composition(kh, g, h, s, ring, pos, dtype, block_k, splits):
+    x = inputs(0, len(pos), kh, g, h, s, pos, dtype)
+    kw = dict(ring=ring, scale=h**-0.5, eps=1e-6)
+    out, k2, v2 = decode_attention_fused(**x, **kw, interpret=INTERPRET, block_k=block_k, num_splits=splits)
+    ref, kr, vr = decode_attention_fused_reference(**x, **kw)
+    assert out.shape == (len(pos), kh * g, h) and out.dtype == dtype
+    assert rel(out, ref) <= (1e-5 if dtype == jnp.float32 else 1e-2)
+    # the new token lands in its slot with the reference's roundings; nothing else in the buffers changes
+    np.testing.assert_allclose(np.asarray(k2, np.float32), np.asarray(kr, np.float32), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(v2, np.float32), np.asarray(vr, np.float32))
+
+
+def test_new_token_alone_is_its_value():
+    """At position 0 the only key is the token itself: the output is v, whatever q and k are."""
+    x = inputs(1, 2, 2, 2, 32, 16, [0, 0], jnp.float32)
+    out, _, _ = decode_attention_fused(**x, ring=False, scale=0.1, eps=1e-6, interpret=INTERPRET)
+    v = x["qkv"][:, 6:]  # [B, K, H]: rows after 4 q heads and 2 k heads
+    np.testing.assert_allclose(np.asarray(out), np.repeat(np.asarray(v), 2, axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(qkv=jnp.zeros((2, 7, 32))), "N query heads"),
+        (dict(q_norm=jnp.zeros((16,))), "q_norm must have shape"),
+        (dict(cos=jnp.zeros((2, 16))), "cos must have shape"),
+        (dict(pos=jnp.zeros((3,), jnp.int32)), "pos must have shape"),
+    ],
+)
+def test_bad_inputs_name_the_value(change, match):
+    x = inputs(2, 2, 2, 2, 32, 16, [1, 2], jnp.float32)
+    x.update(change)
+    with pytest.raises(ValueError, match=match):
+        decode_attention_fused(**x, ring=False, scale=0.1, eps=1e-6, interpret=True)
+
+
+def test_head_dim_72_is_not_fused():
+    x = inputs(3, 1, 1, 2, 64, 16, [1], jnp.float32)
+    x["qkv"] = jnp.zeros((1, 4, 72))
+    x["k_cache"] = x["v_cache"] = jnp.zeros((1, 16, 1, 72))
+    with pytest.raises(ValueError, match="power-of-two head dims"):
+        decode_attention_fused(**x, ring=False, scale=0.1, eps=1e-6, interpret=True)
+    assert not kvc.fused_step_supported(72) and kvc.fused_step_supported(256)
+
+
+def test_model_decode_fused_equals_reference(tiny_mm):
+    """The model's decode step through the fused kernel equals its unfused jnp path (float32), ring wrapped."""
+    model = gemma3_jax.load_pretrained(tiny_mm[0], dtype=jnp.float32, progress=False)
+    cfg = model.cfg.text
+    rng = np.random.default_rng(4)
+    b, length = 2, 3 * cfg.sliding_window + 5
+    cache = kvc.init_cache(cfg, b, length + 4, model.dtype)
+    tokens = jnp.asarray(rng.integers(5, 50, (b, length)), jnp.int32)
+    caches = {"auto": cache, "reference": cache}
+    steps = {impl: jax.jit(lambda c, t, impl=impl: model.text.decode_step(model.text.embed_tokens(t[:, None]), c,
+                                                                         impl))
+             for impl in caches}
+    worst = 0.0
+    for i in range(length):
+        outs = {}
+        for impl in caches:
+            outs[impl], caches[impl] = steps[impl](caches[impl], tokens[:, i])
+        worst = max(worst, rel(outs["auto"], outs["reference"]))
+    assert worst <= 1e-5, worst
+    for a, r in zip(caches["auto"].k + caches["auto"].v, caches["reference"].k + caches["reference"].v):
+        assert rel(a, r) <= 1e-5
