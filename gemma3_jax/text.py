@@ -5,6 +5,7 @@ Shapes: B batch, T tokens, D hidden, N query heads, K key/value heads, H head di
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -12,6 +13,7 @@ from jaxtyping import Array, Float, Int
 
 from gemma3_jax import cache as kvc
 from pallas_kernels import attention as attend
+from pallas_kernels.residual_norm import residual_norm
 from gemma3_jax.config import GLOBAL, SLIDING, TextConfig
 from gemma3_jax.layers import GeGLU, RMSNorm, apply_rope, param, rope_cos_sin
 
@@ -95,10 +97,6 @@ class DecoderLayer(nnx.Module):
         h, kv = self.attn(self.input_norm(x), cos, sin, segment_ids, kv_lengths, impl)
         return self._ffw(x + self.post_attn_norm(h)), kv
 
-    def decode(self, x, cos, sin, k_buf, v_buf, pos, impl: str):
-        h, k_buf, v_buf = self.attn.decode(self.input_norm(x), cos, sin, k_buf, v_buf, pos, impl)
-        return self._ffw(x + self.post_attn_norm(h)), k_buf, v_buf
-
     def _ffw(self, x):
         return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
 
@@ -157,10 +155,25 @@ class TextModel(nnx.Module):
         ``impl``: "auto"/"pallas" = the Pallas decode kernel, "reference" = cache.attend_step in jnp."""
         pos = cache.lengths
         tables = self.rope_tables(pos[:, None])
-        x, ks, vs = embeddings, [], []
-        for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v):
+        layers = list(self.layers)
+        # x: the residual stream; xn: its normed copy for the next sub-block. Each residual add and the norm
+        # after it are one kernel (residual_and_norm), the last one with the final norm.
+        x, xn, ks, vs = embeddings, layers[0].input_norm(embeddings), [], []
+        for i, (layer, k_buf, v_buf) in enumerate(zip(layers, cache.k, cache.v)):
             cos, sin = tables[layer.layer_type]
-            x, k_buf, v_buf = layer.decode(x, cos, sin, k_buf, v_buf, pos, impl)
+            h, k_buf, v_buf = layer.attn.decode(xn, cos, sin, k_buf, v_buf, pos, impl)
+            x, xn = residual_and_norm(x, h, layer.post_attn_norm, layer.pre_ffw_norm, impl)
+            following = layers[i + 1].input_norm if i + 1 < len(layers) else self.final_norm
+            x, xn = residual_and_norm(x, layer.mlp(xn), layer.post_ffw_norm, following, impl)
             ks.append(k_buf)
             vs.append(v_buf)
-        return self.final_norm(x), kvc.KVCache(tuple(ks), tuple(vs), pos + 1)
+        return xn, kvc.KVCache(tuple(ks), tuple(vs), pos + 1)
+
+
+def residual_and_norm(x, delta, post: RMSNorm, following: RMSNorm, impl: str):
+    """(x + post(delta), following(x + post(delta))): one Pallas kernel unless impl is "reference"."""
+    if impl == "reference":
+        x = x + post(delta)
+        return x, following(x)
+    return residual_norm(x, delta, post.weight[...], following.weight[...], eps=post.eps,
+                         interpret=jax.default_backend() != "gpu")

@@ -215,14 +215,16 @@ def log_kernels(k: dict, n: int = 30) -> None:
         log(f"    {row['us_per_step']:8.1f} us x{row['calls_per_step']:.0f}  {row['name']}")
 
 
-def decode_section(cfg, small: bool, model) -> None:
+DECODE_MODES = ("fused", "pallas", "xla", "none")
+
+
+def decode_section(cfg, small: bool, model, modes=DECODE_MODES) -> None:
     spec = spec_of(small)
     rng = np.random.default_rng(0)
     chunk = 32
     cases = [("b1_short", 1, round_up(spec.short[0] + spec.new), spec.short[0]),
              ("b8_short", 8, round_up(spec.short[0] + spec.new), spec.short[0]),
              ("b32_8k", 32, round_up(8192 + 2 * chunk) if not small else 512, 8192 if not small else 400)]
-    modes = ["fused", "pallas", "xla", "none"]
     for name, batch, cache_length, held in cases:
         cache0 = random_cache(cfg, batch, cache_length, held, model.dtype)
         token = jnp.asarray(rng.integers(10, 1000, batch), jnp.int32)
@@ -379,6 +381,7 @@ def main() -> int:
     ap.add_argument("--small", action="store_true", help="tiny config (CPU check of every code path)")
     ap.add_argument("--prefill-options", default="default", help=f"comma list of {list(OPTIONS)}")
     ap.add_argument("--no-vision-sweep", action="store_true")
+    ap.add_argument("--decode-modes", default=",".join(DECODE_MODES), help="comma list of decode modes")
     args = ap.parse_args()
     sections = [s for s in args.only.split(",") if s]
     spec = spec_of(args.small)
@@ -391,7 +394,7 @@ def main() -> int:
     if {"decode", "prefill"} & set(sections):
         model = random_model(spec.cfg, jnp.bfloat16)
         if "decode" in sections:
-            decode_section(spec.cfg, args.small, model)
+            decode_section(spec.cfg, args.small, model, args.decode_modes.split(","))
         if "prefill" in sections:
             prefill_section(spec.cfg, args.small, model, args.prefill_options.split(","), not args.no_vision_sweep)
     for e in RESULTS.get("errors", []):

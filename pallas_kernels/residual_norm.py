@@ -1,0 +1,98 @@
+"""Pallas (Triton) residual add between two Gemma RMSNorms, for decode: one kernel instead of ~4 XLA ones.
+
+    x_new = x + rmsnorm(delta, post_weight)        (the sub-block's output norm and the residual add)
+    x_n   = rmsnorm(x_new, next_weight)            (the next sub-block's input norm)
+
+Gemma RMSNorm: ``y = x / rms(x) * (1 + w)`` in float32, cast to the input dtype; the residual add is rounded
+to the input dtype, as transformers does in bf16. One program per row keeps the whole row in registers: D is
+loaded as power-of-two pieces (2560 = 2048 + 512), so every load is issued at once and there is one memory
+latency per kernel, not one per chunk. Meant for decode (B small, D up to a few thousand); rows are
+independent, so any B works. Public pallas (pl) and pallas.triton APIs only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import DTYPES
+from pallas_kernels.tuning import compiler_params
+
+MAX_DIM = 16384
+
+
+def pow2_pieces(d: int) -> tuple[tuple[int, int], ...]:
+    """(offset, size) power-of-two pieces covering [0, d), largest first: 2560 -> ((0, 2048), (2048, 512))."""
+    pieces, off = [], 0
+    for bit in reversed(range(d.bit_length())):
+        if d & (1 << bit):
+            pieces.append((off, 1 << bit))
+            off += 1 << bit
+    return tuple(pieces)
+
+
+def _kernel(x_ref, delta_ref, wpost_ref, wnext_ref, xo_ref, xn_ref, *, pieces, d, eps):
+    f32, dt = jnp.float32, x_ref.dtype
+    rnd = lambda t: t.astype(dt).astype(f32)  # noqa: E731  (round to the activation dtype)
+
+    def load(ref):
+        return [ref[pl.ds(o, s)].astype(f32) for o, s in pieces]
+
+    x, delta, w_post, w_next = load(x_ref), load(delta_ref), load(wpost_ref), load(wnext_ref)
+
+    def inv_rms(parts):
+        total = parts[0].sum()
+        for t in parts[1:]:
+            total = total + t.sum()
+        return lax.rsqrt(total / d + eps)
+
+    inv_d = inv_rms([t * t for t in delta])
+    x_new = [rnd(a + rnd(b * inv_d * (1.0 + w))) for a, b, w in zip(x, delta, w_post)]
+    inv_x = inv_rms([t * t for t in x_new])
+    for (o, s), t, w in zip(pieces, x_new, w_next):
+        xo_ref[pl.ds(o, s)] = t.astype(dt)
+        xn_ref[pl.ds(o, s)] = (t * inv_x * (1.0 + w)).astype(dt)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "num_warps"))
+def residual_norm(x, delta, post_weight, next_weight, *, eps, interpret=False, num_warps=4):
+    """(x_new, x_n), both shaped and typed like x [..., D]; see the module doc."""
+    if x.shape != delta.shape or x.dtype != delta.dtype or x.dtype not in DTYPES:
+        raise ValueError(f"x and delta must match and be bf16/fp16/fp32: {x.shape=} {x.dtype=} {delta.shape=} "
+                         f"{delta.dtype=}")
+    d = x.shape[-1]
+    if not 0 < d <= MAX_DIM:
+        raise ValueError(f"the feature dim must be in 1..{MAX_DIM}: {x.shape=}")
+    for name, w in (("post_weight", post_weight), ("next_weight", next_weight)):
+        if w.shape != (d,):
+            raise ValueError(f"{name} must be [D] = [{d}]: got {w.shape}")
+    rows = x.reshape(-1, d)
+    row = pl.BlockSpec((None, d), lambda i: (i, 0))
+    vec = pl.BlockSpec((d,), lambda i: (0,))
+    x_new, x_n = pl.pallas_call(
+        functools.partial(_kernel, pieces=pow2_pieces(d), d=d, eps=float(eps)),
+        grid=(rows.shape[0],),
+        in_specs=[row, row, vec, vec],
+        out_specs=[row, row],
+        out_shape=[jax.ShapeDtypeStruct(rows.shape, x.dtype)] * 2,
+        compiler_params=compiler_params(num_warps, 1),
+        interpret=interpret,
+        name="residual_norm",
+    )(rows, delta.reshape(-1, d), post_weight, next_weight)
+    return x_new.reshape(x.shape), x_n.reshape(x.shape)
+
+
+def residual_norm_reference(x, delta, post_weight, next_weight, *, eps):
+    """Pure-jnp oracle with the same roundings."""
+
+    def rms(v, w):
+        vf = v.astype(jnp.float32)
+        vf = vf * lax.rsqrt(jnp.mean(vf * vf, axis=-1, keepdims=True) + eps)
+        return (vf * (1.0 + w.astype(jnp.float32))).astype(v.dtype)
+
+    x_new = (x + rms(delta, post_weight)).astype(x.dtype)
+    return x_new, rms(x_new, next_weight)
