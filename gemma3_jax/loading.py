@@ -45,11 +45,26 @@ _UNUSED = re.compile(r"^vision:head\.")  # SigLIP's pooling head: Gemma-3 does n
 Conversion = tuple[Callable[[tuple], tuple], Callable]
 _COPY: Conversion = (lambda s: s, lambda w, s: w)
 _T: Conversion = (lambda s: s[::-1], lambda w, s: w.T)  # nn.Linear [out, in] -> [in, out] (SigLIP)
-_IN_HEADS: Conversion = (lambda s: (s[1] * s[2], s[0]), lambda w, s: w.T.reshape(s))  # [N*H, D] -> [D, N, H]
-_OUT_HEADS: Conversion = (lambda s: (s[2], s[0] * s[1]), lambda w, s: w.T.reshape(s))  # [D, N*H] -> [N, H, D]
 _OUT_IN_HEADS: Conversion = (lambda s: (s[0] * s[1], s[2]), lambda w, s: w.reshape(s))  # [N*H, D] -> [N, H, D]
 _IN_OUT_HEADS: Conversion = (lambda s: (s[0], s[1] * s[2]), lambda w, s: w.reshape(s))  # [D, N*H] -> [D, N, H]
-_HEADS_BIAS: Conversion = (lambda s: (s[0] * s[1],), lambda w, s: w.reshape(s))  # [N*H] -> [N, H]
+
+
+def _pad_axis(x, axis: int, size: int):
+    """Zero-pad ``axis`` of x up to ``size`` (SigLIP's head dim 72 -> 80); a larger axis is a shape error."""
+    if x.shape[axis] > size:
+        raise CheckpointError(f"a head dim of {x.shape[axis]} does not fit the model's padded {size}")
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+# SigLIP q/k/v/out with the head dim zero-padded (s: our shape; N*H = the checkpoint's width).
+_QKV_PAD: Conversion = (  # [N*H, E] -> one piece [E, 1, N, Hp] of qkv_proj
+    lambda s: (-1, s[0]),
+    lambda w, s: _pad_axis(w.T.reshape(s[0], 1, s[2], -1), 3, s[3]),
+)
+_QKV_BIAS_PAD: Conversion = (lambda s: (-1,), lambda w, s: _pad_axis(w.reshape(1, s[1], -1), 2, s[2]))  # -> [1, N, Hp]
+_OUT_PAD: Conversion = (lambda s: (s[2], -1), lambda w, s: _pad_axis(w.T.reshape(s[0], -1, s[2]), 1, s[1]))  # -> [N, Hp, E]
 _CONV: Conversion = (  # Conv2d [E, C, p, p] -> [C*p*p, E]
     lambda s: (s[1], -1, -1, -1),
     lambda w, s: w.reshape(w.shape[0], -1).T,
@@ -78,9 +93,11 @@ _RULES: list[tuple[re.Pattern, str, Conversion]] = [
         (r"vision:post_layernorm\.bias", "vision.post_norm.bias", _COPY),
         (r"vision:encoder\.layers\.(\d+)\.layer_norm([12])\.weight", "vision.layers.{0}.norm{1}.scale", _COPY),
         (r"vision:encoder\.layers\.(\d+)\.layer_norm([12])\.bias", "vision.layers.{0}.norm{1}.bias", _COPY),
-        (r"vision:encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", "vision.layers.{0}.attn.{1}_proj", _IN_HEADS),
-        (r"vision:encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.bias", "vision.layers.{0}.attn.{1}_bias", _HEADS_BIAS),
-        (r"vision:encoder\.layers\.(\d+)\.self_attn\.out_proj\.weight", "vision.layers.{0}.attn.o_proj", _OUT_HEADS),
+        (r"vision:encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", "vision.layers.{0}.attn.qkv_proj[{1}]",
+         _QKV_PAD),
+        (r"vision:encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.bias", "vision.layers.{0}.attn.qkv_bias[{1}]",
+         _QKV_BIAS_PAD),
+        (r"vision:encoder\.layers\.(\d+)\.self_attn\.out_proj\.weight", "vision.layers.{0}.attn.o_proj", _OUT_PAD),
         (r"vision:encoder\.layers\.(\d+)\.self_attn\.out_proj\.bias", "vision.layers.{0}.attn.o_bias", _COPY),
         (r"vision:encoder\.layers\.(\d+)\.mlp\.(fc[12])\.weight", "vision.layers.{0}.mlp.{1}", _T),
         (r"vision:encoder\.layers\.(\d+)\.mlp\.(fc[12])\.bias", "vision.layers.{0}.mlp.{1}_bias", _COPY),
@@ -91,11 +108,13 @@ _RULES: list[tuple[re.Pattern, str, Conversion]] = [
 ]
 
 
-# Fused weights: several checkpoint tensors stacked along axis 0 of one parameter (target "name[piece]").
-# Each piece's rows, in order, as a function of the text config.
-_PIECES: dict[str, Callable[[TextConfig], list[tuple[str, int]]]] = {
-    "qkv_proj": lambda t: [("q", t.num_heads), ("k", t.num_kv_heads), ("v", t.num_kv_heads)],
-    "gate_up": lambda t: [("gate", t.intermediate_size), ("up", t.intermediate_size)],
+# Fused weights: several checkpoint tensors stacked along one axis of one parameter (target "name[piece]").
+# Per parameter ("part.leaf"): each piece's size along the axis, in order, as a function of the text config.
+_PIECES: dict[str, tuple[int, Callable[[TextConfig], list[tuple[str, int]]]]] = {
+    "text.qkv_proj": (0, lambda t: [("q", t.num_heads), ("k", t.num_kv_heads), ("v", t.num_kv_heads)]),
+    "text.gate_up": (0, lambda t: [("gate", t.intermediate_size), ("up", t.intermediate_size)]),
+    "vision.qkv_proj": (1, lambda t: [("q", 1), ("k", 1), ("v", 1)]),  # [E, 3, N, Hp]
+    "vision.qkv_bias": (0, lambda t: [("q", 1), ("k", 1), ("v", 1)]),  # [3, N, Hp]
 }
 
 
@@ -107,9 +126,10 @@ def split_piece(target: str) -> tuple[str, str | None]:
     return target, None
 
 
-def pieces_of(name: str, cfg: TextConfig) -> list[tuple[str, int]] | None:
-    fused = _PIECES.get(name.rsplit(".", 1)[-1])
-    return fused(cfg) if fused else None
+def pieces_of(name: str, cfg: TextConfig) -> tuple[int, list[tuple[str, int]]] | None:
+    """(axis, [(piece, size), ...]) of a fused parameter, None for a plain one."""
+    fused = _PIECES.get(f"{name.split('.', 1)[0]}.{name.rsplit('.', 1)[-1]}")
+    return (fused[0], fused[1](cfg)) if fused else None
 
 
 class CheckpointError(ValueError):
@@ -217,22 +237,27 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
             raise CheckpointError(f"tensor {key!r} maps to {full!r}, which was already loaded")
         p = params[name]
         want = p.get_value().shape
-        if piece is not None:  # this piece's rows of the fused weight
-            rows = dict(pieces_of(name, cfg.text))[piece]
-            want = (rows, *want[1:])
+        if piece is not None:  # this piece's slice of the fused weight
+            axis, sizes = pieces_of(name, cfg.text)
+            want = tuple(dict(sizes)[piece] if i == axis else w for i, w in enumerate(want))
         expect = hf_shape_of(want)
         if len(expect) != len(hf_shape) or any(e not in (-1, h) for e, h in zip(expect, hf_shape)):
             raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, expected {list(expect)} for {name!r}")
-        value = convert(read(), want).astype(dtype)
+        try:
+            value = convert(read(), want).astype(dtype)
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError) as e:  # a reshape that cannot fit: name the tensor, not numpy's message
+            raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, which does not fit {full!r} {want}") from e
         if value.shape != want:
             raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, which does not fit {full!r} {want}")
         if piece is not None:
             got = pending.setdefault(name, {})
             got[piece] = value
-            order = [k for k, _ in pieces_of(name, cfg.text)]
+            order = [k for k, _ in sizes]
             if set(got) != set(order):
                 continue
-            value = jnp.concatenate([got[k] for k in order], axis=0)
+            value = jnp.concatenate([got[k] for k in order], axis=axis)
             del pending[name]
         p.set_value(value)
         loaded.add(name)
@@ -240,7 +265,7 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
     for n in sorted(set(params) - loaded):
         fused = pieces_of(n, cfg.text)
         have = pending.get(n, {})
-        missing += [hf_name_of(f"{n}[{k}]") for k, _ in fused if k not in have] if fused else [hf_name_of(n)]
+        missing += [hf_name_of(f"{n}[{k}]") for k, _ in fused[1] if k not in have] if fused else [hf_name_of(n)]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"missing tensor(s) in {path}: {', '.join(missing[:5])}{more}")

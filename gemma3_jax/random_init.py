@@ -66,5 +66,16 @@ def random_model(cfg: Gemma3Config, dtype=jnp.bfloat16, seed: int = 0, attention
         p = params[name]
         shape = tuple(p.get_value().shape)
         mean, std = _init_std(name, shape)
-        p.set_value(_draw(jax.random.fold_in(root, i), shape, dtype, jnp.float32(mean), jnp.float32(std)))
+        value = _draw(jax.random.fold_in(root, i), shape, dtype, jnp.float32(mean), jnp.float32(std))
+        p.set_value(_zero_head_padding(name, value, cfg))
     return model
+
+
+def _zero_head_padding(name: str, value, cfg: Gemma3Config):
+    """SigLIP's q/k/v/out weights hold the head dim zero-padded (72 -> 80): keep the padding zero, as loading does."""
+    if not name.startswith("vision.") or name.rsplit(".", 1)[-1] not in ("qkv_proj", "qkv_bias", "o_proj"):
+        return value
+    h = cfg.vision.head_dim
+    if name.endswith("o_proj"):  # [N, Hp, E]
+        return value.at[:, h:, :].set(0)
+    return value.at[..., h:].set(0)  # [E, 3, N, Hp] / [3, N, Hp]

@@ -6,11 +6,13 @@ T soft tokens per image, D text hidden.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
 from pallas_kernels import attention as attend
+from pallas_kernels.attention import packed_self_attention
 from gemma3_jax.config import Gemma3Config, VisionConfig
 from gemma3_jax.layers import LayerNorm, RMSNorm, gelu_tanh, param
 
@@ -25,20 +27,37 @@ def patchify(pixels: Float[Array, "I C S S"], patch: int) -> Float[Array, "I P C
 
 
 class VisionAttention(nnx.Module):
+    """SigLIP self-attention. q, k and v are one weight [E, 3, N, Hp] with the head dim H zero-padded to Hp, a
+    multiple of 16 (72 -> 80, done at load time): one product writes them in the layout the Pallas kernel reads
+    in place, and the output projection [N, Hp, E] has zero rows for the padded columns, so no per-call
+    padding, slicing or weight concatenation remains (~1.1 ms per image on the H100 before)."""
+
     def __init__(self, cfg: VisionConfig, dtype):
         e, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-        self.q_proj, self.q_bias = param((e, n, h), dtype), param((n, h), dtype)
-        self.k_proj, self.k_bias = param((e, n, h), dtype), param((n, h), dtype)
-        self.v_proj, self.v_bias = param((e, n, h), dtype), param((n, h), dtype)
-        self.o_proj, self.o_bias = param((n, h, e), dtype), param((e,), dtype)
+        hp = padded_head_dim(h)
+        self.qkv_proj, self.qkv_bias = param((e, 3, n, hp), dtype), param((3, n, hp), dtype)
+        self.o_proj, self.o_bias = param((n, hp, e), dtype), param((e,), dtype)
+        self.head_dim = h
         self.scale = h**-0.5
 
     def __call__(self, x: Float[Array, "I P E"], impl: str) -> Float[Array, "I P E"]:
-        q = jnp.einsum("IPE,ENH->IPNH", x, self.q_proj[...]) + self.q_bias[...]
-        k = jnp.einsum("IPE,ENH->IPNH", x, self.k_proj[...]) + self.k_bias[...]
-        v = jnp.einsum("IPE,ENH->IPNH", x, self.v_proj[...]) + self.v_bias[...]
-        out = attend(q, k, v, None, scale=self.scale, causal=False, implementation=impl)  # bidirectional, no mask
+        qkv = jnp.einsum("IPE,EKNH->IPKNH", x, self.qkv_proj[...]) + self.qkv_bias[...]  # K = 3: q, k, v
+        if impl == "reference":
+            h = self.head_dim
+            q, k, v = (qkv[:, :, i, :, :h] for i in range(3))
+            out = attend(q, k, v, None, scale=self.scale, causal=False, implementation=impl)
+            out = jnp.pad(out, ((0, 0), (0, 0), (0, 0), (0, qkv.shape[-1] - h)))
+        elif impl in ("auto", "pallas"):
+            interpret = jax.default_backend() != "gpu"
+            out = packed_self_attention(qkv, head_dim=self.head_dim, scale=self.scale, interpret=interpret)
+        else:
+            raise ValueError(f"unknown attention implementation {impl!r}")
         return jnp.einsum("IPNH,NHE->IPE", out, self.o_proj[...]) + self.o_bias[...]
+
+
+def padded_head_dim(h: int) -> int:
+    """The head dim rounded up to a multiple of 16 (what the attention kernel computes on)."""
+    return -(-h // 16) * 16
 
 
 class VisionMLP(nnx.Module):

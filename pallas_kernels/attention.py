@@ -199,6 +199,65 @@ def image_span_attention(
     return out[:, :sq, :, :d]
 
 
+@functools.partial(jax.jit, static_argnames=("head_dim", "scale", "interpret", "block_q", "block_k", "num_warps",
+                                             "num_stages", "fast_exp2"))
+def packed_self_attention(
+    qkv, *, head_dim, scale=None, interpret=False, block_q=None, block_k=None, num_warps=None, num_stages=None,
+    fast_exp2=None,
+):
+    """Bidirectional attention without a mask (the SigLIP encoder) on q, k and v packed in one array.
+
+    qkv [B, S, 3, H, Dp]: q, k, v of H heads, the head dim ``head_dim`` zero-padded to Dp = its multiple of 16
+    (72 -> 80), as one projection writes them. Returns [B, S, H, Dp] in qkv's dtype; its padded columns hold
+    P @ V of the padded columns (zeros when they are zero in v). The kernel reads q, k and v in place (three
+    BlockSpecs on one array): no slicing or padding copies, which cost SigLIP ~1.1 ms per image on the H100
+    (docs/benchmarks.md)."""
+    if qkv.ndim != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be [B, S, 3, H, Dp]: got {qkv.shape=}")
+    b, s, _, h, dp = qkv.shape
+    chunks = head_chunks(head_dim)
+    if sum(w for _, w in chunks) != dp:
+        raise ValueError(f"the padded head dim must be {head_dim=} rounded up to a multiple of 16: {qkv.shape=}")
+    if qkv.dtype not in DTYPES:
+        raise ValueError(f"qkv must be bf16/fp16/fp32: {qkv.dtype=}")
+    cfg = default_config(dp, s, jnp.dtype(qkv.dtype).itemsize)
+    bq = min(block_q or cfg.block_q, max(16, next_pow2(s)))
+    bk = min(block_k or cfg.block_k, max(16, next_pow2(s)))
+    fast = (cfg.fast_exp2 if fast_exp2 is None else bool(fast_exp2)) and not interpret
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    ks, ke = key_intervals(jnp.full((b, s), -1, jnp.int32), causal=False)
+    meta = block_ranges(ks, ke, block_q=bq, block_k=bk)
+    nq = meta.shape[1]
+    sp = max(nq * bq, -(-s // bk) * bk)
+    if sp != s:  # only sequences that are not a multiple of the blocks are copied
+        qkv = jnp.pad(qkv, ((0, 0), (0, sp - s), (0, 0), (0, 0), (0, 0)))
+        ks = jnp.pad(ks, ((0, 0), (0, sp - s)))
+        ke = jnp.pad(ke, ((0, 0), (0, sp - s)))
+    precision = lax.Precision.HIGHEST if qkv.dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _kernel, chunks=chunks, block_k=bk, qk_scale=scale * LOG2E, precision=precision, fast_exp2=fast,
+    )
+    rev = lambda i: nq - 1 - i  # noqa: E731
+    out = pl.pallas_call(
+        kernel,
+        grid=(nq, b, h),
+        in_specs=[
+            pl.BlockSpec((None, None, 4), lambda i, bb, hh: (bb, rev(i), 0)),
+            pl.BlockSpec((None, bq), lambda i, bb, hh: (bb, rev(i))),
+            pl.BlockSpec((None, bq), lambda i, bb, hh: (bb, rev(i))),
+            pl.BlockSpec((None, bq, None, None, dp), lambda i, bb, hh: (bb, rev(i), 0, hh, 0)),
+            pl.BlockSpec((None, sp, None, None, dp), lambda i, bb, hh: (bb, 0, 1, hh, 0)),
+            pl.BlockSpec((None, sp, None, None, dp), lambda i, bb, hh: (bb, 0, 2, hh, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, bq, None, dp), lambda i, bb, hh: (bb, rev(i), hh, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, nq * bq, h, dp), qkv.dtype),
+        compiler_params=compiler_params(num_warps or cfg.num_warps, num_stages or cfg.num_stages),
+        interpret=interpret,
+        name="packed_self_attention",
+    )(meta, ks, ke, qkv, qkv, qkv)
+    return out if nq * bq == s else out[:, :s]
+
+
 def attention(
     q, k, v, segment_ids=None, *, sliding_window=None, kv_lengths=None, scale=None, causal=True,
     implementation: str = "auto", **kernel_kwargs,

@@ -43,7 +43,7 @@ from flax import nnx  # noqa: E402
 from bench_attention import time_jax  # noqa: E402
 from bench_generate import PEAK_BW, attempt, make_pixels, make_prompt, round_up, spec_of  # noqa: E402
 from gemma3_jax import cache as kvc  # noqa: E402
-from gemma3_jax.engine import Engine  # noqa: E402
+from gemma3_jax.engine import Engine, bucket_length  # noqa: E402
 from gemma3_jax.random_init import random_model  # noqa: E402
 from gemma3_jax.sampling import SamplingParams  # noqa: E402
 
@@ -55,6 +55,7 @@ OPTIONS = {  # XLA compiler options tried on the prefill parts
     "graph_min_size_1": {"xla_gpu_graph_min_graph_size": 1},
     "command_buffers_all": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN",
                             "xla_gpu_graph_min_graph_size": 1},
+    "cublaslt": {**NO_TRITON_GEMM, "xla_gpu_enable_cublaslt": True},  # bias/GELU as GEMM epilogues
 }
 RESULTS: dict = {}
 
@@ -78,6 +79,73 @@ def bench(fn, *args, runs: int = 10) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def host_time(fn, *args, runs: int = 20) -> float:
+    """Median seconds the host spends in ``fn(*args)`` before it returns (the call itself is asynchronous)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        out = fn(*args)
+        times.append(time.perf_counter() - t)
+        jax.block_until_ready(out)
+    return statistics.median(times)
+
+
+def fusion_bodies(compiled, names, lines: int = 14) -> dict:
+    """The optimized-HLO fusion instruction and the first lines of the computation it calls, per kernel name
+    from a trace (loop_reduce_fusion_33 -> %loop_reduce_fusion.33): what a small kernel actually computes."""
+    import re
+
+    text = compiled.as_text()
+    out = {}
+    for name in names:
+        hlo = re.sub(r"_(\d+)$", r".\1", name)
+        m = re.search(rf"^\s*(ROOT )?%?{re.escape(hlo)} = .*$", text, re.M)
+        if not m:
+            continue
+        inst = m.group(0).strip()
+        body = []
+        c = re.search(r"calls=%?([\w.\-]+)", inst)
+        if c:
+            b = re.search(rf"^%?{re.escape(c.group(1))} .*?\{{\n(.*?)^\}}", text, re.M | re.S)
+            body = b.group(1).strip().splitlines()[:lines] if b else []
+        out[name] = [inst[:400], *[ln.strip()[:240] for ln in body]]
+    return out
+
+
+# ---- launch cost of a kernel --------------------------------------------------------------------
+def launch_section(cfg, small: bool) -> None:
+    """64 dependent tiny kernels in one jitted call: Pallas (residual_norm) vs the same ops fused by XLA.
+    Host time per call, one call until ready, and back to back: what a kernel launch costs on each path."""
+    from pallas_kernels.residual_norm import residual_norm, residual_norm_reference
+
+    d = cfg.text.hidden_size
+    key = jax.random.key(5)
+    x, delta = (jax.random.normal(jax.random.fold_in(key, i), (1, d), jnp.bfloat16) for i in range(2))
+    w = jax.random.normal(key, (d,), jnp.bfloat16) * 0.1
+    interpret = jax.default_backend() != "gpu"
+
+    def chain(step):
+        def f(x, delta):
+            for _ in range(64):
+                x, delta = step(x, delta)
+            return x
+        return jax.jit(f).lower(x, delta).compile()
+
+    impls = {"pallas residual_norm": lambda a, b: residual_norm(a, b, w, w, eps=1e-6, interpret=interpret),
+             "xla residual+norm": lambda a, b: residual_norm_reference(a, b, w, w, eps=1e-6)}
+    for label, step in impls.items():
+        with attempt(RESULTS, f"launch {label}"):
+            c = chain(step)
+            r = dict(host_ms=host_time(c, x, delta) * 1e3, one_call_ms=bench(c, x, delta) * 1e3,
+                     back_to_back_ms=time_jax(c, x, delta, iters=10, reps=5),
+                     xla_flags=os.environ.get("XLA_FLAGS", ""))
+            RESULTS.setdefault("launch", {})[label] = r
+            log(f"launch x64 {label}: host {r['host_ms']:.3f} ms/call, one call {r['one_call_ms']:.3f} ms, "
+                f"back to back {r['back_to_back_ms']:.3f} ms (XLA_FLAGS={r['xla_flags']!r})")
+    save()
 
 
 # ---- matmuls of a decode step -------------------------------------------------------------------
@@ -246,10 +314,16 @@ def decode_section(cfg, small: bool, model, modes=DECODE_MODES) -> None:
                     r = dict(step_ms=s * 1e3, tok_per_s=batch / s, compile_s=compile_s, cache_gib=cache0.nbytes / 2**30)
                     if mode in ("fused", "pallas"):
                         r["kernels"] = traced(c, args, chunk)
+                        small_ones = [k["name"] for k in r["kernels"].get("top", [])[:14] if k["us_per_step"] < 120]
+                        r["fusions"] = fusion_bodies(c, small_ones)
+                        r["host_ms_per_call"] = host_time(c, *args) * 1e3
                     RESULTS.setdefault("decode", {})[label] = r
                     log(f"decode {label}: {s * 1e3:.3f} ms/step, {batch / s:.0f} tok/s (compile {compile_s:.1f} s)")
                     if "kernels" in r:
                         log_kernels(r["kernels"])
+                        log(f"  host time per call (dispatch of {chunk} steps): {r['host_ms_per_call']:.2f} ms")
+                        for name, body in r["fusions"].items():
+                            log(f"  {name}:\n      " + "\n      ".join(body))
                 save()
         del cache0
 
@@ -267,8 +341,20 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
             eng = Engine(model, cache_length=round_up(n + spec.new), compiler_options=opts)
             eng.prefill([prompt], px)  # compile
             s = bench(lambda: eng.prefill([prompt], px), runs=5)
-            RESULTS.setdefault("prefill", {})[f"engine short {opts_name}"] = dict(ms=s * 1e3)
+            r = RESULTS.setdefault("prefill", {})[f"engine short {opts_name}"] = dict(ms=s * 1e3)
             log(f"prefill engine {n} tok {imgs} img ({opts_name}): {s * 1e3:.2f} ms")
+            if opts_name == "library defaults":  # host time of the compiled call vs a call that does nothing
+                c = next(v for k, v in eng._compiled.items() if k[0] == "prefill")
+                ids = np.full((1, bucket_length(n, eng.cache_length)), cfg.text.pad_token_id, np.int32)
+                ids[0, :n] = prompt
+                args = (eng.weights, jnp.asarray(ids), jnp.asarray(px, model.dtype), jnp.asarray([n], jnp.int32),
+                        jax.random.key(0))
+                null = jax.jit(lambda ws, *rest: ws[0].ravel()[0]).lower(*args).compile()
+                r.update(host_ms=host_time(c, *args) * 1e3, null_host_ms=host_time(null, *args) * 1e3,
+                         null_ms=bench(null, *args) * 1e3, n_weight_arrays=len(eng.weights))
+                log(f"  host time per call {r['host_ms']:.2f} ms; a do-nothing call with the same "
+                    f"{len(eng.weights)} weight arrays: host {r['null_host_ms']:.2f} ms, until ready "
+                    f"{r['null_ms']:.2f} ms")
         save()
     graphdef, state = nnx.split(model)
 
@@ -389,6 +475,8 @@ def main() -> int:
     log(f"jax {jax.__version__} on {jax.devices()[0]}")
     if "decode_kernel" in sections:
         decode_kernel_section(spec.cfg, args.small)
+    if "launch" in sections:
+        launch_section(spec.cfg, args.small)
     if "gemv" in sections:
         gemv_section(spec.cfg, args.small)
     if {"decode", "prefill"} & set(sections):

@@ -120,6 +120,25 @@ def test_bidirectional_siglip():
     assert err_ok(out, reference_attention(q, k, v, None, causal=False, kv_lengths=kvl), F32_TOL)
 
 
+@pytest.mark.parametrize("d,s,dtype,bq,bk", [(72, 100, jnp.float32, 32, 16), (12, 16, jnp.float32, None, None),
+                                             (64, 64, jnp.bfloat16, 32, 32)])
+def test_packed_self_attention(d, s, dtype, bq, bk):
+    """q|k|v packed [B, S, 3, H, Dp] with the head dim zero-padded (SigLIP's layout) == reference on [..., :d];
+    the padded output columns are P @ V of zeros."""
+    from pallas_kernels.attention import packed_self_attention
+
+    dp = -(-d // 16) * 16
+    q, k, v = qkv(d + s, 2, s, s, 3, 3, d, dtype)
+    packed = jnp.stack([jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, dp - d))) for x in (q, k, v)], axis=2)
+    out = packed_self_attention(packed, head_dim=d, interpret=True, block_q=bq, block_k=bk)
+    assert out.shape == (2, s, 3, dp) and out.dtype == dtype
+    ref = reference_attention(q, k, v, causal=False)
+    assert rel(out[..., :d], ref) <= (F32_TOL if dtype == jnp.float32 else LOWP_TOL)
+    assert np.all(np.asarray(out[..., d:], np.float32) == 0.0)
+    with pytest.raises(ValueError, match="padded head dim"):
+        packed_self_attention(packed, head_dim=dp + 16, interpret=True)
+
+
 def test_empty_rows_are_zero():
     b, s, hq, hkv, d = 2, 70, 2, 2, 64
     q, k, v = qkv(9, b, s, s, hq, hkv, d)
