@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from gemma3_jax import cache as kvc
-from gemma3_jax.model import Gemma3, check_inputs
+from gemma3_jax.model import NUMERICS_OPTIONS, Gemma3, check_inputs
 from gemma3_jax.sampling import SamplingParams, sample
 
 # Prompt lengths are padded up to one of these (each is compiled once): powers of two and 1.5x powers of two,
@@ -35,10 +35,12 @@ def default_compiler_options(step: str) -> dict[str, bool]:
     ``xla_gpu_enable_triton_gemm=false`` both run the text products in cuBLAS and measured the same within
     noise (1-image prompt 31.3 vs 30.5 ms); before the fusion, Triton GEMM fusions ran gate|up at half cuBLAS's
     rate. Prefill keeps cuBLAS (the setting end-to-end figures were measured with). Batch-1 decode is the other
-    way round (XLA's Triton GEMV 2.6 TB/s, cuBLAS 1.0), so decode keeps XLA's defaults."""
+    way round (XLA's Triton GEMV 2.6 TB/s, cuBLAS 1.0), so decode keeps XLA's defaults. Both round every
+    low-precision op as transformers does (NUMERICS_OPTIONS)."""
+    opts = dict(NUMERICS_OPTIONS)
     if jax.default_backend() == "gpu" and step == "prefill":
-        return {"xla_gpu_enable_triton_gemm": False}
-    return {}
+        opts["xla_gpu_enable_triton_gemm"] = False
+    return opts
 
 
 def bucket_length(n: int, cache_length: int) -> int:

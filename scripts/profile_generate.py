@@ -43,7 +43,7 @@ from flax import nnx  # noqa: E402
 from bench_attention import time_jax  # noqa: E402
 from bench_generate import PEAK_BW, attempt, make_pixels, make_prompt, round_up, spec_of  # noqa: E402
 from gemma3_jax import cache as kvc  # noqa: E402
-from gemma3_jax.engine import Engine, bucket_length  # noqa: E402
+from gemma3_jax.engine import Engine, bucket_length, default_compiler_options  # noqa: E402
 from gemma3_jax.random_init import random_model  # noqa: E402
 from gemma3_jax.sampling import SamplingParams  # noqa: E402
 
@@ -304,7 +304,8 @@ def decode_section(cfg, small: bool, model, modes=DECODE_MODES) -> None:
                 label = f"{name} {mode} {opts_name}"
                 with attempt(RESULTS, f"decode {label}"):
                     with patched_attention(mode):
-                        eng = Engine(model, cache_length=cache_length, chunk=chunk, compiler_options=opts or {})
+                        eng = Engine(model, cache_length=cache_length, chunk=chunk, compiler_options=opts)
+                        opts = default_compiler_options("decode") if opts is None else opts
                         fn = jax.jit(eng._decode_fn(SamplingParams()))
                         args = (eng.weights, cache0, token, done, remaining, jax.random.key(0), stops)
                         t = time.perf_counter()

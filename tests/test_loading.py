@@ -49,6 +49,13 @@ def test_bfloat16_weights(base):
         (dict(drop="model.language_model.layers.1.mlp.up_proj.weight"), r"missing[^,]*layers\.1\.mlp\.up_proj\.weight$"),
         (dict(reshape="model.language_model.layers.0.self_attn.v_proj.weight"), r"layers\.0\.self_attn\.v_proj\.weight.*shape"),
         (dict(reshape="model.vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight"), r"encoder\.layers\.1\.mlp\.fc1\.weight.*shape"),
+        # SigLIP's fused, head-padded q|k|v (weights and biases) and its padded output projection
+        (dict(drop="model.vision_tower.vision_model.encoder.layers.0.self_attn.k_proj.bias"),
+         r"missing[^,]*encoder\.layers\.0\.self_attn\.k_proj\.bias$"),
+        (dict(reshape="model.vision_tower.vision_model.encoder.layers.1.self_attn.v_proj.weight"),
+         r"encoder\.layers\.1\.self_attn\.v_proj\.weight.*shape"),
+        (dict(reshape="model.vision_tower.vision_model.encoder.layers.0.self_attn.out_proj.weight"),
+         r"encoder\.layers\.0\.self_attn\.out_proj\.weight.*does not fit"),
         (dict(extra="model.language_model.layers.0.self_attn.rotary.weight"), r"unexpected tensor.*rotary"),
         (dict(extra="model.language_model.layers.9.input_layernorm.weight"), r"unexpected tensor.*layers\.9"),
     ],
