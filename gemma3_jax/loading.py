@@ -58,13 +58,15 @@ def _pad_axis(x, axis: int, size: int):
     return jnp.pad(x, widths)
 
 
-# SigLIP q/k/v/out with the head dim zero-padded (s: our shape; N*H = the checkpoint's width).
+# SigLIP q/k/v/out with the head dim zero-padded (s: our shape). _NH in an expected shape stands for the
+# tower's heads x head dim (the checkpoint's width), which the padded shape alone does not give.
+_NH = -2
 _QKV_PAD: Conversion = (  # [N*H, E] -> one piece [E, 1, N, Hp] of qkv_proj
-    lambda s: (-1, s[0]),
+    lambda s: (_NH, s[0]),
     lambda w, s: _pad_axis(w.T.reshape(s[0], 1, s[2], -1), 3, s[3]),
 )
-_QKV_BIAS_PAD: Conversion = (lambda s: (-1,), lambda w, s: _pad_axis(w.reshape(1, s[1], -1), 2, s[2]))  # -> [1, N, Hp]
-_OUT_PAD: Conversion = (lambda s: (s[2], -1), lambda w, s: _pad_axis(w.T.reshape(s[0], -1, s[2]), 1, s[1]))  # -> [N, Hp, E]
+_QKV_BIAS_PAD: Conversion = (lambda s: (_NH,), lambda w, s: _pad_axis(w.reshape(1, s[1], -1), 2, s[2]))  # -> [1, N, Hp]
+_OUT_PAD: Conversion = (lambda s: (s[2], _NH), lambda w, s: _pad_axis(w.T.reshape(s[0], -1, s[2]), 1, s[1]))  # -> [N, Hp, E]
 _CONV: Conversion = (  # Conv2d [E, C, p, p] -> [C*p*p, E]
     lambda s: (s[1], -1, -1, -1),
     lambda w, s: w.reshape(w.shape[0], -1).T,
@@ -217,6 +219,7 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
     loaded: set[str] = set()
     pending: dict[str, dict[str, jax.Array]] = {}  # fused weights: pieces read so far
     tied = _is_tied(path)
+    vision_nh = cfg.vision.num_heads * cfg.vision.head_dim if cfg.is_multimodal else 0
     count = 0
     for file in files:
         with safe_open(str(file), framework="flax") as f:
@@ -240,7 +243,7 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
         if piece is not None:  # this piece's slice of the fused weight
             axis, sizes = pieces_of(name, cfg.text)
             want = tuple(dict(sizes)[piece] if i == axis else w for i, w in enumerate(want))
-        expect = hf_shape_of(want)
+        expect = tuple(vision_nh if e == _NH else e for e in hf_shape_of(want))
         if len(expect) != len(hf_shape) or any(e not in (-1, h) for e, h in zip(expect, hf_shape)):
             raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, expected {list(expect)} for {name!r}")
         try:

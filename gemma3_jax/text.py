@@ -69,7 +69,7 @@ class Attention(nnx.Module):
     def decode(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"], impl: str):
         """One token per row at position ``pos``: writes its key/value into the cache, attends over it."""
         ring = self.sliding_window is not None
-        if impl != "reference" and kvc.fused_step_supported(self.qkv_proj.shape[1]):
+        if impl in ("auto", "pallas") and kvc.fused_step_supported(self.qkv_proj.shape[1]):
             # one kernel for q/k norms, RoPE, the cache writes and the attention
             qkv = jnp.einsum("BD,MHD->BMH", x[:, 0], self.qkv_proj[...])
             norms = (self.q_norm.weight[...], self.k_norm.weight[...], self.q_norm.eps)
@@ -153,6 +153,8 @@ class TextModel(nnx.Module):
         """One token per row at position ``cache.lengths``; returns hidden states and the updated cache.
 
         ``impl``: "auto"/"pallas" = the Pallas decode kernel, "reference" = cache.attend_step in jnp."""
+        if impl not in ("auto", "pallas", "reference"):
+            raise ValueError(f"unknown attention implementation {impl!r}")
         pos = cache.lengths
         tables = self.rope_tables(pos[:, None])
         layers = list(self.layers)

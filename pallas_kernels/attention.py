@@ -220,6 +220,11 @@ def packed_self_attention(
         raise ValueError(f"the padded head dim must be {head_dim=} rounded up to a multiple of 16: {qkv.shape=}")
     if qkv.dtype not in DTYPES:
         raise ValueError(f"qkv must be bf16/fp16/fp32: {qkv.dtype=}")
+    if not 0 < head_dim <= 256:
+        raise ValueError(f"head dim must be in 1..256: {head_dim=}")
+    for name, val in (("block_q", block_q), ("block_k", block_k)):
+        if val is not None and (val < 1 or val & (val - 1)):
+            raise ValueError(f"{name} must be a power of two: {name}={val}")
     cfg = default_config(dp, s, jnp.dtype(qkv.dtype).itemsize)
     bq = min(block_q or cfg.block_q, max(16, next_pow2(s)))
     bk = min(block_k or cfg.block_k, max(16, next_pow2(s)))

@@ -173,7 +173,7 @@ def decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos,
     fast = (cfg.fast_exp2 if fast_exp2 is None else bool(fast_exp2)) and not interpret
     pos = jnp.asarray(pos, jnp.int32)
 
-    n_old = jnp.minimum(pos, s)
+    n_old = jnp.minimum(pos, s)  # a global buffer without room (pos >= S, outside the contract) attends S + 1
     excl = jnp.where(pos >= s, pos % s, -1) if ring else jnp.full_like(pos, -1)
     slot = pos % s if ring else pos  # >= s (no room): not written
 

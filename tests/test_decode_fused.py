@@ -105,5 +105,7 @@ def test_model_decode_fused_equals_reference(tiny_mm):
             outs[impl], caches[impl] = steps[impl](caches[impl], tokens[:, i])
         worst = max(worst, rel(outs["auto"], outs["reference"]))
     assert worst <= 1e-5, worst
+    with pytest.raises(ValueError, match="unknown attention implementation 'xla'"):
+        model.text.decode_step(model.text.embed_tokens(tokens[:, :1]), cache, "xla")
     for a, r in zip(caches["auto"].k + caches["auto"].v, caches["reference"].k + caches["reference"].v):
         assert rel(a, r) <= 1e-5
