@@ -12,7 +12,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from pallas_kernels import attention as attend
-from pallas_kernels.attention import packed_self_attention
+from pallas_kernels.attention import packed_self_attention, padded_head_dim
 from gemma3_jax.config import Gemma3Config, VisionConfig
 from gemma3_jax.layers import LayerNorm, RMSNorm, gelu_tanh, param
 
@@ -53,11 +53,6 @@ class VisionAttention(nnx.Module):
         else:
             raise ValueError(f"unknown attention implementation {impl!r}")
         return jnp.einsum("IPNH,NHE->IPE", out, self.o_proj[...]) + self.o_bias[...]
-
-
-def padded_head_dim(h: int) -> int:
-    """The head dim rounded up to a multiple of 16 (what the attention kernel computes on)."""
-    return -(-h // 16) * 16
 
 
 class VisionMLP(nnx.Module):

@@ -25,7 +25,9 @@ from pallas_kernels.segments import key_intervals
 from pallas_kernels.tuning import compiler_params, default_config
 
 
-
+def padded_head_dim(d: int) -> int:
+    """The head dim rounded up to a multiple of 16: the width the kernel computes on (SigLIP's 72 -> 80)."""
+    return -(-d // 16) * 16
 
 
 def head_chunks(d: int) -> tuple[tuple[int, int], ...]:
@@ -34,7 +36,7 @@ def head_chunks(d: int) -> tuple[tuple[int, int], ...]:
     Triton tiles have power-of-two sides and a dot needs >= 16 along the contraction, so D=72 is computed
     as 64 + 16 columns (80, 11% padding) instead of one 128-wide tile (78% padding): SigLIP's head dim.
     """
-    rest, off, out = -(-d // 16) * 16, 0, []
+    rest, off, out = padded_head_dim(d), 0, []
     while rest:
         w = 1 << (rest.bit_length() - 1)
         out.append((off, w))
@@ -121,9 +123,58 @@ def _check(q, k, v, segment_ids, kv_lengths, block_q, block_k):
         raise ValueError(f"segment_ids must be [B, Sk]: {segment_ids.shape=} {k.shape=}")
     if kv_lengths is not None and tuple(jnp.shape(kv_lengths)) != (b,):
         raise ValueError(f"kv_lengths must be [B]: {jnp.shape(kv_lengths)=} {q.shape=}")
+    _check_blocks(block_q, block_k)
+
+
+def _check_blocks(block_q, block_k):
     for name, val in (("block_q", block_q), ("block_k", block_k)):
         if val is not None and (val < 1 or val & (val - 1)):
             raise ValueError(f"{name} must be a power of two: {name}={val}")
+
+
+def _tiles(dp, sq, sk, dtype, block_q, block_k, num_warps, num_stages, fast_exp2, interpret):
+    """(block_q, block_k, num_warps, num_stages, fast_exp2): the tuning table's entry, overridden by the
+    caller's knobs, blocks no larger than the sequences need."""
+    cfg = default_config(dp, sq, jnp.dtype(dtype).itemsize)
+    bq = min(block_q or cfg.block_q, max(16, next_pow2(sq)))
+    bk = min(block_k or cfg.block_k, max(16, next_pow2(sk)))
+    fast = (cfg.fast_exp2 if fast_exp2 is None else bool(fast_exp2)) and not interpret
+    return bq, bk, num_warps or cfg.num_warps, num_stages or cfg.num_stages, fast
+
+
+def _launch(meta, ks, ke, q_in, k_in, v_in, *, q_spec, k_spec, v_spec, out_shape, chunks, block_q, block_k, scale,
+            fast, num_warps, num_stages, interpret, name):
+    """The kernel over grid (query blocks, B, H), the longest rows (last query blocks) first.
+
+    ``q_spec``/``k_spec``/``v_spec``: (block shape, index(i, b, h)) with i the query block being computed, so
+    callers may read q, k and v from separate arrays or from one packed array. Output [B, Sq, H, Dp]."""
+    nq, bq = meta.shape[1], block_q
+    b, _, h, dp = out_shape.shape
+
+    def spec(shape, index):
+        return pl.BlockSpec(shape, lambda i, bb, hh: index(nq - 1 - i, bb, hh))
+
+    precision = lax.Precision.HIGHEST if out_shape.dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _kernel, chunks=chunks, block_k=block_k, qk_scale=scale * LOG2E, precision=precision, fast_exp2=fast,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(nq, b, h),
+        in_specs=[
+            spec((None, None, 4), lambda i, bb, hh: (bb, i, 0)),
+            spec((None, bq), lambda i, bb, hh: (bb, i)),
+            spec((None, bq), lambda i, bb, hh: (bb, i)),
+            spec(*q_spec),
+            spec(*k_spec),
+            spec(*v_spec),
+        ],
+        out_specs=spec((None, bq, None, dp), lambda i, bb, hh: (bb, i, hh, 0)),
+        out_shape=out_shape,
+        compiler_params=compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name=name,
+    )(meta, ks, ke, q_in, k_in, v_in)
 
 
 @functools.partial(
@@ -149,13 +200,9 @@ def image_span_attention(
     _, sk, hkv, _ = k.shape
     g = hq // hkv
     chunks = head_chunks(d)
-    dp = sum(w for _, w in chunks)  # d rounded up to a multiple of 16
-    cfg = default_config(dp, sq, jnp.dtype(q.dtype).itemsize)
-    bq = min(block_q or cfg.block_q, max(16, next_pow2(sq)))
-    bk = min(block_k or cfg.block_k, max(16, next_pow2(sk)))
-    nwarps = num_warps or cfg.num_warps
-    nstages = num_stages or cfg.num_stages
-    fast = (cfg.fast_exp2 if fast_exp2 is None else bool(fast_exp2)) and not interpret
+    dp = padded_head_dim(d)
+    bq, bk, nwarps, nstages, fast = _tiles(dp, sq, sk, q.dtype, block_q, block_k, num_warps, num_stages, fast_exp2,
+                                           interpret)
     scale = d**-0.5 if scale is None else float(scale)
 
     if segment_ids is None:
@@ -174,28 +221,13 @@ def image_span_attention(
         k = jnp.pad(k, ((0, 0), (0, skp - sk), (0, 0), (0, dp - d)))
         v = jnp.pad(v, ((0, 0), (0, skp - sk), (0, 0), (0, dp - d)))
 
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    kernel = functools.partial(
-        _kernel, chunks=chunks, block_k=bk, qk_scale=scale * LOG2E, precision=precision, fast_exp2=fast,
-    )
-    rev = lambda i: nq - 1 - i  # longest rows (last query blocks) start first
-    out = pl.pallas_call(
-        kernel,
-        grid=(nq, b, hq),
-        in_specs=[
-            pl.BlockSpec((None, None, 4), lambda i, bb, h: (bb, rev(i), 0)),
-            pl.BlockSpec((None, bq), lambda i, bb, h: (bb, rev(i))),
-            pl.BlockSpec((None, bq), lambda i, bb, h: (bb, rev(i))),
-            pl.BlockSpec((None, bq, None, dp), lambda i, bb, h: (bb, rev(i), h, 0)),
-            pl.BlockSpec((None, skp, None, dp), lambda i, bb, h: (bb, 0, h // g, 0)),
-            pl.BlockSpec((None, skp, None, dp), lambda i, bb, h: (bb, 0, h // g, 0)),
-        ],
-        out_specs=pl.BlockSpec((None, bq, None, dp), lambda i, bb, h: (bb, rev(i), h, 0)),
-        out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
-        compiler_params=compiler_params(nwarps, nstages),
-        interpret=interpret,
+    kv_spec = ((None, skp, None, dp), lambda i, bb, h: (bb, 0, h // g, 0))
+    out = _launch(
+        meta, ks, ke, qp, k, v, q_spec=((None, bq, None, dp), lambda i, bb, h: (bb, i, h, 0)), k_spec=kv_spec,
+        v_spec=kv_spec, out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype), chunks=chunks, block_q=bq, block_k=bk,
+        scale=scale, fast=fast, num_warps=nwarps, num_stages=nstages, interpret=interpret,
         name="image_span_attention",
-    )(meta, ks, ke, qp, k, v)
+    )
     return out[:, :sq, :, :d]
 
 
@@ -215,20 +247,15 @@ def packed_self_attention(
     if qkv.ndim != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be [B, S, 3, H, Dp]: got {qkv.shape=}")
     b, s, _, h, dp = qkv.shape
-    chunks = head_chunks(head_dim)
-    if sum(w for _, w in chunks) != dp:
+    if padded_head_dim(head_dim) != dp:
         raise ValueError(f"the padded head dim must be {head_dim=} rounded up to a multiple of 16: {qkv.shape=}")
     if qkv.dtype not in DTYPES:
         raise ValueError(f"qkv must be bf16/fp16/fp32: {qkv.dtype=}")
     if not 0 < head_dim <= 256:
         raise ValueError(f"head dim must be in 1..256: {head_dim=}")
-    for name, val in (("block_q", block_q), ("block_k", block_k)):
-        if val is not None and (val < 1 or val & (val - 1)):
-            raise ValueError(f"{name} must be a power of two: {name}={val}")
-    cfg = default_config(dp, s, jnp.dtype(qkv.dtype).itemsize)
-    bq = min(block_q or cfg.block_q, max(16, next_pow2(s)))
-    bk = min(block_k or cfg.block_k, max(16, next_pow2(s)))
-    fast = (cfg.fast_exp2 if fast_exp2 is None else bool(fast_exp2)) and not interpret
+    _check_blocks(block_q, block_k)
+    bq, bk, nwarps, nstages, fast = _tiles(dp, s, s, qkv.dtype, block_q, block_k, num_warps, num_stages,
+                                           fast_exp2, interpret)
     scale = head_dim**-0.5 if scale is None else float(scale)
     ks, ke = key_intervals(jnp.full((b, s), -1, jnp.int32), causal=False)
     meta = block_ranges(ks, ke, block_q=bq, block_k=bk)
@@ -238,28 +265,15 @@ def packed_self_attention(
         qkv = jnp.pad(qkv, ((0, 0), (0, sp - s), (0, 0), (0, 0), (0, 0)))
         ks = jnp.pad(ks, ((0, 0), (0, sp - s)))
         ke = jnp.pad(ke, ((0, 0), (0, sp - s)))
-    precision = lax.Precision.HIGHEST if qkv.dtype == jnp.float32 else None
-    kernel = functools.partial(
-        _kernel, chunks=chunks, block_k=bk, qk_scale=scale * LOG2E, precision=precision, fast_exp2=fast,
-    )
-    rev = lambda i: nq - 1 - i  # noqa: E731
-    out = pl.pallas_call(
-        kernel,
-        grid=(nq, b, h),
-        in_specs=[
-            pl.BlockSpec((None, None, 4), lambda i, bb, hh: (bb, rev(i), 0)),
-            pl.BlockSpec((None, bq), lambda i, bb, hh: (bb, rev(i))),
-            pl.BlockSpec((None, bq), lambda i, bb, hh: (bb, rev(i))),
-            pl.BlockSpec((None, bq, None, None, dp), lambda i, bb, hh: (bb, rev(i), 0, hh, 0)),
-            pl.BlockSpec((None, sp, None, None, dp), lambda i, bb, hh: (bb, 0, 1, hh, 0)),
-            pl.BlockSpec((None, sp, None, None, dp), lambda i, bb, hh: (bb, 0, 2, hh, 0)),
-        ],
-        out_specs=pl.BlockSpec((None, bq, None, dp), lambda i, bb, hh: (bb, rev(i), hh, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, nq * bq, h, dp), qkv.dtype),
-        compiler_params=compiler_params(num_warps or cfg.num_warps, num_stages or cfg.num_stages),
-        interpret=interpret,
+
+    kv = (None, sp, None, None, dp)  # k and v of head h: slots 1 and 2 of the packed array, read in place
+    out = _launch(
+        meta, ks, ke, qkv, qkv, qkv, q_spec=((None, bq, None, None, dp), lambda i, bb, h: (bb, i, 0, h, 0)),
+        k_spec=(kv, lambda i, bb, h: (bb, 0, 1, h, 0)), v_spec=(kv, lambda i, bb, h: (bb, 0, 2, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, nq * bq, h, dp), qkv.dtype), chunks=head_chunks(head_dim),
+        block_q=bq, block_k=bk, scale=scale, fast=fast, num_warps=nwarps, num_stages=nstages, interpret=interpret,
         name="packed_self_attention",
-    )(meta, ks, ke, qkv, qkv, qkv)
+    )
     return out if nq * bq == s else out[:, :s]
 
 
