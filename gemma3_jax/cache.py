@@ -16,7 +16,8 @@ from jaxtyping import Array, Float, Int
 
 from gemma3_jax.config import TextConfig
 from pallas_kernels.decode_attention import decode
-from pallas_kernels.decode_fused import decode_attention_fused
+from pallas_kernels.common import interpret_mode
+from pallas_kernels.decode_fused import decode_attention_fused, supports_head_dim
 
 
 class KVCache(NamedTuple):
@@ -81,15 +82,15 @@ def attend(q, k, v, pos, ring: bool, scale: float, impl: str):
 
 
 def fused_step_supported(head_dim: int) -> bool:
-    """Whether ``fused_step`` takes this head dim (powers of two 32..256; Gemma-3 text uses 256)."""
-    return head_dim in (32, 64, 128, 256)
+    """Whether ``fused_step`` takes this head dim (Gemma-3 text uses 256; the model falls back otherwise)."""
+    return supports_head_dim(head_dim)
 
 
 def fused_step(qkv, q_norm, k_norm, eps, cos, sin, k, v, pos, ring: bool, scale: float):
     """q/k RMSNorm + RoPE, write_step and attend in one Pallas kernel (compiled on GPU, interpreted elsewhere):
     qkv [B, N + 2K, H] raw projections, cos/sin [B, H] -> (out [B, N, H], k, v)."""
     return decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k, v, pos, ring=ring, scale=scale, eps=eps,
-                                  interpret=jax.default_backend() != "gpu")
+                                  interpret=interpret_mode())
 
 
 def attend_step(

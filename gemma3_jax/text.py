@@ -5,7 +5,6 @@ Shapes: B batch, T tokens, D hidden, N query heads, K key/value heads, H head di
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -13,6 +12,7 @@ from jaxtyping import Array, Float, Int
 
 from gemma3_jax import cache as kvc
 from pallas_kernels import attention as attend
+from pallas_kernels.common import interpret_mode
 from pallas_kernels.residual_norm import residual_norm
 from gemma3_jax.config import GLOBAL, SLIDING, TextConfig
 from gemma3_jax.layers import GeGLU, RMSNorm, apply_rope, param, rope_cos_sin
@@ -178,4 +178,4 @@ def residual_and_norm(x, delta, post: RMSNorm, following: RMSNorm, impl: str):
         x = x + post(delta)
         return x, following(x)
     return residual_norm(x, delta, post.weight[...], following.weight[...], eps=post.eps,
-                         interpret=jax.default_backend() != "gpu")
+                         interpret=interpret_mode())

@@ -6,13 +6,13 @@ T soft tokens per image, D text hidden.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
 from pallas_kernels import attention as attend
 from pallas_kernels.attention import packed_self_attention, padded_head_dim
+from pallas_kernels.common import interpret_mode
 from gemma3_jax.config import Gemma3Config, VisionConfig
 from gemma3_jax.layers import LayerNorm, RMSNorm, gelu_tanh, param
 
@@ -48,8 +48,7 @@ class VisionAttention(nnx.Module):
             out = attend(q, k, v, None, scale=self.scale, causal=False, implementation=impl)
             out = jnp.pad(out, ((0, 0), (0, 0), (0, 0), (0, qkv.shape[-1] - h)))
         elif impl in ("auto", "pallas"):
-            interpret = jax.default_backend() != "gpu"
-            out = packed_self_attention(qkv, head_dim=self.head_dim, scale=self.scale, interpret=interpret)
+            out = packed_self_attention(qkv, head_dim=self.head_dim, scale=self.scale, interpret=interpret_mode())
         else:
             raise ValueError(f"unknown attention implementation {impl!r}")
         return jnp.einsum("IPNH,NHE->IPE", out, self.o_proj[...]) + self.o_bias[...]

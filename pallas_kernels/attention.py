@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.block_ranges import block_ranges
-from pallas_kernels.common import DTYPES, LOG2E, ex2_approx, next_pow2
+from pallas_kernels.common import DTYPES, LOG2E, ex2_approx, interpret_mode, next_pow2
 from pallas_kernels.reference import reference_attention
 from pallas_kernels.segments import key_intervals
 from pallas_kernels.tuning import compiler_params, default_config
@@ -290,5 +290,5 @@ def attention(
         return reference_attention(q, k, v, segment_ids, **kw)
     if implementation not in ("auto", "pallas"):
         raise ValueError(f"unknown {implementation=}")
-    interpret = jax.default_backend() != "gpu"
+    interpret = interpret_mode()
     return image_span_attention(q, k, v, segment_ids, interpret=interpret, **kw, **kernel_kwargs)

@@ -11,6 +11,11 @@ LOG2E = math.log2(math.e)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
+def interpret_mode() -> bool:
+    """Whether the kernels run in Pallas interpret mode here: everywhere but on a GPU (how CI tests them)."""
+    return jax.default_backend() != "gpu"
+
+
 def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import DTYPES, LOG2E, ex2_approx, next_pow2
+from pallas_kernels.common import DTYPES, LOG2E, ex2_approx, interpret_mode, next_pow2
 from pallas_kernels.tuning import compiler_params
 
 _TARGET_PROGRAMS = 264  # ~2 waves of the H100's 132 SMs
@@ -282,5 +282,5 @@ def decode(q, k, v, lengths, *, scale, implementation: str = "auto", **kernel_kw
         return decode_attention_reference(q, k, v, lengths, scale=scale)
     if implementation not in ("auto", "pallas"):
         raise ValueError(f"unknown {implementation=}")
-    interpret = jax.default_backend() != "gpu"
+    interpret = interpret_mode()
     return decode_attention(q, k, v, lengths, scale=scale, interpret=interpret, **kernel_kwargs)

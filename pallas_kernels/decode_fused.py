@@ -32,7 +32,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import DTYPES, LOG2E, ex2_approx, next_pow2
-from pallas_kernels.decode_attention import choose_splits, combine_splits, decode_config, split_ranges
+from pallas_kernels.decode_attention import (
+    choose_splits,
+    combine_splits,
+    decode_attention_reference,
+    decode_config,
+    split_ranges,
+)
 from pallas_kernels.tuning import compiler_params
 
 _META = 8  # per (row, split): lo, hi, n_old, excluded slot, write slot, 3 unused (a power of two)
@@ -128,6 +134,11 @@ def _kernel(meta_ref, qkv_ref, qn_ref, kn_ref, cos_ref, sin_ref, kc_ref, vc_ref,
         l_ref[pl.ds(r, 1)] = jnp.sum(jnp.where(rid1 == r, l, 0.0), keepdims=True)
 
 
+def supports_head_dim(h: int) -> bool:
+    """Head dims this kernel takes: powers of two 32..256 (two power-of-two halves >= 16 for Triton's dot)."""
+    return 32 <= h <= 256 and not h & (h - 1)
+
+
 def _check(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos):
     if qkv.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"qkv must be [B, N+2K, H] and k/v caches [B, S, K, H]: {qkv.shape=} {k_cache.shape=} "
@@ -137,7 +148,7 @@ def _check(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos):
     n = m - 2 * kh
     if kb != b or hk != h or n < kh or n % kh:
         raise ValueError(f"qkv rows must be N query heads (a multiple of K) + 2K: {qkv.shape=} {k_cache.shape=}")
-    if h < 32 or h > 256 or h & (h - 1):
+    if not supports_head_dim(h):
         raise ValueError(f"the fused decode kernel takes power-of-two head dims 32..256: {qkv.shape=}")
     for name, x, want in (("q_norm", q_norm, (h,)), ("k_norm", k_norm, (h,)), ("cos", cos, (b, h)),
                           ("sin", sin, (b, h)), ("pos", pos, (b,))):
@@ -228,8 +239,6 @@ def decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos,
 
 def decode_attention_fused_reference(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, *, ring, scale, eps):
     """The same step from jnp pieces: norms and RoPE with the kernel's roundings, write, float32 attention."""
-    from pallas_kernels.decode_attention import decode_attention_reference
-
     _check(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos)
     b, m, h = qkv.shape
     s, kh = k_cache.shape[1], k_cache.shape[2]
