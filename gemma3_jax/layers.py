@@ -19,8 +19,10 @@ def param(shape: tuple[int, ...], dtype) -> nnx.Param:
 
 
 def gelu_tanh(x: Array) -> Array:
-    """gelu with the tanh approximation (transformers' ``gelu_pytorch_tanh``)."""
-    return jax.nn.gelu(x, approximate=True)
+    """gelu with the tanh approximation (transformers' ``gelu_pytorch_tanh``), computed in float32 and rounded
+    once to x's dtype as torch does for bf16/fp16 inputs. Evaluated in bf16 op by op instead, half of a bf16 MLP's
+    outputs differed from transformers' (real 270M on CPU: 49-65% per layer -> 0.3%)."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
