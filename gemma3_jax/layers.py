@@ -12,6 +12,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from gemma3_jax.config import RopeConfig
+from pallas_kernels.gemv import gemv, gemv_geglu
 
 
 def param(shape: tuple[int, ...], dtype) -> nnx.Param:
@@ -21,7 +22,8 @@ def param(shape: tuple[int, ...], dtype) -> nnx.Param:
 def gelu_tanh(x: Array) -> Array:
     """gelu with the tanh approximation (transformers' ``gelu_pytorch_tanh``), computed in float32 and rounded
     once to x's dtype as torch does for bf16/fp16 inputs. Evaluated in bf16 op by op instead, half of a bf16 MLP's
-    outputs differed from transformers' (real 270M on CPU: 49-65% per layer -> 0.3%)."""
+    outputs differed from transformers' (real 270M on CPU: 49-65% per layer -> 0.3%). The text MLP uses it; the
+    vision tower keeps XLA's bf16 form, which a GPU runs inside cuBLAS's epilogue (see vision.VisionMLP)."""
     return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
 
 
@@ -67,6 +69,17 @@ class GeGLU(nnx.Module):
         h = jnp.einsum("BTD,FD->BTF", x, self.gate_up[...])  # one product for both halves
         gate, up = h[..., : self.hidden], h[..., self.hidden :]
         return jnp.einsum("BTF,DF->BTD", gelu_tanh(gate) * up, self.down[...])
+
+    def decode_partials(self, x: Float[Array, "1 D"], interpret: bool) -> Float[Array, "S 1 D"]:
+        """Batch-1 decode through the Pallas matrix-vector kernels: gate|up with GELU·up as its epilogue, then
+        down split over K, returned as float32 partial sums [S, 1, D] for ``residual_norm`` to add (H100,
+        4B: 35.9 + 19.7 us a layer in the model vs XLA's 37.4 + 1.4 (GELU·up) + 20.0 + 1.6 (split-K reduction),
+        docs/kernel_notes.md). Four splits, not eight: residual_norm is one program per row and reads them all."""
+        f = self.down.shape[1]
+        splits = next(s for s in (4, 2, 1) if f % (16 * s) == 0)
+        h = gemv_geglu(x, self.gate_up[...], block_n=1, num_warps=8, interpret=interpret)
+        block_n = 2 if self.down.shape[0] % 2 == 0 else 1
+        return gemv(h, self.down[...], block_n=block_n, splits=splits, num_warps=8, interpret=interpret)
 
 
 def rope_cos_sin(

@@ -13,6 +13,7 @@ from jaxtyping import Array, Float, Int
 from gemma3_jax import cache as kvc
 from pallas_kernels import attention as attend
 from pallas_kernels.common import interpret_mode
+from pallas_kernels.gemv import gemv
 from pallas_kernels.residual_norm import residual_norm
 from gemma3_jax.config import GLOBAL, SLIDING, TextConfig
 from gemma3_jax.layers import GeGLU, RMSNorm, apply_rope, param, rope_cos_sin
@@ -66,12 +67,20 @@ class Attention(nnx.Module):
         )
         return jnp.einsum("BTNH,DNH->BTD", out, self.o_proj[...]), (k, v)
 
-    def decode(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"], impl: str):
-        """One token per row at position ``pos``: writes its key/value into the cache, attends over it."""
+    def decode(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"], impl: str,
+               gemv_qkv: bool = False):
+        """One token per row at position ``pos``: writes its key/value into the cache, attends over it.
+        ``gemv_qkv``: the q|k|v product through the Pallas matrix-vector kernel (batch 1)."""
         ring = self.sliding_window is not None
+        b, m, h, d = x.shape[0], *self.qkv_proj.shape
         if impl in ("auto", "pallas") and kvc.fused_step_supported(self.qkv_proj.shape[1]):
             # one kernel for q/k norms, RoPE, the cache writes and the attention
-            qkv = jnp.einsum("BD,MHD->BMH", x[:, 0], self.qkv_proj[...])
+            w = self.qkv_proj[...].reshape(m * h, d)
+            if gemv_qkv:
+                qkv = gemv(x[:, 0], w, block_n=4, splits=1, num_warps=4, interpret=interpret_mode())
+            else:
+                qkv = jnp.einsum("BD,ND->BN", x[:, 0], w)
+            qkv = qkv.reshape(b, m, h)
             norms = (self.q_norm.weight[...], self.k_norm.weight[...], self.q_norm.eps)
             out, k_buf, v_buf = kvc.fused_step(qkv, *norms, cos[:, 0], sin[:, 0], k_buf, v_buf, pos, ring, self.scale)
         else:
@@ -79,7 +88,8 @@ class Attention(nnx.Module):
             k_buf = kvc.write_step(k_buf, k[:, 0], pos, ring)
             v_buf = kvc.write_step(v_buf, v[:, 0], pos, ring)
             out = kvc.attend(q[:, 0], k_buf, v_buf, pos, ring, self.scale, impl)
-        return jnp.einsum("BNH,DNH->BD", out, self.o_proj[...])[:, None], k_buf, v_buf
+        o = jnp.einsum("BK,DK->BD", out.reshape(b, -1), self.o_proj[...].reshape(d, -1))
+        return o[:, None], k_buf, v_buf
 
 
 class DecoderLayer(nnx.Module):
@@ -152,7 +162,9 @@ class TextModel(nnx.Module):
     ) -> tuple[Float[Array, "B 1 D"], kvc.KVCache]:
         """One token per row at position ``cache.lengths``; returns hidden states and the updated cache.
 
-        ``impl``: "auto"/"pallas" = the Pallas decode kernel, "reference" = cache.attend_step in jnp."""
+        ``impl``: "auto"/"pallas" = the Pallas decode kernels, "reference" = cache.attend_step and the MLP in jnp.
+        At batch 1 the q|k|v and MLP products are Pallas matrix-vector kernels too ("pallas" everywhere, "auto" on a
+        GPU only: interpreted on a CPU they would be slow)."""
         if impl not in ("auto", "pallas", "reference"):
             raise ValueError(f"unknown attention implementation {impl!r}")
         pos = cache.lengths
@@ -160,13 +172,16 @@ class TextModel(nnx.Module):
         layers = list(self.layers)
         # x: the residual stream; xn: its normed copy for the next sub-block. Each residual add and the norm
         # after it are one kernel (residual_and_norm), the last one with the final norm.
+        gemv_b1 = embeddings.shape[0] == 1 and (impl == "pallas" or (impl == "auto" and not interpret_mode()))
         x, xn, ks, vs = embeddings, layers[0].input_norm(embeddings), [], []
         for i, (layer, k_buf, v_buf) in enumerate(zip(layers, cache.k, cache.v)):
             cos, sin = tables[layer.layer_type]
-            h, k_buf, v_buf = layer.attn.decode(xn, cos, sin, k_buf, v_buf, pos, impl)
+            h, k_buf, v_buf = layer.attn.decode(xn, cos, sin, k_buf, v_buf, pos, impl, gemv_qkv=gemv_b1)
             x, xn = residual_and_norm(x, h, layer.post_attn_norm, layer.pre_ffw_norm, impl)
             following = layers[i + 1].input_norm if i + 1 < len(layers) else self.final_norm
-            x, xn = residual_and_norm(x, layer.mlp(xn), layer.post_ffw_norm, following, impl)
+            # [S, 1, 1, D] f32 partial sums (added inside residual_norm) or [B, 1, D]
+            mlp = layer.mlp.decode_partials(xn[:, 0], interpret_mode())[:, :, None] if gemv_b1 else layer.mlp(xn)
+            x, xn = residual_and_norm(x, mlp, layer.post_ffw_norm, following, impl)
             ks.append(k_buf)
             vs.append(v_buf)
         return xn, kvc.KVCache(tuple(ks), tuple(vs), pos + 1)

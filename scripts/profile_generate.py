@@ -57,6 +57,14 @@ OPTIONS = {  # XLA compiler options tried on the prefill parts
                             "xla_gpu_graph_min_graph_size": 1},
     "cublaslt": {**NO_TRITON_GEMM, "xla_gpu_enable_cublaslt": True},  # bias/GELU as GEMM epilogues
 }
+NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
+DECODE_OPTIONS = {  # tried on the decode chunk; each is added to the library's decode defaults, which run the
+    # while loop as one CUDA graph (engine.DECODE_COMMAND_BUFFERS)
+    "default": None,
+    "no_command_buffers": NO_COMMAND_BUFFERS,  # the decode default before 2026-11-24 10:40: host reads cond per step
+    "fixed_trip": NO_COMMAND_BUFFERS,  # no early stop: a known trip count, so the host need not read the condition
+    "fixed_trip_cmdbuf": None,
+}
 RESULTS: dict = {}
 
 
@@ -286,27 +294,30 @@ def log_kernels(k: dict, n: int = 30) -> None:
 DECODE_MODES = ("fused", "pallas", "xla", "none")
 
 
-def decode_section(cfg, small: bool, model, modes=DECODE_MODES) -> None:
+def decode_section(cfg, small: bool, model, modes=DECODE_MODES, options=("default",), only=None) -> None:
     spec = spec_of(small)
     rng = np.random.default_rng(0)
     chunk = 32
     cases = [("b1_short", 1, round_up(spec.short[0] + spec.new), spec.short[0]),
              ("b8_short", 8, round_up(spec.short[0] + spec.new), spec.short[0]),
              ("b32_8k", 32, round_up(8192 + 2 * chunk) if not small else 512, 8192 if not small else 400)]
+    cases = [c for c in cases if only is None or c[0] in only]
     for name, batch, cache_length, held in cases:
         cache0 = random_cache(cfg, batch, cache_length, held, model.dtype)
         token = jnp.asarray(rng.integers(10, 1000, batch), jnp.int32)
         done = jnp.zeros((batch,), bool)
         remaining = jnp.full((batch,), 10**6, jnp.int32)
         stops = jnp.full((8,), -1, jnp.int32)
-        for opts_name, opts in (("default", None),):
+        for opts_name in options:
             for mode in modes:
                 label = f"{name} {mode} {opts_name}"
                 with attempt(RESULTS, f"decode {label}"):
                     with patched_attention(mode):
-                        eng = Engine(model, cache_length=cache_length, chunk=chunk, compiler_options=opts)
-                        opts = default_compiler_options("decode") if opts is None else opts
-                        fn = jax.jit(eng._decode_fn(SamplingParams()))
+                        opts = DECODE_OPTIONS[opts_name]
+                        eng = Engine(model, cache_length=cache_length, chunk=chunk)
+                        fixed = opts_name.startswith("fixed_trip")
+                        opts = {**default_compiler_options("decode"), **(opts or {})}
+                        fn = jax.jit(eng._decode_fn(SamplingParams(), stop_early=not fixed))
                         args = (eng.weights, cache0, token, done, remaining, jax.random.key(0), stops)
                         t = time.perf_counter()
                         c = fn.lower(*args).compile(opts)
@@ -469,6 +480,8 @@ def main() -> int:
     ap.add_argument("--prefill-options", default="default", help=f"comma list of {list(OPTIONS)}")
     ap.add_argument("--no-vision-sweep", action="store_true")
     ap.add_argument("--decode-modes", default=",".join(DECODE_MODES), help="comma list of decode modes")
+    ap.add_argument("--decode-options", default="default", help=f"comma list of {list(DECODE_OPTIONS)}")
+    ap.add_argument("--decode-cases", default=None, help="comma list of b1_short,b8_short,b32_8k (default all)")
     args = ap.parse_args()
     sections = [s for s in args.only.split(",") if s]
     spec = spec_of(args.small)
@@ -483,7 +496,8 @@ def main() -> int:
     if {"decode", "prefill"} & set(sections):
         model = random_model(spec.cfg, jnp.bfloat16)
         if "decode" in sections:
-            decode_section(spec.cfg, args.small, model, args.decode_modes.split(","))
+            decode_section(spec.cfg, args.small, model, args.decode_modes.split(","), args.decode_options.split(","),
+                           args.decode_cases.split(",") if args.decode_cases else None)
         if "prefill" in sections:
             prefill_section(spec.cfg, args.small, model, args.prefill_options.split(","), not args.no_vision_sweep)
     for e in RESULTS.get("errors", []):

@@ -41,3 +41,21 @@ def test_bad_shapes_name_the_value():
         residual_norm(x, x, jnp.zeros(16), jnp.zeros(8), eps=1e-6, interpret=True)
     with pytest.raises(ValueError, match="x and delta must match"):
         residual_norm(x, jnp.zeros((2, 8)), jnp.zeros(16), jnp.zeros(16), eps=1e-6, interpret=True)
+
+
+@pytest.mark.parametrize("splits", [2, 8])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_partial_sums_as_delta(splits, dtype):
+    """delta as f32 partial sums [S, B, 1, D] of a split-K product: added and rounded in the kernel."""
+    rng = np.random.default_rng(splits)
+    shape = (2, 1, 640)
+    x = jnp.asarray(rng.standard_normal(shape), dtype)
+    parts = jnp.asarray(rng.standard_normal((splits, *shape)), jnp.float32)
+    w1, w2 = (jnp.asarray(rng.standard_normal(640) * 0.1, dtype) for _ in range(2))
+    got = residual_norm(x, parts, w1, w2, eps=1e-6, interpret=INTERPRET)
+    want = residual_norm_reference(x, parts.sum(0).astype(dtype), w1, w2, eps=1e-6)
+    tol = 1e-6 if dtype == jnp.float32 else 2 ** -7
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="partial sums must be float32"):
+        residual_norm(x, parts.astype(jnp.bfloat16), w1, w2, eps=1e-6, interpret=True)

@@ -1,0 +1,142 @@
+"""Pallas (Triton) matrix-vector products for decode: y[B, N] = x[B, K] @ w[N, K]^T with B small.
+
+Weights are [out, in] (transformers' layout), so each program streams ``block_n`` contiguous rows of w. A
+program covers its whole share of K at once: the K range is cut into power-of-two pieces (2560 = 2048 + 512)
+whose loads are all issued before the first product, so one memory latency per program, not one per chunk.
+The products are f32 multiply-adds (no tensor cores: at B <= 8 the work is memory bound).
+
+- ``gemv``: with ``splits`` > 1 the K range is split over that many programs per row block and the f32
+  partial sums [splits, B, N] are returned for the consumer to add (``residual_norm`` takes them), which
+  saves the separate reduction kernel XLA's split-K GEMV runs.
+- ``gemv_geglu``: the gate|up product of Gemma's MLP with its epilogue, ``gelu_tanh(gate) * up`` in the
+  activation dtype: each program reads matching rows of the gate and up halves of w [2F, K] (two BlockSpecs on
+  one array), so the MLP's elementwise kernel disappears. Roundings as transformers in bf16: gate and up
+  rounded, gelu in f32 rounded, the product rounded.
+
+Public pallas (pl) API only; interpret mode on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import DTYPES
+from pallas_kernels.residual_norm import pow2_pieces
+from pallas_kernels.tuning import compiler_params
+
+MAX_ROWS = 16  # batch rows per call: beyond this the product is not memory bound, use a matmul
+
+
+def _gelu_tanh_f32(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _row_sums(x_ref, w_refs, *, pieces, rows):
+    """For each w ref: [rows] of f32 [block_n] sums over this program's K range."""
+    f32 = jnp.float32
+    ws = [[w[:, pl.ds(o, s)] for o, s in pieces] for w in w_refs]  # every load issued first
+    xs = [[x_ref[b, pl.ds(o, s)].astype(f32) for o, s in pieces] for b in range(rows)]
+    out = []
+    for w_pieces in ws:
+        per_row = []
+        for b in range(rows):
+            acc = None
+            for wp, xp in zip(w_pieces, xs[b]):
+                t = jnp.sum(wp.astype(f32) * xp[None, :], axis=1)
+                acc = t if acc is None else acc + t
+            per_row.append(acc)
+        out.append(per_row)
+    return out
+
+
+def _gemv_kernel(x_ref, w_ref, o_ref, *, pieces, rows):
+    (sums,) = _row_sums(x_ref, [w_ref], pieces=pieces, rows=rows)
+    for b, acc in enumerate(sums):
+        o_ref[b, :] = acc.astype(o_ref.dtype)
+
+
+def _geglu_kernel(x_ref, wg_ref, wu_ref, o_ref, *, pieces, rows):
+    f32, dt = jnp.float32, o_ref.dtype
+    gates, ups = _row_sums(x_ref, [wg_ref, wu_ref], pieces=pieces, rows=rows)
+    for b in range(rows):
+        g = gates[b].astype(dt).astype(f32)
+        u = ups[b].astype(dt).astype(f32)
+        act = _gelu_tanh_f32(g).astype(dt).astype(f32)
+        o_ref[b, :] = (act * u).astype(dt)
+
+
+def _check(x, w, block_n, splits, rows_w):
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x must be [B, K] and w [N, K]: {x.shape=} {w.shape=}")
+    if x.dtype != w.dtype or x.dtype not in DTYPES:
+        raise ValueError(f"x and w must share a dtype in bf16/fp16/fp32: {x.dtype=} {w.dtype=}")
+    if not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"gemv takes 1..{MAX_ROWS} rows: {x.shape=}")
+    k = x.shape[1]
+    if block_n & (block_n - 1) or rows_w % block_n:
+        raise ValueError(f"block_n must be a power of two dividing the rows: {block_n=} rows={rows_w}")
+    if splits < 1 or k % splits or (k // splits) % 16:
+        raise ValueError(f"splits must divide K into multiples of 16: {splits=} {k=}")
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "splits", "num_warps", "interpret"))
+def gemv(x, w, *, block_n=8, splits=1, num_warps=4, interpret=False):
+    """x [B, K] @ w [N, K]^T: [B, N] in x's dtype (``splits`` = 1) or f32 partial sums [splits, B, N]."""
+    _check(x, w, block_n, splits, w.shape[0])
+    (b, k), n = x.shape, w.shape[0]
+    ks = k // splits
+    partial = splits > 1
+    out_shape = (splits, b, n) if partial else (b, n)
+    out_spec = (pl.BlockSpec((None, b, block_n), lambda i, s: (s, 0, i)) if partial
+                else pl.BlockSpec((b, block_n), lambda i, s: (0, i)))
+    return pl.pallas_call(
+        functools.partial(_gemv_kernel, pieces=pow2_pieces(ks), rows=b),
+        grid=(n // block_n, splits),
+        in_specs=[pl.BlockSpec((b, ks), lambda i, s: (0, s)), pl.BlockSpec((block_n, ks), lambda i, s: (i, s))],
+        out_specs=out_spec,
+        out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32 if partial else x.dtype),
+        compiler_params=compiler_params(num_warps, 1),
+        interpret=interpret,
+        name="gemv",
+    )(x, w)
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "num_warps", "interpret"))
+def gemv_geglu(x, w_gate_up, *, block_n=4, num_warps=4, interpret=False):
+    """gelu_tanh(x @ w_gate^T) * (x @ w_up^T) [B, F] with w_gate_up [2F, K] = gate rows then up rows."""
+    _check(x, w_gate_up, block_n, 1, w_gate_up.shape[0] // 2)
+    (b, k), f = x.shape, w_gate_up.shape[0] // 2
+    if w_gate_up.shape[0] != 2 * f:
+        raise ValueError(f"w_gate_up must have an even number of rows: {w_gate_up.shape=}")
+    up_block = f // block_n
+    return pl.pallas_call(
+        functools.partial(_geglu_kernel, pieces=pow2_pieces(k), rows=b),
+        grid=(f // block_n,),
+        in_specs=[pl.BlockSpec((b, k), lambda i: (0, 0)),
+                  pl.BlockSpec((block_n, k), lambda i: (i, 0)),
+                  pl.BlockSpec((block_n, k), lambda i: (i + up_block, 0))],
+        out_specs=pl.BlockSpec((b, block_n), lambda i: (0, i)),
+        out_shape=jax.ShapeDtypeStruct((b, f), x.dtype),
+        compiler_params=compiler_params(num_warps, 1),
+        interpret=interpret,
+        name="gemv_geglu",
+    )(x, w_gate_up, w_gate_up)
+
+
+def gemv_reference(x, w):
+    """f32 products of the inputs, [B, N] f32."""
+    return jnp.einsum("BK,NK->BN", x.astype(jnp.float32), w.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def gemv_geglu_reference(x, w_gate_up):
+    """The same roundings as ``gemv_geglu`` around f32 products."""
+    dt, f32 = x.dtype, jnp.float32
+    f = w_gate_up.shape[0] // 2
+    y = gemv_reference(x, w_gate_up).astype(dt).astype(f32)
+    act = _gelu_tanh_f32(y[:, :f]).astype(dt).astype(f32)
+    return (act * y[:, f:]).astype(dt)

@@ -1,0 +1,117 @@
+"""Decode-time matrix-vector products of the 4B model: pallas_kernels.gemv against XLA (GPU).
+
+Each timing runs COPIES products over distinct weight matrices in one jitted call (so the weights come from
+HBM, not the 50 MB L2) and returns every output (no reduction kernels added); it reports microseconds per
+product from the profiler's kernel durations (``kernel_us``: GPU time only; small products are host-bound
+when timed by wall clock, which is also reported) and TB/s of weight bytes from kernel time. XLA's version is what the model compiled before: the einsum (XLA's split-K
+Triton GEMV or cuBLAS, with its reduction kernel) and, for gate|up, the separate GELU·up kernel. Every Pallas
+config is first checked against its f32 reference (a row that fails is an error, not a timing).
+
+    python scripts/bench_gemv.py [--batches 1,8] [--cases qkv,o,gate_up,down] [--quick] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_attention import time_jax  # noqa: E402
+from bench_generate import attempt  # noqa: E402
+from profile_generate import traced  # noqa: E402
+
+from gemma3_jax.engine import default_compiler_options  # noqa: E402
+from gemma3_jax.layers import gelu_tanh  # noqa: E402
+from pallas_kernels.common import interpret_mode  # noqa: E402
+from pallas_kernels.gemv import gemv, gemv_geglu, gemv_geglu_reference, gemv_reference  # noqa: E402
+
+COPIES = 8
+D, F, QKV, O_IN = 2560, 10240, 16 * 256, 8 * 256
+CASES = {"qkv": (QKV, D), "o": (D, O_IN), "gate_up": (2 * F, D), "down": (D, F)}  # name -> w [N, K]
+
+
+def xla_product(name, x, w):
+    y = jnp.einsum("BK,NK->BN", x, w)
+    if name == "gate_up":
+        y = gelu_tanh(y[:, :F]) * y[:, F:]
+    return y
+
+
+def configs(name, b, quick):
+    if name == "gate_up":
+        grid = itertools.product((1, 2, 4), (2, 4, 8))
+        return [dict(block_n=bn, num_warps=nw) for bn, nw in grid] if not quick else [dict(block_n=4, num_warps=4)]
+    splits = {"qkv": (1, 2, 4), "o": (1, 2, 4), "down": (4, 8, 16)}[name]
+    grid = itertools.product((2, 4, 8, 16), splits, (4, 8))
+    out = [dict(block_n=bn, splits=s, num_warps=nw) for bn, s, nw in grid]
+    return out if not quick else out[:3]
+
+
+def run_case(name, b, quick, opts):
+    n, k = CASES[name]
+    key = jax.random.key(0)
+    ws = [(jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
+          for i in range(COPIES)]
+    x = jax.random.normal(jax.random.fold_in(key, 99), (b, k), jnp.bfloat16)
+    gbytes = n * k * 2 * COPIES / 1e9
+    res = {"name": name, "b": b, "n": n, "k": k, "weight_mb": n * k * 2 / 1e6, "rows": []}
+
+    def record(label, product, **cfg):
+        with attempt(res, f"{name} b{b} {label}"):
+            if cfg:  # a wrong kernel is not a result
+                got = product(x, ws[0])
+                got = got.sum(0) if got.ndim == 3 else got.astype(jnp.float32)
+                want = gemv_geglu_reference(x, ws[0]).astype(jnp.float32) if name == "gate_up" else gemv_reference(x, ws[0])
+                err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+                if not err <= 1e-2:
+                    raise AssertionError(f"{name} b{b} {cfg}: compiled vs reference {err:.2e} > 1e-2")
+            fn = jax.jit(lambda ws, x: [product(x, w) for w in ws]).lower(ws, x).compile(opts)
+            wall_us = time_jax(fn, ws, x, iters=20, reps=5) * 1e3 / COPIES
+            kernels = traced(fn, (ws, x), COPIES)
+            us = kernels["total_us_per_step"]
+            res["rows"].append({"impl": label, "us": round(us, 2), "wall_us": round(wall_us, 2),
+                                "tb_s": round(gbytes / COPIES / us * 1e3, 3), **cfg,
+                                "kernels": [(k_["name"], round(k_["us_per_step"], 2)) for k_ in kernels["top"][:4]]})
+            print(f"{name:8s} b={b} {label:44s} {us:8.2f} us  {gbytes / COPIES / us * 1e3:5.2f} TB/s  "
+                  f"(wall {wall_us:.2f} us)", flush=True)
+
+    record("xla", lambda x, w: xla_product(name, x, w))
+    for cfg in configs(name, b, quick):
+        label = "pallas " + " ".join(f"{k_}={v}" for k_, v in cfg.items())
+        if name == "gate_up":
+            record(label, lambda x, w, c=cfg: gemv_geglu(x, w, **c, interpret=interpret_mode()), **cfg)
+        else:
+            record(label, lambda x, w, c=cfg: gemv(x, w, **c, interpret=interpret_mode()), **cfg)
+    best = min((r for r in res["rows"] if r["impl"] != "xla"), key=lambda r: r["us"], default=None)
+    if best:
+        print(f"{name:8s} b={b} best {best['impl']} {best['us']} us vs xla "
+              f"{next(r['us'] for r in res['rows'] if r['impl'] == 'xla')} us", flush=True)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a few configs only (CPU check of the script)")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_gemv.json"))
+    args = ap.parse_args()
+    opts = default_compiler_options("decode")
+    out = {"device": str(jax.devices()[0]), "jax": jax.__version__, "copies": COPIES, "cases": []}
+    for name in args.cases.split(","):
+        for b in map(int, args.batches.split(",")):
+            out["cases"].append(run_case(name, b, args.quick, opts))
+            Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
