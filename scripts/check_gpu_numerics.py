@@ -74,7 +74,7 @@ def tiny_check() -> bool:
     return ok
 
 
-def real_270m_check(gguf: Path, text_file: Path, n_tokens: int) -> bool:
+def real_270m_check(gguf: Path, text_file: Path, n_tokens: int, per_layer: bool = False) -> bool:
     """bf16 on both sides, as users run it: top-1 agreement of teacher-forced next-token predictions.
 
     For scale, the same agreement between float32 and bfloat16 runs of each implementation (float32 without
@@ -93,16 +93,24 @@ def real_270m_check(gguf: Path, text_file: Path, n_tokens: int) -> bool:
         ids = tok.encode(text_file.read_text(), add_bos=True)[:n_tokens]
         if len(ids) < n_tokens:
             raise ValueError(f"{text_file} holds only {len(ids)} tokens, {n_tokens=} asked")
+        if per_layer:
+            per_layer_report(path, ids)
         for name, jdt, tdt in (("bf16", jnp.bfloat16, torch.bfloat16), ("f32", jnp.float32, torch.float32)):
             model = gemma3_jax.load_pretrained(path, dtype=jdt, progress=False)
             with jax.default_matmul_precision("highest" if jdt == jnp.float32 else "default"):
                 logits[f"ours {name}"] = np.asarray(model(np.array([ids], np.int32)).astype(jnp.float32))[0]
             del model
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=tdt, attn_implementation="sdpa").to(dev).eval()
-            with torch.no_grad():
-                logits[f"hf {name}"] = hf(input_ids=torch.tensor([ids], device=dev)).logits[0].float().cpu().numpy()
-            window = hf.config.sliding_window
-            del hf
+            if name == "bf16":  # our model with XLA's float32-softmax attention instead of the Pallas kernel
+                model = gemma3_jax.load_pretrained(path, dtype=jdt, attention="reference", progress=False)
+                logits["ours bf16 xla-attn"] = np.asarray(model(np.array([ids], np.int32)).astype(jnp.float32))[0]
+                del model
+            for attn in ("sdpa", "eager") if name == "bf16" else ("sdpa",):
+                hf = AutoModelForCausalLM.from_pretrained(path, dtype=tdt, attn_implementation=attn).to(dev).eval()
+                with torch.no_grad():
+                    out = hf(input_ids=torch.tensor([ids], device=dev)).logits[0].float().cpu().numpy()
+                logits[f"hf {name}" + ("" if attn == "sdpa" else f" {attn}")] = out
+                window = hf.config.sliding_window
+                del hf
 
     def agreement(mine: str, ref: str) -> tuple[float, float, np.ndarray]:
         """(tie-aware, same-index) top-1 agreement of ``mine`` with ``ref``, and ref's margins where they differ.
@@ -119,11 +127,53 @@ def real_270m_check(gguf: Path, text_file: Path, n_tokens: int) -> bool:
     print(f"real 270M bf16, teacher-forced over {len(ids)} tokens of {text_file.name} (window {window}): "
           f"top-1 agreement with transformers bf16 {agree * 100:.2f}% (limit 99%; same index {strict * 100:.2f}%); "
           f"max|dlogit|/max|logit| {err:.2e}; transformers' margins where ours differ: {np.round(gap, 3).tolist()}")
-    for mine, ref in (("hf bf16", "hf f32"), ("ours bf16", "hf f32"), ("ours f32", "hf f32"), ("ours bf16", "ours f32")):
+    for mine, ref in (("hf bf16 eager", "hf bf16"), ("ours bf16 xla-attn", "hf bf16"), ("hf bf16", "hf f32"),
+                      ("ours bf16", "hf f32"), ("ours f32", "hf f32"), ("ours bf16", "ours f32")):
         a, st, g = agreement(mine, ref)
         print(f"  for scale: top-1 of {mine} vs {ref}: {a * 100:.2f}% ({len(g)} differ, margins in {ref}: "
               f"{np.round(g, 3).tolist()[:12]})")
     return agree >= 0.99
+
+
+def per_layer_report(path: Path, ids: list[int], layers: int = 6) -> None:
+    """Where bf16 results part: each of the first ``layers`` decoder layers' attention and MLP blocks fed
+    transformers' own bf16 inputs (captured with hooks), ours compiled as the model runs them; the share of
+    outputs that are not the same bf16 number."""
+    import functools
+
+    from transformers import AutoModelForCausalLM
+
+    from gemma3_jax.model import NUMERICS_OPTIONS
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").to(dev).eval()
+    seen = {}
+
+    def hook(name):
+        def grab(mod, args, kwargs, out):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            seen[name] = (x.float().cpu().numpy(), (out[0] if isinstance(out, tuple) else out).float().cpu().numpy())
+        return grab
+
+    for i, layer in enumerate(hf.model.layers[:layers]):
+        layer.self_attn.register_forward_hook(hook(f"attn{i}"), with_kwargs=True)
+        layer.mlp.register_forward_hook(hook(f"mlp{i}"), with_kwargs=True)
+    with torch.no_grad():
+        hf(input_ids=torch.tensor([ids], device=dev))
+    model = gemma3_jax.load_pretrained(path, dtype=jnp.bfloat16, progress=False)
+    t = len(ids)
+    tables = model.text.rope_tables(jnp.arange(t)[None])
+    seg = jnp.full((1, t), -1, jnp.int32)
+    jit = functools.partial(jax.jit, compiler_options=NUMERICS_OPTIONS)
+    for i, layer in enumerate(model.text.layers[:layers]):
+        cos, sin = tables[layer.layer_type]
+        row = [f"  layer {i} ({layer.layer_type}):"]
+        for name, fn in (("attn", jit(lambda x, a=layer.attn, c=cos, s=sin: a(x, c, s, seg, None, model.attention)[0])),
+                         ("mlp", jit(lambda x, m=layer.mlp: m(x)))):
+            x, want = seen[f"{name}{i}"]
+            got = np.asarray(fn(jnp.asarray(x, jnp.bfloat16)).astype(jnp.float32))
+            row.append(f"{name} {np.mean(got != want) * 100:5.2f}% differ (max rel {np.abs(got - want).max() / np.abs(want).max():.1e})")
+        print(" ".join(row))
 
 
 def main() -> int:
@@ -132,13 +182,14 @@ def main() -> int:
     ap.add_argument("--real-gguf", type=Path, default=None)
     ap.add_argument("--text", type=Path, default=ROOT / "README.md")
     ap.add_argument("--tokens", type=int, default=768)
+    ap.add_argument("--per-layer", action="store_true", help="with --real-gguf: where bf16 results part, per block")
     args = ap.parse_args()
     print(f"jax {jax.__version__} backend {jax.default_backend()} devices {jax.devices()}")
     ok = True
     if not args.skip_tiny:
         ok &= tiny_check()
     if args.real_gguf is not None:
-        ok &= real_270m_check(args.real_gguf, args.text, args.tokens)
+        ok &= real_270m_check(args.real_gguf, args.text, args.tokens, args.per_layer)
     print("ALL OK" if ok else "FAILED")
     return 0 if ok else 1
 
