@@ -67,7 +67,7 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
     dims_qk = (((1,), (1,)), ((), ()))
     dims_pv = (((1,), (0,)), ((), ()))
 
-    def step(kb, carry):
+    def step(kb, carry, masked):
         acc, m, l = carry
         start = pl.multiple_of(kb * block_k, block_k)
         s = None
@@ -75,13 +75,14 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
             kc = k_ref[pl.ds(start, block_k), off : off + w]
             part = lax.dot_general(qc, kc, dims_qk, precision=precision, preferred_element_type=f32)
             s = part if s is None else s + part
-        # The element mask only on the partial blocks: one loop over [lo, hi) with a branch, not three loops
-        # (masked, full, masked), each of which refills the software pipeline.
-        col = start + jnp.arange(block_k, dtype=jnp.int32)[None, :]
-        s = lax.cond((kb < f_lo) | (kb >= f_hi),
-                     lambda t: jnp.where((col >= ks[:, None]) & (col < ke[:, None]), t, -jnp.inf), lambda t: t, s)
+        if masked:
+            col = start + jnp.arange(block_k, dtype=jnp.int32)[None, :]
+            s = jnp.where((col >= ks[:, None]) & (col < ke[:, None]), s, -jnp.inf)
         m_cand = jnp.maximum(m, jnp.max(s, axis=1) * qk_scale)
-        m_use = jnp.where(m_cand == -jnp.inf, 0.0, m_cand)
+        # A row with no allowed key so far keeps m = -inf: subtract 0 instead, so exp2(-inf) = 0 and never
+        # NaN. (A finite mask value is not safe: s*scale - m of two huge equal numbers can round to +ulp,
+        # which exp2 turns into inf.) Unmasked blocks always hold a finite max.
+        m_use = jnp.where(m_cand == -jnp.inf, 0.0, m_cand) if masked else m_cand
         alpha = exp2(m - m_use)
         p = exp2(s * qk_scale - m_use[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
@@ -92,7 +93,9 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
             new_acc.append(a * alpha[:, None] + pv)
         return tuple(new_acc), m_cand, l
 
-    acc, _, l = lax.fori_loop(lo, hi, step, init)
+    carry = lax.fori_loop(lo, f_lo, functools.partial(step, masked=True), init)
+    carry = lax.fori_loop(f_lo, f_hi, functools.partial(step, masked=False), carry)
+    acc, _, l = lax.fori_loop(f_hi, hi, functools.partial(step, masked=True), carry)
     nonempty = (ke > ks)[:, None]
     inv = 1.0 / jnp.where(l == 0.0, 1.0, l)
     for a, (off, w) in zip(acc, chunks):
