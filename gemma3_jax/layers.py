@@ -73,7 +73,7 @@ class GeGLU(nnx.Module):
     def decode_partials(self, x: Float[Array, "1 D"], interpret: bool) -> Float[Array, "S 1 D"]:
         """Batch-1 decode through the Pallas matrix-vector kernels: gate|up with GELU·up as its epilogue, then
         down split over K, returned as float32 partial sums [S, 1, D] for ``residual_norm`` to add (H100,
-        4B: 35.9 + 19.7 us a layer in the model vs XLA's 37.4 + 1.4 (GELU·up) + 20.0 + 1.6 (split-K reduction),
+        4B: 35.9 + 19.8 us a layer in the model vs XLA's 37.4 + 1.4 (GELU·up) + 20.0 + 1.6 (split-K reduction),
         docs/kernel_notes.md). Four splits, not eight: residual_norm is one program per row and reads them all."""
         f = self.down.shape[1]
         splits = next(s for s in (4, 2, 1) if f % (16 * s) == 0)

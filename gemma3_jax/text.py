@@ -172,7 +172,8 @@ class TextModel(nnx.Module):
         layers = list(self.layers)
         # x: the residual stream; xn: its normed copy for the next sub-block. Each residual add and the norm
         # after it are one kernel (residual_and_norm), the last one with the final norm.
-        gemv_b1 = embeddings.shape[0] == 1 and (impl == "pallas" or (impl == "auto" and not interpret_mode()))
+        gemv_b1 = (embeddings.shape[0] == 1 and (impl == "pallas" or (impl == "auto" and not interpret_mode()))
+                   and self.cfg.hidden_size % 16 == 0 and self.cfg.intermediate_size % 16 == 0)  # gemv's K pieces
         x, xn, ks, vs = embeddings, layers[0].input_norm(embeddings), [], []
         for i, (layer, k_buf, v_buf) in enumerate(zip(layers, cache.k, cache.v)):
             cos, sin = tables[layer.layer_type]
