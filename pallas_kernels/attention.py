@@ -45,12 +45,18 @@ def head_chunks(d: int) -> tuple[tuple[int, int], ...]:
 
 
 def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, block_k, qk_scale, precision,
-            fast_exp2):
+            fast_exp2, masks):
     """One program: block_q queries of one query head over the key blocks of their range.
 
     Online softmax in the log2 domain: p = exp2(s * qk_scale - m), with qk_scale = scale * log2(e) so the
     scale multiply fuses into the subtraction (one FMA per logit). Masked logits are -inf. The head dim is
     processed in ``chunks`` (head_chunks): logits sum over them, each has its own accumulator.
+
+    ``masks=False`` (a caller whose rows may all see every key: SigLIP without padding): one loop with a
+    static trip count over all key blocks, no element mask. Otherwise one loop over [lo, hi) whose partly
+    masked blocks (outside [f_lo, f_hi)) take the element mask behind a branch: one software pipeline per
+    program instead of three loops that each refill it (docs/kernel_notes.md 23, 25: +3..8% at D=256 on the H100;
+    Triton's result is sensitive to the form: V's address must come from the same ``start`` as K's).
     """
     exp2 = ex2_approx if fast_exp2 else jnp.exp2
     block_q = q_ref.shape[0]
@@ -67,7 +73,7 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
     dims_qk = (((1,), (1,)), ((), ()))
     dims_pv = (((1,), (0,)), ((), ()))
 
-    def step(kb, carry, masked):
+    def step(kb, carry):
         acc, m, l = carry
         start = pl.multiple_of(kb * block_k, block_k)
         s = None
@@ -75,14 +81,15 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
             kc = k_ref[pl.ds(start, block_k), off : off + w]
             part = lax.dot_general(qc, kc, dims_qk, precision=precision, preferred_element_type=f32)
             s = part if s is None else s + part
-        if masked:
+        if masks:
             col = start + jnp.arange(block_k, dtype=jnp.int32)[None, :]
-            s = jnp.where((col >= ks[:, None]) & (col < ke[:, None]), s, -jnp.inf)
+            s = lax.cond((kb < f_lo) | (kb >= f_hi),
+                         lambda t: jnp.where((col >= ks[:, None]) & (col < ke[:, None]), t, -jnp.inf), lambda t: t, s)
         m_cand = jnp.maximum(m, jnp.max(s, axis=1) * qk_scale)
         # A row with no allowed key so far keeps m = -inf: subtract 0 instead, so exp2(-inf) = 0 and never
         # NaN. (A finite mask value is not safe: s*scale - m of two huge equal numbers can round to +ulp,
-        # which exp2 turns into inf.) Unmasked blocks always hold a finite max.
-        m_use = jnp.where(m_cand == -jnp.inf, 0.0, m_cand) if masked else m_cand
+        # which exp2 turns into inf.) Without masks every block holds a finite max.
+        m_use = jnp.where(m_cand == -jnp.inf, 0.0, m_cand) if masks else m_cand
         alpha = exp2(m - m_use)
         p = exp2(s * qk_scale - m_use[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
@@ -93,13 +100,13 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
             new_acc.append(a * alpha[:, None] + pv)
         return tuple(new_acc), m_cand, l
 
-    carry = lax.fori_loop(lo, f_lo, functools.partial(step, masked=True), init)
-    carry = lax.fori_loop(f_lo, f_hi, functools.partial(step, masked=False), carry)
-    acc, _, l = lax.fori_loop(f_hi, hi, functools.partial(step, masked=True), carry)
-    nonempty = (ke > ks)[:, None]
+    first, last = (0, k_ref.shape[0] // block_k) if not masks else (lo, hi)
+    acc, _, l = lax.fori_loop(first, last, step, init)
     inv = 1.0 / jnp.where(l == 0.0, 1.0, l)
+    nonempty = (ke > ks)[:, None]
     for a, (off, w) in zip(acc, chunks):
-        o_ref[:, off : off + w] = jnp.where(nonempty, a * inv[:, None], 0.0).astype(o_ref.dtype)
+        out = a * inv[:, None]
+        o_ref[:, off : off + w] = (jnp.where(nonempty, out, 0.0) if masks else out).astype(o_ref.dtype)
 
 
 def _check(q, k, v, segment_ids, kv_lengths, block_q, block_k):
@@ -143,7 +150,7 @@ def _tiles(dp, sq, sk, dtype, block_q, block_k, num_warps, num_stages, fast_exp2
 
 
 def _launch(meta, ks, ke, q_in, k_in, v_in, *, q_spec, k_spec, v_spec, out_shape, chunks, block_q, block_k, scale,
-            fast, num_warps, num_stages, interpret, name):
+            fast, masks, num_warps, num_stages, interpret, name):
     """The kernel over grid (query blocks, B, H), the longest rows (last query blocks) first.
 
     ``q_spec``/``k_spec``/``v_spec``: (block shape, index(i, b, h)) with i the query block being computed, so
@@ -157,6 +164,7 @@ def _launch(meta, ks, ke, q_in, k_in, v_in, *, q_spec, k_spec, v_spec, out_shape
     precision = lax.Precision.HIGHEST if out_shape.dtype == jnp.float32 else None
     kernel = functools.partial(
         _kernel, chunks=chunks, block_k=block_k, qk_scale=scale * LOG2E, precision=precision, fast_exp2=fast,
+        masks=masks,
     )
     return pl.pallas_call(
         kernel,
@@ -225,7 +233,7 @@ def image_span_attention(
     out = _launch(
         meta, ks, ke, qp, k, v, q_spec=((None, bq, None, dp), lambda i, bb, h: (bb, i, h, 0)), k_spec=kv_spec,
         v_spec=kv_spec, out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype), chunks=chunks, block_q=bq, block_k=bk,
-        scale=scale, fast=fast, num_warps=nwarps, num_stages=nstages, interpret=interpret,
+        scale=scale, fast=fast, masks=True, num_warps=nwarps, num_stages=nstages, interpret=interpret,
         name="image_span_attention",
     )
     return out[:, :sq, :, :d]
@@ -271,8 +279,8 @@ def packed_self_attention(
         meta, ks, ke, qkv, qkv, qkv, q_spec=((None, bq, None, None, dp), lambda i, bb, h: (bb, i, 0, h, 0)),
         k_spec=(kv, lambda i, bb, h: (bb, 0, 1, h, 0)), v_spec=(kv, lambda i, bb, h: (bb, 0, 2, h, 0)),
         out_shape=jax.ShapeDtypeStruct((b, nq * bq, h, dp), qkv.dtype), chunks=head_chunks(head_dim),
-        block_q=bq, block_k=bk, scale=scale, fast=fast, num_warps=nwarps, num_stages=nstages, interpret=interpret,
-        name="packed_self_attention",
+        block_q=bq, block_k=bk, scale=scale, fast=fast, masks=sp != s, num_warps=nwarps,
+        num_stages=nstages, interpret=interpret, name="packed_self_attention",
     )
     return out if nq * bq == s else out[:, :s]
 
