@@ -184,7 +184,7 @@ class Engine:
         for row, p in enumerate(prompts):
             ids[row, : len(p)] = p
         mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
-        ids_j, px_j, _ = check_inputs(self.cfg, self.dtype, ids, pixel_values, mask)  # no nnx.merge per call
+        ids_j, px_j, _ = check_inputs(self.cfg, ids, pixel_values, mask)  # no nnx.merge per call
         key = jax.random.key(0) if key is None else key
         args = (self.weights, ids_j, px_j, jnp.asarray(lengths), key)
         fn = self._compiled_fn("prefill", lambda: self._prefill_fn(params), params, args, timings)

@@ -396,6 +396,8 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
                 if opts_name == "default" and ("384" in label or "vision" in label):
                     r["kernels"] = traced(c, args, 1)
                     log_kernels(r["kernels"], 8)
+                    small_kernels = [k["name"] for k in r["kernels"]["top"] if "fusion" in k["name"]][:16]
+                    r["fusions"] = fusion_bodies(c, small_kernels, lines=30)
                 if "384" in label and opts is None:  # jax.jit's C++ dispatch instead of the Compiled object's
                     f = jax.jit(fn)
                     r["jit_ms"] = bench(f, *args, runs=5) * 1e3
