@@ -42,7 +42,11 @@ class VisionAttention(nnx.Module):
         self.scale = h**-0.5
 
     def __call__(self, x: Float[Array, "I P E"], impl: str) -> Float[Array, "I P E"]:
-        qkv = jnp.einsum("IPE,EKNH->IPKNH", x, self.qkv_proj[...]) + self.qkv_bias[...]  # K = 3: q, k, v
+        # One [E, 3*N*Hp] product with a 1-D bias (K = 3: q, k, v), then a free reshape. Written as the 5-D einsum,
+        # the bias broadcast over three output dims did not become cuBLAS's bias epilogue on the GPU.
+        w, b = self.qkv_proj[...], self.qkv_bias[...]
+        qkv = jnp.einsum("IPE,EF->IPF", x, w.reshape(w.shape[0], -1)) + b.reshape(-1)
+        qkv = qkv.reshape(*x.shape[:2], *b.shape)
         if impl == "reference":
             h = self.head_dim
             q, k, v = (qkv[:, :, i, :, :h] for i in range(3))

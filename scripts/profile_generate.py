@@ -262,14 +262,18 @@ def kernel_table(logdir: str, steps: int, top: int = 40) -> dict:
     pnames = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu = {pid for pid, n in pnames.items() if "GPU" in n or "gpu" in n}
     per = defaultdict(lambda: [0.0, 0])
+    first, last = float("inf"), 0.0
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu:
             r = per[e["name"]]
             r[0] += e.get("dur", 0.0)
             r[1] += 1
+            first, last = min(first, e["ts"]), max(last, e["ts"] + e.get("dur", 0.0))
     total = sum(v[0] for v in per.values())
     rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
-    return dict(total_us_per_step=total / steps, processes=sorted(set(pnames.values()))[:10],
+    # span: first kernel start to last kernel end on the GPU (span - total = gaps between kernels)
+    return dict(total_us_per_step=total / steps, span_us_per_step=(last - first) / steps if per else 0.0,
+                launches_per_step=sum(v[1] for v in per.values()) / steps, processes=sorted(set(pnames.values()))[:10],
                 top=[dict(name=n[:120], us_per_step=v[0] / steps, calls_per_step=v[1] / steps) for n, v in rows])
 
 
@@ -286,7 +290,8 @@ def log_kernels(k: dict, n: int = 30) -> None:
     if "top" not in k:
         log(f"  kernels: {k}")
         return
-    log(f"  kernels: {k['total_us_per_step']:.0f} us/step in total; top:")
+    log(f"  kernels: {k['total_us_per_step']:.0f} us/step in total, first start to last end "
+        f"{k.get('span_us_per_step', 0):.0f} us, {k.get('launches_per_step', 0):.0f} launches; top:")
     for row in k["top"][:n]:
         log(f"    {row['us_per_step']:8.1f} us x{row['calls_per_step']:.0f}  {row['name']}")
 
@@ -359,13 +364,13 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
                 c = next(v for k, v in eng._compiled.items() if k[0] == "prefill")
                 ids = np.full((1, bucket_length(n, eng.cache_length)), cfg.text.pad_token_id, np.int32)
                 ids[0, :n] = prompt
-                args = (eng.weights, jnp.asarray(ids), jnp.asarray(px, model.dtype), jnp.asarray([n], jnp.int32),
+                args = (eng._prefill_rest, eng._prefill_groups, jnp.asarray(ids), jnp.asarray(px), jnp.asarray([n], jnp.int32),
                         jax.random.key(0))
                 null = jax.jit(lambda ws, *rest: ws[0].ravel()[0]).lower(*args).compile()
                 r.update(host_ms=host_time(c, *args) * 1e3, null_host_ms=host_time(null, *args) * 1e3,
-                         null_ms=bench(null, *args) * 1e3, n_weight_arrays=len(eng.weights))
+                         null_ms=bench(null, *args) * 1e3, n_weight_arrays=len(eng._prefill_rest) + len(eng._prefill_groups))
                 log(f"  host time per call {r['host_ms']:.2f} ms; a do-nothing call with the same "
-                    f"{len(eng.weights)} weight arrays: host {r['null_host_ms']:.2f} ms, until ready "
+                    f"{r['n_weight_arrays']} weight arrays: host {r['null_host_ms']:.2f} ms, until ready "
                     f"{r['null_ms']:.2f} ms")
         save()
     graphdef, state = nnx.split(model)
@@ -396,7 +401,7 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
                 if opts_name == "default" and ("384" in label or "vision" in label):
                     r["kernels"] = traced(c, args, 1)
                     log_kernels(r["kernels"], 8)
-                    small_kernels = [k["name"] for k in r["kernels"]["top"] if "fusion" in k["name"]][:16]
+                    small_kernels = [k["name"] for k in r["kernels"]["top"] if "fusion" in k["name"] or "wrapped" in k["name"]][:16]
                     r["fusions"] = fusion_bodies(c, small_kernels, lines=30)
                 if "384" in label and opts is None:  # jax.jit's C++ dispatch instead of the Compiled object's
                     f = jax.jit(fn)

@@ -142,3 +142,25 @@ def test_engine_rejects_bad_requests(mm):
         list(engine.generate_ids([[]], max_new_tokens=4))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(temperature=1.0, top_p=0.0)
+
+
+def test_packed_norm_weights_unpack_to_the_same_leaves(mm, mm_engine):
+    """Prefill receives the norm vectors packed one array per layer; unpacking gives back every leaf exactly,
+    in order, and only 1-D norm leaves were packed."""
+    from flax import nnx
+
+    from gemma3_jax.engine import PackedWeights
+
+    _, state = nnx.split(mm[0])
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    packing, rest, groups = PackedWeights.plan(state)
+    out = packing.unpack(rest, groups)
+    assert len(out) == len(leaves)
+    for (path, x), y in zip(leaves, out):
+        assert y.shape == x.shape and y.dtype == x.dtype
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+    packed = {i for i, *_ in packing.small}
+    assert packed and all(leaves[i][1].ndim == 1 and "norm" in jax.tree_util.keystr(leaves[i][0]) for i in packed)
+    n_layers = len(mm[0].text.layers) + len(mm[0].vision.layers)
+    assert n_layers < len(groups) < len(packed)  # one group per layer (+ the top-level norms), not one per vector
+    assert len(mm_engine._prefill_rest) + len(mm_engine._prefill_groups) < len(mm_engine.weights)
