@@ -86,7 +86,7 @@ def test_head_dim_72_is_not_fused():
     assert not kvc.fused_step_supported(72) and kvc.fused_step_supported(256)
 
 
-@pytest.mark.parametrize("b,impl", [(2, "auto"), (1, "pallas")])
+@pytest.mark.parametrize("b,impl", [(2, "pallas"), (1, "pallas")])
 def test_model_decode_fused_equals_reference(tiny_mm, b, impl):
     """The model's decode step through the fused kernel equals its unfused jnp path (float32), ring wrapped.
     At batch 1 with "pallas" the MLP runs through the matrix-vector kernels and residual_norm adds down's
@@ -114,3 +114,20 @@ def test_model_decode_fused_equals_reference(tiny_mm, b, impl):
         model.text.decode_step(model.text.embed_tokens(tokens[:, :1]), cache, "xla")
     for a, r in zip(caches[impl].k + caches[impl].v, caches["reference"].k + caches["reference"].v):
         assert rel(a, r) <= 1e-5
+
+
+def test_auto_decode_is_xla_off_the_gpu(tiny_mm):
+    """ "auto" decode runs no (interpreted) Pallas kernel on a CPU; "pallas" does. The kernels stay covered by the
+    "pallas" cases above."""
+    model = gemma3_jax.load_pretrained(tiny_mm[0], dtype=jnp.float32, progress=False)
+    cache = kvc.init_cache(model.cfg.text, 1, 16, model.dtype)
+    tok = jnp.zeros((1,), jnp.int32)
+
+    def jaxpr(impl):
+        return str(jax.make_jaxpr(lambda c, t: model.text.decode_step(model.text.embed_tokens(t[:, None]), c, impl))(
+            cache, tok))
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU auto is the Pallas path")
+    assert "pallas_call" not in jaxpr("auto")
+    assert "pallas_call" in jaxpr("pallas")
