@@ -364,11 +364,12 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
                 c = next(v for k, v in eng._compiled.items() if k[0] == "prefill")
                 ids = np.full((1, bucket_length(n, eng.cache_length)), cfg.text.pad_token_id, np.int32)
                 ids[0, :n] = prompt
-                args = (eng._prefill_rest, eng._prefill_groups, jnp.asarray(ids), jnp.asarray(px), jnp.asarray([n], jnp.int32),
-                        jax.random.key(0))
+                args = (eng._prefill_rest, eng._prefill_groups, jnp.asarray(ids), jnp.asarray(px),
+                        jnp.asarray([n], jnp.int32), jax.random.key(0))
                 null = jax.jit(lambda ws, *rest: ws[0].ravel()[0]).lower(*args).compile()
                 r.update(host_ms=host_time(c, *args) * 1e3, null_host_ms=host_time(null, *args) * 1e3,
-                         null_ms=bench(null, *args) * 1e3, n_weight_arrays=len(eng._prefill_rest) + len(eng._prefill_groups))
+                         null_ms=bench(null, *args) * 1e3,
+                         n_weight_arrays=len(eng._prefill_rest) + len(eng._prefill_groups))
                 log(f"  host time per call {r['host_ms']:.2f} ms; a do-nothing call with the same "
                     f"{r['n_weight_arrays']} weight arrays: host {r['null_host_ms']:.2f} ms, until ready "
                     f"{r['null_ms']:.2f} ms")
@@ -401,7 +402,8 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
                 if opts_name == "default" and ("384" in label or "vision" in label):
                     r["kernels"] = traced(c, args, 1)
                     log_kernels(r["kernels"], 8)
-                    small_kernels = [k["name"] for k in r["kernels"]["top"] if "fusion" in k["name"] or "wrapped" in k["name"]][:16]
+                    small_kernels = [k["name"] for k in r["kernels"]["top"]
+                                     if "fusion" in k["name"] or "wrapped" in k["name"]][:16]
                     r["fusions"] = fusion_bodies(c, small_kernels, lines=30)
                 if "384" in label and opts is None:  # jax.jit's C++ dispatch instead of the Compiled object's
                     f = jax.jit(fn)
