@@ -1,8 +1,8 @@
 """Jit-compiled prefill and decode over a KV cache, on token ids.
 
 - ``prefill``: a batch of prompts right-padded to a bucket length (a small fixed set, so compiles are
-  reused), images through the vision tower, attention with the image-span mask; fills the caches and
-  returns only the last-token logits and a first sampled token.
+  reused), images through the vision tower (a call of its own, queued before the text decoder's), attention
+  with the image-span mask; fills the caches and returns only the last-token logits and a first sampled token.
 - ``decode``: up to ``chunk`` steps per host call in a ``lax.while_loop`` with on-device sampling and stop
   detection; the cache is donated into the step (no copy per step). Streaming hands back chunk by chunk, and
   the next chunk is queued before the last one's tokens are read.
@@ -20,12 +20,16 @@ import numpy as np
 from flax import nnx
 
 from gemma3_jax import cache as kvc
-from gemma3_jax.model import NUMERICS_OPTIONS, Gemma3, check_inputs
+from gemma3_jax.model import NUMERICS_OPTIONS, Gemma3, check_inputs, decoder_forward
 from gemma3_jax.sampling import SamplingParams, sample
 
-# Prompt lengths are padded up to one of these (each is compiled once): powers of two and 1.5x powers of two,
-# so padding wastes at most a third of a prefill (323 tokens -> 384, not 512).
-BUCKETS = tuple(sorted({2**i for i in range(5, 18)} | {3 * 2**i for i in range(4, 16)}))  # 32, 48, ... 131072
+# Prompt lengths are padded up to one of these (each is compiled once). Up to 256 tokens a prefill's GEMMs read
+# their weights in the same time however many rows they have (under the H100's ~300 flop/byte ridge), so coarse
+# steps cost nothing there: 32, 48, 64, 96, 128, 192, 256. Above, padded rows are computed, so buckets step by an
+# eighth of a power of two: at most 12.5% waste (323 tokens -> 352, 2353 -> 2560), at the price of up to eight
+# compiles per doubling of the prompt length instead of two.
+BUCKETS = tuple(sorted({32, 48, 64, 96, 128, 192} | {2**i * k // 8 for i in range(8, 17) for k in range(8, 16)}
+                       | {2**17}))  # ... 131072
 MAX_STOP_IDS = 8
 # The decode chunk's while loop (condition included) as a CUDA graph; Pallas kernels are custom calls.
 DECODE_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
@@ -33,7 +37,7 @@ DECODE_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLAS
 
 
 def default_compiler_options(step: str) -> dict[str, bool | str | int]:
-    """XLA options for the compiled ``step`` ("prefill" or "decode") on this backend.
+    """XLA options for the compiled ``step`` ("vision", "prefill" or "decode") on this backend.
 
     Measured on the H100 (docs/benchmarks.md). Prefill: with q|k|v and gate|up stored fused, XLA's defaults and
     ``xla_gpu_enable_triton_gemm=false`` both run the text products in cuBLAS and measured the same within
@@ -45,7 +49,7 @@ def default_compiler_options(step: str) -> dict[str, bool | str | int]:
     3.292 ms a step, the same as a loop without the early stop). Both round every low-precision op as
     transformers does (NUMERICS_OPTIONS)."""
     opts = dict(NUMERICS_OPTIONS)
-    if jax.default_backend() == "gpu" and step == "prefill":
+    if jax.default_backend() == "gpu" and step in ("vision", "prefill"):
         opts["xla_gpu_enable_triton_gemm"] = False
     if jax.default_backend() == "gpu" and step == "decode":
         opts.update(DECODE_COMMAND_BUFFERS)
@@ -109,6 +113,42 @@ class PackedWeights:
         return out
 
 
+class _VisionStep(nnx.Module):
+    """The vision tower and projector as one module: the weights of the Engine's vision call."""
+
+    def __init__(self, vision, projector):
+        self.vision, self.projector = vision, projector
+
+
+@dataclasses.dataclass(frozen=True)
+class StepWeights:
+    """One compiled step's share of the model: a sub-module's weights as the step's arguments (norms packed).
+
+    Prefill runs as two calls, the vision tower (with the projector) and the text decoder, each taking only its
+    own weights: the host work before a call's first kernel grows with its array arguments (~3.5 us each), and
+    the text call's is done while the GPU runs the vision call."""
+
+    graphdef: nnx.GraphDef
+    treedef: jax.tree_util.PyTreeDef
+    packing: PackedWeights
+    rest: list
+    groups: list
+
+    @classmethod
+    def of(cls, module: nnx.Module) -> StepWeights:
+        graphdef, state = nnx.split(module)
+        packing, rest, groups = PackedWeights.plan(state)
+        return cls(graphdef, jax.tree.structure(state), packing, rest, groups)
+
+    @property
+    def num_arrays(self) -> int:
+        return len(self.rest) + len(self.groups)
+
+    def merge(self, rest, groups):
+        """The module again, inside the step's trace."""
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, self.packing.unpack(rest, groups)))
+
+
 def bucket_length(n: int, cache_length: int) -> int:
     for b in BUCKETS:
         if b >= n:
@@ -138,7 +178,10 @@ class Engine:
         # The weights travel as a flat list: flattening an nnx.State (~900 leaves for 4B) costs ~2.4 ms of
         # host time per call, a list ~0.07 ms. The compiled steps rebuild the State inside the trace.
         self.weights, self._treedef = jax.tree.flatten(state)
-        self._packing, self._prefill_rest, self._prefill_groups = PackedWeights.plan(state)
+        self._text_weights = StepWeights.of(model.text)
+        self._vision_weights = StepWeights.of(_VisionStep(model.vision, model.projector)) if model.cfg.is_multimodal \
+            else None
+        self.attention = model.attention
         self.compiler_options = compiler_options  # None: default_compiler_options(step) per step
         self.cfg = model.cfg
         self.dtype = model.dtype
@@ -148,20 +191,29 @@ class Engine:
         self._donate = jax.default_backend() != "cpu"
 
     # ---- compiled functions -------------------------------------------------------------------
-    def _prefill_fn(self, params: SamplingParams):
-        graphdef, treedef, cfg, cache_length = self.graphdef, self._treedef, self.cfg.text, self.cache_length
-        packing = self._packing
+    def _vision_fn(self):
+        weights, attention = self._vision_weights, self.attention
 
-        def prefill(rest, groups, input_ids, pixel_values, lengths, key):
-            model = nnx.merge(graphdef, jax.tree.unflatten(treedef, packing.unpack(rest, groups)))
+        def vision(rest, groups, pixel_values):
+            step = weights.merge(rest, groups)
+            return step.projector(step.vision(pixel_values, attention))  # [I, T, D]
+
+        return vision
+
+    def _prefill_fn(self, params: SamplingParams):
+        weights, cfg, cache_length, attention, dtype = (self._text_weights, self.cfg, self.cache_length,
+                                                        self.attention, self.dtype)
+
+        def prefill(rest, groups, input_ids, feats, lengths, key):
+            text = weights.merge(rest, groups)
             b = input_ids.shape[0]
-            hidden, kvs = model.forward(input_ids, pixel_values, lengths)
+            hidden, kvs = decoder_forward(cfg, text, input_ids, feats, lengths, attention)
             last = hidden[jnp.arange(b), lengths - 1][:, None]  # [B, 1, D]
-            logits = model.text.logits(last)[:, 0].astype(jnp.float32)  # [B, V]: never [B, L, V]
-            cache = kvc.init_cache(cfg, b, cache_length, model.dtype)
+            logits = text.logits(last)[:, 0].astype(jnp.float32)  # [B, V]: never [B, L, V]
+            cache = kvc.init_cache(cfg.text, b, cache_length, dtype)
             ks, vs = [], []
             for i, (k, v) in enumerate(kvs):
-                ring = cfg.is_sliding(i)
+                ring = cfg.text.is_sliding(i)
                 ks.append(kvc.fill_layer(cache.k[i], k, lengths, ring))
                 vs.append(kvc.fill_layer(cache.v[i], v, lengths, ring))
             token = sample(logits, key, params)
@@ -245,10 +297,19 @@ class Engine:
         mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
         ids_j, px_j, _ = check_inputs(self.cfg, ids, pixel_values, mask)  # no nnx.merge per call
         key = jax.random.key(0) if key is None else key
-        args = (self._prefill_rest, self._prefill_groups, ids_j, px_j, jnp.asarray(lengths), key)
+        lengths_j = jnp.asarray(lengths)
+        vision, feats = None, None
+        if px_j is not None:  # compiled before the clock starts; the text call is compiled for its output's shape
+            vw = self._vision_weights
+            vision = self._compiled_fn("vision", self._vision_fn, None, (vw.rest, vw.groups, px_j), timings)
+            feats = vision.out_info
+        tw = self._text_weights
+        args = (tw.rest, tw.groups, ids_j, feats, lengths_j, key)
         fn = self._compiled_fn("prefill", lambda: self._prefill_fn(params), params, args, timings)
         t = time.perf_counter()
-        cache, token, logits = fn(*args)
+        if vision is not None:  # queued: the text call's host work overlaps the vision tower on the device
+            feats = vision(vw.rest, vw.groups, px_j)
+        cache, token, logits = fn(tw.rest, tw.groups, ids_j, feats, lengths_j, key)
         token.block_until_ready()
         timings.prefill_s += time.perf_counter() - t
         return cache, token, logits

@@ -37,18 +37,8 @@ class Gemma3(nnx.Module):
 
     def embed(self, input_ids: Int[Array, "B L"], pixel_values=None) -> Float[Array, "B L D"]:
         """Token embeddings with image features scattered, in order, into the image-token positions."""
-        is_image = input_ids == self.cfg.image_token_id
-        ids = input_ids
-        if self.cfg.image_token_id >= self.cfg.text.vocab_size:  # out-of-vocabulary placeholder, as HF
-            ids = jnp.where(is_image, 0, input_ids)
-        x = self.text.embed_tokens(ids)
-        if pixel_values is None:
-            return x
-        feats = self.image_features(pixel_values)
-        feats = feats.reshape(-1, feats.shape[-1]).astype(x.dtype)  # [I*T, D] in prompt order
-        slot = jnp.cumsum(is_image.reshape(-1)) - 1  # row-major rank of each image token
-        gathered = jnp.take(feats, jnp.clip(slot, 0, feats.shape[0] - 1), axis=0).reshape(x.shape)
-        return jnp.where(is_image[..., None], gathered, x)
+        feats = None if pixel_values is None else self.image_features(pixel_values)
+        return embed_with_features(self.cfg, self.text, input_ids, feats)
 
     def forward(
         self,
@@ -57,11 +47,8 @@ class Gemma3(nnx.Module):
         kv_lengths: Int[Array, "B"] | None = None,
     ) -> tuple[Float[Array, "B L D"], list]:
         """Final hidden states (after the last norm) and each layer's (keys, values)."""
-        b, length = input_ids.shape
-        x = self.embed(input_ids, pixel_values)
-        segment_ids = segment_ids_from_image_mask(input_ids == self.cfg.image_token_id)
-        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-        return self.text(x, positions, segment_ids, kv_lengths, self.attention)
+        feats = None if pixel_values is None else self.image_features(pixel_values)
+        return decoder_forward(self.cfg, self.text, input_ids, feats, kv_lengths, self.attention)
 
     # ---- the user-facing call ------------------------------------------------------------------
     def __call__(self, input_ids, pixel_values=None, attention_mask=None) -> Float[Array, "B L V"]:
@@ -130,6 +117,36 @@ def check_inputs(cfg: Gemma3Config, input_ids, pixel_values=None, attention_mask
 # rounds after every op. Rounding like it moved the real 270M's bf16 top-1 agreement with transformers from
 # 97.92% to 98.57% on the H100 (docs/benchmarks.md).
 NUMERICS_OPTIONS = {"xla_allow_excess_precision": False}
+
+
+def embed_with_features(
+    cfg: Gemma3Config, text: TextModel, input_ids: Int[Array, "B L"], feats: Float[Array, "I T D"] | None
+) -> Float[Array, "B L D"]:
+    """Token embeddings with ``feats`` (image_features, or None) scattered, in order, into the image tokens."""
+    is_image = input_ids == cfg.image_token_id
+    ids = input_ids
+    if cfg.image_token_id >= cfg.text.vocab_size:  # out-of-vocabulary placeholder, as HF
+        ids = jnp.where(is_image, 0, input_ids)
+    x = text.embed_tokens(ids)
+    if feats is None:
+        return x
+    feats = feats.reshape(-1, feats.shape[-1]).astype(x.dtype)  # [I*T, D] in prompt order
+    slot = jnp.cumsum(is_image.reshape(-1)) - 1  # row-major rank of each image token
+    gathered = jnp.take(feats, jnp.clip(slot, 0, feats.shape[0] - 1), axis=0).reshape(x.shape)
+    return jnp.where(is_image[..., None], gathered, x)
+
+
+def decoder_forward(
+    cfg: Gemma3Config, text: TextModel, input_ids: Int[Array, "B L"], feats: Float[Array, "I T D"] | None,
+    kv_lengths: Int[Array, "B"] | None, attention: str,
+) -> tuple[Float[Array, "B L D"], list]:
+    """The text decoder over the prompt with the images' features already computed: final hidden states and each
+    layer's (keys, values). Needs only the text weights (the Engine runs the vision tower as a call of its own)."""
+    b, length = input_ids.shape
+    x = embed_with_features(cfg, text, input_ids, feats)
+    segment_ids = segment_ids_from_image_mask(input_ids == cfg.image_token_id)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    return text(x, positions, segment_ids, kv_lengths, attention)
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=NUMERICS_OPTIONS)

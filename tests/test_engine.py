@@ -163,4 +163,7 @@ def test_packed_norm_weights_unpack_to_the_same_leaves(mm, mm_engine):
     assert packed and all(leaves[i][1].ndim == 1 and "norm" in jax.tree_util.keystr(leaves[i][0]) for i in packed)
     n_layers = len(mm[0].text.layers) + len(mm[0].vision.layers)
     assert n_layers < len(groups) < len(packed)  # one group per layer (+ the top-level norms), not one per vector
-    assert len(mm_engine._prefill_rest) + len(mm_engine._prefill_groups) < len(mm_engine.weights)
+    # prefill's two calls take the text and the vision weights apart, with the norms packed
+    text, vision = mm_engine._text_weights, mm_engine._vision_weights
+    assert text.num_arrays + vision.num_arrays < len(mm_engine.weights)
+    assert len(text.rest) + len(vision.rest) + len(text.packing.small) + len(vision.packing.small) == len(leaves)
