@@ -167,3 +167,24 @@ def test_packed_norm_weights_unpack_to_the_same_leaves(mm, mm_engine):
     text, vision = mm_engine._text_weights, mm_engine._vision_weights
     assert text.num_arrays + vision.num_arrays < len(mm_engine.weights)
     assert len(text.rest) + len(vision.rest) + len(text.packing.small) + len(vision.packing.small) == len(leaves)
+
+
+def test_prefill_runs_the_vision_tower_as_a_call_of_its_own(mm):
+    """Prefill is two compiled calls, the vision tower (with the projector) and the text decoder, given disjoint
+    shares of the weights; a prompt without images compiles and runs no vision call. Both give the full
+    forward's last-token logits."""
+    model = mm[0]
+    engine = Engine(model, cache_length=64)
+    text, vision = engine._text_weights, engine._vision_weights
+    assert not {id(x) for x in text.rest} & {id(x) for x in vision.rest}
+    prompt = [2, 17, 33, 5, 9, 100]
+    _, _, logits = engine.prefill([prompt])
+    assert [key[0] for key in engine._compiled] == ["prefill"]
+    assert rel_err(logits[0], model(np.array([prompt]))[0, -1]) <= TOL
+    ids, px, mask = multimodal_batch()
+    prompts = _prompts(ids, mask)
+    _, _, logits = engine.prefill(prompts, px)
+    assert sorted(key[0] for key in engine._compiled) == ["prefill", "prefill", "vision"]
+    full = model(ids, px, mask)
+    for row, p in enumerate(prompts):
+        assert rel_err(logits[row], full[row, len(p) - 1]) <= TOL
