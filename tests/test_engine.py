@@ -188,3 +188,15 @@ def test_prefill_runs_the_vision_tower_as_a_call_of_its_own(mm):
     full = model(ids, px, mask)
     for row, p in enumerate(prompts):
         assert rel_err(logits[row], full[row, len(p) - 1]) <= TOL
+
+
+def test_buckets_bound_the_padding():
+    """Prompt buckets: multiples of 16, coarse up to 256 tokens, then at most 12.5% of a prompt is padding; the
+    cache length caps them."""
+    from gemma3_jax.engine import BUCKETS, bucket_length
+
+    assert list(BUCKETS) == sorted(set(BUCKETS)) and all(b % 16 == 0 for b in BUCKETS)
+    assert [bucket_length(n, 10**9) for n in (1, 33, 200, 257, 323, 2353)] == [32, 48, 256, 288, 352, 2560]
+    for n in range(257, BUCKETS[-1] + 1, 97):
+        assert n <= bucket_length(n, 10**9) <= 1.125 * n
+    assert bucket_length(300, 320) == 320 and bucket_length(BUCKETS[-1] + 5, BUCKETS[-1] + 100) == BUCKETS[-1] + 100
