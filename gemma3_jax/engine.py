@@ -122,7 +122,8 @@ class _VisionStep(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class StepWeights:
-    """One compiled step's share of the model: a sub-module's weights as the step's arguments (norms packed).
+    """One compiled step's share of the model: a sub-module's weights as the step's arguments, as they are
+    (``flat``, for decode) or with the norms packed (``rest`` + ``groups``, for prefill).
 
     Prefill runs as two calls, the vision tower (with the projector) and the text decoder, each taking only its
     own weights. As one call of 421 arrays the 4B prefill's GPU started ~2.3 ms after the call; the vision call
@@ -131,6 +132,7 @@ class StepWeights:
 
     graphdef: nnx.GraphDef
     treedef: jax.tree_util.PyTreeDef
+    flat: list
     packing: PackedWeights
     rest: list
     groups: list
@@ -138,16 +140,21 @@ class StepWeights:
     @classmethod
     def of(cls, module: nnx.Module) -> StepWeights:
         graphdef, state = nnx.split(module)
+        flat, treedef = jax.tree.flatten(state)
         packing, rest, groups = PackedWeights.plan(state)
-        return cls(graphdef, jax.tree.structure(state), packing, rest, groups)
+        return cls(graphdef, treedef, flat, packing, rest, groups)
 
     @property
     def num_arrays(self) -> int:
         return len(self.rest) + len(self.groups)
 
     def merge(self, rest, groups):
-        """The module again, inside the step's trace."""
-        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, self.packing.unpack(rest, groups)))
+        """The module again from the packed weights, inside the step's trace."""
+        return self.merge_flat(self.packing.unpack(rest, groups))
+
+    def merge_flat(self, flat):
+        """The module again from the weights as they are (``flat``), inside the step's trace."""
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, flat))
 
 
 def bucket_length(n: int, cache_length: int) -> int:
@@ -175,11 +182,11 @@ class Engine:
     def __init__(
         self, model: Gemma3, cache_length: int = 4096, chunk: int = 32, compiler_options: dict | None = None
     ):
-        self.graphdef, state = nnx.split(model)
-        # The weights travel as a flat list: flattening an nnx.State (~900 leaves for 4B) costs ~2.4 ms of
-        # host time per call, a list ~0.07 ms. The compiled steps rebuild the State inside the trace.
-        self.weights, self._treedef = jax.tree.flatten(state)
+        # The weights travel as flat lists: flattening an nnx.State (~900 leaves for 4B) costs ~2.4 ms of host
+        # time per call, a list ~0.07 ms. The compiled steps rebuild the modules inside the trace. Decode needs
+        # only the text decoder's weights (``self.weights``), prefill's vision call only the vision tower's.
         self._text_weights = StepWeights.of(model.text)
+        self.weights = self._text_weights.flat
         self._vision_weights = StepWeights.of(_VisionStep(model.vision, model.projector)) if model.cfg.is_multimodal \
             else None
         self.attention = model.attention
@@ -224,18 +231,17 @@ class Engine:
 
     def _decode_fn(self, params: SamplingParams, stop_early: bool = True):
         """``stop_early=False``: always ``chunk`` steps (a fixed trip count; for profiling the loop's cost)."""
-        graphdef, treedef, steps, pad = self.graphdef, self._treedef, self.chunk, self.cfg.text.pad_token_id
+        text_weights, attention = self._text_weights, self.attention
+        steps, pad = self.chunk, self.cfg.text.pad_token_id
 
         def decode(weights, cache, token, done, remaining, key, stops):
-            model = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
+            text = text_weights.merge_flat(weights)
             b = token.shape[0]
 
             def body(carry):
                 cache, token, done, remaining, key, out, i = carry
-                hidden, cache = model.text.decode_step(
-                    model.text.embed_tokens(token[:, None]), cache, model.attention
-                )
-                logits = model.text.logits(hidden)[:, 0].astype(jnp.float32)
+                hidden, cache = text.decode_step(text.embed_tokens(token[:, None]), cache, attention)
+                logits = text.logits(hidden)[:, 0].astype(jnp.float32)
                 key, sub = jax.random.split(key)
                 nxt = jnp.where(done, pad, sample(logits, sub, params))
                 remaining = remaining - (~done).astype(jnp.int32)

@@ -165,8 +165,11 @@ def test_packed_norm_weights_unpack_to_the_same_leaves(mm, mm_engine):
     assert n_layers < len(groups) < len(packed)  # one group per layer (+ the top-level norms), not one per vector
     # prefill's two calls take the text and the vision weights apart, with the norms packed
     text, vision = mm_engine._text_weights, mm_engine._vision_weights
-    assert text.num_arrays + vision.num_arrays < len(mm_engine.weights)
+    assert text.num_arrays + vision.num_arrays < len(leaves)
     assert len(text.rest) + len(vision.rest) + len(text.packing.small) + len(vision.packing.small) == len(leaves)
+    # decode takes the text decoder's weights as they are, and only those
+    assert len(mm_engine.weights) == len(text.rest) + len(text.packing.small) == len(jax.tree.leaves(nnx.split(
+        mm[0].text)[1]))
 
 
 def test_prefill_runs_the_vision_tower_as_a_call_of_its_own(mm):
