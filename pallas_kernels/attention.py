@@ -44,16 +44,28 @@ def head_chunks(d: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+# The no-mask loop's fixed softmax offset: block 0's row max (log2 units) + FIXED_SHIFT. Its result is exact
+# (up to rounding, which is relative) while every row's sum l of probabilities lies in FIXED_L_RANGE and the
+# accumulators are finite: then the largest probability is <= 2^80 (no overflow) and >= 2^-80 (the keys that
+# matter stay normal numbers). A row outside it (a key whose logit beats block 0's max by ~110 log2 units, or
+# inf/NaN inputs) sends its program through the online-softmax loop instead.
+FIXED_SHIFT = 32.0
+FIXED_L_RANGE = (2.0**-60, 2.0**80)
+
+
 def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, block_k, qk_scale, precision,
-            fast_exp2, masks):
+            fast_exp2, masks, fixed_offset):
     """One program: block_q queries of one query head over the key blocks of their range.
 
     Online softmax in the log2 domain: p = exp2(s * qk_scale - m), with qk_scale = scale * log2(e) so the
     scale multiply fuses into the subtraction (one FMA per logit). Masked logits are -inf. The head dim is
     processed in ``chunks`` (head_chunks): logits sum over them, each has its own accumulator.
 
-    ``masks=False`` (a caller whose rows may all see every key: SigLIP without padding): one loop with a
-    static trip count over all key blocks, no element mask. Otherwise one loop over [lo, hi) whose partly
+    ``masks=False`` (a caller whose rows all see every key: SigLIP without padding): no element mask, one loop
+    with a static trip count. With ``fixed_offset`` (bf16/f32 probabilities: f32's exponent range) also no
+    running max: the offset m is fixed after block 0 (FIXED_SHIFT), so the exponentials never wait for a
+    row-max reduction and the accumulators are never rescaled (docs/kernel_notes.md 39); a program whose rows
+    leave FIXED_L_RANGE is recomputed with the online softmax. ``masks=True``: one loop over [lo, hi) whose partly
     masked blocks (outside [f_lo, f_hi)) take the element mask behind a branch: one software pipeline per
     program instead of three loops that each refill it (docs/kernel_notes.md 23, 25: +3..8% at D=256 on the H100;
     Triton's result is sensitive to the form: V's address must come from the same ``start`` as K's).
@@ -65,22 +77,31 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
     ke = ke_ref[...]
     qs = [q_ref[:, off : off + w] for off, w in chunks]
     f32 = jnp.float32
-    init = (
-        tuple(jnp.zeros((block_q, w), f32) for _, w in chunks),
-        jnp.full((block_q,), -jnp.inf, f32),
-        jnp.zeros((block_q,), f32),
-    )
+    zeros = tuple(jnp.zeros((block_q, w), f32) for _, w in chunks)
+    init = (zeros, jnp.full((block_q,), -jnp.inf, f32), jnp.zeros((block_q,), f32))
     dims_qk = (((1,), (1,)), ((), ()))
     dims_pv = (((1,), (0,)), ((), ()))
 
-    def step(kb, carry):
-        acc, m, l = carry
-        start = pl.multiple_of(kb * block_k, block_k)
+    def scores(start):  # [block_q, block_k] logits of the key block at ``start``, summed over the chunks
         s = None
         for qc, (off, w) in zip(qs, chunks):
             kc = k_ref[pl.ds(start, block_k), off : off + w]
             part = lax.dot_general(qc, kc, dims_qk, precision=precision, preferred_element_type=f32)
             s = part if s is None else s + part
+        return s
+
+    def products(p, start):  # P @ V per chunk
+        out = []
+        for off, w in chunks:
+            vc = v_ref[pl.ds(start, block_k), off : off + w]
+            out.append(lax.dot_general(p.astype(vc.dtype), vc, dims_pv, precision=precision,
+                                       preferred_element_type=f32))
+        return out
+
+    def step(kb, carry):
+        acc, m, l = carry
+        start = pl.multiple_of(kb * block_k, block_k)
+        s = scores(start)
         if masks:
             col = start + jnp.arange(block_k, dtype=jnp.int32)[None, :]
             s = lax.cond((kb < f_lo) | (kb >= f_hi),
@@ -93,15 +114,30 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
         alpha = exp2(m - m_use)
         p = exp2(s * qk_scale - m_use[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        new_acc = []
-        for a, (off, w) in zip(acc, chunks):
-            vc = v_ref[pl.ds(start, block_k), off : off + w]
-            pv = lax.dot_general(p.astype(vc.dtype), vc, dims_pv, precision=precision, preferred_element_type=f32)
-            new_acc.append(a * alpha[:, None] + pv)
-        return tuple(new_acc), m_cand, l
+        acc = tuple(a * alpha[:, None] + pv for a, pv in zip(acc, products(p, start)))
+        return acc, m_cand, l
 
-    first, last = (0, k_ref.shape[0] // block_k) if not masks else (lo, hi)
-    acc, _, l = lax.fori_loop(first, last, step, init)
+    if not fixed_offset:
+        first, last = (lo, hi) if masks else (0, k_ref.shape[0] // block_k)
+        acc, _, l = lax.fori_loop(first, last, step, init)
+    else:
+        nk = k_ref.shape[0] // block_k
+        s0 = scores(0)
+        m = jnp.max(s0, axis=1) * qk_scale + FIXED_SHIFT
+        p0 = exp2(s0 * qk_scale - m[:, None])
+
+        def fixed_step(kb, carry):
+            acc, l = carry
+            start = pl.multiple_of(kb * block_k, block_k)
+            p = exp2(scores(start) * qk_scale - m[:, None])
+            return tuple(a + pv for a, pv in zip(acc, products(p, start))), l + jnp.sum(p, axis=1)
+
+        acc, l = lax.fori_loop(1, nk, fixed_step, (tuple(products(p0, 0)), jnp.sum(p0, axis=1)))
+        bad = (l < FIXED_L_RANGE[0]) | ~(l <= FIXED_L_RANGE[1])  # ~(<=): NaN counts as bad
+        for a in acc:
+            bad = bad | ~(jnp.max(jnp.abs(a), axis=1) < jnp.inf)
+        acc, l = lax.cond(jnp.sum(bad.astype(jnp.int32)) > 0,
+                          lambda: (lambda r: (r[0], r[2]))(lax.fori_loop(0, nk, step, init)), lambda: (acc, l))
     inv = 1.0 / jnp.where(l == 0.0, 1.0, l)
     nonempty = (ke > ks)[:, None]
     for a, (off, w) in zip(acc, chunks):
@@ -150,7 +186,7 @@ def _tiles(dp, sq, sk, dtype, block_q, block_k, num_warps, num_stages, fast_exp2
 
 
 def _launch(meta, ks, ke, q_in, k_in, v_in, *, q_spec, k_spec, v_spec, out_shape, chunks, block_q, block_k, scale,
-            fast, masks, num_warps, num_stages, interpret, name):
+            fast, masks, num_warps, num_stages, interpret, name, fixed_offset=False):
     """The kernel over grid (query blocks, B, H), the longest rows (last query blocks) first.
 
     ``q_spec``/``k_spec``/``v_spec``: (block shape, index(i, b, h)) with i the query block being computed, so
@@ -164,7 +200,7 @@ def _launch(meta, ks, ke, q_in, k_in, v_in, *, q_spec, k_spec, v_spec, out_shape
     precision = lax.Precision.HIGHEST if out_shape.dtype == jnp.float32 else None
     kernel = functools.partial(
         _kernel, chunks=chunks, block_k=block_k, qk_scale=scale * LOG2E, precision=precision, fast_exp2=fast,
-        masks=masks,
+        masks=masks, fixed_offset=fixed_offset and not masks and out_shape.dtype != jnp.float16,
     )
     return pl.pallas_call(
         kernel,
@@ -240,10 +276,10 @@ def image_span_attention(
 
 
 @functools.partial(jax.jit, static_argnames=("head_dim", "scale", "interpret", "block_q", "block_k", "num_warps",
-                                             "num_stages", "fast_exp2"))
+                                             "num_stages", "fast_exp2", "fixed_offset"))
 def packed_self_attention(
     qkv, *, head_dim, scale=None, interpret=False, block_q=None, block_k=None, num_warps=None, num_stages=None,
-    fast_exp2=None,
+    fast_exp2=None, fixed_offset=True,
 ):
     """Bidirectional attention without a mask (the SigLIP encoder) on q, k and v packed in one array.
 
@@ -251,7 +287,8 @@ def packed_self_attention(
     (72 -> 80), as one projection writes them. Returns [B, S, H, Dp] in qkv's dtype; its padded columns hold
     P @ V of the padded columns (zeros when they are zero in v). The kernel reads q, k and v in place (three
     BlockSpecs on one array): no slicing or padding copies, which cost SigLIP ~1.1 ms per image on the H100
-    (docs/benchmarks.md)."""
+    (docs/benchmarks.md). ``fixed_offset``: the softmax without a running max when the sequence is a multiple of
+    the blocks (bf16/f32; see _kernel), else the online softmax."""
     if qkv.ndim != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be [B, S, 3, H, Dp]: got {qkv.shape=}")
     b, s, _, h, dp = qkv.shape
@@ -280,7 +317,7 @@ def packed_self_attention(
         k_spec=(kv, lambda i, bb, h: (bb, 0, 1, h, 0)), v_spec=(kv, lambda i, bb, h: (bb, 0, 2, h, 0)),
         out_shape=jax.ShapeDtypeStruct((b, nq * bq, h, dp), qkv.dtype), chunks=head_chunks(head_dim),
         block_q=bq, block_k=bk, scale=scale, fast=fast, masks=sp != s, num_warps=nwarps,
-        num_stages=nstages, interpret=interpret, name="packed_self_attention",
+        num_stages=nstages, interpret=interpret, name="packed_self_attention", fixed_offset=fixed_offset,
     )
     return out if nq * bq == s else out[:, :s]
 

@@ -139,6 +139,30 @@ def test_packed_self_attention(d, s, dtype, bq, bk):
         packed_self_attention(packed, head_dim=dp + 16, interpret=True)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("logit", [None, 45.0, 200.0])
+def test_packed_self_attention_fixed_offset(dtype, logit):
+    """The no-mask kernel fixes its softmax offset after key block 0 (no running max). A key in a later block
+    with a scaled logit of ``logit`` for query 3 (block 0's maxima are ~5): 45 stays inside the fixed range
+    (probabilities up to ~2^26), 200 is far outside it (2^250 would overflow), so those programs must fall back
+    to the online softmax. Either way the reference's result, never inf or NaN; the online-softmax kernel
+    (fixed_offset=False) too."""
+    from pallas_kernels.attention import packed_self_attention
+
+    b, s, h, d = 1, 64, 2, 64
+    q, k, v = qkv(11, b, s, s, h, h, d)
+    if logit is not None:  # key 40 (block 2 of 4) along query 3: q3 . k40 / sqrt(d) = logit
+        q3 = q[:, 3]
+        k = k.at[:, 40].set(q3 * (logit * d**0.5 / jnp.sum(q3 * q3, axis=-1, keepdims=True)))
+    packed = jnp.stack([x.astype(dtype) for x in (q, k, v)], axis=2)
+    ref = reference_attention(*(x.astype(dtype) for x in (q, k, v)), causal=False)
+    tol = F32_TOL if dtype == jnp.float32 else LOWP_TOL
+    for fixed in (True, False):
+        out = packed_self_attention(packed, head_dim=d, interpret=True, block_q=16, block_k=16, fixed_offset=fixed)
+        assert np.all(np.isfinite(np.asarray(out, np.float32))), f"{fixed=} {logit=}"
+        assert rel(out, ref) <= tol, f"{fixed=} {logit=}: {rel(out, ref)}"
+
+
 def test_empty_rows_are_zero():
     b, s, hq, hkv, d = 2, 70, 2, 2, 64
     q, k, v = qkv(9, b, s, s, hq, hkv, d)
