@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
@@ -45,15 +46,21 @@ class VisionAttention(nnx.Module):
         # One [E, 3*N*Hp] product with a 1-D bias (K = 3: q, k, v), then a free reshape. Written as the 5-D einsum,
         # the bias broadcast over three output dims did not become cuBLAS's bias epilogue on the GPU.
         w, b = self.qkv_proj[...], self.qkv_bias[...]
+        h = self.head_dim
+        ones = impl != "reference" and b.shape[-1] > h
+        if ones:  # v's padded columns = 1 (their weights are 0): P @ V there is the kernel's softmax denominator
+            v_pad = np.zeros(b.shape, bool)
+            v_pad[2, :, h:] = True
+            b = jnp.where(v_pad, jnp.ones((), b.dtype), b)
         qkv = jnp.einsum("IPE,EF->IPF", x, w.reshape(w.shape[0], -1)) + b.reshape(-1)
         qkv = qkv.reshape(*x.shape[:2], *b.shape)
         if impl == "reference":
-            h = self.head_dim
             q, k, v = (qkv[:, :, i, :, :h] for i in range(3))
             out = attend(q, k, v, None, scale=self.scale, causal=False, implementation=impl)
             out = jnp.pad(out, ((0, 0), (0, 0), (0, 0), (0, qkv.shape[-1] - h)))
         elif impl in ("auto", "pallas"):
-            out = packed_self_attention(qkv, head_dim=self.head_dim, scale=self.scale, interpret=interpret_mode())
+            out = packed_self_attention(qkv, head_dim=h, scale=self.scale, interpret=interpret_mode(),
+                                        ones_column=ones)
         else:
             raise ValueError(f"unknown attention implementation {impl!r}")
         return jnp.einsum("IPNH,NHE->IPE", out, self.o_proj[...]) + self.o_bias[...]

@@ -54,7 +54,7 @@ FIXED_L_RANGE = (2.0**-60, 2.0**80)
 
 
 def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, block_k, qk_scale, precision,
-            fast_exp2, masks, fixed_offset):
+            fast_exp2, masks, fixed_offset, sum_column=None):
     """One program: block_q queries of one query head over the key blocks of their range.
 
     Online softmax in the log2 domain: p = exp2(s * qk_scale - m), with qk_scale = scale * log2(e) so the
@@ -65,10 +65,12 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
     with a static trip count. With ``fixed_offset`` (bf16/f32 probabilities: f32's exponent range) also no
     running max: the offset m is fixed after block 0 (FIXED_SHIFT), so the exponentials never wait for a
     row-max reduction and the accumulators are never rescaled (docs/kernel_notes.md 39); a program whose rows
-    leave FIXED_L_RANGE is recomputed with the online softmax. ``masks=True``: one loop over [lo, hi) whose partly
-    masked blocks (outside [f_lo, f_hi)) take the element mask behind a branch: one software pipeline per
-    program instead of three loops that each refill it (docs/kernel_notes.md 23, 25: +3..8% at D=256 on the H100;
-    Triton's result is sensitive to the form: V's address must come from the same ``start`` as K's).
+    leave FIXED_L_RANGE is recomputed with the online softmax. ``sum_column`` (fixed offset only): the index of a
+    column of v that holds ones, whose P @ V is then the row sum l (no sum of the probabilities per block).
+    ``masks=True``: one loop over [lo, hi) whose partly masked blocks (outside [f_lo, f_hi)) take the element
+    mask behind a branch: one software pipeline per program instead of three loops that each refill it
+    (docs/kernel_notes.md 23, 25: +3..8% at D=256 on the H100; Triton's result is sensitive to the form: V's
+    address must come from the same ``start`` as K's).
     """
     exp2 = ex2_approx if fast_exp2 else jnp.exp2
     block_q = q_ref.shape[0]
@@ -130,9 +132,14 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
             acc, l = carry
             start = pl.multiple_of(kb * block_k, block_k)
             p = exp2(scores(start) * qk_scale - m[:, None])
-            return tuple(a + pv for a, pv in zip(acc, products(p, start))), l + jnp.sum(p, axis=1)
+            return tuple(a + pv for a, pv in zip(acc, products(p, start))), (
+                l if sum_column is not None else l + jnp.sum(p, axis=1))
 
         acc, l = lax.fori_loop(1, nk, fixed_step, (tuple(products(p0, 0)), jnp.sum(p0, axis=1)))
+        if sum_column is not None:  # l = P @ (v's column of ones), read once at the end
+            (i, (off, w)), = [(i, c) for i, c in enumerate(chunks) if c[0] <= sum_column < c[0] + c[1]]
+            col = jnp.arange(w, dtype=jnp.int32)[None, :] + off
+            l = jnp.sum(jnp.where(col == sum_column, acc[i], 0.0), axis=1)
         bad = (l < FIXED_L_RANGE[0]) | ~(l <= FIXED_L_RANGE[1])  # ~(<=): NaN counts as bad
         for a in acc:
             bad = bad | ~(jnp.max(jnp.abs(a), axis=1) < jnp.inf)
@@ -186,7 +193,7 @@ def _tiles(dp, sq, sk, dtype, block_q, block_k, num_warps, num_stages, fast_exp2
 
 
 def _launch(meta, ks, ke, q_in, k_in, v_in, *, q_spec, k_spec, v_spec, out_shape, chunks, block_q, block_k, scale,
-            fast, masks, num_warps, num_stages, interpret, name, fixed_offset=False):
+            fast, masks, num_warps, num_stages, interpret, name, fixed_offset=False, sum_column=None):
     """The kernel over grid (query blocks, B, H), the longest rows (last query blocks) first.
 
     ``q_spec``/``k_spec``/``v_spec``: (block shape, index(i, b, h)) with i the query block being computed, so
@@ -198,9 +205,10 @@ def _launch(meta, ks, ke, q_in, k_in, v_in, *, q_spec, k_spec, v_spec, out_shape
         return pl.BlockSpec(shape, lambda i, bb, hh: index(nq - 1 - i, bb, hh))
 
     precision = lax.Precision.HIGHEST if out_shape.dtype == jnp.float32 else None
+    fixed = fixed_offset and not masks and out_shape.dtype != jnp.float16
     kernel = functools.partial(
         _kernel, chunks=chunks, block_k=block_k, qk_scale=scale * LOG2E, precision=precision, fast_exp2=fast,
-        masks=masks, fixed_offset=fixed_offset and not masks and out_shape.dtype != jnp.float16,
+        masks=masks, fixed_offset=fixed, sum_column=sum_column if fixed else None,
     )
     return pl.pallas_call(
         kernel,
@@ -276,10 +284,10 @@ def image_span_attention(
 
 
 @functools.partial(jax.jit, static_argnames=("head_dim", "scale", "interpret", "block_q", "block_k", "num_warps",
-                                             "num_stages", "fast_exp2", "fixed_offset"))
+                                             "num_stages", "fast_exp2", "fixed_offset", "ones_column"))
 def packed_self_attention(
     qkv, *, head_dim, scale=None, interpret=False, block_q=None, block_k=None, num_warps=None, num_stages=None,
-    fast_exp2=None, fixed_offset=True,
+    fast_exp2=None, fixed_offset=True, ones_column=False,
 ):
     """Bidirectional attention without a mask (the SigLIP encoder) on q, k and v packed in one array.
 
@@ -288,7 +296,11 @@ def packed_self_attention(
     P @ V of the padded columns (zeros when they are zero in v). The kernel reads q, k and v in place (three
     BlockSpecs on one array): no slicing or padding copies, which cost SigLIP ~1.1 ms per image on the H100
     (docs/benchmarks.md). ``fixed_offset``: the softmax without a running max when the sequence is a multiple of
-    the blocks (bf16/f32; see _kernel), else the online softmax."""
+    the blocks (bf16/f32; see _kernel), else the online softmax. ``ones_column``: the caller promises v's padded
+    column ``head_dim`` is all ones (a bias of 1 there); its P @ V is then the softmax denominator and the kernel
+    skips summing the probabilities (that output column is 1). A column of zeros instead (the bias without its 1)
+    gives l = 0, which sends the programs through the online softmax: slower, still right; other values would
+    scale the output."""
     if qkv.ndim != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be [B, S, 3, H, Dp]: got {qkv.shape=}")
     b, s, _, h, dp = qkv.shape
@@ -298,6 +310,8 @@ def packed_self_attention(
         raise ValueError(f"qkv must be bf16/fp16/fp32: {qkv.dtype=}")
     if not 0 < head_dim <= 256:
         raise ValueError(f"head dim must be in 1..256: {head_dim=}")
+    if ones_column and dp == head_dim:
+        raise ValueError(f"ones_column needs a padded column: {head_dim=} is a multiple of 16 ({qkv.shape=})")
     _check_blocks(block_q, block_k)
     bq, bk, nwarps, nstages, fast = _tiles(dp, s, s, qkv.dtype, block_q, block_k, num_warps, num_stages,
                                            fast_exp2, interpret)
@@ -318,6 +332,7 @@ def packed_self_attention(
         out_shape=jax.ShapeDtypeStruct((b, nq * bq, h, dp), qkv.dtype), chunks=head_chunks(head_dim),
         block_q=bq, block_k=bk, scale=scale, fast=fast, masks=sp != s, num_warps=nwarps,
         num_stages=nstages, interpret=interpret, name="packed_self_attention", fixed_offset=fixed_offset,
+        sum_column=head_dim if ones_column else None,
     )
     return out if nq * bq == s else out[:, :s]
 

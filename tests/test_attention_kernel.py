@@ -163,6 +163,27 @@ def test_packed_self_attention_fixed_offset(dtype, logit):
         assert rel(out, ref) <= tol, f"{fixed=} {logit=}: {rel(out, ref)}"
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_packed_self_attention_ones_column(dtype):
+    """ones_column: v's padded columns hold ones, and the kernel takes the softmax denominator from P @ V's column
+    head_dim instead of summing the probabilities: the reference's result in the real columns, 1 in the padded
+    ones. A column of zeros instead (the promise broken) still gives the reference's result (online softmax)."""
+    from pallas_kernels.attention import packed_self_attention
+
+    b, s, h, d = 1, 64, 2, 40
+    q, k, v = qkv(13, b, s, s, h, h, d)
+    ref = reference_attention(*(x.astype(dtype) for x in (q, k, v)), causal=False)
+    tol = F32_TOL if dtype == jnp.float32 else LOWP_TOL
+    for fill in (1.0, 0.0):
+        pads = [jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 8)), constant_values=c) for x, c in ((q, 0), (k, 0), (v, fill))]
+        packed = jnp.stack(pads, axis=2).astype(dtype)
+        out = packed_self_attention(packed, head_dim=d, interpret=True, block_q=16, block_k=16, ones_column=True)
+        assert rel(out[..., :d], ref) <= tol, f"{fill=}"
+        assert np.allclose(np.asarray(out[..., d:], np.float32), fill, atol=1e-2), f"{fill=}"
+    with pytest.raises(ValueError, match="ones_column"):
+        packed_self_attention(jnp.zeros((1, 16, 3, 1, 32), dtype), head_dim=32, interpret=True, ones_column=True)
+
+
 def test_empty_rows_are_zero():
     b, s, hq, hkv, d = 2, 70, 2, 2, 64
     q, k, v = qkv(9, b, s, s, hq, hkv, d)
