@@ -6,11 +6,11 @@
   greedy generation (KV cache, donated buffers, on-device sampling) vs transformers' generate.
 - ``--real-gguf PATH``: the real Gemma-3 270M (the PyPI GGUF, converted here with gemma3_jax.gguf) in
   bfloat16 on both sides (ours: the default GPU path; transformers: sdpa), teacher-forced over the first
-  ``--tokens`` tokens of ``--text`` (default README.md): top-1 agreement of the next-token predictions
-  (limit 99%), and how far apart the two logits are where they disagree.
+  ``--tokens`` tokens of each ``--text`` file (default README.md): top-1 agreement of the next-token predictions
+  per text and pooled (limit 99% on the pool), and how far apart the two logits are where they disagree.
 Prints one line per check; exits non-zero when a check fails.
 
-    python scripts/check_gpu_numerics.py [--skip-tiny] [--real-gguf PATH [--text FILE] [--tokens N]]
+    python scripts/check_gpu_numerics.py [--skip-tiny] [--real-gguf PATH [--text FILE ...] [--tokens N]]
 """
 
 from __future__ import annotations
@@ -74,8 +74,9 @@ def tiny_check() -> bool:
     return ok
 
 
-def real_270m_check(gguf: Path, text_file: Path, n_tokens: int, per_layer: bool = False) -> bool:
-    """bf16 on both sides, as users run it: top-1 agreement of teacher-forced next-token predictions.
+def real_270m_check(gguf: Path, text_files: list[Path], n_tokens: int, per_layer: bool = False) -> bool:
+    """bf16 on both sides, as users run it: top-1 agreement of teacher-forced next-token predictions, over the
+    first ``n_tokens`` of each text (one sequence per text), per text and pooled; the limit applies to the pool.
 
     For scale, the same agreement between float32 and bfloat16 runs of each implementation (float32 without
     TF32): how much bfloat16 rounding alone moves the top-1 token."""
@@ -86,51 +87,69 @@ def real_270m_check(gguf: Path, text_file: Path, n_tokens: int, per_layer: bool 
 
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    logits = {}
+    logits: dict[str, dict[str, np.ndarray]] = {}  # implementation -> text name -> [T, V]
     with tempfile.TemporaryDirectory() as d:
         path = convert_gguf(gguf, Path(d) / "gemma-3-270m", progress=False)
         tok = Tokenizer.from_checkpoint(path)
-        ids = tok.encode(text_file.read_text(), add_bos=True)[:n_tokens]
-        if len(ids) < n_tokens:
-            raise ValueError(f"{text_file} holds only {len(ids)} tokens, {n_tokens=} asked")
+        texts = {}
+        for f in text_files:
+            ids = tok.encode(f.read_text(), add_bos=True)[:n_tokens]
+            if len(ids) < n_tokens:
+                raise ValueError(f"{f} holds only {len(ids)} tokens, {n_tokens=} asked")
+            texts[f.name] = ids
         if per_layer:
-            per_layer_report(path, ids)
+            per_layer_report(path, next(iter(texts.values())))
+
+        def run_ours(key, model, precision="default"):
+            with jax.default_matmul_precision(precision):
+                logits[key] = {t: np.asarray(model(np.array([ids], np.int32)).astype(jnp.float32))[0]
+                               for t, ids in texts.items()}
+
         for name, jdt, tdt in (("bf16", jnp.bfloat16, torch.bfloat16), ("f32", jnp.float32, torch.float32)):
-            model = gemma3_jax.load_pretrained(path, dtype=jdt, progress=False)
-            with jax.default_matmul_precision("highest" if jdt == jnp.float32 else "default"):
-                logits[f"ours {name}"] = np.asarray(model(np.array([ids], np.int32)).astype(jnp.float32))[0]
-            del model
+            run_ours(f"ours {name}", gemma3_jax.load_pretrained(path, dtype=jdt, progress=False),
+                     "highest" if jdt == jnp.float32 else "default")
             if name == "bf16":  # our model with XLA's float32-softmax attention instead of the Pallas kernel
-                model = gemma3_jax.load_pretrained(path, dtype=jdt, attention="reference", progress=False)
-                logits["ours bf16 xla-attn"] = np.asarray(model(np.array([ids], np.int32)).astype(jnp.float32))[0]
-                del model
+                run_ours("ours bf16 xla-attn", gemma3_jax.load_pretrained(path, dtype=jdt, attention="reference",
+                                                                          progress=False))
             for attn in ("sdpa", "eager") if name == "bf16" else ("sdpa",):
                 hf = AutoModelForCausalLM.from_pretrained(path, dtype=tdt, attn_implementation=attn).to(dev).eval()
                 with torch.no_grad():
-                    out = hf(input_ids=torch.tensor([ids], device=dev)).logits[0].float().cpu().numpy()
-                logits[f"hf {name}" + ("" if attn == "sdpa" else f" {attn}")] = out
+                    logits[f"hf {name}" + ("" if attn == "sdpa" else f" {attn}")] = {
+                        t: hf(input_ids=torch.tensor([ids], device=dev)).logits[0].float().cpu().numpy()
+                        for t, ids in texts.items()}
                 window = hf.config.sliding_window
                 del hf
 
-    def agreement(mine: str, ref: str) -> tuple[float, float, np.ndarray]:
-        """(tie-aware, same-index) top-1 agreement of ``mine`` with ``ref``, and ref's margins where they differ.
+    def agreement(mine: str, ref: str, names) -> tuple[float, float, np.ndarray]:
+        """(tie-aware, same-index) top-1 agreement of ``mine`` with ``ref`` over the texts ``names``, and ref's
+        margins where they differ.
 
         transformers returns bf16 logits in bf16: exact ties for the top are common (bf16 steps of 0.125 at
         20), so ``mine``'s top-1 agrees when ``ref`` gives it the top logit too."""
-        a, b = logits[mine].argmax(-1), logits[ref].argmax(-1)
+        m = np.concatenate([logits[mine][t] for t in names])
+        r = np.concatenate([logits[ref][t] for t in names])
+        a, b = m.argmax(-1), r.argmax(-1)
         rows = np.arange(len(a))
-        gap = logits[ref][rows, b] - logits[ref][rows, a]
+        gap = r[rows, b] - r[rows, a]
         return float((gap == 0).mean()), float((a == b).mean()), gap[gap > 0]
 
-    agree, strict, gap = agreement("ours bf16", "hf bf16")
-    err = float(np.abs(logits["ours bf16"] - logits["hf bf16"]).max() / np.abs(logits["hf bf16"]).max())
-    print(f"real 270M bf16, teacher-forced over {len(ids)} tokens of {text_file.name} (window {window}): "
-          f"top-1 agreement with transformers bf16 {agree * 100:.2f}% (limit 99%; same index {strict * 100:.2f}%); "
-          f"max|dlogit|/max|logit| {err:.2e}; transformers' margins where ours differ: {np.round(gap, 3).tolist()}")
+    names = list(texts)
+    pooled = len(names) * n_tokens
+    for t in names:
+        agree, strict, gap = agreement("ours bf16", "hf bf16", [t])
+        err = float(np.abs(logits["ours bf16"][t] - logits["hf bf16"][t]).max() / np.abs(logits["hf bf16"][t]).max())
+        eager, _, g_e = agreement("hf bf16 eager", "hf bf16", [t])
+        print(f"real 270M bf16, teacher-forced over {n_tokens} tokens of {t} (window {window}): top-1 agreement "
+              f"with transformers bf16 {agree * 100:.2f}% (same index {strict * 100:.2f}%; transformers eager vs "
+              f"sdpa {eager * 100:.2f}%); max|dlogit|/max|logit| {err:.2e}; transformers' margins where ours "
+              f"differ: {np.round(gap, 3).tolist()}")
+    agree, strict, gap = agreement("ours bf16", "hf bf16", names)
+    print(f"real 270M bf16, pooled over {len(names)} texts ({pooled} positions): top-1 agreement with transformers "
+          f"bf16 {agree * 100:.2f}% ({len(gap)} differ; limit 99%; same index {strict * 100:.2f}%)")
     for mine, ref in (("hf bf16 eager", "hf bf16"), ("ours bf16 xla-attn", "hf bf16"), ("hf bf16", "hf f32"),
                       ("ours bf16", "hf f32"), ("ours f32", "hf f32"), ("ours bf16", "ours f32")):
-        a, st, g = agreement(mine, ref)
-        print(f"  for scale: top-1 of {mine} vs {ref}: {a * 100:.2f}% ({len(g)} differ, margins in {ref}: "
+        a, st, g = agreement(mine, ref, names)
+        print(f"  for scale, pooled: top-1 of {mine} vs {ref}: {a * 100:.2f}% ({len(g)} differ, margins in {ref}: "
               f"{np.round(g, 3).tolist()[:12]})")
     return agree >= 0.99
 
@@ -180,7 +199,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--real-gguf", type=Path, default=None)
-    ap.add_argument("--text", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--text", type=Path, nargs="+", default=[ROOT / "README.md"],
+                    help="one or more texts, each teacher-forced as its own sequence")
     ap.add_argument("--tokens", type=int, default=768)
     ap.add_argument("--per-layer", action="store_true", help="with --real-gguf: where bf16 results part, per block")
     args = ap.parse_args()
