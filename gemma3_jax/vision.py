@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
@@ -32,7 +31,10 @@ class VisionAttention(nnx.Module):
     """SigLIP self-attention. q, k and v are one weight [E, 3, N, Hp] with the head dim H zero-padded to Hp, a
     multiple of 16 (72 -> 80, done at load time): one product writes them in the layout the Pallas kernel reads
     in place, and the output projection [N, Hp, E] has zero rows for the padded columns, so no per-call
-    padding, slicing or weight concatenation remains (~1.1 ms per image on the H100 before)."""
+    padding, slicing or weight concatenation remains (~1.1 ms per image on the H100 before). The Pallas path
+    sets v's padded bias columns to 1, so P @ V there is the kernel's softmax denominator (``ones_column``): it
+    relies on the padded weight columns of q|k|v and the padded rows of o_proj being zero, as loading and
+    random_init make them."""
 
     def __init__(self, cfg: VisionConfig, dtype):
         e, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
@@ -49,9 +51,7 @@ class VisionAttention(nnx.Module):
         h = self.head_dim
         ones = impl != "reference" and b.shape[-1] > h
         if ones:  # v's padded columns = 1 (their weights are 0): P @ V there is the kernel's softmax denominator
-            v_pad = np.zeros(b.shape, bool)
-            v_pad[2, :, h:] = True
-            b = jnp.where(v_pad, jnp.ones((), b.dtype), b)
+            b = b.at[2, :, h:].set(1)
         qkv = jnp.einsum("IPE,EF->IPF", x, w.reshape(w.shape[0], -1)) + b.reshape(-1)
         qkv = qkv.reshape(*x.shape[:2], *b.shape)
         if impl == "reference":

@@ -44,11 +44,11 @@ def head_chunks(d: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-# The no-mask loop's fixed softmax offset: block 0's row max (log2 units) + FIXED_SHIFT. Its result is exact
-# (up to rounding, which is relative) while every row's sum l of probabilities lies in FIXED_L_RANGE and the
-# accumulators are finite: then the largest probability is <= 2^80 (no overflow) and >= 2^-80 (the keys that
-# matter stay normal numbers). A row outside it (a key whose logit beats block 0's max by ~110 log2 units, or
-# inf/NaN inputs) sends its program through the online-softmax loop instead.
+# The no-mask loop's fixed softmax offset: block 0's row max (log2 units) + FIXED_SHIFT, so block 0's largest
+# probability is 2^-32. The result is exact (up to rounding, which is relative) while every row's sum l of
+# probabilities lies in FIXED_L_RANGE and the accumulators are finite: then no probability exceeds 2^80 (no
+# overflow), and only keys below ~2^-94 of the row's largest weight underflow. A row outside it (a key whose logit
+# beats block 0's max by ~110 log2 units, inf/NaN inputs) sends its program through the online-softmax loop.
 FIXED_SHIFT = 32.0
 FIXED_L_RANGE = (2.0**-60, 2.0**80)
 
@@ -64,9 +64,10 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
     ``masks=False`` (a caller whose rows all see every key: SigLIP without padding): no element mask, one loop
     with a static trip count. With ``fixed_offset`` (bf16/f32 probabilities: f32's exponent range) also no
     running max: the offset m is fixed after block 0 (FIXED_SHIFT), so the exponentials never wait for a
-    row-max reduction and the accumulators are never rescaled (docs/kernel_notes.md 39); a program whose rows
-    leave FIXED_L_RANGE is recomputed with the online softmax. ``sum_column`` (fixed offset only): the index of a
-    column of v that holds ones, whose P @ V is then the row sum l (no sum of the probabilities per block).
+    row-max reduction and the accumulators are never rescaled (docs/kernel_notes.md 39); a program with a row
+    outside FIXED_L_RANGE or a non-finite accumulator is recomputed with the online softmax. ``sum_column``
+    (fixed offset only): the index of a column of v that holds ones, whose P @ V is then the row sum l (no sum of
+    the probabilities per block).
     ``masks=True``: one loop over [lo, hi) whose partly masked blocks (outside [f_lo, f_hi)) take the element
     mask behind a branch: one software pipeline per program instead of three loops that each refill it
     (docs/kernel_notes.md 23, 25: +3..8% at D=256 on the H100; Triton's result is sensitive to the form: V's
@@ -119,11 +120,14 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
         acc = tuple(a * alpha[:, None] + pv for a, pv in zip(acc, products(p, start)))
         return acc, m_cand, l
 
-    if not fixed_offset:
-        first, last = (lo, hi) if masks else (0, k_ref.shape[0] // block_k)
+    def online(first, last):
         acc, _, l = lax.fori_loop(first, last, step, init)
+        return acc, l
+
+    nk = k_ref.shape[0] // block_k
+    if not fixed_offset:
+        acc, l = online(lo, hi) if masks else online(0, nk)
     else:
-        nk = k_ref.shape[0] // block_k
         s0 = scores(0)
         m = jnp.max(s0, axis=1) * qk_scale + FIXED_SHIFT
         p0 = exp2(s0 * qk_scale - m[:, None])
@@ -137,14 +141,14 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
 
         acc, l = lax.fori_loop(1, nk, fixed_step, (tuple(products(p0, 0)), jnp.sum(p0, axis=1)))
         if sum_column is not None:  # l = P @ (v's column of ones), read once at the end
-            (i, (off, w)), = [(i, c) for i, c in enumerate(chunks) if c[0] <= sum_column < c[0] + c[1]]
-            col = jnp.arange(w, dtype=jnp.int32)[None, :] + off
-            l = jnp.sum(jnp.where(col == sum_column, acc[i], 0.0), axis=1)
+            for a, (off, w) in zip(acc, chunks):  # the chunk holding the column (a trace-time search)
+                if off <= sum_column < off + w:
+                    col = jnp.arange(w, dtype=jnp.int32)[None, :] + off
+                    l = jnp.sum(jnp.where(col == sum_column, a, 0.0), axis=1)
         bad = (l < FIXED_L_RANGE[0]) | ~(l <= FIXED_L_RANGE[1])  # ~(<=): NaN counts as bad
-        for a in acc:
-            bad = bad | ~(jnp.max(jnp.abs(a), axis=1) < jnp.inf)
-        acc, l = lax.cond(jnp.sum(bad.astype(jnp.int32)) > 0,
-                          lambda: (lambda r: (r[0], r[2]))(lax.fori_loop(0, nk, step, init)), lambda: (acc, l))
+        for a in acc:  # a sum, not a max: Triton's max ignores NaN; an overflowing sum only costs a fallback
+            bad = bad | ~(jnp.abs(jnp.sum(a, axis=1)) < jnp.inf)
+        acc, l = lax.cond(jnp.sum(bad.astype(jnp.int32)) > 0, lambda: online(0, nk), lambda: (acc, l))
     inv = 1.0 / jnp.where(l == 0.0, 1.0, l)
     nonempty = (ke > ks)[:, None]
     for a, (off, w) in zip(acc, chunks):
@@ -297,10 +301,10 @@ def packed_self_attention(
     BlockSpecs on one array): no slicing or padding copies, which cost SigLIP ~1.1 ms per image on the H100
     (docs/benchmarks.md). ``fixed_offset``: the softmax without a running max when the sequence is a multiple of
     the blocks (bf16/f32; see _kernel), else the online softmax. ``ones_column``: the caller promises v's padded
-    column ``head_dim`` is all ones (a bias of 1 there); its P @ V is then the softmax denominator and the kernel
-    skips summing the probabilities (that output column is 1). A column of zeros instead (the bias without its 1)
-    gives l = 0, which sends the programs through the online softmax: slower, still right; other values would
-    scale the output."""
+    column ``head_dim`` is exactly 1 for every key (a bias of 1 there, weights 0); its P @ V is then the softmax
+    denominator and the kernel skips summing the probabilities (that output column is 1). A column of zeros
+    instead (the bias without its 1) gives l = 0, which sends the programs through the online softmax: slower,
+    still right. Any other value gives a wrong result without falling back."""
     if qkv.ndim != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be [B, S, 3, H, Dp]: got {qkv.shape=}")
     b, s, _, h, dp = qkv.shape

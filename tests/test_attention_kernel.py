@@ -139,14 +139,15 @@ def test_packed_self_attention(d, s, dtype, bq, bk):
         packed_self_attention(packed, head_dim=dp + 16, interpret=True)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("logit", [None, 45.0, 200.0])
 def test_packed_self_attention_fixed_offset(dtype, logit):
     """The no-mask kernel fixes its softmax offset after key block 0 (no running max). A key in a later block
     with a scaled logit of ``logit`` for query 3 (block 0's maxima are ~5): 45 stays inside the fixed range
     (probabilities up to ~2^26), 200 is far outside it (2^250 would overflow), so those programs must fall back
     to the online softmax. Either way the reference's result, never inf or NaN; the online-softmax kernel
-    (fixed_offset=False) too."""
+    (fixed_offset=False) too. fp16 (5-bit exponent: block 0's 2^-32 would flush to 0) must keep the online
+    softmax."""
     from pallas_kernels.attention import packed_self_attention
 
     b, s, h, d = 1, 64, 2, 64
@@ -167,7 +168,9 @@ def test_packed_self_attention_fixed_offset(dtype, logit):
 def test_packed_self_attention_ones_column(dtype):
     """ones_column: v's padded columns hold ones, and the kernel takes the softmax denominator from P @ V's column
     head_dim instead of summing the probabilities: the reference's result in the real columns, 1 in the padded
-    ones. A column of zeros instead (the promise broken) still gives the reference's result (online softmax)."""
+    ones. A column of zeros instead (the promise broken) still gives the reference's result (online softmax).
+    A column of twos (only column head_dim) halves the result: proof that the fixed-offset path ran and read that
+    column; fp16 keeps the online softmax and its sum, so it is unaffected."""
     from pallas_kernels.attention import packed_self_attention
 
     b, s, h, d = 1, 64, 2, 40
@@ -182,6 +185,21 @@ def test_packed_self_attention_ones_column(dtype):
         assert np.allclose(np.asarray(out[..., d:], np.float32), fill, atol=1e-2), f"{fill=}"
     with pytest.raises(ValueError, match="ones_column"):
         packed_self_attention(jnp.zeros((1, 16, 3, 1, 32), dtype), head_dim=32, interpret=True, ones_column=True)
+
+
+@pytest.mark.parametrize("dtype,scale", [(jnp.float32, 0.5), (jnp.bfloat16, 0.5), (jnp.float16, 1.0)])
+def test_packed_self_attention_reads_the_ones_column(dtype, scale):
+    """Tracer: 2 in v's column head_dim (zeros elsewhere in the padding). The fixed-offset path divides by P @ V of
+    that column, so the real columns come out at half the reference; fp16 (online softmax, its own sum) does not."""
+    from pallas_kernels.attention import packed_self_attention
+
+    b, s, h, d = 1, 64, 2, 40
+    q, k, v = qkv(17, b, s, s, h, h, d)
+    pad = lambda x, c: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 8))).at[..., d].set(c)  # noqa: E731
+    packed = jnp.stack([pad(q, 0.0), pad(k, 0.0), pad(v, 2.0)], axis=2).astype(dtype)
+    ref = reference_attention(*(x.astype(dtype) for x in (q, k, v)), causal=False)
+    out = packed_self_attention(packed, head_dim=d, interpret=True, block_q=16, block_k=16, ones_column=True)
+    assert rel(out[..., :d], ref * scale) <= (F32_TOL if dtype == jnp.float32 else LOWP_TOL)
 
 
 def test_empty_rows_are_zero():
