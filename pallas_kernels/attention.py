@@ -80,8 +80,11 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
     ke = ke_ref[...]
     qs = [q_ref[:, off : off + w] for off, w in chunks]
     f32 = jnp.float32
-    zeros = tuple(jnp.zeros((block_q, w), f32) for _, w in chunks)
-    init = (zeros, jnp.full((block_q,), -jnp.inf, f32), jnp.zeros((block_q,), f32))
+    init = (
+        tuple(jnp.zeros((block_q, w), f32) for _, w in chunks),
+        jnp.full((block_q,), -jnp.inf, f32),
+        jnp.zeros((block_q,), f32),
+    )
     dims_qk = (((1,), (1,)), ((), ()))
     dims_pv = (((1,), (0,)), ((), ()))
 

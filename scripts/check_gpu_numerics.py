@@ -138,7 +138,7 @@ def real_270m_check(gguf: Path, text_files: list[Path], n_tokens: int, per_layer
     for t in names:
         agree, strict, gap = agreement("ours bf16", "hf bf16", [t])
         err = float(np.abs(logits["ours bf16"][t] - logits["hf bf16"][t]).max() / np.abs(logits["hf bf16"][t]).max())
-        eager, _, g_e = agreement("hf bf16 eager", "hf bf16", [t])
+        eager = agreement("hf bf16 eager", "hf bf16", [t])[0]
         print(f"real 270M bf16, teacher-forced over {n_tokens} tokens of {t} (window {window}): top-1 agreement "
               f"with transformers bf16 {agree * 100:.2f}% (same index {strict * 100:.2f}%; transformers eager vs "
               f"sdpa {eager * 100:.2f}%); max|dlogit|/max|logit| {err:.2e}; transformers' margins where ours "

@@ -168,9 +168,7 @@ def test_packed_self_attention_fixed_offset(dtype, logit):
 def test_packed_self_attention_ones_column(dtype):
     """ones_column: v's padded columns hold ones, and the kernel takes the softmax denominator from P @ V's column
     head_dim instead of summing the probabilities: the reference's result in the real columns, 1 in the padded
-    ones. A column of zeros instead (the promise broken) still gives the reference's result (online softmax).
-    A column of twos (only column head_dim) halves the result: proof that the fixed-offset path ran and read that
-    column; fp16 keeps the online softmax and its sum, so it is unaffected."""
+    ones. A column of zeros instead (the promise broken) still gives the reference's result (online softmax)."""
     from pallas_kernels.attention import packed_self_attention
 
     b, s, h, d = 1, 64, 2, 40
