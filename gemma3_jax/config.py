@@ -138,12 +138,17 @@ class Gemma3Config:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Gemma3Config:
-        path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"no config.json at {file}")
-        with open(file) as f:
-            return cls.from_hf_dict(json.load(f))
+        return cls.from_hf_dict(read_hf_config(path))
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint directory (or that file itself) as a dict."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no config.json at {file}")
+    with open(file) as f:
+        return json.load(f)
 
 
 def _first(d: dict[str, Any], *keys: str, default: Any = None) -> Any:

@@ -181,7 +181,10 @@ class Generator:
                     if t in stop_ids:
                         finished[row] = True
                         break
-                text = self._text(tokens[row])
+                if stream is None and not any(stop):  # nothing to show or search: decode once at the end
+                    text = ""
+                else:  # the whole row again: a piece's text depends on its neighbours (spaces, split UTF-8)
+                    text = self._text(tokens[row])
                 cut = _first_stop(text, stop)
                 if cut is not None:
                     text, finished[row] = text[:cut], True

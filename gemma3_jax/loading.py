@@ -20,7 +20,7 @@ from flax import nnx
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from gemma3_jax.config import Gemma3Config, TextConfig
+from gemma3_jax.config import Gemma3Config, TextConfig, read_hf_config
 from gemma3_jax.model import Gemma3
 
 # Prefix -> part of the model. Order matters: the most specific first.
@@ -209,7 +209,8 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    cfg = Gemma3Config.from_pretrained(path)
+    raw = read_hf_config(path)
+    cfg = Gemma3Config.from_hf_dict(raw)
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float16:
         raise ValueError("dtype=float16 is refused: Gemma-3 activations overflow float16; use bfloat16 or float32")
@@ -218,7 +219,7 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
     params = _params_by_path(model)
     loaded: set[str] = set()
     pending: dict[str, dict[str, jax.Array]] = {}  # fused weights: pieces read so far
-    tied = _is_tied(path)
+    tied = _is_tied(raw)
     vision_nh = cfg.vision.num_heads * cfg.vision.head_dim if cfg.is_multimodal else 0
     count = 0
     for file in files:
@@ -275,7 +276,5 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
     return model
 
 
-def _is_tied(path: Path) -> bool:
-    with open(path / "config.json") as f:
-        d = json.load(f)
+def _is_tied(d: dict) -> bool:
     return bool(d.get("tie_word_embeddings", (d.get("text_config") or {}).get("tie_word_embeddings", True)))

@@ -200,6 +200,29 @@ def test_packed_self_attention_reads_the_ones_column(dtype, scale):
     assert rel(out[..., :d], ref * scale) <= (F32_TOL if dtype == jnp.float32 else LOWP_TOL)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_packed_self_attention_large_finite_sum_falls_back(dtype):
+    """A row sum above FIXED_L_RANGE's top but finite (no inf anywhere): a key ~95 nats above block 0's maxima for
+    query 3 gives probabilities ~2^98 under the fixed offset. That program (rows 0-15) must rerun with the online
+    softmax, which sums its own probabilities: exact despite the tracer 2 in v's column head_dim. The other
+    programs keep the fixed path and read that column: half the reference (so the test also fails if everything
+    fell back)."""
+    from pallas_kernels.attention import packed_self_attention
+
+    b, s, h, d = 1, 64, 2, 40
+    q, k, v = qkv(19, b, s, s, h, h, d)
+    q3 = q[:, 3]
+    k = k.at[:, 40].set(q3 * (95.0 * d**0.5 / jnp.sum(q3 * q3, axis=-1, keepdims=True)))
+    pad = lambda x, c: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 8))).at[..., d].set(c)  # noqa: E731
+    packed = jnp.stack([pad(q, 0.0), pad(k, 0.0), pad(v, 2.0)], axis=2).astype(dtype)
+    ref = reference_attention(*(x.astype(dtype) for x in (q, k, v)), causal=False)
+    out = packed_self_attention(packed, head_dim=d, interpret=True, block_q=16, block_k=16, ones_column=True)
+    tol = F32_TOL if dtype == jnp.float32 else LOWP_TOL
+    assert np.all(np.isfinite(np.asarray(out, np.float32)))
+    assert rel(out[:, :16, :, :d], ref[:, :16]) <= tol
+    assert rel(out[:, 16:, :, :d], ref[:, 16:] * 0.5) <= tol
+
+
 def test_empty_rows_are_zero():
     b, s, hq, hkv, d = 2, 70, 2, 2, 64
     q, k, v = qkv(9, b, s, s, hq, hkv, d)

@@ -75,6 +75,25 @@ def test_generator_takes_any_image_mode(ckpt, images):
     assert again.token_ids[0] == out.token_ids[1]  # same prompt and image alone: same greedy tokens
 
 
+def test_generator_decodes_text_per_chunk_only_when_asked(ckpt, monkeypatch):
+    """Without a stream or stop strings each row's text is decoded once, at the end; with a stream, per chunk (the
+    random model's text is not prefix-stable, so what was streamed is not compared with the final text here)."""
+    from gemma3_jax.generator import Generator
+
+    gen = Generator.from_pretrained(ckpt, dtype="float32", cache_length=64, progress=False, chunk=2)
+    calls = []
+    decode = type(gen.tokenizer).decode  # a frozen dataclass: patch the class
+    monkeypatch.setattr(type(gen.tokenizer), "decode",
+                        lambda self, ids, **kw: calls.append(len(ids)) or decode(self, ids, **kw))
+    out = gen.generate(["Hello", "Hi there"], max_new_tokens=7)
+    assert calls == [7, 7] and len(out.texts) == 2
+    calls.clear()
+    streamed = []
+    again = gen.generate(["Hello", "Hi there"], max_new_tokens=7, stream=lambda row, t: streamed.append((row, t)))
+    assert again.texts == out.texts and len(calls) > 2
+    assert {r for r, _ in streamed} <= {0, 1}
+
+
 @pytest.mark.parametrize(
     "case,match",
     [
