@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -39,6 +40,7 @@ B, HQ, HKV, D = 1, 8, 4, 256
 PERIOD = 256
 CHECK_ROWS = 256
 FAIL_ERR = 2e-2
+MIN_REP_MS = 25.0  # each timed rep of the JAX implementations lasts at least this long (flex: do_bench's 300 ms)
 
 
 def layout(s: int) -> jax.Array:
@@ -55,10 +57,16 @@ def parse_config(txt: str) -> dict:
     return dict(block_q=int(bq), block_k=int(bk), num_warps=int(nw), num_stages=int(ns), fast_exp2=fast)
 
 
-def time_jax(fn, *args, iters=10, reps=7, warmup=3) -> float:
-    """Median over reps of the mean time of `iters` back-to-back calls (ms)."""
+def time_jax(fn, *args, iters=10, reps=7, warmup=3, min_rep_ms=None) -> float:
+    """Median over reps of the mean time of `iters` back-to-back calls (ms). ``min_rep_ms``: more calls per rep
+    where one call is short, so each rep lasts at least that long (2K-token calls take ~0.07 ms: ten of them
+    were noise-bound, +-15% between rounds)."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
+    if min_rep_ms:
+        per_call = (time.perf_counter() - t0) / warmup * 1e3  # an overestimate (one sync per call)
+        iters = max(iters, math.ceil(min_rep_ms / max(per_call, 1e-3)))
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -126,7 +134,7 @@ def bench_ours(results, case, cfg_txt):
     try:
         out = fn(case.q, case.k, case.v, case.seg)
         err = case.error(out)
-        ms = time_jax(fn, case.q, case.k, case.v, case.seg)
+        ms = time_jax(fn, case.q, case.k, case.v, case.seg, min_rep_ms=MIN_REP_MS)
         dflt = default_config(D, case.s)
         blocks = count_blocks(block_ranges(case.ks, case.ke, block_q=cfg.get("block_q", dflt.block_q),
                                            block_k=cfg.get("block_k", dflt.block_k)))
@@ -145,7 +153,7 @@ def causal_pairs(s, window):
 def bench_cudnn(results, case):
     kw = {} if case.window is None else {"local_window_size": (case.window - 1, 0)}
     fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn", **kw))
-    ms = time_jax(fn, case.q, case.k, case.v)
+    ms = time_jax(fn, case.q, case.k, case.v, min_rep_ms=MIN_REP_MS)
     own = 4 * D * HQ * B * causal_pairs(case.s, case.window)
     row(results, "cudnn causal-only (wrong mask)", case, ms, None,
         note=f"own-mask TFLOP/s={own / (ms * 1e-3) / 1e12:.1f}")
@@ -198,7 +206,7 @@ def bench_tokamax(results, case, kind):
                                         logits_scale=D**-0.5))
     out = fn(case.q, case.k, case.v, ks, ke)
     err = case.error(out)
-    ms = time_jax(fn, case.q, case.k, case.v, ks, ke)
+    ms = time_jax(fn, case.q, case.k, case.v, ks, ke, min_rep_ms=MIN_REP_MS)
     row(results, f"tokamax pallas-{kind}", case, ms, err)
 
 
