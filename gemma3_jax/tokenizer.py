@@ -12,6 +12,7 @@ whole in the text. From a checkpoint directory: ``tokenizer.json`` (``tokenizers
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -131,6 +132,11 @@ class Tokenizer:
     def token_id(self, piece: str) -> int | None:
         return self.backend.token_to_id(piece)
 
+    @functools.cached_property
+    def byte_token_ids(self) -> frozenset[int]:
+        """Ids of the byte-fallback pieces ``<0x00>`` ... ``<0xFF>``."""
+        return frozenset(i for i in (self.token_id(f"<0x{b:02X}>") for b in range(256)) if i is not None)
+
     @classmethod
     def from_gguf(cls, path) -> Tokenizer:
         """From a GGUF file's metadata (a path, or a ``gemma3_jax.gguf.GGUFFile`` already read)."""
@@ -201,6 +207,45 @@ class Tokenizer:
         if self.chat_template is not None:
             (path / "chat_template.jinja").write_text(self.chat_template)
         (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+class StreamDecoder:
+    """One sequence's text as its tokens arrive, decoding only recent tokens each time (O(new) per push, not O(all)).
+
+    Each push decodes the window from the last-but-one clean boundary: the tokens of the previous delta give the new
+    ones their left context (a piece's leading space), and the new text is what the window's decode adds to the
+    decode of that context. A boundary is clean after a token that is not a byte-fallback piece and where the text
+    does not end in U+FFFD: a run of byte pieces is decoded as one UTF-8 string (all of it U+FFFD if any part is
+    invalid), so text is never committed inside a run that may still grow. Until a clean boundary the new text waits
+    in ``pending``; ``text`` + ``pending`` is the decode of every token pushed so far (vLLM's incremental
+    detokenizer windows the same way).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # decoded text up to the last clean boundary
+        self.pending = ""  # text after it, possibly ending in a split character (U+FFFD)
+        self._prefix = self._read = 0  # window start (context), and the end of the text already in ``text``
+
+    def push(self, ids) -> str:
+        """Add tokens; return the text they complete (``""`` until a clean boundary)."""
+        self.ids.extend(int(i) for i in ids)
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        now = self.tokenizer.decode(self.ids[self._prefix :])
+        if not now.startswith(before):  # a decoder that rewrote the context: compare whole sequences instead
+            before, now = self.text, self.tokenizer.decode(self.ids)
+            if not now.startswith(before):  # what was shown is no prefix of the text any more: wait for the end
+                self.pending = ""
+                return ""
+        new = now[len(before) :]
+        clean = new and not new.endswith("\ufffd") and self.ids[-1] not in self.tokenizer.byte_token_ids
+        if clean:
+            self.text, self.pending = self.text + new, ""
+            self._prefix, self._read = self._read, len(self.ids)
+            return new
+        self.pending = new
+        return ""
 
 
 def read_json(file: Path) -> dict:

@@ -52,3 +52,44 @@ def test_real_270m_greedy_generation_matches_hf(real_270m):
         want = want[0, ids.shape[1]:].tolist()
         print(f"\n{prompt!r} -> {text!r}")
         assert ours == want
+
+
+def test_real_270m_streams_the_final_text_and_cuts_at_stop_strings(real_270m):
+    """Streaming (incremental detokenisation) delivers exactly the final text, and a stop string cuts the text
+    and the stream at its first occurrence."""
+    path, _, _ = real_270m
+    gen = Generator.from_pretrained(path, dtype="float32", cache_length=256, progress=False, chunk=5)
+    streamed = {0: [], 1: []}
+    out = gen.generate(PROMPTS, max_new_tokens=40, chat=False, stream=lambda row, t: streamed[row].append(t))
+    plain = gen.generate(PROMPTS, max_new_tokens=40, chat=False)
+    assert out.texts == plain.texts and out.token_ids == plain.token_ids
+    for row in (0, 1):
+        assert len(streamed[row]) > 2 and "".join(streamed[row]) == out.texts[row]
+    text = out.texts[0]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]  # some 3 characters from the middle of the first row's text
+    streamed = {0: [], 1: []}
+    cut = gen.generate(PROMPTS, max_new_tokens=40, chat=False, stop=[stop],
+                       stream=lambda row, t: streamed[row].append(t))
+    assert cut.texts[0] == text[: text.index(stop)] == "".join(streamed[0])
+    assert len(cut.token_ids[0]) < len(out.token_ids[0])  # the row stopped generating
+
+
+def test_stream_decoder_matches_whole_decodes(real_270m):
+    """StreamDecoder over real text (multi-byte characters included) in chunks of 1-32 tokens: the deltas add up to
+    the whole decode, and text + pending is the decode of every prefix pushed."""
+    from gemma3_jax.tokenizer import StreamDecoder, Tokenizer
+
+    tok = Tokenizer.from_checkpoint(real_270m[0])
+    text = PROMPTS[1] + " naïve café — 東京タワー 🙂🚀 \n\t  spaces   and <b>tags</b>. " + PROMPTS[0]
+    ids = tok.encode(text, add_bos=False)
+    byte_tokens = [tok.token_id(f"<0x{b:02X}>") for b in "🚀é".encode()]
+    assert None not in byte_tokens
+    ids = ids[:9] + byte_tokens + ids[9:]  # a character spelled as byte-fallback tokens, split across pushes
+    full = tok.decode(ids)
+    for chunk in (1, 2, 3, 7, 32):
+        dec, deltas = StreamDecoder(tok), []
+        for i in range(0, len(ids), chunk):
+            deltas.append(dec.push(ids[i : i + chunk]))
+            assert dec.text + dec.pending == tok.decode(ids[: i + chunk]), (chunk, i)
+            assert not dec.text.endswith("\ufffd")
+        assert "".join(deltas) == dec.text == full, chunk
