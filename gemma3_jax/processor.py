@@ -137,7 +137,7 @@ def render_chat(messages: Sequence[dict], chat_template: str | None = None, add_
     if chat_template is None:
         return _render_gemma3(list(messages), add_generation_prompt, bos_token)
     try:
-        import jinja2
+        import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as e:  # pragma: no cover
         raise ImportError("rendering a chat template needs jinja2 (pip install jinja2)") from e
