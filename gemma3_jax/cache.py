@@ -40,6 +40,14 @@ def cache_nbytes(cfg: TextConfig, batch: int, cache_length: int, dtype) -> int:
     return batch * per_slot * sum(layer_slots(cfg, i, cache_length) for i in range(cfg.num_layers))
 
 
+def check_fits(prompt_tokens: int, max_new_tokens: int, cache_length: int, what: str = "prompt") -> None:
+    """A request's prompt and new tokens must fit the cache: refused before anything runs, not truncated."""
+    need = prompt_tokens + max_new_tokens
+    if need > cache_length:
+        raise ValueError(f"{what} ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds the "
+                         f"cache length {cache_length}")
+
+
 def init_cache(cfg: TextConfig, batch: int, cache_length: int, dtype) -> KVCache:
     shapes = [(batch, layer_slots(cfg, i, cache_length), cfg.num_kv_heads, cfg.head_dim) for i in range(cfg.num_layers)]
     return KVCache(

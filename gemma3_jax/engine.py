@@ -31,6 +31,7 @@ from gemma3_jax.sampling import SamplingParams, sample
 BUCKETS = tuple(sorted({32, 48, 64, 96, 128, 192} | {2**i * k // 8 for i in range(8, 17) for k in range(8, 16)}
                        | {2**17}))  # ... 131072
 MAX_STOP_IDS = 8
+STREAM_CHUNK_S = 0.1  # a streamed chunk grows while it takes less than this: text flows instead of bursting
 # The decode chunk's while loop (condition included) as a CUDA graph; Pallas kernels are custom calls.
 DECODE_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
                           "xla_gpu_graph_min_graph_size": 1}
@@ -230,11 +231,12 @@ class Engine:
         return prefill
 
     def _decode_fn(self, params: SamplingParams, stop_early: bool = True):
-        """``stop_early=False``: always ``chunk`` steps (a fixed trip count; for profiling the loop's cost)."""
+        """Up to ``limit`` (<= ``chunk``, a runtime value: one compile serves every chunk size) steps per call.
+        ``stop_early=False``: always ``limit`` steps (a fixed trip count; for profiling the loop's cost)."""
         text_weights, attention = self._text_weights, self.attention
         steps, pad = self.chunk, self.cfg.text.pad_token_id
 
-        def decode(weights, cache, token, done, remaining, key, stops):
+        def decode(weights, cache, token, done, remaining, key, stops, limit):
             text = text_weights.merge_flat(weights)
             b = token.shape[0]
 
@@ -250,7 +252,7 @@ class Engine:
                 return cache, nxt, done, remaining, key, out, i + 1
 
             def cond(carry):
-                return (carry[-1] < steps) & ~jnp.all(carry[2]) if stop_early else carry[-1] < steps
+                return (carry[-1] < limit) & ~jnp.all(carry[2]) if stop_early else carry[-1] < limit
 
             out = jnp.full((b, steps), pad, jnp.int32)
             carry = (cache, token, done, remaining, key, out, jnp.int32(0))
@@ -291,12 +293,7 @@ class Engine:
             raise ValueError("empty prompt: every prompt needs at least one token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        need = int(lengths.max()) + max_new_tokens
-        if need > self.cache_length:
-            raise ValueError(
-                f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) = {need} "
-                f"exceeds the cache length {self.cache_length}"
-            )
+        kvc.check_fits(int(lengths.max()), max_new_tokens, self.cache_length)
         length = bucket_length(int(lengths.max()), self.cache_length)
         ids = np.full((len(prompts), length), self.cfg.text.pad_token_id, np.int32)
         for row, p in enumerate(prompts):
@@ -331,8 +328,13 @@ class Engine:
         stop_ids: Sequence[int] = (1, 106),
         seed: int = 0,
         timings: Timings | None = None,
+        streaming: bool = False,
     ) -> Iterator[np.ndarray]:
-        """Yields [B, n] int arrays of new tokens chunk by chunk (pad after a row stops)."""
+        """Yields [B, n] int arrays of new tokens chunk by chunk (pad after a row stops).
+
+        ``streaming``: a reader shows tokens as they come, so decode chunks start at one step and grow (doubling,
+        up to ``chunk``) only while a chunk takes under ``STREAM_CHUNK_S``: text appears token by token on a slow
+        device instead of in bursts of ``chunk``; the tokens are the same either way."""
         timings = timings if timings is not None else Timings()
         key, sub = jax.random.split(jax.random.key(seed))
         cache, token, _ = self.prefill(
@@ -353,20 +355,27 @@ class Engine:
         # Each chunk is queued before the previous one's tokens are read back, so the GPU does not wait for the
         # host between chunks; none is queued once the chunks so far cover every step a row may still take.
         state = (cache, token, done, remaining, key)
+        limit = 1 if streaming else self.chunk
         fn = self._compiled_fn("decode", lambda: self._decode_fn(params),
-                               params, (self.weights, *state, stops), timings, donate=(1,))
+                               params, (self.weights, *state, stops, jnp.int32(limit)), timings, donate=(1,))
         t = time.perf_counter()
-        pending, queued = fn(self.weights, *state, stops), self.chunk
+        pending, queued = fn(self.weights, *state, stops, jnp.int32(limit)), limit
+        step_s = 0.0  # seconds per step of the last chunk read back
         while pending is not None:
             cache, token, done, remaining, key, out, n = pending
             pending = None
             if queued < max_new_tokens - 1:
-                pending, queued = fn(self.weights, cache, token, done, remaining, key, stops), queued + self.chunk
+                if streaming and limit < self.chunk and 2 * limit * step_s <= STREAM_CHUNK_S:
+                    limit *= 2
+                pending = fn(self.weights, cache, token, done, remaining, key, stops, jnp.int32(limit))
+                queued += limit
             n = int(n)
             out = np.asarray(out)[:, :n]
             if bool(np.all(np.asarray(done))):
                 pending = None  # (a queued chunk finds every row done and runs no step)
-            timings.decode_s += time.perf_counter() - t
+            elapsed = time.perf_counter() - t
+            step_s = elapsed / max(n, 1)
+            timings.decode_s += elapsed
             timings.decode_tokens += n * len(prompts)
             yield out
             t = time.perf_counter()

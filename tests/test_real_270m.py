@@ -72,6 +72,8 @@ def test_real_270m_streams_the_final_text_and_cuts_at_stop_strings(real_270m):
                        stream=lambda row, t: streamed[row].append(t))
     assert cut.texts[0] == text[: text.index(stop)] == "".join(streamed[0])
     assert len(cut.token_ids[0]) < len(out.token_ids[0])  # the row stopped generating
+    # the tokens returned are those emitted: up to the one that completes the stop string, no more
+    assert stop in gen.tokenizer.decode(cut.token_ids[0]) and stop not in gen.tokenizer.decode(cut.token_ids[0][:-1])
 
 
 def test_stream_decoder_matches_whole_decodes(real_270m):

@@ -1,0 +1,192 @@
+"""A checkpoint opened for generation without its weights: config, tokenizer, processor, chat template and
+generation defaults, and the prompts built from them.
+
+Everything a request can be checked against is here, so a request that cannot run (an image for a text-only
+model, a prompt longer than the cache, a cache larger than the device) is refused before the weights load,
+which takes from seconds to minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gemma3_jax.cache import cache_nbytes
+from gemma3_jax.config import Gemma3Config
+from gemma3_jax.loading import checkpoint_files
+from gemma3_jax.processor import BOI, Processor, render_chat
+from gemma3_jax.sampling import generation_defaults
+from gemma3_jax.tokenizer import Tokenizer
+
+DEFAULT_CACHE_LENGTH = 4096
+
+
+def resolve_checkpoint(model: str | os.PathLike | None, progress: bool = True) -> Path:
+    """A checkpoint directory: as given, converted once from a .gguf file, or the default 270M."""
+    from gemma3_jax import gguf
+
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a path (str or os.PathLike) or None, got {type(model).__name__}")
+    if model is None:
+        return gguf.default_checkpoint(progress=progress)
+    path = Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        out = gguf.cache_root() / f"{path.stem}-{path.stat().st_size}"
+        return out if (out / "config.json").is_file() else gguf.convert_gguf(path, out, progress=progress)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {path} is neither a checkpoint directory nor a .gguf file")
+    return path
+
+
+def weights_nbytes(cfg: Gemma3Config, dtype) -> int:
+    """Bytes of the model's weights in ``dtype``, from the config alone (an abstract model: no memory)."""
+    import jax
+    from flax import nnx
+
+    from gemma3_jax.model import Gemma3
+
+    abstract = nnx.eval_shape(lambda: Gemma3(cfg, dtype))
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(nnx.state(abstract)))
+
+
+def device_memory() -> tuple[int, str]:
+    """(bytes a run may use, where): the accelerator's memory limit, or on a CPU the host memory available now."""
+    import jax
+
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: line.split()[1] for line in f}
+        return int(info["MemAvailable"]) * 1024, "available host memory"
+    except (OSError, KeyError, ValueError, IndexError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
+
+
+def check_memory(cfg: Gemma3Config, dtype, batch: int, cache_length: int) -> None:
+    """Refuse a cache length whose weights + KV cache cannot fit in the device's memory (an estimate: activations
+    and compiled code come on top)."""
+    weights, cache = weights_nbytes(cfg, dtype), cache_nbytes(cfg.text, batch, cache_length, dtype)
+    have, where = device_memory()
+    if weights + cache > have:
+        gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+        raise ValueError(
+            f"cache length {cache_length} needs ~{gib(weights + cache)} (weights {gib(weights)} + KV cache "
+            f"{gib(cache)} for batch {batch}), more than the {gib(have)} of {where}; use a smaller --cache-length"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint directory's config, tokenizer, processor (multimodal only) and generation defaults."""
+
+    path: Path
+    cfg: Gemma3Config
+    tokenizer: Tokenizer
+    processor: Processor | None
+    defaults: dict[str, Any]
+
+    @classmethod
+    def open(cls, model: str | os.PathLike | None = None, progress: bool = True) -> Checkpoint:
+        path = resolve_checkpoint(model, progress=progress)
+        cfg = Gemma3Config.from_pretrained(path)
+        checkpoint_files(path)  # the weight files are all there (read later)
+        tokenizer = Tokenizer.from_checkpoint(path)
+        processor = Processor.from_pretrained(path) if cfg.is_multimodal else None
+        return cls(path, cfg, tokenizer, processor, generation_defaults(path))
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.tokenizer.chat_template or (self.processor.chat_template if self.processor else None)
+
+    def use_chat(self, chat: bool | None) -> bool:
+        """``chat=None``: chat mode iff the checkpoint has a chat template (a base model completes raw text)."""
+        if chat is not None and not isinstance(chat, bool):
+            raise TypeError(f"chat must be True, False or None, got {chat!r}")
+        return self.chat_template is not None if chat is None else chat
+
+    def cache_length(self, cache_length: int | None, dtype, batch: int = 1) -> int:
+        """The KV cache length to use, checked against the model's positions and the device's memory; None gives
+        ``DEFAULT_CACHE_LENGTH`` or the model's positions if fewer."""
+        limit = self.cfg.text.max_position_embeddings
+        if cache_length is None:
+            cache_length = min(DEFAULT_CACHE_LENGTH, limit)
+        cache_length = _check_int("cache_length", cache_length, 1)
+        if cache_length > limit:
+            raise ValueError(f"cache length {cache_length} is beyond the model's {limit} positions "
+                             f"(max_position_embeddings in {self.path / 'config.json'})")
+        check_memory(self.cfg, dtype, batch, cache_length)
+        return cache_length
+
+    def build_inputs(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Sequence[Any]] | None = None,
+        *,
+        chat: bool | None = None,
+        system: str | None = None,
+    ) -> tuple[list[list[int]], np.ndarray | None]:
+        """Token ids per prompt and pixel values. Images go where the prompt's ``<start_of_image>`` markers are,
+        or, for a prompt without markers, before its text (in chat mode: first in the user turn)."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"prompt {i} must be a str, got {type(p).__name__}")
+        if system is not None and not isinstance(system, str):
+            raise TypeError(f"system must be a str, got {type(system).__name__}")
+        images = _image_lists(images, len(prompts))
+        for i, p in enumerate(prompts):
+            if not p.strip() and not images[i]:
+                raise ValueError(f"prompt {i} is empty")
+        if any(images) and self.processor is None:
+            raise ValueError(f"images given to a text-only model ({self.path / 'config.json'} has no vision_config)")
+        chat = self.use_chat(chat)
+        if not chat and system:
+            raise ValueError("a system text needs chat mode (it has no place in a raw prompt)")
+        texts = []
+        for p, imgs in zip(prompts, images):
+            if chat:
+                content = [{"type": "image"} for _ in range(len(imgs) if BOI not in p else 0)]
+                content.append({"type": "text", "text": p})
+                messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else [])
+                messages.append({"role": "user", "content": content})
+                texts.append(render_chat(messages, self.chat_template, add_generation_prompt=True))
+            else:  # images without markers go first, as in chat mode
+                texts.append(p if BOI in p else BOI * len(imgs) + p)
+        if self.processor is not None:
+            return self.processor(texts, images, tokenizer=self.tokenizer, add_bos=None)
+        return [self.tokenizer.encode(t, add_bos=not t.startswith("<bos>")) for t in texts], None
+
+
+def _image_lists(images, n: int) -> list[list]:
+    if images is None:
+        return [[] for _ in range(n)]
+    if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Sequence):
+        raise TypeError(f"images must be a list with one list of images per prompt, got {type(images).__name__}")
+    if len(images) != n:
+        raise ValueError(f"{len(images)} image lists for {n} prompts")
+    for i, imgs in enumerate(images):
+        if isinstance(imgs, (str, bytes, os.PathLike)) or not isinstance(imgs, Sequence):
+            raise TypeError(f"images[{i}] must be a list of images (paths, PIL images or arrays), "
+                            f"got {type(imgs).__name__}")
+    return [list(i) for i in images]
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """An int (not a bool or float) within [low, high]: a TypeError or ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return int(value)
