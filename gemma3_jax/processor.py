@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
@@ -31,22 +32,35 @@ class ImageError(ValueError):
     """An image that cannot be opened or converted; the message names the path or the object."""
 
 
+class ImageTypeError(ImageError, TypeError):
+    """Something given as an image that is no image type at all (an int, None, bytes...)."""
+
+
 class TokenizerLike(Protocol):
     def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^data:", re.ASCII)
 
 
 def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarray:
     """Any supported input -> RGB uint8 [H, W, 3], exactly as transformers' PIL image processor converts it.
 
     - PIL image (any mode): alpha (an ``A`` band or ``transparency`` info: RGBA, LA, PA, P/RGB/L with a transparent
-      colour) composited onto white, otherwise ``convert("RGB")``; no EXIF transpose (as transformers).
+      colour) composited onto white, otherwise ``convert("RGB")``; no EXIF transpose (as transformers). An animated
+      image gives its current (for a file just opened: first) frame.
     - path (str / Path): opened, EXIF-orientation applied, ``convert("RGB")``, then as a PIL image. As in
       transformers, an alpha band is thereby dropped (not blended), a palette's transparent colour is blended.
-    - numpy uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] (RGBA blended onto white, rounded).
+      URLs are refused: nothing is downloaded.
+    - numpy [H, W], [H, W, C] or [C, H, W] with C in (1, 3) (or [H, W, 4], RGBA, blended onto white and rounded):
+      uint8, or any integer or float dtype holding whole numbers in 0..255 (as transformers). Floats in [0, 1] are
+      refused: transformers' Gemma-3 processor does not rescale them and would see a black image.
     """
-    what = f"image {image}" if isinstance(image, (str, os.PathLike)) else type(image).__name__
     if isinstance(image, (str, os.PathLike)):
-        image = _open(Path(image))
+        what = f"image {os.fspath(image)!r}"
+        image = _open(image)
+    else:
+        what = type(image).__name__
     if isinstance(image, np.ndarray):
         out, what = _numpy_to_rgb(image), f"array of shape {image.shape}"
     elif isinstance(image, Image.Image):
@@ -56,40 +70,78 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarra
                 out = np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255,) * 4), rgba).convert("RGB"))
             else:
                 out = np.asarray(image.convert("RGB"))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # a lazily read, broken file
             raise ImageError(f"cannot convert {what} (mode {image.mode!r}, size {image.size}) to RGB: {e}") from e
     else:
-        raise ImageError(f"unsupported image type {what}; expected a path, a PIL image or a uint8 numpy array")
+        raise ImageTypeError(f"unsupported image type {what}; expected a path, a PIL image or a numpy array")
     if 0 in out.shape[:2]:
         raise ImageError(f"{what} is empty (size {out.shape[1]}x{out.shape[0]})")
     return out
 
 
-def _open(path: Path) -> Image.Image:
-    if not path.is_file():
+def _open(image: str | os.PathLike) -> Image.Image:
+    name = os.fspath(image)
+    if isinstance(name, bytes):
+        raise ImageTypeError(f"image paths must be str or a str os.PathLike, got bytes {name!r:.80}")
+    if _URL.match(name):
+        raise ImageError(f"remote images are not fetched: download it first ({name[:80]})")
+    if not name:
+        raise ImageError("image path is empty")
+    path = Path(name)
+    if path.is_dir():
+        raise ImageError(f"image path is a directory: {path}")
+    if not path.exists():
         raise ImageError(f"image file not found: {path}")
+    if not path.is_file():  # a FIFO or a device: opening it could block or never end
+        raise ImageError(f"image path is not a regular file: {path}")
     try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"image file is empty (0 bytes): {path}")
         with Image.open(path) as im:
             return ImageOps.exif_transpose(im).convert("RGB")
     except UnidentifiedImageError as e:
         raise ImageError(f"not an image file (or a format Pillow cannot read): {path}") from e
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # not an OSError: Pillow's guard against a few bytes unpacking to GBs
+        raise ImageError(f"image {path} is too large to decode: {e}") from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # SyntaxError: some Pillow plugins' "not a valid file"
         raise ImageError(f"cannot read image {path}: {e}") from e
 
 
 def _numpy_to_rgb(a: np.ndarray) -> np.ndarray:
-    if a.dtype != np.uint8:
-        raise ImageError(f"numpy images must be uint8 [H, W, C], got dtype {a.dtype} with shape {a.shape}")
+    what = f"numpy image of shape {a.shape} and dtype {a.dtype}"
+    if a.dtype.kind not in "uif":
+        raise ImageError(f"{what}: expected a uint8 (or integer or float 0..255) array")
     if a.ndim == 2:
         a = a[..., None]
-    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-        raise ImageError(f"numpy images must be [H, W] or [H, W, C] with C in (1, 3, 4), got shape {a.shape}")
+    if a.ndim != 3:
+        raise ImageError(f"{what}: expected [H, W] or [H, W, C] (one image per array: a batch goes as a list)")
+    if a.shape[-1] not in (1, 3, 4) and a.shape[0] in (1, 3):  # channels first, as transformers infers it
+        a = a.transpose(1, 2, 0)
+    if a.shape[-1] not in (1, 3, 4):
+        raise ImageError(f"{what}: expected [H, W, C] or [C, H, W] with C in (1, 3), or [H, W, 4]")
+    if 0 in a.shape:
+        raise ImageError(f"{what} is empty")
+    if a.dtype != np.uint8:
+        a = _whole_0_255(a, what)
     if a.shape[-1] == 1:
         return np.repeat(a, 3, axis=-1)
     if a.shape[-1] == 4:  # as transformers.image_transforms.convert_to_rgb: blend onto white in float64, round
         alpha = a[..., 3:4] / 255
         return np.round(alpha * a[..., :3] + (1 - alpha) * 255).astype(np.uint8)
     return np.ascontiguousarray(a)
+
+
+def _whole_0_255(a: np.ndarray, what: str) -> np.ndarray:
+    """A non-uint8 array as uint8 where it holds whole numbers in 0..255 (transformers takes those as they are)."""
+    lo, hi = a.min(), a.max()
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ImageError(f"{what} holds NaN or infinite values")
+    if lo < 0 or hi > 255:
+        raise ImageError(f"{what} holds values in [{lo}, {hi}]; expected 0..255")
+    if a.dtype.kind == "f" and not np.array_equal(a, np.round(a)):
+        hint = " (scale [0, 1] floats by 255 and round to uint8)" if hi <= 1 else ""
+        raise ImageError(f"{what} holds fractional values; expected whole numbers 0..255{hint}")
+    return a.astype(np.uint8)
 
 
 def pan_and_scan_boxes(height: int, width: int, min_crop_size: int = 256, max_num_crops: int = 4,
@@ -131,27 +183,58 @@ def render_chat(messages: Sequence[dict], chat_template: str | None = None, add_
 
     ``messages``: [{"role": "system"|"user"|"assistant"|"model", "content": str | [{"type": "text", "text": ...},
     {"type": "image", ...}]}]. With ``chat_template`` (jinja2 source, e.g. a checkpoint's), it is rendered the way
-    transformers renders it (sandboxed, trim_blocks, lstrip_blocks); without, a built-in equivalent of Gemma-3's
-    official template is used.
+    transformers renders it (sandboxed, trim_blocks, lstrip_blocks), bounded in time and size
+    (``gemma3_jax.chat_template``); without, a built-in equivalent of Gemma-3's official template is used.
     """
+    messages = check_messages(messages)
     if chat_template is None:
-        return _render_gemma3(list(messages), add_generation_prompt, bos_token)
-    try:
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("rendering a chat template needs jinja2 (pip install jinja2)") from e
+        return _render_gemma3(messages, add_generation_prompt, bos_token)
+    if not isinstance(chat_template, str):
+        raise TypeError(f"chat_template must be a str (jinja2 source), got {type(chat_template).__name__}")
+    import jinja2.ext  # noqa: F401 (the loop-controls extension; transformers' import of it is not ours to rely on)
 
-    def raise_exception(message):
-        raise ValueError(f"chat template: {message}")
+    from gemma3_jax import chat_template as ct
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.globals["raise_exception"] = raise_exception
-    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
     special = dict(bos_token=bos_token, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",
                    boi_token=BOI, eoi_token=EOI, image_token=IMAGE_SOFT_TOKEN)
-    return env.from_string(chat_template).render(
-        messages=_plain(list(messages)), add_generation_prompt=add_generation_prompt, **{**special, **template_kwargs})
+    try:
+        plain = _plain(messages)
+    except RecursionError:
+        raise ValueError("messages are nested too deeply") from None
+    size = sum(len(t) for m in messages for t in _texts(m["content"]))
+    return ct.render(chat_template, dict(messages=plain, add_generation_prompt=add_generation_prompt,
+                                         **{**special, **template_kwargs}), input_length=size)
+
+
+def check_messages(messages: Any) -> list[dict]:
+    """The conversation as a list, or a TypeError/ValueError naming the first message or item of the wrong shape."""
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence):
+        raise TypeError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
+                        f"{type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise TypeError(f"message {i} must be a dict with 'role' and 'content', got {type(m).__name__}")
+        if not isinstance(m.get("role"), str):
+            raise TypeError(f"message {i}: 'role' must be a str, got {m.get('role')!r}")
+        content = m.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise TypeError(f"message {i}: 'content' must be a str or a list of items, got {type(content).__name__}")
+        for j, item in enumerate(content):
+            if not isinstance(item, dict) or not isinstance(item.get("type"), str):
+                raise TypeError(f"message {i}, item {j}: expected a dict with a 'type' ('text' or 'image'), got "
+                                f"{item!r:.80}")
+            if item["type"] == "text" and not isinstance(item.get("text"), str):
+                raise TypeError(f"message {i}, item {j}: a text item's 'text' must be a str, got "
+                                f"{type(item.get('text')).__name__}")
+    return list(messages)
+
+
+def _texts(content: Any) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    return [item["text"] for item in content if item["type"] == "text"]
 
 
 def _render_gemma3(messages: list[dict], add_generation_prompt: bool, bos_token: str) -> str:
@@ -159,6 +242,8 @@ def _render_gemma3(messages: list[dict], add_generation_prompt: bool, bos_token:
     out, prefix = [bos_token], ""
     if messages and messages[0]["role"] == "system":
         content = messages[0]["content"]
+        if not isinstance(content, str) and (not content or content[0]["type"] != "text"):
+            raise ValueError("chat template: a system message's content must be a str or start with a text item")
         prefix = (content if isinstance(content, str) else content[0]["text"]) + "\n\n"
         messages = messages[1:]
     for i, message in enumerate(messages):
@@ -323,7 +408,12 @@ class Processor:
         ``images``: for one prompt a list of its images; for several, a list per prompt, or one flat list taken in
         marker order. ``add_bos=None`` prepends BOS unless the prompt already starts with ``<bos>`` (chat text).
         """
+        if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, (str, Sequence)):
+            raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
         texts = [texts] if isinstance(texts, str) else list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"prompt {i} must be a str, got {type(t).__name__}")
         markers = [t.count(BOI) for t in texts]
         per_prompt = self._split_images(images, markers)
         pixel_values, ids = [], []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import operator
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +24,11 @@ from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, proces
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
+from gemma3_jax.chat_template import ChatTemplate, check_syntax, origin_of, read_template_file
+
 SPACE = "\u2581"
+BOI, EOI, IMAGE_SOFT_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+GEMMA_SPECIALS = ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", BOI, EOI, IMAGE_SOFT_TOKEN)
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4  # llama.cpp token types
 
 
@@ -67,23 +72,30 @@ def gemma_backend(tokens: list[str], token_types: list[int], bos: str = "<bos>",
 
 
 class _SentencePiece:
-    """The few ``tokenizers.Tokenizer`` methods used here, over a sentencepiece model (``tokenizer.model``).
-    Control pieces written in the text are matched whole, like added tokens (sentencepiece matches the
-    user-defined ones itself)."""
+    """The few ``tokenizers.Tokenizer`` methods used here, over a sentencepiece model (``tokenizer.model``) and the
+    tokens ``added_tokens.json`` appends to it (``<image_soft_token>`` in the multimodal checkpoints). Control and
+    added pieces written in the text are matched whole (sentencepiece matches the user-defined ones itself); ids
+    beyond the vocabulary decode to nothing, as with ``tokenizers``."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, added: dict[str, int] | None = None):
         import sentencepiece as spm
 
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        n = self.sp.get_piece_size()
-        self.special = {i for i in range(n) if self.sp.is_control(i)}
-        whole = sorted((self.sp.id_to_piece(i) for i in self.special if self.sp.id_to_piece(i)), key=len, reverse=True)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:  # sentencepiece's "could not parse ModelProto", "unk is not defined"
+            raise ValueError(f"{path} is not a sentencepiece model: {e}") from None
+        self.n = self.sp.get_piece_size()
+        self.added = {t: i for t, i in (added or {}).items() if i >= self.n}
+        self.added_pieces = {i: t for t, i in self.added.items()}
+        self.special = {i for i in range(self.n) if self.sp.is_control(i)} | set(self.added_pieces)
+        whole = sorted({*(self.sp.id_to_piece(i) for i in self.special if i < self.n), *self.added} - {""},
+                       key=len, reverse=True)
         self.split = re.compile("(" + "|".join(map(re.escape, whole)) + ")") if whole else None
 
     def encode(self, text: str, add_special_tokens: bool = False):
         ids: list[int] = []
         for k, part in enumerate(self.split.split(text) if self.split else [text]):
-            ids += [self.sp.piece_to_id(part)] if k % 2 else self.sp.encode(part) if part else []
+            ids += [self.added.get(part, self.sp.piece_to_id(part))] if k % 2 else self.sp.encode(part) if part else []
         return SimpleNamespace(ids=ids)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -93,17 +105,28 @@ class _SentencePiece:
                 out.append(self.sp.decode(run))
                 run = []
                 if i is not None and not skip_special_tokens:
-                    out.append(self.sp.id_to_piece(i))
-            else:
+                    out.append(self.added_pieces.get(i) or self.sp.id_to_piece(i))
+            elif i < self.n:
                 run.append(i)
         return "".join(out)
 
     def token_to_id(self, piece: str) -> int | None:
+        if piece in self.added:
+            return self.added[piece]
         i = self.sp.piece_to_id(piece)
         return i if self.sp.id_to_piece(i) == piece else None
 
     def get_vocab_size(self, with_added_tokens: bool = True) -> int:
-        return self.sp.get_piece_size()
+        return max([self.n - 1, *self.added_pieces]) + 1 if with_added_tokens else self.n
+
+
+def _added_tokens(path: Path) -> dict[str, int]:
+    """added_tokens.json ({piece: id}), checked."""
+    added = read_json(path / "added_tokens.json")
+    for piece, i in added.items():
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise ValueError(f"{path / 'added_tokens.json'}: the id of {piece!r} must be an int >= 0, got {i!r}")
+    return added
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,13 +144,21 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of ``text``; special tokens written in it (``<start_of_turn>``, ``<bos>``...) are single ids."""
-        if not isinstance(text, str):
-            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        check_text(text)
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else list(ids)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """Text of ``ids``; ids beyond the vocabulary (a model's padded embedding rows) decode to nothing, as in
+        transformers."""
+        try:
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            bad = next((i for i in ids if not _is_index(i)), ids)
+            raise TypeError(f"decode takes integer token ids, got {bad!r:.60}") from None
+        if ids and (min(ids) < 0 or max(ids) >= 2**32):
+            raise ValueError(f"token id {min(ids) if min(ids) < 0 else max(ids)} is out of range")
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_id(self, piece: str) -> int | None:
         return self.backend.token_to_id(piece)
@@ -150,40 +181,78 @@ class Tokenizer:
         types = md.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
         ids = {k: int(md.get(f"tokenizer.ggml.{k}_token_id", d)) for k, d in (("bos", 2), ("eos", 1), ("padding", 0), ("unknown", 3))}
         backend = gemma_backend(tokens, types, bos=tokens[ids["bos"]], unk=tokens[ids["unknown"]])
-        return cls(backend, ids["bos"], ids["eos"], ids["padding"], md.get("tokenizer.chat_template"),
+        template = md.get("tokenizer.chat_template")
+        if template is not None:
+            where = f"{getattr(path, 'path', path)} (tokenizer.chat_template)"
+            if not isinstance(template, str):
+                raise ValueError(f"{where} is a {type(template).__name__}, not a template's text")
+            template = ChatTemplate(template, where)
+            check_syntax(template)
+        return cls(backend, ids["bos"], ids["eos"], ids["padding"], template,
                    bool(md.get("tokenizer.ggml.add_bos_token", True)))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> Tokenizer:
-        """From a checkpoint directory: ``tokenizer.json`` or ``tokenizer.model``, plus ``tokenizer_config.json``."""
+        """From a checkpoint directory: ``tokenizer.json`` or ``tokenizer.model``, plus ``tokenizer_config.json``.
+
+        The vocabulary must hold what the checkpoint uses: ``<bos>``, the image tokens of a multimodal config.json
+        (with the ids it names), and the special tokens its chat template writes."""
         path = Path(path)
         if (path / "tokenizer.json").is_file():
-            backend = _Backend.from_file(str(path / "tokenizer.json"))
+            backend = _load_tokenizer_json(path / "tokenizer.json")
         elif (path / "tokenizer.model").is_file():
-            backend = _SentencePiece(path / "tokenizer.model")
+            backend = _SentencePiece(path / "tokenizer.model", _added_tokens(path))
         else:
             raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}")
-        cfg = read_json(path / "tokenizer_config.json")
-        model_cfg = read_json(path / "config.json")
-        model_cfg = model_cfg.get("text_config") or model_cfg
+        _added_tokens(path)  # checked either way: transformers reads it beside tokenizer.json too
+        cfg = {**read_json(path / "special_tokens_map.json"), **read_json(path / "tokenizer_config.json")}
+        top = read_json(path / "config.json")
+        model_cfg = top.get("text_config") if isinstance(top.get("text_config"), dict) else top
+        where = f"the tokenizer in {path}"
 
-        def special(name: str, default: str, id_key: str, default_id: int) -> int:
+        def special(name: str, default: str, id_key: str, default_id: int, required: bool = False) -> int:
             token = cfg.get(f"{name}_token") or default
             token = token.get("content", default) if isinstance(token, dict) else token
+            if not isinstance(token, str):
+                raise ValueError(f"{path / 'tokenizer_config.json'} (or special_tokens_map.json): {name}_token must be "
+                                 f"a str, got {token!r}")
             found = backend.token_to_id(token)
             if found is not None:
                 return found
+            if required:
+                raise ValueError(f"{where} has no {token!r} token ({name}_token)")
             fallback = model_cfg.get(id_key, default_id)
-            return int(fallback[0] if isinstance(fallback, list) else fallback)
+            fallback = fallback[0] if isinstance(fallback, list) and fallback else fallback
+            if isinstance(fallback, bool) or not isinstance(fallback, int):
+                raise ValueError(f"{where} has no {token!r} token and config.json's {id_key} is {fallback!r}")
+            return fallback
 
-        return cls(
+        tok = cls(
             backend,
-            bos_id=special("bos", "<bos>", "bos_token_id", 2),
+            bos_id=special("bos", "<bos>", "bos_token_id", 2, required=True),
             eos_id=special("eos", "<eos>", "eos_token_id", 1),
             pad_id=special("pad", "<pad>", "pad_token_id", 0),
             chat_template=find_chat_template(path, cfg),
             add_bos=bool(cfg.get("add_bos_token", True)),
         )
+        if isinstance(top.get("vision_config"), dict):  # multimodal: the processor's tokens, at config.json's ids
+            for piece, keys in ((BOI, ("boi_token_id", "boi_token_index")), (EOI, ("eoi_token_id", "eoi_token_index")),
+                                (IMAGE_SOFT_TOKEN, ("image_token_id", "image_token_index"))):
+                found = tok.require(piece, f"{where} (a multimodal checkpoint: config.json has a vision_config)")
+                want = next((top[k] for k in keys if top.get(k) is not None), found)
+                if want != found:
+                    raise ValueError(f"{where} maps {piece} to id {found} but config.json's {keys[1]} is {want!r}")
+        if tok.chat_template is not None:
+            for piece in (p for p in GEMMA_SPECIALS if p in tok.chat_template):
+                tok.require(piece, f"{where} (the chat template from {origin_of(tok.chat_template)} writes {piece})")
+        return tok
+
+    def require(self, piece: str, where: str = "the tokenizer") -> int:
+        """The id of ``piece``, a ValueError saying it is missing from ``where`` otherwise."""
+        found = self.token_id(piece)
+        if found is None:
+            raise ValueError(f"{where}: the vocabulary has no {piece} token")
+        return found
 
     def save(self, path: str | Path) -> None:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` (read back by ``from_checkpoint`` and transformers)."""
@@ -249,26 +318,75 @@ class StreamDecoder:
 
 
 def read_json(file: Path) -> dict:
-    """A JSON file's object, {} when the file is absent; a clear error when it is not valid JSON."""
+    """A JSON file's object, {} when the file is absent; a ValueError naming the file when it is unreadable, not
+    JSON, or JSON that is not an object."""
     if not file.is_file():
         return {}
     try:
-        with open(file) as f:
-            return json.load(f)
+        with open(file, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from e
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{file} is nested too deeply to read") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {file}: {e.strerror or e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} holds a JSON {type(value).__name__}, expected an object ({{...}})")
+    return value
 
 
-def find_chat_template(path: Path, *configs: dict) -> str | None:
+def check_text(text: str, what: str = "prompt") -> None:
+    """A TypeError for a non-str, a ValueError naming the position of a character UTF-8 cannot encode (a lone
+    surrogate, e.g. from invalid bytes decoded with ``surrogateescape`` as ``sys.argv`` does)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: character {e.start} is {text[e.start]!r} (a lone surrogate: "
+                         f"invalid UTF-8 in the input?)") from None
+
+
+def _is_index(value: Any) -> bool:
+    try:
+        operator.index(value)
+        return True
+    except TypeError:
+        return False
+
+
+def _load_tokenizer_json(file: Path) -> _Backend:
+    try:
+        return _Backend.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises a bare Exception ("EOF while parsing", "expected struct")
+        raise ValueError(f"{file} is not a tokenizer.json the tokenizers library can load: {e}") from None
+
+
+def find_chat_template(path: Path, *configs: dict) -> ChatTemplate | None:
     """A checkpoint's chat template: chat_template.jinja, chat_template.json, then each config dict given
-    (processor_config.json, tokenizer_config.json, ...) in order. None if there is none."""
+    (processor_config.json, tokenizer_config.json, ...) in order. None if there is none. Its syntax is checked
+    here, so a broken template is reported when the checkpoint is opened, with its file and line."""
     if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
-    for source in (read_json(path / "chat_template.json"), *configs):
+        template = read_template_file(path / "chat_template.jinja")
+        check_syntax(template)
+        return template
+    sources = [(path / "chat_template.json", read_json(path / "chat_template.json"))]
+    sources += [(path, c) for c in configs]
+    for where, source in sources:
         template = source.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            if not all(isinstance(t, dict) for t in template):
+                raise ValueError(f"{where}: chat_template is a list whose items are not {{'name', 'template'}} objects")
             named = {t.get("name"): t.get("template") for t in template}
             template = named.get("default", next(iter(named.values()), None))
-        if template:
-            return template
+        if template is None or template == "":
+            continue
+        if not isinstance(template, str):
+            raise ValueError(f"{where}: chat_template is a {type(template).__name__}, not a template's text")
+        template = ChatTemplate(template, str(where))
+        check_syntax(template)
+        return template
     return None
