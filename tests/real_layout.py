@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -243,11 +244,10 @@ def tokenizer_files() -> Path:
 
 
 def _build_tokenizer(out: Path) -> None:
-    from sentencepiece import sentencepiece_model_pb2 as pb
     from tokenizers import AddedToken
 
     from gemma3_jax.gguf import packaged_gguf, read_gguf
-    from gemma3_jax.tokenizer import SPACE, gemma_backend
+    from gemma3_jax.tokenizer import gemma_backend
 
     md = read_gguf(packaged_gguf()).metadata
     tokens, types, scores = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"], md["tokenizer.ggml.scores"]
@@ -257,16 +257,40 @@ def _build_tokenizer(out: Path) -> None:
     backend.add_special_tokens([AddedToken("<image_soft_token>", normalized=False, special=True)])
     assert backend.token_to_id("<image_soft_token>") == IMAGE_TOKEN
     backend.save(str(out / "tokenizer.json"))
-    m = pb.ModelProto()  # sentencepiece's own file, as Google ships it beside tokenizer.json
-    m.trainer_spec.model_type, m.trainer_spec.byte_fallback = pb.TrainerSpec.BPE, True
-    m.trainer_spec.vocab_size, m.trainer_spec.allow_whitespace_only_pieces = len(tokens), True
-    m.trainer_spec.pad_id, m.trainer_spec.eos_id, m.trainer_spec.bos_id, m.trainer_spec.unk_id = 0, 1, 2, 3
-    m.normalizer_spec.name, m.normalizer_spec.add_dummy_prefix = "identity", False
-    m.normalizer_spec.remove_extra_whitespaces, m.normalizer_spec.escape_whitespaces = False, True
-    for t, score, kind in zip(tokens, scores, types):
-        m.pieces.add(piece=SPACE * len(t) if " " in t and not t.strip() else t, score=score,
-                     type=2 if t == "<unk>" else kind)
-    (out / "tokenizer.model").write_bytes(m.SerializeToString())
+    (out / "tokenizer.model").write_bytes(sentencepiece_model(tokens, scores, types))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, value) -> bytes:
+    """One protobuf field: bytes and str length-delimited, float as fixed32, bool and int as varint."""
+    if isinstance(value, (bytes, str)):
+        data = value.encode() if isinstance(value, str) else value
+        return _varint(number << 3 | 2) + _varint(len(data)) + data
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    return _varint(number << 3) + _varint(int(value))
+
+
+def sentencepiece_model(tokens: list[str], scores: list[float], types: list[int]) -> bytes:
+    """The bytes of sentencepiece's ``ModelProto`` (``tokenizer.model``) for a Gemma vocabulary, encoded here so
+    that no protobuf package is needed: BPE with byte fallback, no dummy prefix, whitespace kept and escaped."""
+    pieces = b"".join(
+        _field(1, _field(1, "\u2581" * len(t) if " " in t and not t.strip() else t) + _field(2, float(score))
+               + _field(3, 2 if t == "<unk>" else kind))  # type 2: UNKNOWN
+        for t, score, kind in zip(tokens, scores, types)
+    )
+    trainer = b"".join(_field(n, v) for n, v in (
+        (3, 2), (4, len(tokens)), (26, True), (35, True), (40, 3), (41, 2), (42, 1), (43, 0)))  # BPE, ids
+    normalizer = _field(1, "identity") + b"".join(_field(n, False) for n in (3, 4)) + _field(5, True)
+    return pieces + _field(2, trainer) + _field(3, normalizer)
 
 
 def _special(content: str) -> dict:
