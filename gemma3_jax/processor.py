@@ -302,8 +302,19 @@ class Processor:
     def __post_init__(self):
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise ValueError(f"image_mean and image_std need 3 values, got {self.image_mean} and {self.image_std}")
+        if not all(math.isfinite(x) for x in (*self.image_mean, *self.image_std)) or 0 in self.image_std:
+            raise ValueError(f"image_mean and image_std must be finite, std non-zero: {self.image_mean}, "
+                             f"{self.image_std}")
         if self.image_size < 1 or self.mm_tokens_per_image < 1:
             raise ValueError(f"bad {self.image_size=} or {self.mm_tokens_per_image=}")
+        if not (math.isfinite(self.rescale_factor) and self.rescale_factor > 0):
+            raise ValueError(f"rescale_factor must be finite and > 0, got {self.rescale_factor}")
+        if self.resample not in {int(r) for r in Image.Resampling}:
+            raise ValueError(f"resample must be a PIL resampling filter (0-5), got {self.resample}")
+        if self.pan_and_scan_min_crop_size < 1 or self.pan_and_scan_max_num_crops < 1 or not \
+                self.pan_and_scan_min_ratio_to_activate > 0:
+            raise ValueError(f"pan-and-scan settings must be positive: {self.pan_and_scan_min_crop_size=}, "
+                             f"{self.pan_and_scan_max_num_crops=}, {self.pan_and_scan_min_ratio_to_activate=}")
 
     # ---- construction
     @classmethod
@@ -320,7 +331,10 @@ class Processor:
         processor_config.json or tokenizer_config.json."""
         path = Path(path)
         proc, pre = read_json(path / "processor_config.json"), read_json(path / "preprocessor_config.json")
-        img = {**pre, **(proc.get("image_processor") or {})}
+        nested = proc.get("image_processor") or {}
+        if not isinstance(nested, dict):
+            raise ValueError(f"{path / 'processor_config.json'}: image_processor must be an object, got {nested!r:.60}")
+        img = {**pre, **nested}
         cfg = None
         if (path / "config.json").is_file():
             from gemma3_jax.config import Gemma3Config
@@ -330,20 +344,13 @@ class Processor:
         if not img and cfg is None:
             raise FileNotFoundError(f"{path}: no preprocessor_config.json, processor_config.json or multimodal "
                                     "config.json")
-        img = {k: v for k, v in img.items() if v is not None}  # nulls in Gemma-3's files: Gemma3Processor defaults
-        for key in ("do_rescale", "do_normalize", "do_resize", "do_convert_rgb"):
-            if img.get(key) is False:
-                raise ValueError(f"{path}: {key}=false is not supported (Gemma-3 always does it)")
-        kw: dict[str, Any] = {k: type(getattr(cls, k))(img[k]) for k in _IMAGE_KEYS if k in img}
-        kw.update({k: tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * 3))
-                   for k, v in img.items() if k in ("image_mean", "image_std")})
-        if "size" in img:
-            h, w = (img["size"]["height"], img["size"]["width"]) if isinstance(img["size"], dict) else [img["size"]] * 2
-            if h != w:
-                raise ValueError(f"{path}: image size {h}x{w} is not square")
-            kw["image_size"] = int(h)
-        if (seq := proc.get("image_seq_length", img.get("image_seq_length"))) is not None:
-            kw["mm_tokens_per_image"] = int(seq)
+        try:
+            kw = _image_settings(path, img, proc)
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            if isinstance(e, ValueError) and str(e).startswith(str(path)):
+                raise
+            raise ValueError(f"{path}: a bad value in preprocessor_config.json / processor_config.json: "
+                             f"{type(e).__name__}: {e}") from None
         if cfg is not None:
             for key, ours in (("image_size", cfg.vision.image_size), ("mm_tokens_per_image", cfg.mm_tokens_per_image)):
                 if kw.get(key, ours) != ours:
@@ -351,8 +358,12 @@ class Processor:
             kw.setdefault("image_size", cfg.vision.image_size)
             kw.setdefault("mm_tokens_per_image", cfg.mm_tokens_per_image)
             kw["image_token_id"] = cfg.image_token_id
-        kw["chat_template"] = find_chat_template(path, proc, read_json(path / "tokenizer_config.json"))
-        return cls(**{**kw, **overrides})
+        kw["chat_template"] = find_chat_template(path, ("processor_config.json", proc),
+                                                 ("tokenizer_config.json", read_json(path / "tokenizer_config.json")))
+        try:
+            return cls(**{**kw, **overrides})
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     # ---- images
     def preprocess(self, images: Sequence[Any]) -> tuple[np.ndarray, list[int]]:
@@ -449,3 +460,33 @@ class Processor:
 
 _IMAGE_KEYS = ("rescale_factor", "resample", "do_pan_and_scan", "pan_and_scan_min_crop_size",
                "pan_and_scan_max_num_crops", "pan_and_scan_min_ratio_to_activate")
+
+
+def _image_settings(path: Path, img: dict, proc: dict) -> dict[str, Any]:
+    """Processor keyword arguments from the merged image-processor settings (a value of a wrong type raises)."""
+    img = {k: v for k, v in img.items() if v is not None}  # nulls in Gemma-3's files: Gemma3Processor defaults
+    for key in ("do_rescale", "do_normalize", "do_resize", "do_convert_rgb"):
+        if img.get(key) is False:
+            raise ValueError(f"{path}: {key}=false is not supported (Gemma-3 always does it)")
+    kw: dict[str, Any] = {k: _as(type(getattr(Processor, k)), k, img[k]) for k in _IMAGE_KEYS if k in img}
+    kw.update({k: tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * 3))
+               for k, v in img.items() if k in ("image_mean", "image_std")})
+    if "size" in img:
+        h, w = (img["size"]["height"], img["size"]["width"]) if isinstance(img["size"], dict) else [img["size"]] * 2
+        if h != w:
+            raise ValueError(f"{path}: image size {h}x{w} is not square")
+        kw["image_size"] = _as(int, "size", h)
+    if (seq := proc.get("image_seq_length", img.get("image_seq_length"))) is not None:
+        kw["mm_tokens_per_image"] = _as(int, "image_seq_length", seq)
+    return kw
+
+
+def _as(kind: type, name: str, value: Any) -> Any:
+    """``value`` as ``kind`` (bool, int or float) where it is one: no ``bool("false")``, no ``int(4.5)``."""
+    ok = isinstance(value, bool) if kind is bool else not isinstance(value, bool) and (
+        isinstance(value, int) or kind is float and isinstance(value, float)
+        or kind is int and isinstance(value, float) and value.is_integer())
+    if not ok:
+        want = "true or false" if kind is bool else "a number" if kind is float else "an int"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return kind(value)

@@ -232,7 +232,7 @@ class Tokenizer:
             bos_id=special("bos", "<bos>", "bos_token_id", 2, required=True),
             eos_id=special("eos", "<eos>", "eos_token_id", 1),
             pad_id=special("pad", "<pad>", "pad_token_id", 0),
-            chat_template=find_chat_template(path, cfg),
+            chat_template=find_chat_template(path, ("tokenizer_config.json", cfg)),
             add_bos=bool(cfg.get("add_bos_token", True)),
         )
         if isinstance(top.get("vision_config"), dict):  # multimodal: the processor's tokens, at config.json's ids
@@ -365,16 +365,17 @@ def _load_tokenizer_json(file: Path) -> _Backend:
         raise ValueError(f"{file} is not a tokenizer.json the tokenizers library can load: {e}") from None
 
 
-def find_chat_template(path: Path, *configs: dict) -> ChatTemplate | None:
-    """A checkpoint's chat template: chat_template.jinja, chat_template.json, then each config dict given
-    (processor_config.json, tokenizer_config.json, ...) in order. None if there is none. Its syntax is checked
-    here, so a broken template is reported when the checkpoint is opened, with its file and line."""
+def find_chat_template(path: Path, *configs: dict | tuple[str, dict]) -> ChatTemplate | None:
+    """A checkpoint's chat template: chat_template.jinja, chat_template.json, then each config given
+    (processor_config.json, tokenizer_config.json, ...: a dict, or (its file name, the dict)) in order. None if there
+    is none. Its syntax is checked here, so a broken template is reported when the checkpoint is opened, with its
+    file and line."""
     if (path / "chat_template.jinja").is_file():
         template = read_template_file(path / "chat_template.jinja")
         check_syntax(template)
         return template
     sources = [(path / "chat_template.json", read_json(path / "chat_template.json"))]
-    sources += [(path, c) for c in configs]
+    sources += [(path / c[0], c[1]) if isinstance(c, tuple) else (path, c) for c in configs]
     for where, source in sources:
         template = source.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
