@@ -81,7 +81,7 @@ def _environment():
         def bounded_concat(self, *parts):
             parts = [str(p) for p in parts]
             if sum(map(len, parts)) > MAX_LENGTH:
-                raise _Refused(f"a string joined with '~' would exceed {MAX_LENGTH} characters")
+                raise _Refused(f"a string joined with '~' exceeds {MAX_LENGTH} characters")
             return "".join(parts)
 
     return BoundedSandbox
