@@ -76,6 +76,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
+    if path.stat().st_size < 4:  # mmap refuses an empty file with a message that names none
+        raise ValueError(f"{path} is not a GGUF file ({path.stat().st_size} bytes)")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file (starts with {bytes(buf[:4])!r}, expected b'GGUF')")
@@ -252,8 +254,12 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     from gemma3_jax.tokenizer import Tokenizer
 
     file = read_gguf(gguf_path)
-    config = gguf_to_hf_config(file)
-    names = {hf_name(t.name) for t in file.tensors}  # fail before writing anything
+    try:
+        config = gguf_to_hf_config(file)
+        names = {hf_name(t.name) for t in file.tensors}  # fail before writing anything
+        tokenizer = Tokenizer.from_gguf(file)
+    except ValueError as e:
+        raise ValueError(f"{file.path}: {e}") from None
     expected = set(_NAMES.values()) | {
         f"model.layers.{i}.{v}.weight" for i in range(config["num_hidden_layers"]) for v in _LAYER_NAMES.values()
     }
@@ -272,7 +278,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
         _write_safetensors(file, tmp / "model.safetensors", progress)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(file.metadata), indent=2))
-        Tokenizer.from_gguf(file).save(tmp)
+        tokenizer.save(tmp)
         gguf_cache.write_manifest(tmp, sha, file.path)
         try:
             os.replace(tmp, out)
@@ -280,7 +286,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
             raise FileExistsError(f"output directory {out} appeared during the conversion") from e
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.filename is None and e.errno is not None and not isinstance(e, FileExistsError):  # e.g. ENOSPC names no file
+        # A write error (ENOSPC) names no file: say which conversion failed.
+        if e.filename is None and e.errno is not None and not isinstance(e, FileExistsError):
             raise type(e)(e.errno, f"{e.strerror} while converting {file.path} into {out}") from e
         raise
     except BaseException:

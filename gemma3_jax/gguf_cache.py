@@ -175,18 +175,22 @@ def looks_converted(out: Path) -> bool:
 
 def writable_dir(path: Path) -> Path:
     """``path`` created if needed; a file in its place or no permission to write is one line naming it."""
-    where = f"$GEMMA3_JAX_CACHE={os.environ['GEMMA3_JAX_CACHE']}" if os.environ.get("GEMMA3_JAX_CACHE") else "the cache"
+    label, hint = "directory", ""
+    if path == cache_root() or cache_root() in path.parents:
+        env = os.environ.get("GEMMA3_JAX_CACHE")
+        label = "cache directory"
+        hint = f" ($GEMMA3_JAX_CACHE={env})" if env else " (set GEMMA3_JAX_CACHE to move it)"
     for p in (path, *path.parents):
         if p.exists() or p.is_symlink():
             if not p.is_dir():
-                raise NotADirectoryError(f"cache directory {path} cannot be used: {p} is a file, not a directory ({where})")
+                raise NotADirectoryError(f"{label} {path} cannot be used: {p} is a file, not a directory{hint}")
             break
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise type(e)(e.errno, f"cache directory {path} cannot be created ({e.strerror}; {where})") from None
+        raise type(e)(f"{label} {path} cannot be created: {e.strerror}{hint}") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(f"cache directory {path} is not writable; set GEMMA3_JAX_CACHE to a writable directory")
+        raise PermissionError(f"{label} {path} is not writable{hint}")
     return path
 
 

@@ -23,18 +23,22 @@ from gemma3_jax import gguf_cache as gc
 ROOT = Path(__file__).parents[1]
 
 
-def write_tiny_gguf(path: Path, seed: int = 0, layers: int = 2, hidden: int = 8) -> Path:
-    """A Gemma-3 GGUF with random float32 weights and a 266-token vocabulary (specials, bytes, a few pieces)."""
+def write_tiny_gguf(path: Path, seed: int = 0, layers: int = 2, hidden: int = 8, arch: str = "gemma3",
+                    tokenizer: str = "llama", drop: str = "", extra: str = "", block_count: bool = True) -> Path:
+    """A Gemma-3 GGUF with random float32 weights and a 266-token vocabulary (specials, bytes, a few pieces);
+    the keywords make it wrong in one way (another architecture, a tensor dropped or added, ...)."""
     import gguf
 
     heads, kv, head_dim, ffn = 2, 1, 4, 16
-    w = gguf.GGUFWriter(str(path), "gemma3")
-    w.add_block_count(layers), w.add_embedding_length(hidden), w.add_head_count(heads), w.add_head_count_kv(kv)
+    w = gguf.GGUFWriter(str(path), arch)
+    if block_count:
+        w.add_block_count(layers)
+    w.add_embedding_length(hidden), w.add_head_count(heads), w.add_head_count_kv(kv)
     w.add_key_length(head_dim), w.add_value_length(head_dim), w.add_feed_forward_length(ffn)
     w.add_context_length(64), w.add_sliding_window(4), w.add_rope_freq_base(1e6), w.add_layer_norm_rms_eps(1e-6)
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>", *(f"<0x{b:02X}>" for b in range(256)), "a", "b", "\u2581", "ab",
               "<start_of_turn>", "<end_of_turn>"]  # fmt: skip
-    w.add_tokenizer_model("llama"), w.add_token_list(tokens), w.add_token_scores([0.0] * len(tokens))
+    w.add_tokenizer_model(tokenizer), w.add_token_list(tokens), w.add_token_scores([0.0] * len(tokens))
     w.add_token_types([3, 3, 3, 2] + [6] * 256 + [1, 1, 1, 1, 3, 3])
     w.add_bos_token_id(2), w.add_eos_token_id(1), w.add_pad_token_id(0), w.add_unk_token_id(3)
     rng = np.random.default_rng(seed)
@@ -46,7 +50,10 @@ def write_tiny_gguf(path: Path, seed: int = 0, layers: int = 2, hidden: int = 8)
               "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}  # fmt: skip
     for i in range(layers):
         for name, shape in shapes.items():
-            w.add_tensor(f"blk.{i}.{name}.weight", rng.standard_normal(shape, np.float32))
+            if f"blk.{i}.{name}.weight" != drop:
+                w.add_tensor(f"blk.{i}.{name}.weight", rng.standard_normal(shape, np.float32))
+    if extra:
+        w.add_tensor(extra, rng.standard_normal((len(tokens), hidden), np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     return path
 
@@ -260,11 +267,7 @@ def test_source_replaced_during_conversion(cache, tmp_path, monkeypatch):
     assert entries(cache) == []
 
 
-def test_failed_conversion_leaves_no_entry(cache, tmp_path, monkeypatch):
-    not_gguf = tmp_path / "weights.gguf"
-    not_gguf.write_bytes(b"PK\x03\x04" + bytes(100))
-    with pytest.raises(ValueError, match="weights.gguf is not a GGUF file"):
-        g.converted_checkpoint(not_gguf, progress=False)
+def test_disk_full_during_conversion(cache, tmp_path, monkeypatch):
     path = write_tiny_gguf(tmp_path / "m.gguf")
 
     def disk_full(*a, **k):
@@ -273,6 +276,41 @@ def test_failed_conversion_leaves_no_entry(cache, tmp_path, monkeypatch):
     monkeypatch.setattr(g, "_write_safetensors", disk_full)
     with pytest.raises(OSError, match=f"No space left on device while converting {path} into {cache}"):
         g.converted_checkpoint(path, progress=False)
+    assert entries(cache) == [] and [p for p in (cache / "converted").iterdir() if p.name.endswith(".tmp")] == []
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _cut(path: Path, n: int) -> Path:
+    data = write_tiny_gguf(path).read_bytes()
+    path.write_bytes(data[:n])
+    return path
+
+
+BAD_GGUF = {
+    "another architecture": (lambda p: write_tiny_gguf(p, arch="llama"), "architecture is 'llama'; only 'gemma3'"),
+    "no block_count": (lambda p: write_tiny_gguf(p, block_count=False), "no 'gemma3.block_count'"),
+    "a tensor missing": (lambda p: write_tiny_gguf(p, drop="blk.1.ffn_up.weight"), "missing.*layers.1.mlp.up_proj"),
+    "untied output.weight": (lambda p: write_tiny_gguf(p, extra="output.weight"), "'output.weight'.*untied"),
+    "another tokenizer": (lambda p: write_tiny_gguf(p, tokenizer="gpt2"), "tokenizer.ggml.model is 'gpt2'"),
+    "empty file": (lambda p: _write(p, b""), "is not a GGUF file \\(0 bytes\\)"),
+    "only the magic": (lambda p: _write(p, b"GGUF"), "malformed GGUF header"),
+    "cut in the header": (lambda p: _cut(p, 30), "malformed GGUF header"),
+    "cut in the weights": (lambda p: _cut(p, 20000), "past the end of the file"),
+    "a zip file": (lambda p: _write(p, b"PK\x03\x04" + bytes(100)), "is not a GGUF file"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_GGUF)
+def test_bad_gguf_is_one_line_naming_it(cache, tmp_path, case):
+    make, message = BAD_GGUF[case]
+    path = make(tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match=message) as e:
+        g.converted_checkpoint(path, progress=False)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
     assert entries(cache) == [] and [p for p in (cache / "converted").iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -291,7 +329,7 @@ def test_cache_directory_states(tmp_path, monkeypatch):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     monkeypatch.setenv("GEMMA3_JAX_CACHE", str(a_file))
-    with pytest.raises(NotADirectoryError, match=f"{a_file} is a file, not a directory.*GEMMA3_JAX_CACHE"):
+    with pytest.raises(NotADirectoryError, match=f"{a_file} is a file, not a directory \\(\\$GEMMA3_JAX_CACHE={a_file}\\)"):
         g.converted_checkpoint(path, progress=False)
     monkeypatch.setenv("GEMMA3_JAX_CACHE", str(a_file / "sub"))
     with pytest.raises(NotADirectoryError, match=f"{a_file / 'sub'}/converted cannot be used: {a_file} is a file"):
@@ -319,7 +357,7 @@ def test_unwritable_cache_directory(tmp_path, monkeypatch, how):
         real = os.access
         monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == root / "converted" else real(p, mode, **k))
     try:
-        with pytest.raises(PermissionError, match=f"cache directory {root / 'converted'} is not writable"):
+        with pytest.raises(PermissionError, match=f"cache directory {root / 'converted'} is not writable \\(\\$GEMMA3_JAX_CACHE"):
             g.converted_checkpoint(path, progress=False)
     finally:
         (root / "converted").chmod(0o755)
