@@ -20,10 +20,11 @@ from gemma3_jax.cache import cache_nbytes
 from gemma3_jax.config import Gemma3Config
 from gemma3_jax.loading import checkpoint_files
 from gemma3_jax.processor import BOI, Processor, render_chat
-from gemma3_jax.sampling import generation_defaults
+from gemma3_jax.sampling import SamplingParams, generation_defaults
 from gemma3_jax.tokenizer import Tokenizer
 
 DEFAULT_CACHE_LENGTH = 4096
+MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
 
 
 def resolve_checkpoint(model: str | os.PathLike | None, progress: bool = True) -> Path:
@@ -114,6 +115,16 @@ class Checkpoint:
             raise TypeError(f"chat must be True, False or None, got {chat!r}")
         return self.chat_template is not None if chat is None else chat
 
+    def sampling_params(self, temperature=None, top_k=None, top_p=None) -> SamplingParams:
+        """The user's values, else generation_config.json's, else greedy; each checked."""
+        d = self.defaults
+        params = SamplingParams(
+            temperature=d.get("temperature", 0.0) if temperature is None else temperature,
+            top_k=d.get("top_k", 0) if top_k is None else top_k,
+            top_p=d.get("top_p", 1.0) if top_p is None else top_p,
+        )
+        return SamplingParams(float(params.temperature), int(params.top_k), float(params.top_p))
+
     def cache_length(self, cache_length: int | None, dtype, batch: int = 1) -> int:
         """The KV cache length to use, checked against the model's positions and the device's memory; None gives
         ``DEFAULT_CACHE_LENGTH`` or the model's positions if fewer."""
@@ -166,6 +177,21 @@ class Checkpoint:
         if self.processor is not None:
             return self.processor(texts, images, tokenizer=self.tokenizer, add_bos=None)
         return [self.tokenizer.encode(t, add_bos=not t.startswith("<bos>")) for t in texts], None
+
+
+def check_generation_args(max_new_tokens, seed, stop) -> tuple[int, int, tuple[str, ...]]:
+    """A request's max_new_tokens, seed and stop strings, checked (one stop string or several; empty ones are
+    dropped: they would match at once)."""
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
+    seed = _check_int("seed", seed, 0, MAX_SEED)
+    if isinstance(stop, str):
+        stop = (stop,)
+    if isinstance(stop, bytes) or not isinstance(stop, (list, tuple)):
+        raise TypeError(f"stop must be a str or a list of str, got {type(stop).__name__}")
+    for s in stop:
+        if not isinstance(s, str):
+            raise TypeError(f"stop strings must be str, got {s!r}")
+    return max_new_tokens, seed, tuple(s for s in stop if s)
 
 
 def _image_lists(images, n: int) -> list[list]:

@@ -18,17 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3_jax.cache import cache_nbytes, check_fits
-from gemma3_jax.checkpoint import Checkpoint, _check_int
+from gemma3_jax.checkpoint import Checkpoint, _check_int, check_generation_args
 from gemma3_jax.compile_cache import enable_compilation_cache
 from gemma3_jax.engine import Engine, Timings
 from gemma3_jax.loading import load_pretrained
 from gemma3_jax.model import Gemma3
-from gemma3_jax.sampling import SamplingParams
 from gemma3_jax.tokenizer import StreamDecoder
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 END_OF_TURN = "<end_of_turn>"
-MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
 
 
 @dataclasses.dataclass
@@ -128,21 +126,14 @@ class Generator:
         ``chat=None``: the checkpoint's chat template wraps each prompt if it has one; raw text otherwise."""
         single = isinstance(prompts, str)
         prompts = [prompts] if single else prompts
-        if single and images is not None and (len(images) == 0 or not isinstance(images[0], (list, tuple))):
-            images = [list(images)]
+        if single and images is not None:  # one prompt's images: a list of them, or a single one
+            if not isinstance(images, (list, tuple)):
+                images = [[images]]
+            elif len(images) == 0 or not isinstance(images[0], (list, tuple)):
+                images = [list(images)]
         ids, pixels = self.build_inputs(prompts, images, chat=chat, system=system)
         return self.generate_from_inputs(ids, pixels, max_new_tokens=max_new_tokens, temperature=temperature,
                                          top_k=top_k, top_p=top_p, seed=seed, stop=stop, stream=stream)
-
-    def sampling_params(self, temperature=None, top_k=None, top_p=None) -> SamplingParams:
-        """The user's values, else the checkpoint's generation_config.json, else greedy; each checked."""
-        d = self.defaults
-        params = SamplingParams(
-            temperature=d.get("temperature", 0.0) if temperature is None else temperature,
-            top_k=d.get("top_k", 0) if top_k is None else top_k,
-            top_p=d.get("top_p", 1.0) if top_p is None else top_p,
-        )
-        return SamplingParams(float(params.temperature), int(params.top_k), float(params.top_p))
 
     def generate_from_inputs(
         self,
@@ -158,12 +149,10 @@ class Generator:
         stream: Callable[[int, str], None] | None = None,
     ) -> GenerationResult:
         """``generate`` on prompts already built by ``build_inputs``."""
-        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
-        seed = _check_int("seed", seed, 0, MAX_SEED)
-        stop = _stop_strings(stop)
+        max_new_tokens, seed, stop = check_generation_args(max_new_tokens, seed, stop)
         if stream is not None and not callable(stream):
             raise TypeError(f"stream must be a callable (row, text) or None, got {type(stream).__name__}")
-        params = self.sampling_params(temperature, top_k, top_p)
+        params = self.checkpoint.sampling_params(temperature, top_k, top_p)
         for row, p in enumerate(ids):
             check_fits(len(p), max_new_tokens, self.engine.cache_length, f"prompt {row}")
         stop_ids = sorted({*self.defaults.get("eos_token_id", ()), self.tokenizer.eos_id,
@@ -234,18 +223,6 @@ class Generator:
 
     def _ids_of(self, pieces) -> list[int]:
         return [i for i in (self.tokenizer.token_id(p) for p in pieces) if i is not None]
-
-
-def _stop_strings(stop) -> tuple[str, ...]:
-    """One stop string or several; empty ones are dropped (they would match at once)."""
-    if isinstance(stop, str):
-        stop = (stop,)
-    if isinstance(stop, bytes) or not isinstance(stop, (list, tuple)):
-        raise TypeError(f"stop must be a str or a list of str, got {type(stop).__name__}")
-    for s in stop:
-        if not isinstance(s, str):
-            raise TypeError(f"stop strings must be str, got {s!r}")
-    return tuple(s for s in stop if s)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

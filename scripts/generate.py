@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
 
-    from gemma3_jax.checkpoint import Checkpoint
+    from gemma3_jax.cache import check_fits
+    from gemma3_jax.checkpoint import Checkpoint, check_generation_args
     from gemma3_jax.generator import Generator, resolve_dtype
 
     try:
@@ -123,11 +124,11 @@ def main(argv=None) -> int:
         if args.chat is None and not chat:
             print(f"note: {ckpt.path.name} has no chat template: the prompt is completed as raw text "
                   "(--chat wraps it in Gemma-3's built-in template)", file=sys.stderr)
+        ckpt.sampling_params(args.temperature, args.top_k, args.top_p)
+        check_generation_args(args.max_new_tokens, args.seed, args.stop)
         cache_length = ckpt.cache_length(args.cache_length, dtype)
         # The prompt is built and checked against the cache before the weights load.
         ids, pixels = ckpt.build_inputs([prompt], [args.image], chat=chat, system=args.system)
-        from gemma3_jax.cache import check_fits
-
         check_fits(len(ids[0]), args.max_new_tokens, cache_length)
         gen = Generator.from_checkpoint(ckpt, dtype=args.dtype, cache_length=cache_length)
         print(f"loaded in {gen.load_s:.1f} s", file=sys.stderr)

@@ -1,0 +1,381 @@
+"""What a new user meets first: the CLI's defaults (chat mode from the checkpoint, dtype, cache length, help),
+prompt sources, requests refused before the weights load, bad sampling values and API argument types, the
+compilation cache and streaming that starts at the first token."""
+
+import importlib.util
+import io
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import hf_checkpoints as hfc
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("generate_cli_fc", ROOT / "scripts" / "generate.py")
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+            "{% if m['content'] is string %}{{ m['content'] | trim }}{% else %}{% for c in m['content'] %}"
+            "{% if c['type'] == 'image' %}<start_of_image>{% elif c['type'] == 'text' %}{{ c['text'] | trim }}"
+            "{% endif %}{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+            "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    """A tiny multimodal checkpoint without a chat template (a base model)."""
+    path = tmp_path_factory.mktemp("base_ckpt")
+    hfc.make_chat_checkpoint(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def it_ckpt(base_ckpt, tmp_path_factory):
+    """The same with a chat template (an instruction-tuned model)."""
+    path = tmp_path_factory.mktemp("it_ckpt")
+    shutil.copytree(base_ckpt, path, dirs_exist_ok=True)
+    (path / "chat_template.jinja").write_text(TEMPLATE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fc_text")
+    hfc.make_chat_checkpoint(path, seed=1, text_only=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fc_img") / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def run(capsys, *argv):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_error(rc, out, err) -> str:
+    """The CLI's single ``error:`` line (and exit 2, nothing on stdout)."""
+    assert rc == 2 and out == "", (rc, out, err)
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error")]
+    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0], err
+    return lines[0]
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Loading weights fails the test: for requests that must be refused before it."""
+    import gemma3_jax.generator as g
+
+    def refuse(*a, **k):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(g, "load_pretrained", refuse)
+
+
+# ---- defaults ----------------------------------------------------------------------------------------------
+
+def test_chat_mode_follows_the_checkpoint(base_ckpt, it_ckpt):
+    from gemma3_jax.checkpoint import Checkpoint
+
+    base, it = Checkpoint.open(base_ckpt), Checkpoint.open(it_ckpt)
+    assert not base.use_chat(None) and it.use_chat(None)
+    assert base.use_chat(True) and not it.use_chat(False)
+    raw = base.build_inputs(["Hello there"])[0][0]
+    assert raw == base.tokenizer.encode("Hello there", add_bos=True)
+    chat = it.build_inputs(["Hello there"])[0][0]
+    assert it.tokenizer.decode(chat, skip_special_tokens=False).startswith("<bos><start_of_turn>user\nHello there")
+    with pytest.raises(TypeError, match="chat must be"):
+        it.use_chat("yes")
+
+
+def test_cli_notes_raw_mode_on_a_base_model(base_ckpt, capsys):
+    rc, out, err = run(capsys, "--model", base_ckpt, "--prompt", "Hello", "--max-new-tokens", 2)
+    assert rc == 0, err
+    notes = [ln for ln in err.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "no chat template" in notes[0]
+    rc, out, err = run(capsys, "--model", base_ckpt, "--prompt", "Hello", "--max-new-tokens", 2, "--no-chat")
+    assert rc == 0 and "note:" not in err  # asked for raw text: nothing to note
+
+
+def test_system_text_needs_chat_mode(base_ckpt, capsys):
+    assert "system text needs chat mode" in one_error(*run(capsys, "--model", base_ckpt, "--prompt", "Hi",
+                                                              "--system", "Be brief."))
+
+
+def test_api_defaults_to_float32_on_a_cpu(base_ckpt):
+    import jax.numpy as jnp
+
+    from gemma3_jax.generator import Generator, default_dtype
+
+    assert default_dtype() == "float32"  # these tests run on a CPU
+    gen = Generator.from_pretrained(base_ckpt, progress=False)
+    assert gen.model.dtype == jnp.float32
+    assert gen.engine.cache_length == 512  # the default 4096 capped at the model's max_position_embeddings
+
+
+def test_help_shows_every_default_and_what_each_flag_does(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    flags = re.findall(r"^\s+(--[a-z-]+)", text, re.M)
+    assert {"--model", "--prompt", "--prompt-file", "--image", "--system", "--chat", "--no-chat", "--max-new-tokens",
+            "--temperature", "--top-k", "--top-p", "--seed", "--dtype", "--cache-length", "--stop"} <= set(flags)
+    options = text[text.index("options:"):]
+    blocks = {b.split()[0]: b for b in re.split(r"\n  (?=--)", options)[1:]}
+    for flag, block in blocks.items():
+        assert len(block.split()) > 4, block  # it says what the flag does
+    for flag in ("--model", "--image", "--chat", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
+                 "--dtype", "--cache-length", "--stop"):
+        assert "default" in blocks[flag], blocks[flag]
+
+
+def test_argument_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--prompt", "x", "--max-new-tokens", "many"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "many" in err[0]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--prompt", "x", "--prompt-file", "y"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not allowed with" in err[0]
+
+
+# ---- prompt sources ----------------------------------------------------------------------------------------
+
+def test_prompt_file_and_stdin(base_ckpt, tmp_path, capsys, monkeypatch):
+    f = tmp_path / "prompt.txt"
+    f.write_text("Hello there", encoding="utf-8")
+    rc, out_file, err = run(capsys, "--model", base_ckpt, "--prompt-file", f, "--max-new-tokens", 4)
+    assert rc == 0, err
+    rc, out_arg, _ = run(capsys, "--model", base_ckpt, "--prompt", "Hello there", "--max-new-tokens", 4)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("Hello there".encode())))
+    rc, out_stdin, _ = run(capsys, "--model", base_ckpt, "--prompt-file", "-", "--max-new-tokens", 4)
+    assert rc == 0 and out_file == out_arg == out_stdin
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing_file", "prompt file not found"),
+    ("latin1_file", r"not UTF-8 text \(byte 9: b.\\xe9.\)"),
+    ("surrogate_argv", r"--prompt is not valid UTF-8 \(character 3\)"),
+    ("empty_file", "is empty"),
+])
+def test_bad_prompt_sources(case, match, base_ckpt, tmp_path, capsys, no_weights):
+    f = tmp_path / "p.txt"
+    if case == "latin1_file":
+        f.write_bytes("hello caf\xe9".encode("latin-1"))
+    if case == "empty_file":
+        f.write_text(" \n")
+    argv = {"surrogate_argv": ["--prompt", "abc\udcff"]}.get(case, ["--prompt-file", f if case != "missing_file"
+                                                                     else tmp_path / "absent.txt"])
+    assert re.search(match, one_error(*run(capsys, "--model", base_ckpt, *argv)))
+
+
+# ---- refused before the weights load ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("case,match", [
+    ("image_to_text_model", "text-only model"),
+    ("too_long", r"prompt \(\d+ tokens\) \+ max_new_tokens \(500\) = \d+ exceeds the cache length 64"),
+    ("beyond_positions", "cache length 100000 is beyond the model's 512 positions"),
+    ("beyond_memory", r"cache length 512 needs ~.* GiB .* more than the"),
+    ("zero_cache", "cache_length must be >= 1"),
+    ("seed_too_big", "seed must be in"),
+    ("negative_max_new", "max_new_tokens must be >= 1"),
+    ("inf_temperature", "temperature must be finite"),
+    ("nan_top_p", r"top_p must be in \(0, 1\]"),
+    ("negative_top_k", "top_k must be >= 0"),
+    ("bad_dtype", "unknown dtype 'int8'"),
+])
+def test_refused_before_the_weights_load(case, match, base_ckpt, text_ckpt, png, capsys, monkeypatch, no_weights):
+    import gemma3_jax.checkpoint as ck
+
+    base = ["--model", base_ckpt, "--prompt", "Hello there"]
+    argv = {
+        "image_to_text_model": ["--model", text_ckpt, "--prompt", "hi", "--image", png],
+        "too_long": base + ["--cache-length", 64, "--max-new-tokens", 500],
+        "beyond_positions": base + ["--cache-length", 100000],
+        "beyond_memory": base + ["--cache-length", 512],
+        "zero_cache": base + ["--cache-length", 0],
+        "seed_too_big": base + ["--seed", 2**64],
+        "negative_max_new": base + ["--max-new-tokens", -3],
+        "inf_temperature": base + ["--temperature", "inf"],
+        "nan_top_p": base + ["--temperature", 1, "--top-p", "nan"],
+        "negative_top_k": base + ["--temperature", 1, "--top-k", -1],
+        "bad_dtype": base + ["--dtype", "int8"],
+    }[case]
+    if case == "beyond_memory":
+        monkeypatch.setattr(ck, "device_memory", lambda: (2**20, "a 1 MiB test device"))
+    if case in ("seed_too_big", "negative_max_new", "inf_temperature", "nan_top_p", "negative_top_k"):
+        # checked by the Generator after loading: the CLI checks them before (no_weights makes sure)
+        pass
+    assert re.search(match, one_error(*run(capsys, *argv)))
+
+
+def test_memory_estimate_counts_the_weights(base_ckpt):
+    import jax.numpy as jnp
+
+    import gemma3_jax
+    from gemma3_jax.checkpoint import Checkpoint, weights_nbytes
+
+    ck = Checkpoint.open(base_ckpt)
+    model = gemma3_jax.load_pretrained(base_ckpt, dtype=jnp.float32, progress=False)
+    import jax
+    from flax import nnx
+
+    real = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    assert weights_nbytes(ck.cfg, jnp.float32) == real
+    assert weights_nbytes(ck.cfg, jnp.bfloat16) == real // 2
+
+
+# ---- the API's argument types and values ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gen(base_ckpt):
+    from gemma3_jax.generator import Generator
+
+    return Generator.from_pretrained(base_ckpt, dtype="float32", cache_length=64, progress=False)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(prompts=17), TypeError, "prompts must be a list of str, got int"),
+    (dict(prompts=["ok", 3]), TypeError, "prompt 1 must be a str, got int"),
+    (dict(prompts=b"bytes"), TypeError, "got bytes"),
+    (dict(prompts=["a", "b"], images="a.png"), TypeError, "images must be a list"),
+    (dict(images="absent.png"), ValueError, "image file not found: absent.png"),  # one prompt, one image
+    (dict(prompts=["a", "b"], images=["a.png", "b.png"]), TypeError, r"images\[0\] must be a list"),
+    (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an int"),
+    (dict(max_new_tokens=True), TypeError, "max_new_tokens must be an int"),
+    (dict(max_new_tokens=0), ValueError, "max_new_tokens must be >= 1"),
+    (dict(seed=2**64), ValueError, "seed must be in"),
+    (dict(seed="1"), TypeError, "seed must be an int"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
+    (dict(temperature="hot"), TypeError, "temperature must be a number"),
+    (dict(temperature=1.0, top_k=1.5), TypeError, "top_k must be an int"),
+    (dict(top_p=0.0), ValueError, "top_p must be in"),
+    (dict(stop=5), TypeError, "stop must be a str or a list"),
+    (dict(stop=["ok", None]), TypeError, "stop strings must be str"),
+    (dict(stream="print"), TypeError, "stream must be a callable"),
+    (dict(chat="yes"), TypeError, "chat must be True, False or None"),
+    (dict(system=3, chat=True), TypeError, "system must be a str"),
+])
+def test_api_arguments_are_checked(gen, kwargs, exc, match):
+    kwargs = {"prompts": "Hello", "max_new_tokens": 2, **kwargs}
+    with pytest.raises(exc, match=match):
+        gen.generate(kwargs.pop("prompts"), **kwargs)
+
+
+def test_api_model_and_dtype_types(base_ckpt):
+    from gemma3_jax.generator import Generator
+
+    with pytest.raises(TypeError, match="model must be a path"):
+        Generator.from_pretrained(123)
+    with pytest.raises(TypeError, match="dtype must be a name"):
+        Generator.from_pretrained(base_ckpt, dtype=16)
+    with pytest.raises(ValueError, match="chunk must be in"):
+        Generator.from_pretrained(base_ckpt, chunk=0)
+
+
+def test_a_stop_string_is_one_string_not_its_characters(gen):
+    out = gen.generate("Hello", max_new_tokens=8)
+    text = out.texts[0]
+    if len(text) < 3:
+        pytest.skip("the random model's text is too short to cut")
+    stop = text[1:3]
+    cut = gen.generate("Hello", max_new_tokens=8, stop=stop)
+    assert cut.texts[0] == text[: text.index(stop)]
+
+
+@pytest.mark.parametrize("content,match", [
+    ({"do_sample": True, "temperature": "hot"}, "generation_config.json: temperature must be a number"),
+    ({"do_sample": True, "top_p": 2}, r"generation_config.json: top_p must be in \(0, 1\]"),
+    ({"eos_token_id": ["<eos>"]}, "eos_token_id must be token ids"),
+    ([1, 2], "must hold a JSON object"),
+])
+def test_bad_generation_config(content, match, tmp_path):
+    import json
+
+    from gemma3_jax.sampling import generation_defaults
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=match):
+        generation_defaults(tmp_path)
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="generation_config.json is not valid JSON"):
+        generation_defaults(tmp_path)
+
+
+# ---- compilation cache and streaming ----------------------------------------------------------------------
+
+def test_compilation_cache_directory(monkeypatch, tmp_path):
+    from gemma3_jax import compile_cache
+
+    monkeypatch.setenv("GEMMA3_JAX_CACHE", str(tmp_path / "root"))
+    monkeypatch.delenv(compile_cache.ENV, raising=False)
+    assert compile_cache.compilation_cache_dir() == tmp_path / "root" / "xla"
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "elsewhere"))
+    assert compile_cache.compilation_cache_dir() == tmp_path / "elsewhere"
+    for off in ("0", "off", ""):
+        monkeypatch.setenv(compile_cache.ENV, off)
+        assert compile_cache.compilation_cache_dir() is None
+
+
+def test_second_cli_run_reads_the_compilation_cache(base_ckpt, tmp_path):
+    """Two CLI processes with one cache directory: the first writes compiled steps, the second compiles less."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "GEMMA3_JAX_COMPILATION_CACHE": str(tmp_path / "xla")}
+    cmd = [sys.executable, str(ROOT / "scripts" / "generate.py"), "--model", str(base_ckpt), "--prompt", "Hello",
+           "--max-new-tokens", "3"]
+    times = []
+    for _ in range(2):
+        run_ = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert run_.returncode == 0, run_.stderr[-2000:]
+        times.append(float(re.search(r"compile ([\d.]+) s", run_.stderr).group(1)))
+        if not list((tmp_path / "xla").glob("jit_prefill*")):
+            pytest.fail("the first run wrote no compiled prefill into the cache")
+    assert list((tmp_path / "xla").glob("jit_decode*"))
+    assert times[1] < times[0], times
+
+
+def test_streaming_starts_with_single_steps(base_ckpt):
+    """With a reader, the first decode chunks are one step each (then grow), and the tokens do not change."""
+    import jax.numpy as jnp
+
+    import gemma3_jax
+    from gemma3_jax.engine import Engine
+
+    model = gemma3_jax.load_pretrained(base_ckpt, dtype=jnp.float32, progress=False)
+    engine = Engine(model, cache_length=64, chunk=8)
+    prompt = [[2, 17, 33, 5]]
+    plain = list(engine.generate_ids(prompt, max_new_tokens=30, stop_ids=()))
+    streamed = list(engine.generate_ids(prompt, max_new_tokens=30, stop_ids=(), streaming=True))
+    sizes = [c.shape[1] for c in streamed]
+    assert sizes[:2] == [1, 1] and max(sizes) <= 8 and sum(sizes) == 30, sizes
+    assert [c.shape[1] for c in plain][:2] == [1, 8]
+    np.testing.assert_array_equal(np.concatenate(plain, axis=1), np.concatenate(streamed, axis=1))
+
+
+def test_cli_stats_count_the_tokens_emitted(base_ckpt, capsys):
+    rc, out, err = run(capsys, "--model", base_ckpt, "--prompt", "Hello", "--max-new-tokens", 12, "--no-chat")
+    assert rc == 0, err
+    assert "12 tokens out" in err or re.search(r"\b(\d+) tokens out", err)
+    text = out.rstrip("\n")
+    if len(text) < 4:
+        pytest.skip("the random model's text is too short to cut")
+    rc, cut_out, err = run(capsys, "--model", base_ckpt, "--prompt", "Hello", "--max-new-tokens", 12, "--no-chat",
+                           "--stop", text[2:4])
+    assert rc == 0 and cut_out.rstrip("\n") == text[: text.index(text[2:4])]
+    emitted = int(re.search(r"(\d+) tokens out", err).group(1))
+    assert emitted < 12
