@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import checks
 from pallas_kernels.block_ranges import block_ranges
 from pallas_kernels.common import DTYPES, LOG2E, ex2_approx, interpret_mode, next_pow2
 from pallas_kernels.reference import reference_attention
@@ -159,34 +160,37 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
         o_ref[:, off : off + w] = (jnp.where(nonempty, out, 0.0) if masks else out).astype(o_ref.dtype)
 
 
-def _check(q, k, v, segment_ids, kv_lengths, block_q, block_k):
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, k, v must be [B, S, H, D]: got {q.shape=} {k.shape=} {v.shape=}")
+def _check(q, k, v, segment_ids, kv_lengths, block_q=None, block_k=None, *, sliding_window=None, scale=None,
+           causal=True, num_warps=None, num_stages=None):
+    """Trace-time checks of image_span_attention's / attention's arguments (pallas_kernels/checks.py): shapes,
+    dtypes and static values always, segment ids and kv_lengths' values when they are concrete."""
+    q, k, v = checks.qkv_arrays(q, k, v, q_rank=4)
     b, sq, hq, d = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {k.shape=} {v.shape=}")
     bk_, sk, hkv, dk = k.shape
-    if bk_ != b or dk != d:
-        raise ValueError(f"batch/head-dim mismatch: {q.shape=} {k.shape=}")
+    if bk_ != b:
+        raise ValueError(f"k's batch must equal q's: {q.shape=} {k.shape=}")
+    if dk != d:
+        raise ValueError(f"k's head dim must equal q's (head dims must be equal): {q.shape=} {k.shape=}")
     if hkv == 0 or hq % hkv:
-        raise ValueError(f"Hq must be a multiple of Hkv: {q.shape=} {k.shape=}")
+        raise ValueError(f"q's heads (Hq) must be a multiple of k's heads (Hkv): {q.shape=} {k.shape=}")
     if not 0 < sq <= sk:
-        raise ValueError(f"need 0 < Sq <= Sk: {q.shape=} {k.shape=}")
+        raise ValueError(f"need 0 < Sq <= Sk (queries are the last Sq keys): {q.shape=} {k.shape=}")
     if not 0 < d <= 256:
         raise ValueError(f"head dim must be in 1..256: {q.shape=}")
-    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"dtypes must match and be bf16/fp16/fp32: {q.dtype=} {k.dtype=} {v.dtype=}")
-    if segment_ids is not None and tuple(segment_ids.shape) != (b, sk):
-        raise ValueError(f"segment_ids must be [B, Sk]: {segment_ids.shape=} {k.shape=}")
-    if kv_lengths is not None and tuple(jnp.shape(kv_lengths)) != (b,):
-        raise ValueError(f"kv_lengths must be [B]: {jnp.shape(kv_lengths)=} {q.shape=}")
+    checks.segment_ids(segment_ids, b, sk)
+    if kv_lengths is not None:
+        checks.lengths_in_range("kv_lengths", checks.int_array("kv_lengths", kv_lengths, (b,), "[B]"), sk)
+    checks.static_int("sliding_window", sliding_window)
+    checks.positive_number("scale", scale, allow_none=True)
+    checks.flag("causal", causal)
     _check_blocks(block_q, block_k)
+    checks.static_int("num_warps", num_warps)
+    checks.static_int("num_stages", num_stages)
 
 
 def _check_blocks(block_q, block_k):
     for name, val in (("block_q", block_q), ("block_k", block_k)):
-        if val is not None and (val < 1 or val & (val - 1)):
-            raise ValueError(f"{name} must be a power of two: {name}={val}")
+        checks.static_int(name, val, minimum=16, pow2=True)  # Triton's dot needs >= 16 along each tile side
 
 
 def _tiles(dp, sq, sk, dtype, block_q, block_k, num_warps, num_stages, fast_exp2, interpret):
@@ -236,6 +240,30 @@ def _launch(meta, ks, ke, q_in, k_in, v_in, *, q_spec, k_spec, v_spec, out_shape
     )(meta, ks, ke, q_in, k_in, v_in)
 
 
+def image_span_attention(
+    q, k, v, segment_ids=None, *, sliding_window=None, kv_lengths=None, scale=None, causal=True,
+    interpret=False, block_q=None, block_k=None, num_warps=None, num_stages=None, fast_exp2=None,
+):
+    """Masked flash attention. q [B, Sq, Hq, D]; k, v [B, Sk, Hkv, D] of q's dtype (bf16/fp16/fp32), Hq a
+    multiple of Hkv; segment_ids [B, Sk] integer: negative (-1) for text, k >= 0 for the k-th image of a row.
+
+    An id names ONE contiguous span (one image, as transformers and ``segment_ids_from_image_mask`` number
+    them); concrete ids with an id in two separate runs are refused (ValueError), traced ones are the caller's
+    contract. kv_lengths [B] integer in [0, Sk]: keys at or past it are masked. sliding_window: None or an
+    int >= 1. Returns [B, Sq, Hq, D] in q's dtype. Queries are the last Sq of the Sk positions. Rows with no
+    allowed key are zeros. ``causal=False``: bidirectional, only kv_lengths masks. Bad arguments raise a
+    TypeError (dtype or kind) or ValueError (shape or value) naming the argument, before anything is traced.
+    """
+    _check(q, k, v, segment_ids, kv_lengths, block_q, block_k, sliding_window=sliding_window, scale=scale,
+           causal=causal, num_warps=num_warps, num_stages=num_stages)
+    checks.flag("interpret", interpret)
+    return _image_span_attention(
+        q, k, v, segment_ids, sliding_window=None if sliding_window is None else int(sliding_window),
+        kv_lengths=kv_lengths, scale=None if scale is None else float(scale), causal=bool(causal),
+        interpret=bool(interpret), block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+        fast_exp2=fast_exp2)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -243,18 +271,11 @@ def _launch(meta, ks, ke, q_in, k_in, v_in, *, q_spec, k_spec, v_spec, out_shape
         "fast_exp2",
     ),
 )
-def image_span_attention(
+def _image_span_attention(
     q, k, v, segment_ids=None, *, sliding_window=None, kv_lengths=None, scale=None, causal=True,
     interpret=False, block_q=None, block_k=None, num_warps=None, num_stages=None, fast_exp2=None,
 ):
-    """Masked flash attention. q [B, Sq, Hq, D]; k, v [B, Sk, Hkv, D]; segment_ids [B, Sk] (-1 text).
-
-    Returns [B, Sq, Hq, D] in q's dtype. Queries are the last Sq of the Sk positions. Rows with no
-    allowed key are zeros. ``causal=False``: bidirectional, only kv_lengths masks.
-    """
-    _check(q, k, v, segment_ids, kv_lengths, block_q, block_k)
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1: {sliding_window=}")
+    """image_span_attention after its argument checks."""
     b, sq, hq, d = q.shape
     _, sk, hkv, _ = k.shape
     g = hq // hkv
@@ -350,10 +371,12 @@ def attention(
 ):
     """Dispatch for the model: "pallas" (compiled on GPU, interpret mode elsewhere), "reference", "auto".
 
-    "auto" = the Pallas kernel, compiled on GPU and in interpret mode on other backends.
+    "auto" = the Pallas kernel, compiled on GPU and in interpret mode on other backends. Arguments as for
+    ``image_span_attention``, checked the same way for every implementation (an id names one contiguous span).
     """
     kw = dict(sliding_window=sliding_window, kv_lengths=kv_lengths, scale=scale, causal=causal)
     if implementation == "reference":
+        _check(q, k, v, segment_ids, kv_lengths, sliding_window=sliding_window, scale=scale, causal=causal)
         return reference_attention(q, k, v, segment_ids, **kw)
     if implementation not in ("auto", "pallas"):
         raise ValueError(f"unknown {implementation=}")

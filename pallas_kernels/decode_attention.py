@@ -26,10 +26,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import DTYPES, LOG2E, ex2_approx, interpret_mode, next_pow2
+from pallas_kernels import checks
+from pallas_kernels.common import LOG2E, ex2_approx, interpret_mode, next_pow2
 from pallas_kernels.tuning import compiler_params
 
 _TARGET_PROGRAMS = 264  # ~2 waves of the H100's 132 SMs
@@ -110,42 +112,50 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_k, qk
     l_ref[...] = l
 
 
-def _check(q, k, v, lengths):
-    if q.ndim != 3 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q must be [B, N, H] and k, v [B, S, K, H]: got {q.shape=} {k.shape=} {v.shape=}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {k.shape=} {v.shape=}")
+def _check(q, k, v, lengths, scale):
+    """Trace-time checks (pallas_kernels/checks.py): shapes and dtypes always, lengths' values when concrete."""
+    q, k, v = checks.qkv_arrays(q, k, v, q_rank=3)
     b, n, h = q.shape
     bk_, s, kh, hk = k.shape
-    if bk_ != b or hk != h:
-        raise ValueError(f"batch/head-dim mismatch: {q.shape=} {k.shape=}")
+    if bk_ != b:
+        raise ValueError(f"k's batch must equal q's (batch/head-dim mismatch): {q.shape=} {k.shape=}")
+    if hk != h:
+        raise ValueError(f"k's head dim must equal q's (batch/head-dim mismatch): {q.shape=} {k.shape=}")
     if kh == 0 or n % kh:
         raise ValueError(f"N (query heads) must be a multiple of K (kv heads): {q.shape=} {k.shape=}")
     if s < 1:
         raise ValueError(f"the cache needs at least one slot: {k.shape=}")
     if not 0 < h <= 256:
         raise ValueError(f"head dim must be in 1..256: {q.shape=}")
-    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"dtypes must match and be bf16/fp16/fp32: {q.dtype=} {k.dtype=} {v.dtype=}")
-    if tuple(jnp.shape(lengths)) != (b,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
-        raise ValueError(f"lengths must be an integer [B] array: {jnp.shape(lengths)=} {q.shape=}")
+    if not hasattr(lengths, "shape") or tuple(lengths.shape) != (b,):
+        shape = tuple(getattr(lengths, "shape", np.shape(lengths)))
+        raise ValueError(f"lengths must be an integer [B] array: lengths.shape={shape} {q.shape=}")
+    checks.lengths_in_range("lengths", checks.int_array("lengths", lengths, (b,), "[B]"), s)
+    checks.positive_number("scale", scale)
+
+
+def decode_attention(
+    q, k, v, lengths, *, scale, interpret=False, block_k=None, num_splits=None, num_warps=None, num_stages=None,
+    fast_exp2=None,
+):
+    """q [B, N, H], k/v [B, S, K, H] of q's dtype (bf16/fp16/fp32, N a multiple of K), lengths [B] integer in
+    [0, S] -> [B, N, H] in q's dtype; rows with length 0 are zeros. Bad arguments raise a TypeError (dtype or
+    kind) or ValueError (shape or value) naming the argument; lengths' values are checked when concrete."""
+    _check(q, k, v, lengths, scale)
+    checks.static_int("block_k", block_k, minimum=16, pow2=True)  # Triton's dot needs >= 16 keys per tile
+    checks.static_int("num_splits", num_splits)
+    checks.static_int("num_warps", num_warps)
+    checks.static_int("num_stages", num_stages)
+    checks.flag("interpret", interpret)
+    return _decode_attention(q, k, v, lengths, scale=float(scale), interpret=bool(interpret), block_k=block_k,
+                             num_splits=num_splits, num_warps=num_warps, num_stages=num_stages, fast_exp2=fast_exp2)
 
 
 @functools.partial(
     jax.jit, static_argnames=("scale", "interpret", "block_k", "num_splits", "num_warps", "num_stages", "fast_exp2")
 )
-def decode_attention(
-    q, k, v, lengths, *, scale, interpret=False, block_k=None, num_splits=None, num_warps=None, num_stages=None,
-    fast_exp2=None,
-):
-    """q [B, N, H], k/v [B, S, K, H], lengths [B] -> [B, N, H] in q's dtype; rows with length 0 are zeros."""
-    _check(q, k, v, lengths)
-    if block_k is not None and (block_k < 16 or block_k & (block_k - 1)):
-        raise ValueError(f"block_k must be a power of two >= 16: {block_k=}")
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1: {num_splits=}")
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0: {scale=}")
+def _decode_attention(q, k, v, lengths, *, scale, interpret, block_k, num_splits, num_warps, num_stages, fast_exp2):
+    """decode_attention after its argument checks."""
     b, n, h = q.shape
     _, s, kh, _ = k.shape
     g = n // kh
@@ -261,7 +271,7 @@ def combine_splits(acc, m, l, g: int, h: int, dtype, interpret: bool = False):
 
 def decode_attention_reference(q, k, v, lengths, *, scale):
     """Pure-jnp oracle: float32 softmax over slots s < lengths[b]; rows with length 0 are zeros."""
-    _check(q, k, v, lengths)
+    _check(q, k, v, lengths, scale)
     b, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     hi = lax.Precision.HIGHEST
@@ -277,7 +287,8 @@ def decode_attention_reference(q, k, v, lengths, *, scale):
 
 
 def decode(q, k, v, lengths, *, scale, implementation: str = "auto", **kernel_kwargs):
-    """Dispatch: "auto"/"pallas" = the kernel (compiled on GPU, interpret mode elsewhere), "reference" = jnp."""
+    """Dispatch: "auto"/"pallas" = the kernel (compiled on GPU, interpret mode elsewhere), "reference" = jnp.
+    Arguments and their checks as for ``decode_attention``."""
     if implementation == "reference":
         return decode_attention_reference(q, k, v, lengths, scale=scale)
     if implementation not in ("auto", "pallas"):

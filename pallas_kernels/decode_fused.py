@@ -28,9 +28,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import checks
 from pallas_kernels.common import DTYPES, LOG2E, ex2_approx, next_pow2
 from pallas_kernels.decode_attention import (
     choose_splits,
@@ -139,7 +141,14 @@ def supports_head_dim(h: int) -> bool:
     return 32 <= h <= 256 and not h & (h - 1)
 
 
-def _check(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos):
+def _check(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, ring, scale, eps):
+    """Trace-time checks (pallas_kernels/checks.py): shapes, dtypes and static values always, pos when concrete."""
+    for name, x in (("qkv", qkv), ("q_norm", q_norm), ("k_norm", k_norm), ("cos", cos), ("sin", sin),
+                    ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must have a float dtype, got {x.dtype}")
     if qkv.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"qkv must be [B, N+2K, H] and k/v caches [B, S, K, H]: {qkv.shape=} {k_cache.shape=} "
                          f"{v_cache.shape=}")
@@ -151,13 +160,44 @@ def _check(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos):
     if not supports_head_dim(h):
         raise ValueError(f"the fused decode kernel takes power-of-two head dims 32..256: {qkv.shape=}")
     for name, x, want in (("q_norm", q_norm, (h,)), ("k_norm", k_norm, (h,)), ("cos", cos, (b, h)),
-                          ("sin", sin, (b, h)), ("pos", pos, (b,))):
+                          ("sin", sin, (b, h))):
         if tuple(jnp.shape(x)) != want:
-            raise ValueError(f"{name} must have shape {want}: got {jnp.shape(x)}")
+            raise ValueError(f"{name} must have shape {want}: got {name}.shape={jnp.shape(x)}")
     if qkv.dtype not in DTYPES or k_cache.dtype != qkv.dtype or v_cache.dtype != qkv.dtype:
-        raise ValueError(f"qkv and caches must share a bf16/fp16/fp32 dtype: {qkv.dtype=} {k_cache.dtype=}")
-    if not jnp.issubdtype(jnp.result_type(pos), jnp.integer):
-        raise ValueError(f"pos must be integer: {jnp.result_type(pos)}")
+        raise ValueError(f"qkv and caches must share a bf16/fp16/fp32 dtype: {qkv.dtype=} {k_cache.dtype=} "
+                         f"{v_cache.dtype=}")
+    if not hasattr(pos, "shape") or tuple(pos.shape) != (b,):
+        raise ValueError(f"pos must have shape {(b,)}: got pos.shape={tuple(jnp.shape(pos))}")
+    pos = checks.int_array("pos", pos, (b,), "[B]")
+    ring = checks.flag("ring", ring)
+    checks.positive_number("scale", scale)
+    checks.positive_number("eps", eps)
+    if checks.is_concrete(pos):  # a global buffer must have room for the token (the engine checks it on the host)
+        vals = np.asarray(pos)
+        bad = (vals < 0) if ring else (vals < 0) | (vals >= s)
+        if bad.any():
+            where = "[0, inf)" if ring else f"[0, {s}) (a global cache of {s} slots)"
+            raise ValueError(f"pos must lie in {where}: got {vals.tolist()} (row {int(np.argmax(bad))})")
+
+
+def decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, *, ring, scale, eps,
+                           interpret=False, block_k=None, num_splits=None, num_warps=None, num_stages=None,
+                           fast_exp2=None):
+    """-> (out [B, N, H] in qkv's dtype, k_cache, v_cache with the new token written). See the module doc.
+
+    pos [B] integer. A global buffer (ring=False) must have room, pos < S: refused (ValueError) when pos is
+    concrete; traced, the engine checks it on the host and a token beyond it is not stored. Bad arguments raise
+    a TypeError (dtype or kind) or ValueError (shape or value) naming the argument."""
+    _check(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, ring, scale, eps)
+    checks.static_int("block_k", block_k, minimum=16, pow2=True)  # Triton's dot needs >= 16 keys per tile
+    checks.static_int("num_splits", num_splits)
+    checks.static_int("num_warps", num_warps)
+    checks.static_int("num_stages", num_stages)
+    checks.flag("interpret", interpret)
+    return _decode_attention_fused(
+        qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, ring=bool(ring), scale=float(scale), eps=float(eps),
+        interpret=bool(interpret), block_k=block_k, num_splits=num_splits, num_warps=num_warps,
+        num_stages=num_stages, fast_exp2=fast_exp2)
 
 
 @functools.partial(
@@ -165,16 +205,9 @@ def _check(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos):
     static_argnames=("ring", "scale", "eps", "interpret", "block_k", "num_splits", "num_warps", "num_stages",
                      "fast_exp2"),
 )
-def decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, *, ring, scale, eps,
-                           interpret=False, block_k=None, num_splits=None, num_warps=None, num_stages=None,
-                           fast_exp2=None):
-    """-> (out [B, N, H] in qkv's dtype, k_cache, v_cache with the new token written). See the module doc.
-
-    A global buffer (ring=False) must have room, pos < S (the engine checks it on the host); a token beyond it
-    is not stored."""
-    _check(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos)
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0: {scale=}")
+def _decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, *, ring, scale, eps, interpret,
+                            block_k, num_splits, num_warps, num_stages, fast_exp2):
+    """decode_attention_fused after its argument checks."""
     b, m, h = qkv.shape
     _, s, kh, _ = k_cache.shape
     n = m - 2 * kh
@@ -239,7 +272,7 @@ def decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos,
 
 def decode_attention_fused_reference(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, *, ring, scale, eps):
     """The same step from jnp pieces: norms and RoPE with the kernel's roundings, write, float32 attention."""
-    _check(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos)
+    _check(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, ring, scale, eps)
     b, m, h = qkv.shape
     s, kh = k_cache.shape[1], k_cache.shape[2]
     n = m - 2 * kh

@@ -7,7 +7,9 @@ word, as transformers 5.x builds it:
   sliding layers: additionally                       j > i - sliding_window
   padding:        keys at j >= kv_lengths[b] are never attended
 
-Queries are the last Sq of the Sk positions. A row with no allowed key returns zeros.
+Queries are the last Sq of the Sk positions. A row with no allowed key returns zeros. The rule compares ids, so
+an id in two separate runs would join them; the kernels take one contiguous span per id and refuse such ids
+(checks.segments_contiguous), so this oracle checks dtypes and shapes only.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
+
+from pallas_kernels import checks
 
 
 def reference_mask(
@@ -25,10 +29,17 @@ def reference_mask(
     kv_lengths: Int[Array, "B"] | None = None,
     causal: bool = True,
 ) -> Bool[Array, "B Sq Sk"]:
-    """The dense boolean mask (True = attend)."""
-    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    """The dense boolean mask (True = attend). segment_ids and kv_lengths must be integer arrays."""
+    segment_ids = checks.int_array("segment_ids", segment_ids)
+    if segment_ids.ndim != 2:
+        raise ValueError(f"segment_ids must be [B, Sk]: got segment_ids.shape={segment_ids.shape}")
     b, sk = segment_ids.shape
-    sq = sk if q_len is None else q_len
+    sq = sk if q_len is None else checks.static_int("q_len", q_len)
+    if sq > sk:
+        raise ValueError(f"q_len must be <= Sk: {q_len=} segment_ids.shape={segment_ids.shape}")
+    checks.static_int("sliding_window", sliding_window)
+    if kv_lengths is not None:
+        kv_lengths = checks.int_array("kv_lengths", kv_lengths, (b,), "[B]")
     i = jnp.arange(sk - sq, sk)[:, None]  # absolute query positions
     j = jnp.arange(sk)[None, :]
     seg_q = segment_ids[:, sk - sq :, None]
@@ -57,10 +68,18 @@ def reference_attention(
     precision=jax.lax.Precision.HIGHEST,
 ) -> Float[Array, "B Sq Hq D"]:
     """Softmax attention in float32 with the image-span mask; output in q's dtype."""
+    q, k, v = checks.qkv_arrays(q, k, v, q_rank=4)
     b, sq, hq, d = q.shape
     _, sk, hkv, _ = k.shape
-    if hq % hkv:
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k's batch and head dim must equal q's: {q.shape=} {k.shape=}")
+    if hkv == 0 or hq % hkv:
         raise ValueError(f"Hq must be a multiple of Hkv, got {q.shape=} {k.shape=}")
+    if not 0 < sq <= sk:
+        raise ValueError(f"need 0 < Sq <= Sk (queries are the last Sq keys): {q.shape=} {k.shape=}")
+    if segment_ids is not None:
+        checks.int_array("segment_ids", segment_ids, (b, sk), "[B, Sk] (batch and key length of k)")
+    checks.positive_number("scale", scale, allow_none=True)
     if segment_ids is None:
         segment_ids = jnp.full((b, sk), -1, jnp.int32)
     scale = d**-0.5 if scale is None else scale

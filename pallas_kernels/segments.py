@@ -6,6 +6,11 @@ For that mask family every query's allowed keys form one interval ``[k_start(i),
     k_end(i)   = min(kv_length, max(i + 1, end of the image run that holds i))
     k_start(i) = max(0, i - W + 1)          (0 without a sliding window)
 
+An id names ONE contiguous span: transformers numbers images by runs of image tokens, and so does
+``segment_ids_from_image_mask``. ``key_intervals`` refuses concrete ids where an id names two separate runs
+(ValueError naming the id and both runs); traced ids are the caller's contract (under it each run would act as
+its own image, which differs from the reference's id-equality rule).
+
 Everything here is O(S) in memory; nothing of size [S, S] is ever built.
 """
 
@@ -13,7 +18,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Int
+
+from pallas_kernels import checks
 
 TEXT_SEGMENT = -1
 
@@ -21,8 +29,14 @@ TEXT_SEGMENT = -1
 def segment_ids_from_image_mask(is_image: Bool[Array, "B S"]) -> Int[Array, "B S"]:
     """Segment ids as transformers builds them: a new image starts wherever a run of image tokens starts.
 
-    Images are numbered 0, 1, ... per row; text tokens get -1.
+    Images are numbered 0, 1, ... per row; text tokens get -1. ``is_image`` [B, S] is bool (or integer 0/1).
     """
+    if not hasattr(is_image, "dtype"):
+        is_image = np.asarray(is_image)
+    if not (jnp.issubdtype(is_image.dtype, jnp.bool_) or jnp.issubdtype(is_image.dtype, jnp.integer)):
+        raise TypeError(f"is_image must be a bool (or integer 0/1) array, got dtype {is_image.dtype}")
+    if is_image.ndim != 2:
+        raise ValueError(f"is_image must be [B, S]: got is_image.shape={tuple(is_image.shape)}")
     is_image = jnp.asarray(is_image, dtype=bool)
     prev = jnp.pad(is_image, ((0, 0), (1, 0)))[:, :-1]
     starts = is_image & ~prev
@@ -35,7 +49,10 @@ def run_ends(segment_ids: Int[Array, "B S"]) -> Int[Array, "B S"]:
 
     Computed with a reverse cumulative min over "run boundary" positions: O(S).
     """
-    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    segment_ids = checks.int_array("segment_ids", segment_ids)
+    if segment_ids.ndim != 2:
+        raise ValueError(f"segment_ids must be [B, S]: got segment_ids.shape={segment_ids.shape}")
+    segment_ids = segment_ids.astype(jnp.int32)
     _, s = segment_ids.shape
     idx = jnp.arange(s, dtype=jnp.int32)
     # boundary[j] is True when position j is the last of its run.
@@ -57,13 +74,23 @@ def key_intervals(
 
     Each maximal run of one non-negative id is one image (transformers builds ids that way). A row whose
     interval is empty (k_start >= k_end) attends to nothing.
-    With ``causal=False`` every query sees keys ``[0, kv_length)`` (the SigLIP encoder).
+    With ``causal=False`` every query sees keys ``[0, kv_length)`` (the SigLIP encoder). segment_ids [B, Sk] and
+    kv_lengths [B] (in [0, Sk]) are integer arrays; an id names one contiguous span (see the module doc).
     """
-    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    segment_ids = checks.int_array("segment_ids", segment_ids)
+    if segment_ids.ndim != 2:
+        raise ValueError(f"segment_ids must be [B, Sk]: got segment_ids.shape={segment_ids.shape}")
+    checks.segments_contiguous(segment_ids)
+    segment_ids = segment_ids.astype(jnp.int32)
     b, sk = segment_ids.shape
-    sq = sk if q_len is None else q_len
+    sq = sk if q_len is None else checks.static_int("q_len", q_len)
     if not 0 < sq <= sk:
         raise ValueError(f"need 0 < q_len <= Sk, got {q_len=} {sk=}")
+    checks.static_int("sliding_window", sliding_window)
+    checks.flag("causal", causal)
+    if kv_lengths is not None:
+        kv_lengths = checks.int_array("kv_lengths", kv_lengths, (b,), "[B]")
+        checks.lengths_in_range("kv_lengths", kv_lengths, sk)
     kv_len = jnp.full((b,), sk, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
     pos = jnp.arange(sk - sq, sk, dtype=jnp.int32)[None, :]  # [1, Sq] absolute query positions
     if causal:
