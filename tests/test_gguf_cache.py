@@ -267,6 +267,26 @@ def test_source_replaced_during_conversion(cache, tmp_path, monkeypatch):
     assert entries(cache) == []
 
 
+def test_failed_conversion_leaves_nothing(tmp_path, cache, monkeypatch):
+    """convert_gguf into a directory of the user's: a failure midway leaves nothing, an existing one is refused."""
+    path, calls = write_tiny_gguf(tmp_path / "m.gguf"), []
+
+    def failing(file, t):
+        calls.append(t.name)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return np.zeros(t.shape, np.float32)
+
+    (tmp_path / "parent").mkdir()
+    monkeypatch.setattr(g, "hf_tensor", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        g.convert_gguf(path, tmp_path / "parent" / "out", progress=False)
+    assert len(calls) == 3 and list((tmp_path / "parent").iterdir()) == []
+    (tmp_path / "parent" / "out").mkdir()
+    with pytest.raises(FileExistsError, match="out"):
+        g.convert_gguf(path, tmp_path / "parent" / "out", progress=False)
+
+
 def test_disk_full_during_conversion(cache, tmp_path, monkeypatch):
     path = write_tiny_gguf(tmp_path / "m.gguf")
 
