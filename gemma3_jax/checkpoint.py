@@ -28,19 +28,14 @@ MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
 
 
 def resolve_checkpoint(model: str | os.PathLike | None, progress: bool = True) -> Path:
-    """A checkpoint directory: as given, converted once from a .gguf file, or the default 270M."""
-    from gemma3_jax import gguf
+    """A checkpoint directory: as given, converted once from a .gguf file (cached by content), or the default 270M."""
+    from gemma3_jax.gguf_cache import converted_checkpoint
 
     if model is not None and not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a path (str or os.PathLike) or None, got {type(model).__name__}")
-    if model is None:
-        return gguf.default_checkpoint(progress=progress)
-    path = Path(model)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
-        out = gguf.cache_root() / f"{path.stem}-{path.stat().st_size}"
-        return out if (out / "config.json").is_file() else gguf.convert_gguf(path, out, progress=progress)
+    if model is None or Path(model).suffix == ".gguf":
+        return converted_checkpoint(model, progress=progress)
+    path = Path(model).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"model {path} is neither a checkpoint directory nor a .gguf file")
     return path
