@@ -128,6 +128,16 @@ def files(tmp_path_factory):
     out["exif"] = Image.fromarray(_rand(20, 44, seed=13))
     paths["exif"] = d / "exif.jpeg"
     out["exif"].save(paths["exif"], exif=exif)
+    frames = [Image.fromarray(_rand(18, 22, seed=30 + k)).convert("P") for k in range(3)]
+    paths["gif"] = d / "animated.gif"
+    frames[0].save(paths["gif"], save_all=True, append_images=frames[1:], duration=50, loop=0)
+    out["gif"] = Image.open(paths["gif"])  # as a user opens it: lazily, at its first frame
+    out["gif_first_frame"] = np.asarray(frames[0].convert("RGB"))
+    out["i32"] = Image.fromarray(np.random.default_rng(31).integers(-300, 600, (19, 23), dtype=np.int32))
+    out["f32"] = Image.fromarray(np.random.default_rng(32).uniform(-50, 300, (19, 23)).astype(np.float32))
+    for name in ("i32", "f32"):
+        paths[name] = d / f"{name}.tiff"
+        out[name].save(paths[name])
     (d / "notes.png").write_text("not an image")
     (d / "truncated.png").write_bytes(paths["large"].read_bytes()[:5000])
     return out, paths, d
@@ -199,13 +209,17 @@ def test_text_only(hf, ours):
     check(hf, ours, ["just text, no images", "is this the end?"], None)
 
 
-@pytest.mark.parametrize("name", ["rgba", "p", "la", "l", "cmyk", "one", "i16", "tiny", "large", "exif"])
+@pytest.mark.parametrize("name", ["rgba", "p", "la", "l", "cmyk", "one", "i16", "tiny", "large", "exif", "gif",
+                                  "i32", "f32"])
 def test_modes_and_sizes(hf, ours, files, name):
     ims, paths, _ = files
     check(hf, ours, ["<start_of_image>"], [[ims[name]]])  # PIL: alpha blended onto white
     check(hf, ours, ["<start_of_image>"], [[str(paths[name])]])  # path: EXIF transpose + convert("RGB")
     if name == "exif":
         assert load_image(paths[name]).shape == (44, 20, 3) and load_image(ims[name]).shape == (20, 44, 3)
+    if name == "gif":  # the first frame, from a path and from an opened image
+        assert np.array_equal(load_image(paths[name]), ims["gif_first_frame"])
+        assert np.array_equal(load_image(ims[name]), ims["gif_first_frame"])
 
 
 def test_numpy_inputs(hf, ours):
@@ -310,3 +324,108 @@ def test_real_gemma3_tokenizer(hf, files, tmp_path):
           [[ims["rgb"], ims["rgba"]], [ims["wide"]]], pan=True)
     text = render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}])
     check((proc, None), ours, [text], [[ims["p"]]], add_bos=False)
+
+
+# ------------------------------------------------------------------------------------------------ bad image inputs
+
+@pytest.mark.parametrize("make,message", [
+    (lambda d: d / "missing.png", "image file not found: .*missing.png"),
+    (lambda d: d, "image path is a directory: "),
+    (lambda d: "", "image path is empty"),
+    (lambda d: "https://example.com/cat.png", "remote images are not fetched: download it first"),
+    (lambda d: "data:image/png;base64,iVBORw0KGgo=", "remote images are not fetched"),
+    (lambda d: _write(d / "zero.png", b""), "image file is empty \\(0 bytes\\): .*zero.png"),
+    (lambda d: _write(d / "notes.png", b"just some text\n"), "not an image file.*notes.png"),
+    (lambda d: _write(d / "cut.png", _png_bytes()[:300]), "cannot read image .*cut.png"),
+    (lambda d: _write(d / "cut.jpeg", _jpeg_bytes()[:600]), "cannot read image .*cut.jpeg"),
+    (lambda d: _fifo(d / "pipe.png"), "not a regular file: .*pipe.png"),
+], ids=["missing", "directory", "empty-path", "url", "data-uri", "zero-bytes", "text", "truncated-png",
+        "truncated-jpeg", "fifo"])
+def test_bad_image_paths(tmp_path, make, message):
+    with pytest.raises(ImageError, match=message):
+        load_image(make(tmp_path))
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _fifo(path):
+    os.mkfifo(path)  # opening it would block until a writer came: refused before that
+    return path
+
+
+def _png_bytes(fmt="png"):
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(_rand(64, 64, seed=40)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _jpeg_bytes():
+    return _png_bytes("jpeg")
+
+
+def test_lazily_opened_truncated_image(tmp_path):
+    """A PIL image opened by the caller reads its pixels only when converted: the error comes then, still ours."""
+    path = _write(tmp_path / "cut.png", _png_bytes()[:300])
+    with pytest.raises(ImageError, match="cannot convert PngImageFile .* to RGB: .*truncated"):
+        load_image(Image.open(path))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_image(tmp_path):
+    path = _write(tmp_path / "secret.png", _png_bytes())
+    path.chmod(0)
+    with pytest.raises(ImageError, match="cannot read image .*secret.png: .*Permission denied"):
+        load_image(path)
+
+
+def test_decompression_bomb(tmp_path, monkeypatch):
+    """Pillow's DecompressionBombError is no OSError: it must still end as an ImageError naming the file and size."""
+    path = _write(tmp_path / "bomb.png", _png_bytes())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 = 4096 > 2 x 1000: Pillow refuses to decode
+    with pytest.raises(ImageError, match="image .*bomb.png is too large to decode: Image size \\(4096 pixels\\)"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("value,kind", [(5, "int"), (None, "NoneType"), (b"cat.png", "bytes"), ([[1, 2]], "list"),
+                                        (3.5, "float")])
+def test_image_of_no_image_type(value, kind, ours, hf):
+    with pytest.raises(TypeError, match=f"unsupported image type {kind}"):
+        load_image(value)
+    with pytest.raises(ImageError):  # and an ImageError (a ValueError) for callers catching those
+        ours(["<start_of_image>"], [[value]], tokenizer=HFTokenizer(hf[0].tokenizer))
+
+
+@pytest.mark.parametrize("array,message", [
+    (np.full((5, 7, 3), 0.5, np.float32), "fractional values.*scale \\[0, 1\\] floats by 255"),
+    (_rand(5, 7).astype(np.float32) + 0.25, "fractional values; expected whole numbers 0..255$"),
+    (_rand(5, 7).astype(np.float64) - 300, "values in \\[-300.0, .*\\]; expected 0..255"),
+    (_rand(5, 7).astype(np.uint16) * 257, "values in .*expected 0..255"),
+    (np.full((5, 7, 3), np.nan, np.float32), "NaN or infinite"),
+    (_rand(5, 7) > 128, "dtype bool: expected a uint8"),
+    (_rand(5, 7).astype(np.complex64), "dtype complex64"),
+    (np.empty((5, 7, 3), object), "dtype object"),
+    (_rand(5, 7, 2), "shape \\(5, 7, 2\\).*C in \\(1, 3\\)"),
+    (_rand(5, 7, 5), "shape \\(5, 7, 5\\)"),
+    (_rand(5, 7)[None], "shape \\(1, 5, 7, 3\\).*one image per array"),
+    (np.zeros((0, 0, 3), np.uint8), "is empty"),
+    (np.zeros((0, 4), np.uint8), "is empty"),
+    (np.zeros(7, np.uint8), "shape \\(7,\\).*expected \\[H, W\\]"),
+], ids=["float01", "fractional", "negative", "uint16-wide", "nan", "bool", "complex", "object", "hw2", "hw5", "4d",
+        "0x0", "0xW", "1d"])
+def test_bad_numpy_images(array, message):
+    with pytest.raises(ImageError, match=message):
+        load_image(array)
+
+
+@pytest.mark.parametrize("name", ["float-0-255", "int64", "uint16-in-range", "chw", "chw-gray"])
+def test_numpy_dtypes_and_layouts_as_transformers(hf, ours, name):
+    """Arrays transformers takes as they are: whole numbers 0..255 in any int/float dtype, channels first."""
+    a = _rand(9, 11, seed=50)
+    array = {"float-0-255": a.astype(np.float32), "int64": a.astype(np.int64), "uint16-in-range": a.astype(np.uint16),
+             "chw": a.transpose(2, 0, 1).copy(), "chw-gray": a[None, :, :, 0].copy()}[name]
+    check(hf, ours, ["<start_of_image>"], [[array]])
