@@ -233,10 +233,13 @@ def _try_lock(path: Path, wait: bool, note: str = "") -> Iterator[bool]:
 
 
 def _remove(path: Path) -> None:
+    """A directory is first renamed aside, so no reader sees it half-deleted and a kill midway leaves a leftover."""
     if path.is_symlink() or not path.is_dir():
         path.unlink(missing_ok=True)
     else:
-        shutil.rmtree(path)
+        aside = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+        os.replace(path, aside)
+        shutil.rmtree(aside)
 
 
 def remove_leftovers(parent: Path, name: str | None = None, holding: str | None = None) -> list[Path]:
@@ -282,7 +285,7 @@ def ensure_converted(out: Path, sha256: str, source: Callable[[], Path], progres
     from gemma3_jax import gguf
 
     if verify(out, sha256) is None:
-        remove_leftovers(out.parent)
+        remove_leftovers(out.parent, name=None if owned else out.name)  # the cache's own directory: every leftover
         return out
     parent = writable_dir(out.parent)
     note = f"note: waiting for another process converting into {out}"
@@ -290,7 +293,7 @@ def ensure_converted(out: Path, sha256: str, source: Callable[[], Path], progres
         reason = verify(out, sha256)
         if reason is None:
             return out
-        remove_leftovers(parent, holding=out.name)
+        remove_leftovers(parent, name=None if owned else out.name, holding=out.name)
         _remove_legacy_leftovers(cache_root())
         if reason != "missing" and not owned and not (out.is_dir() and looks_converted(out)):
             kind = "a file" if not out.is_dir() else "a directory that is not a converted checkpoint"
@@ -352,8 +355,10 @@ def converted_checkpoint(gguf_path: str | os.PathLike | None, progress: bool = T
         path = Path(gguf_path).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
-        if not path.is_file():
+        if path.is_dir():
             raise IsADirectoryError(f"GGUF file {path} is a directory, not a .gguf file")
+        if not path.is_file():
+            raise ValueError(f"GGUF file {path} is not a regular file (a device or a pipe cannot be cached)")
         sha, source = file_sha256(path, progress=progress), lambda: path
     return ensure_converted(converted_dir() / sha[:16], sha, source, progress, owned=True)
 

@@ -149,6 +149,9 @@ DAMAGE = {
     "tokenizer.json missing": (lambda out: (out / "tokenizer.json").unlink(), "tokenizer.json is missing"),
     "manifest not JSON": (lambda out: (out / gc.MANIFEST).write_text("{\"format\": 1,"), "is not JSON"),
     "manifest a list": (lambda out: (out / gc.MANIFEST).write_text("[]"), "format is not"),
+    "older converter format": (
+        lambda out: (out / gc.MANIFEST).write_text(json.dumps({**json.loads((out / gc.MANIFEST).read_text()), "format": 0})),
+        "from another converter version"),
     "no manifest (older version)": (lambda out: (out / gc.MANIFEST).unlink(), "without manifest.json"),
     "manifest of another file": (
         lambda out: (out / gc.MANIFEST).write_text(
@@ -172,6 +175,7 @@ def test_damaged_entry_is_rebuilt_with_a_note(cache, tmp_path, capsys, conversio
     assert len(err) == 1 and str(out) in err[0] and reason in err[0] and "converting" in err[0], err
     assert len(conversions) == 2 and gc.verify(out, gc.file_sha256(path)) is None
     np.testing.assert_array_equal(embedding(out), reference)
+    assert [p.name for p in (cache / "converted").iterdir() if p.name.endswith(".tmp")] == []
 
 
 def _dead_pid() -> int:
@@ -340,6 +344,9 @@ def test_bad_arguments(cache, tmp_path):
     (tmp_path / "dir.gguf").mkdir()
     with pytest.raises(IsADirectoryError, match="dir.gguf is a directory"):
         g.converted_checkpoint(tmp_path / "dir.gguf")
+    os.mkfifo(tmp_path / "pipe.gguf")
+    with pytest.raises(ValueError, match="pipe.gguf is not a regular file"):
+        g.converted_checkpoint(tmp_path / "pipe.gguf")
     with pytest.raises(TypeError, match="got int"):
         g.converted_checkpoint(3)
 
