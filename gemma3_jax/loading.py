@@ -1,27 +1,29 @@
 """Load a Hugging Face Gemma-3 safetensors checkpoint into ``Gemma3``.
 
 The model is first built abstractly (``nnx.eval_shape``: shapes only, no memory), then every tensor is
-read, converted to the Flax layout, cast and placed one at a time, so the host never holds two full
-copies of the weights. Both key layouts are understood: transformers v5 (``model.language_model.*``,
+read (from a memory map, checked for NaN/Inf on the host), converted to the Flax layout, cast and placed one
+at a time, so the host never holds two full copies of the weights. The files are checked first, headers only
+(``weight_files``), so a damaged or hostile checkpoint is refused before the model is built. Both key layouts are understood: transformers v5 (``model.language_model.*``,
 ``model.vision_tower.*``, ``model.multi_modal_projector.*``), the older one (``language_model.model.*``,
 ``vision_tower.vision_model.*``, ``multi_modal_projector.*``) and text-only ``model.*``. Safetensors only.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from gemma3_jax.config import Gemma3Config, TextConfig, read_hf_config
+from gemma3_jax.config import CheckpointError, TextConfig, load_config
 from gemma3_jax.model import Gemma3
+from gemma3_jax.weight_files import iter_tensors, open_weight_files, shard_names
+
+__all__ = ["CheckpointError", "checkpoint_files", "load_pretrained"]
 
 # Prefix -> part of the model. Order matters: the most specific first.
 _PREFIXES = (
@@ -134,10 +136,6 @@ def pieces_of(name: str, cfg: TextConfig) -> tuple[int, list[tuple[str, int]]] |
     return (fused[0], fused[1](cfg)) if fused else None
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: missing, unexpected or mis-shaped tensors."""
-
-
 def normalize_key(key: str) -> str:
     """'model.language_model.layers.0.x' -> 'text:layers.0.x' (part:name), whichever layout."""
     for prefix, part in _PREFIXES:
@@ -173,27 +171,18 @@ def hf_name_of(param_path: str) -> str:
 
 
 def checkpoint_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        files = [path / n for n in names]
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    missing = [str(f) for f in files if not f.is_file()]
+    """The weight files of a checkpoint directory (shard names checked to stay inside it); nothing is read
+    beyond the shard index."""
+    path = Path(path)
+    names, _, _ = shard_names(path)
+    files = [path / n for n in names]
+    missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise FileNotFoundError(f"checkpoint shard(s) missing: {', '.join(missing)}")
+    not_files = [str(f) for f in files if not f.is_file()]
+    if not_files:
+        raise CheckpointError(f"checkpoint weight file(s) {', '.join(not_files)} are not files")
     return files
-
-
-def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, Callable, tuple[int, ...]]]:
-    """(key, reader, shape) for every tensor; a tensor is read only when its reader is called."""
-    for file in files:
-        with safe_open(str(file), framework="flax") as f:
-            for key in f.keys():
-                yield key, (lambda f=f, key=key: f.get_tensor(key)), tuple(f.get_slice(key).get_shape())
 
 
 def _params_by_path(model: nnx.Module) -> dict[str, nnx.Param]:
@@ -209,23 +198,19 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    raw = read_hf_config(path)
-    cfg = Gemma3Config.from_hf_dict(raw)
+    raw, cfg = load_config(path)
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float16:
         raise ValueError("dtype=float16 is refused: Gemma-3 activations overflow float16; use bfloat16 or float32")
-    files = checkpoint_files(path)
+    files = open_weight_files(path)
     model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, attention))
     params = _params_by_path(model)
     loaded: set[str] = set()
     pending: dict[str, dict[str, jax.Array]] = {}  # fused weights: pieces read so far
     tied = _is_tied(raw)
     vision_nh = cfg.vision.num_heads * cfg.vision.head_dim if cfg.is_multimodal else 0
-    count = 0
-    for file in files:
-        with safe_open(str(file), framework="flax") as f:
-            count += len(f.keys())
-    for key, read, hf_shape in tqdm(_iter_tensors(files), total=count, desc="loading weights", disable=not progress):
+    count = sum(len(f.entries) for f in files)
+    for key, hf_shape, file in tqdm(iter_tensors(files), total=count, desc="loading weights", disable=not progress):
         if key in _LM_HEAD:
             if not tied:
                 raise CheckpointError(f"{key!r}: untied lm_head is not supported (Gemma-3 ties it to the embedding)")
@@ -248,7 +233,7 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
         if len(expect) != len(hf_shape) or any(e not in (-1, h) for e, h in zip(expect, hf_shape)):
             raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, expected {list(expect)} for {name!r}")
         try:
-            value = convert(read(), want).astype(dtype)
+            value = convert(jnp.array(file.read(key)), want).astype(dtype)  # a copy: never aliases the map
         except CheckpointError:
             raise
         except (TypeError, ValueError) as e:  # a reshape that cannot fit: name the tensor, not numpy's message
