@@ -9,7 +9,6 @@ pan-and-scan crops ordered [image, crop_1, ..., crop_n] per image, and each ``<s
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re

@@ -171,7 +171,7 @@ def test_sentencepiece_added_tokens(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- templates
 
-def render(template, timeout=None, **kw):
+def render(template, **kw):
     return render_chat([{"role": "user", "content": "hi"}], ct.ChatTemplate(template, "/ckpt/chat_template.jinja"),
                        **kw)
 
