@@ -159,6 +159,9 @@ class Checkpoint:
         chat = self.use_chat(chat)
         if not chat and system:
             raise ValueError("a system text needs chat mode (it has no place in a raw prompt)")
+        if chat and self.chat_template is None:  # the built-in template writes these: never spell them out
+            for piece in ("<start_of_turn>", "<end_of_turn>"):
+                self.tokenizer.require(piece, f"the tokenizer in {self.path} (chat mode, Gemma-3's built-in template)")
         texts = []
         for p, imgs in zip(prompts, images):
             if chat:

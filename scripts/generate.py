@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         out = gen.generate_from_inputs(ids, pixels, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
                                        stream=stream)
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, ImportError) as e:  # ImportError: the default model's package missing
         print(f"error: {e}", file=sys.stderr)
         return 2
     except jax.errors.JaxRuntimeError as e:  # the device ran out of memory, mostly: say so in one line
