@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCHLESS = Path(__file__).resolve().parent / "torchless"
 GENERATE = ROOT / "scripts" / "generate.py"
 SYSTEM, PROMPT = "Answer in one short sentence.", "What differs between these two pictures?"
-RAW_PROMPT = "The capital of France is"
+# How Google prompts the pretrained multimodal model: raw text with image markers (model card of gemma-3-4b-pt).
+RAW_PROMPT = "<start_of_image><start_of_image> In these two images, taken on the same afternoon in a small town by the sea, there is"
 NEW = 8  # tokens generated per run
 CACHE = 256
 SAMPLING = dict(temperature=0.8, top_k=20, top_p=0.9, seed=3)
@@ -286,10 +287,10 @@ from gemma3_jax.generator import Generator
 
 path, a, b, system, prompt, sampling, out = sys.argv[1:]
 sampling = json.loads(sampling)
-# The README's example, as written there (sampling from the checkpoint's generation_config.json).
+# The README's example (its sampling values those of the CLI test: one compiled decode step serves both).
 gen = Generator.from_pretrained(path, dtype="float32", cache_length=256)
 streamed = []
-readme = gen.generate(["Describe this image."], images=[[a]], max_new_tokens=8,
+readme = gen.generate(["Describe this image."], images=[[a]], max_new_tokens=8, **sampling,
                       stream=lambda row, text: streamed.append(text))
 greedy = gen.generate(["Describe this image."], images=[[a]], max_new_tokens=8, temperature=0.0)
 sampled = gen.generate([prompt], images=[[a, b]], system=system, max_new_tokens=8, **sampling)
@@ -299,7 +300,8 @@ model = gemma3_jax.load_pretrained(path, dtype=jnp.float32)
 logits = model(jnp.asarray(ids), pixel_values=jnp.asarray(pixels), attention_mask=jnp.ones((1, len(ids[0])), jnp.int32))
 np.save(out + ".npy", np.asarray(logits, np.float32))
 json.dump({"readme": readme.texts[0], "readme_tokens": readme.token_ids[0], "streamed": "".join(streamed),
-           "greedy": greedy.texts[0], "sampled": sampled.texts[0], "ids": ids}, open(out, "w"))
+           "greedy": greedy.texts[0], "sampled": sampled.texts[0], "sampled_tokens": sampled.token_ids[0],
+           "ids": ids, "defaults": {k: list(v) if isinstance(v, tuple) else v for k, v in gen.defaults.items()}}, open(out, "w"))
 """
 
 
@@ -316,6 +318,8 @@ def test_generator_api_of_the_readme(layout, hf_it, api_run):
     res, _ = api_run
     assert res["streamed"] == res["readme"] and 1 <= len(res["readme_tokens"]) <= NEW
     assert res["readme"].strip()
+    # Without sampling arguments the checkpoint's generation_config.json decides, as in transformers.
+    assert res["defaults"] == {"temperature": 1.0, "top_k": 64, "top_p": 0.95, "eos_token_id": rl.EOS_IDS}
     model, proc = hf_it
     messages = [{"role": "user", "content": [{"type": "image", "image": pil(layout.images[:1])[0]},
                                              {"type": "text", "text": "Describe this image."}]}]
@@ -338,11 +342,13 @@ def test_load_pretrained_forward_matches_transformers(layout, hf_it, api_run):
     assert rel_err(logits, ref) <= TOL
 
 
-def test_cli_sampling_and_stop(layout, api_run):
-    """Sampled with the API's settings, cut before the first occurrence of a string the sampled text holds."""
-    sampled = api_run[0]["sampled"]
-    assert len(sampled) >= 3, sampled
-    stop = sampled[1:3]
+def test_cli_sampling_and_stop(layout, hf_it, api_run):
+    """Sampled with the API's settings, cut before the first occurrence of a string the sampled text holds: the
+    first two characters of its third token, so the stop fires in the middle of the stream."""
+    sampled, tokens = api_run[0]["sampled"], api_run[0]["sampled_tokens"]
+    head = hf_it[1].tokenizer.decode(tokens[:2], skip_special_tokens=True)
+    assert len(tokens) == NEW and sampled.startswith(head) and len(sampled) >= len(head) + 2, (sampled, tokens)
+    stop = sampled[len(head) : len(head) + 2]
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in SAMPLING.items()]
     out = cli(layout, layout.it, *chat_flags(layout), *flags, f"--stop={stop}")
     assert out == sampled[: sampled.find(stop)]
@@ -353,11 +359,13 @@ def test_cli_no_chat_base_model(layout, hf_it):
     from transformers import Gemma3ForConditionalGeneration
 
     model = Gemma3ForConditionalGeneration.from_pretrained(layout.base, dtype=torch.float32).eval()
-    tok = hf_it[1].tokenizer  # the base variant's tokenizer files are the same files
-    assert (layout.base / "tokenizer.json").read_bytes() == (layout.it / "tokenizer.json").read_bytes()
-    want = hf_greedy(model, tok, tok(RAW_PROMPT, return_tensors="pt"))
+    proc = hf_it[1]  # the base variant's tokenizer and image processor files are the same files
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        assert (layout.base / name).read_bytes() == (layout.it / name).read_bytes(), name
+    want = hf_greedy(model, proc.tokenizer, proc(text=RAW_PROMPT, images=pil(layout.images), return_tensors="pt"))
     assert want.strip()
-    assert cli(layout, layout.base, "--no-chat", "--prompt", RAW_PROMPT) == want
+    images = [f for i in layout.images for f in ("--image", str(i))]
+    assert cli(layout, layout.base, "--no-chat", "--prompt", RAW_PROMPT, *images) == want
 
 
 def test_cli_text_only_model(layout, hf_text):
