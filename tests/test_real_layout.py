@@ -377,3 +377,86 @@ def test_cli_text_only_model(layout, hf_text):
     want = hf_greedy(model, tok, inputs)
     assert want.strip()
     assert cli(layout, layout.text, "--system", SYSTEM, "--prompt", PROMPT, "--temperature", "0") == want
+
+
+# ------------------------------------------------------------------------------ bad inputs, torch-free
+
+MAIN_SCRIPT = r"""
+import contextlib, importlib.util, io, json, sys
+
+spec = importlib.util.spec_from_file_location("generate", sys.argv[1])
+generate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(generate)
+results = []
+for argv in json.loads(sys.argv[2]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = generate.main(argv)
+        except SystemExit as e:
+            rc = e.code
+    results.append([rc, err.getvalue()])
+json.dump(results, open(sys.argv[3], "w"))
+"""
+
+
+def _linked_copy(src: Path, dst: Path) -> Path:
+    """The checkpoint's files hard-linked (no 70 MB copy; a symlink would point outside the directory)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        os.link(f, dst / f.name)
+    return dst
+
+
+def _damaged(layout, tmp: Path) -> dict[str, Path]:
+    out = {}
+    shard2 = "model-00002-of-00002.safetensors"
+    d = out["missing shard"] = _linked_copy(layout.it, tmp / "missing-shard")
+    (d / shard2).unlink()
+    d = out["cut shard"] = _linked_copy(layout.it, tmp / "cut-shard")
+    data = (d / shard2).read_bytes()
+    (d / shard2).unlink()
+    (d / shard2).write_bytes(data[: len(data) // 2])
+    d = out["outside shard"] = _linked_copy(layout.it, tmp / "outside-shard")
+    os.replace(d / shard2, tmp / "outside.safetensors")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: "../outside.safetensors" if v == shard2 else v for k, v in index["weight_map"].items()}
+    (d / "model.safetensors.index.json").unlink()
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    d = out["bad template json"] = _linked_copy(layout.json, tmp / "bad-template-json")
+    text = (d / "chat_template.json").read_text()
+    (d / "chat_template.json").unlink()
+    (d / "chat_template.json").write_text(text[: len(text) // 2])
+    d = out["cut tokenizer"] = _linked_copy(layout.it, tmp / "cut-tokenizer")
+    text = (d / "tokenizer.json").read_bytes()
+    (d / "tokenizer.json").unlink()
+    (d / "tokenizer.json").write_bytes(text[:5000])
+    (tmp / "fake.png").write_text("not a picture")
+    return out
+
+
+def test_cli_bad_inputs_one_line(layout, tmp_path):
+    """Bad inputs on the real layout, torch-free: each ends in one ``error:`` line naming the file or value, status 2."""
+    bad = _damaged(layout, tmp_path)
+    a, b = map(str, layout.images)
+    common = ["--dtype", "float32", "--cache-length", str(CACHE), "--max-new-tokens", "2"]
+    cases = {  # argv -> what the one line must name
+        "image for text-only": ([*common, "--model", str(layout.text), "--image", a, "--prompt", "Hi"],
+                                str(layout.text)),
+        "missing shard": ([*common, "--model", str(bad["missing shard"]), "--prompt", "Hi"],
+                          "model-00002-of-00002.safetensors"),
+        "cut shard": ([*common, "--model", str(bad["cut shard"]), "--prompt", "Hi"], "model-00002-of-00002.safetensors"),
+        "outside shard": ([*common, "--model", str(bad["outside shard"]), "--prompt", "Hi"], "outside.safetensors"),
+        "bad template json": ([*common, "--model", str(bad["bad template json"]), "--prompt", "Hi"],
+                              "chat_template.json"),
+        "cut tokenizer": ([*common, "--model", str(bad["cut tokenizer"]), "--prompt", "Hi"], "tokenizer.json"),
+        "markers != images": ([*common, "--model", str(layout.it), "--image", a, "--image", b,
+                               "--prompt", "Only <start_of_image> here."], "<start_of_image>"),
+        "not an image": ([*common, "--model", str(layout.it), "--image", str(tmp_path / "fake.png"), "--prompt", "Hi"],
+                         "fake.png"),
+    }
+    out = tmp_path / "results.json"
+    run_torchless(layout, "-c", MAIN_SCRIPT, str(GENERATE), json.dumps([argv for argv, _ in cases.values()]), str(out))
+    for (name, (_, names)), (rc, err) in zip(cases.items(), json.loads(out.read_text())):
+        lines = [line for line in err.splitlines() if not line.startswith("loading weights")]
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], (name, rc, err)
