@@ -24,6 +24,7 @@ _DEFAULT_THETA = {GLOBAL: 1_000_000.0, SLIDING: 10_000.0}
 _ROPE_TYPES = ("default", "linear")
 _MODEL_TYPES = ("gemma3", "gemma3_text")
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
+_MAX_CONFIG = 16 << 20  # a real config.json is a few KB: a larger one is not read into memory
 
 # Upper bounds of the sizes, far above the largest Gemma-3 (27B: 62 layers, hidden 5376, intermediate 21504,
 # 32 heads of 128, vocab 262208, 131072 positions; SigLIP 896 px): a config beyond them is a typo or hostile,
@@ -188,6 +189,8 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no config.json at {file}")
     if not file.is_file():
         raise ConfigError(f"{file} is not a file")
+    if file.stat().st_size > _MAX_CONFIG:
+        raise ConfigError(f"{file}: {file.stat().st_size} bytes, too large for a config.json")
     try:
         d = json.loads(file.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -201,7 +204,13 @@ def load_config(path: str | Path) -> tuple[dict[str, Any], Gemma3Config]:
     """(raw dict, checked config) of a checkpoint directory's config.json; errors are prefixed with its path."""
     raw = read_hf_config(path)
     try:
-        return raw, Gemma3Config.from_hf_dict(raw)
+        cfg = Gemma3Config.from_hf_dict(raw)
+        # the stored weights' format, not the architecture: checked on the file (an in-memory transformers
+        # config of dequantized weights keeps its quantization_config)
+        _check_quantization(_Fields(raw, ""))
+        if isinstance(raw.get("text_config"), dict):
+            _check_quantization(_Fields(raw["text_config"], "text_config."))
+        return raw, cfg
     except ConfigError as e:
         raise ConfigError(f"{config_file(path)}: {e}") from None
 
@@ -215,7 +224,8 @@ def param_bytes(cfg: Gemma3Config, dtype) -> int:
 
     t = cfg.text
     d, hd = t.hidden_size, t.head_dim
-    layer = 4 * d + 2 * hd + (t.num_heads + 2 * t.num_kv_heads) * hd * d + d * t.num_heads * hd + 3 * t.intermediate_size * d
+    attn = (t.num_heads + 2 * t.num_kv_heads) * hd * d + d * t.num_heads * hd  # q|k|v and o
+    layer = 4 * d + 2 * hd + attn + 3 * t.intermediate_size * d  # norms, q/k norms, attention, gate|up and down
     n = t.vocab_size * d + d + t.num_layers * layer
     if cfg.vision is not None:
         v = cfg.vision
@@ -312,13 +322,11 @@ def _check_tie(f: _Fields) -> None:
 def _from_hf_dict(cls, d: dict[str, Any]) -> Gemma3Config:
     top = _Fields(d, "")
     _check_model_type(top, _MODEL_TYPES)
-    _check_quantization(top)
     _check_tie(top)
     if "text_config" not in d and d.get("model_type") != "gemma3":
         return cls(text=_text_from_hf(top), vision=None)
     text = _Fields({} if d.get("text_config") is None else d["text_config"], "text_config.")
     _check_model_type(text, ("gemma3_text",))
-    _check_quantization(text)
     text_cfg = _text_from_hf(text)
     vision = top.object("vision_config")
     if vision is None:
@@ -437,7 +445,8 @@ def _vision_from_hf(f: _Fields) -> VisionConfig:
     hidden = f.int("hidden_size", default=1152)
     heads = f.int("num_attention_heads", default=16)
     if hidden % heads:
-        raise ConfigError(f"{f.name('hidden_size')}={hidden} is not a multiple of {f.name('num_attention_heads')}={heads}")
+        raise ConfigError(f"{f.name('hidden_size')}={hidden} is not a multiple of "
+                          f"{f.name('num_attention_heads')}={heads}")
     image, patch = f.int("image_size", default=896), f.int("patch_size", default=14)
     if image % patch:
         raise ConfigError(f"{f.name('image_size')}={image} is not a multiple of {f.name('patch_size')}={patch}")

@@ -3,8 +3,10 @@
 The model is first built abstractly (``nnx.eval_shape``: shapes only, no memory), then every tensor is
 read (from a memory map, checked for NaN/Inf on the host), converted to the Flax layout, cast and placed one
 at a time, so the host never holds two full copies of the weights. The files are checked first, headers only
-(``weight_files``), so a damaged or hostile checkpoint is refused before the model is built. Both key layouts are understood: transformers v5 (``model.language_model.*``,
-``model.vision_tower.*``, ``model.multi_modal_projector.*``), the older one (``language_model.model.*``,
+(``weight_files``), so a damaged or hostile checkpoint is refused before the model is built.
+
+Both key layouts are understood: transformers v5 (``model.language_model.*``, ``model.vision_tower.*``,
+``model.multi_modal_projector.*``), the older one (``language_model.model.*``,
 ``vision_tower.vision_model.*``, ``multi_modal_projector.*``) and text-only ``model.*``. Safetensors only.
 """
 
@@ -21,7 +23,7 @@ from tqdm.auto import tqdm
 
 from gemma3_jax.config import CheckpointError, TextConfig, load_config
 from gemma3_jax.model import Gemma3
-from gemma3_jax.weight_files import iter_tensors, open_weight_files, shard_names
+from gemma3_jax.weight_files import iter_tensors, open_weight_files
 
 __all__ = ["CheckpointError", "checkpoint_files", "load_pretrained"]
 
@@ -171,18 +173,9 @@ def hf_name_of(param_path: str) -> str:
 
 
 def checkpoint_files(path: Path) -> list[Path]:
-    """The weight files of a checkpoint directory (shard names checked to stay inside it); nothing is read
-    beyond the shard index."""
-    path = Path(path)
-    names, _, _ = shard_names(path)
-    files = [path / n for n in names]
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint shard(s) missing: {', '.join(missing)}")
-    not_files = [str(f) for f in files if not f.is_file()]
-    if not_files:
-        raise CheckpointError(f"checkpoint weight file(s) {', '.join(not_files)} are not files")
-    return files
+    """The weight files of a checkpoint directory, their headers and shard index checked (cheap: no tensor
+    data is read), so a damaged checkpoint is refused before the model is built."""
+    return [f.path for f in open_weight_files(Path(path))]
 
 
 def _params_by_path(model: nnx.Module) -> dict[str, nnx.Param]:
@@ -197,6 +190,8 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
     """Read a checkpoint directory (config.json + safetensors) into a ``Gemma3`` with weights in ``dtype``."""
     path = Path(path)
     if not path.is_dir():
+        if path.exists():
+            raise NotADirectoryError(f"checkpoint {path} is not a directory (config.json + safetensors files)")
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     raw, cfg = load_config(path)
     dtype = jnp.dtype(dtype)

@@ -32,6 +32,7 @@ _OTHER_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M
                 "I32": 4, "U32": 4, "I64": 8, "U64": 8, "C64": 8}
 _MAX_HEADER = 100_000_000  # the safetensors package's own limit on the JSON header
 _CHUNK = 1 << 22  # elements per NaN/Inf check: bounds the temporary boolean array
+_MAX_INDEX = 64 << 20  # a real index (27B) is ~100 KB: a larger one is not read into memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +99,11 @@ def read_header(file: Path, name: str | None = None) -> WeightFile:
         raise bad(f"its header length field says {n} bytes but the file has {size - 8} after it "
                   "(truncated, or not a safetensors file)")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise bad(f"its header is not valid JSON ({e}): not a safetensors file, or a damaged one") from None
+    except _Duplicate as e:
+        raise bad(f"its header has the key {e.args[0]!r} twice") from None
     if not isinstance(header, dict):
         raise bad("its header is not a JSON object: not a safetensors file")
     data_start, data_len = 8 + n, size - 8 - n
@@ -129,6 +132,18 @@ def read_header(file: Path, name: str | None = None) -> WeightFile:
     return WeightFile(file, name or file.name, entries)
 
 
+class _Duplicate(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):  # json.loads would keep the last silently
+        seen = set()
+        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return d
+
+
 def _entry(bad, key: str, info, data_start: int) -> Entry:
     if not isinstance(info, dict):
         raise bad(f"tensor {key!r}: its header entry is not a JSON object")
@@ -152,6 +167,8 @@ def _entry(bad, key: str, info, data_start: int) -> Entry:
 def read_index(index: Path) -> dict[str, str]:
     """The weight map (tensor -> shard file name) of a model.safetensors.index.json."""
     try:
+        if index.stat().st_size > _MAX_INDEX:
+            raise CheckpointError(f"{index}: {index.stat().st_size} bytes, too large for a shard index")
         d = json.loads(index.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{index}: not valid JSON ({e})") from None

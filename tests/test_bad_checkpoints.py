@@ -81,6 +81,7 @@ def _one(n: int = 4) -> dict:
     ("not_json", r"header is not valid JSON"),
     ("not_utf8", r"header is not valid JSON"),
     ("json_list", r"header is not a JSON object"),
+    ("duplicate_key", r"header has the key 'a' twice"),
     ("entry_not_object", r"tensor 'a': its header entry is not a JSON object"),
     ("past_end", r"tensor 'a''s data_offsets end 8 bytes past the end of the file \(8 bytes of data\)"),
     ("overlap", r"tensors 'a' and 'b' overlap"),
@@ -105,6 +106,8 @@ def test_damaged_safetensors_file(tiny, tmp_path, damage, match):
         "not_json": raw_safetensors(b"{not json", b""),
         "not_utf8": raw_safetensors(b'{"\xff\xfe": 1}', b""),
         "json_list": raw_safetensors([1, 2], b""),
+        "duplicate_key": raw_safetensors(b'{"a": %s, "a": %s}' % (json.dumps(_one()).encode(), json.dumps(_one()).encode()),
+                                         bytes(16)),
         "entry_not_object": raw_safetensors({"a": [0, 16]}, bytes(16)),
         "past_end": raw_safetensors({"a": _one()}, bytes(8)),
         "overlap": raw_safetensors({"a": _one(), "b": {**_one(), "data_offsets": [8, 24]}}, bytes(24)),
@@ -121,6 +124,26 @@ def test_damaged_safetensors_file(tiny, tmp_path, damage, match):
     with pytest.raises(CheckpointError, match=match) as e:
         load(path)
     assert str(path / "model.safetensors") in str(e.value)
+    if damage != "directory":  # the check made before the weights load (Checkpoint.open) sees it too
+        with pytest.raises(CheckpointError, match=match):
+            gemma3_jax.loading.checkpoint_files(path)
+
+
+def test_oversized_json_files_are_not_read(tiny, tmp_path):
+    config, tensors = tiny
+    path = write(tmp_path / "ckpt", config + " " * (16 << 20), tensors)
+    with pytest.raises(CheckpointError, match=r"config\.json: \d+ bytes, too large for a config\.json"):
+        load(path)
+    path = _sharded(tmp_path / "sharded", tiny, index_text='{"weight_map": {}}' + " " * (64 << 20))
+    with pytest.raises(CheckpointError, match=r"index\.json: \d+ bytes, too large for a shard index"):
+        load(path)
+
+
+def test_a_file_given_as_the_checkpoint_directory(tiny, tmp_path):
+    config, tensors = tiny
+    path = write(tmp_path / "ckpt", config, tensors)
+    with pytest.raises(NotADirectoryError, match=r"model\.safetensors is not a directory"):
+        load(path / "model.safetensors")
 
 
 def test_listing_order_of_a_header_does_not_matter(tiny, tmp_path):
