@@ -21,6 +21,9 @@ import pytest
 import real_layout as rl
 from conftest import TOL, rel_err
 
+# One xdist worker runs them all: the fixture, transformers' models and the compiled programs are shared.
+pytestmark = pytest.mark.xdist_group("real_layout")
+
 ROOT = Path(__file__).resolve().parent.parent
 TORCHLESS = Path(__file__).resolve().parent / "torchless"
 GENERATE = ROOT / "scripts" / "generate.py"
