@@ -261,6 +261,8 @@ def _build_tokenizer(out: Path) -> None:
 
 
 def _varint(n: int) -> bytes:
+    if n < 0:  # protobuf spends ten bytes on a negative int32; none is written here
+        raise ValueError(f"negative varint {n}")
     out = bytearray()
     while True:
         out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
