@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from gemma3_jax.cache import cache_nbytes
-from gemma3_jax.config import Gemma3Config
+from gemma3_jax.config import Gemma3Config, param_bytes
 from gemma3_jax.loading import checkpoint_files
 from gemma3_jax.processor import BOI, Processor, render_chat
 from gemma3_jax.sampling import SamplingParams, generation_defaults
@@ -41,17 +41,6 @@ def resolve_checkpoint(model: str | os.PathLike | None, progress: bool = True) -
     return path
 
 
-def weights_nbytes(cfg: Gemma3Config, dtype) -> int:
-    """Bytes of the model's weights in ``dtype``, from the config alone (an abstract model: no memory)."""
-    import jax
-    from flax import nnx
-
-    from gemma3_jax.model import Gemma3
-
-    abstract = nnx.eval_shape(lambda: Gemma3(cfg, dtype))
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(nnx.state(abstract)))
-
-
 def device_memory() -> tuple[int, str]:
     """(bytes a run may use, where): the accelerator's memory limit, or on a CPU the host memory available now."""
     import jax
@@ -71,7 +60,7 @@ def device_memory() -> tuple[int, str]:
 def check_memory(cfg: Gemma3Config, dtype, batch: int, cache_length: int) -> None:
     """Refuse a cache length whose weights + KV cache cannot fit in the device's memory (an estimate: activations
     and compiled code come on top)."""
-    weights, cache = weights_nbytes(cfg, dtype), cache_nbytes(cfg.text, batch, cache_length, dtype)
+    weights, cache = param_bytes(cfg, dtype), cache_nbytes(cfg.text, batch, cache_length, dtype)
     have, where = device_memory()
     if weights + cache > have:
         gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731

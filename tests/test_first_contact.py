@@ -226,7 +226,8 @@ def test_memory_estimate_counts_the_weights(base_ckpt):
     import jax.numpy as jnp
 
     import gemma3_jax
-    from gemma3_jax.checkpoint import Checkpoint, weights_nbytes
+    from gemma3_jax.checkpoint import Checkpoint
+    from gemma3_jax.config import param_bytes
 
     ck = Checkpoint.open(base_ckpt)
     model = gemma3_jax.load_pretrained(base_ckpt, dtype=jnp.float32, progress=False)
@@ -234,8 +235,8 @@ def test_memory_estimate_counts_the_weights(base_ckpt):
     from flax import nnx
 
     real = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
-    assert weights_nbytes(ck.cfg, jnp.float32) == real
-    assert weights_nbytes(ck.cfg, jnp.bfloat16) == real // 2
+    assert param_bytes(ck.cfg, jnp.float32) == real
+    assert param_bytes(ck.cfg, jnp.bfloat16) == real // 2
 
 
 # ---- the API's argument types and values ------------------------------------------------------------------
