@@ -380,3 +380,24 @@ def test_cli_stats_count_the_tokens_emitted(base_ckpt, capsys):
     assert rc == 0 and cut_out.rstrip("\n") == text[: text.index(text[2:4])]
     emitted = int(re.search(r"(\d+) tokens out", err).group(1))
     assert emitted < 12
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("do_pan_and_scan", "false", "do_pan_and_scan must be true or false, got 'false'"),  # bool("false") was True
+    ("image_mean", [float("nan")] * 3, "image_mean and image_std must be finite"),
+    ("image_std", [0, 0, 0], "std non-zero"),
+    ("resample", 99, r"resample must be a PIL resampling filter \(0-5\), got 99"),
+    ("pan_and_scan_max_num_crops", 0, "pan-and-scan settings must be positive"),
+])
+def test_bad_processor_settings(key, value, match, base_ckpt, tmp_path):
+    import json
+
+    from gemma3_jax.processor import Processor
+
+    shutil.copytree(base_ckpt, tmp_path, dirs_exist_ok=True)
+    cfg = json.loads((tmp_path / "processor_config.json").read_text())
+    cfg["image_processor"][key] = value
+    (tmp_path / "processor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match) as e:
+        Processor.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(e.value)
