@@ -137,6 +137,9 @@ class Tokenizer:
     pad_id: int
     chat_template: str | None = None
     add_bos: bool = True  # what the checkpoint asks for; ``encode`` adds <bos> only when told to
+    # Tokens the checkpoint's configs name as special (boi/eoi/image tokens of a multimodal tokenizer) that the
+    # vocabulary itself does not mark so: transformers drops them too when skipping special tokens.
+    extra_special_ids: frozenset[int] = frozenset()
 
     @property
     def vocab_size(self) -> int:
@@ -158,6 +161,8 @@ class Tokenizer:
             raise TypeError(f"decode takes integer token ids, got {bad!r:.60}") from None
         if ids and (min(ids) < 0 or max(ids) >= 2**32):
             raise ValueError(f"token id {min(ids) if min(ids) < 0 else max(ids)} is out of range")
+        if skip_special_tokens and self.extra_special_ids:
+            ids = [i for i in ids if i not in self.extra_special_ids]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_id(self, piece: str) -> int | None:
@@ -234,6 +239,7 @@ class Tokenizer:
             pad_id=special("pad", "<pad>", "pad_token_id", 0),
             chat_template=find_chat_template(path, ("tokenizer_config.json", cfg)),
             add_bos=bool(cfg.get("add_bos_token", True)),
+            extra_special_ids=_named_special_ids(backend, cfg),
         )
         if isinstance(top.get("vision_config"), dict):  # multimodal: the processor's tokens, at config.json's ids
             for piece, keys in ((BOI, ("boi_token_id", "boi_token_index")), (EOI, ("eoi_token_id", "eoi_token_index")),
@@ -276,6 +282,17 @@ class Tokenizer:
         if self.chat_template is not None:
             (path / "chat_template.jinja").write_text(self.chat_template)
         (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _named_special_ids(backend, cfg: dict) -> frozenset[int]:
+    """Ids of the tokens tokenizer_config.json / special_tokens_map.json list as ``extra_special_tokens`` (a dict
+    in transformers v5, a list before) or ``additional_special_tokens``."""
+    names = []
+    for key in ("extra_special_tokens", "additional_special_tokens"):
+        value = cfg.get(key) or []
+        names += list(value.values()) if isinstance(value, dict) else list(value) if isinstance(value, list) else []
+    names = [n.get("content") if isinstance(n, dict) else n for n in names]
+    return frozenset(i for i in (backend.token_to_id(n) for n in names if isinstance(n, str)) if i is not None)
 
 
 class StreamDecoder:
