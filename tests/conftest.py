@@ -49,6 +49,22 @@ def tiny_text(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def chat_ckpt(tmp_path_factory):
+    """A complete tiny multimodal checkpoint directory (model, tokenizer, processor files; no chat template)."""
+    path = tmp_path_factory.mktemp("chat_ckpt")
+    hfc.make_chat_checkpoint(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_text_ckpt(tmp_path_factory):
+    """The same, text-only."""
+    path = tmp_path_factory.mktemp("chat_text_ckpt")
+    hfc.make_chat_checkpoint(path, seed=1, text_only=True)
+    return path
+
+
+@pytest.fixture(scope="session")
 def real_270m():
     """(path, hf_model, tokenizer) of the real Gemma-3 270M, converted once into a cache directory."""
     cache = Path(os.environ.get("GEMMA3_JAX_TEST_CACHE", Path.home() / ".cache" / "gemma3_jax_tests"))

@@ -16,17 +16,13 @@ spec.loader.exec_module(cli)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("chat_ckpt")
-    hfc.make_chat_checkpoint(path, seed=0)
-    return path
+def ckpt(chat_ckpt):
+    return chat_ckpt
 
 
 @pytest.fixture(scope="module")
-def text_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text_ckpt")
-    hfc.make_chat_checkpoint(path, seed=1, text_only=True)
-    return path
+def text_ckpt(chat_text_ckpt):
+    return chat_text_ckpt
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import hf_checkpoints as hfc
 import numpy as np
 import pytest
 from PIL import Image
@@ -27,11 +26,9 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if 
 
 
 @pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory):
+def base_ckpt(chat_ckpt):
     """A tiny multimodal checkpoint without a chat template (a base model)."""
-    path = tmp_path_factory.mktemp("base_ckpt")
-    hfc.make_chat_checkpoint(path, seed=0)
-    return path
+    return chat_ckpt
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +41,8 @@ def it_ckpt(base_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def text_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fc_text")
-    hfc.make_chat_checkpoint(path, seed=1, text_only=True)
-    return path
+def text_ckpt(chat_text_ckpt):
+    return chat_text_ckpt
 
 
 @pytest.fixture(scope="module")
