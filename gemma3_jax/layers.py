@@ -13,6 +13,7 @@ from jaxtyping import Array, Float, Int
 
 from gemma3_jax.config import RopeConfig
 from pallas_kernels.gemv import gemv, gemv_geglu
+from pallas_kernels.tuning import gemv_mlp_configs
 
 
 def param(shape: tuple[int, ...], dtype) -> nnx.Param:
@@ -72,14 +73,12 @@ class GeGLU(nnx.Module):
 
     def decode_partials(self, x: Float[Array, "1 D"], interpret: bool) -> Float[Array, "S 1 D"]:
         """Batch-1 decode through the Pallas matrix-vector kernels: gate|up with GELU·up as its epilogue, then
-        down split over K, returned as float32 partial sums [S, 1, D] for ``residual_norm`` to add (H100,
-        4B: 35.9 + 19.8 us a layer in the model vs XLA's 37.4 + 1.4 (GELU·up) + 20.0 + 1.6 (split-K reduction),
-        docs/kernel_notes.md). Four splits, not eight: residual_norm is one program per row and reads them all."""
-        f = self.down.shape[1]
-        splits = next(s for s in (4, 2, 1) if f % (16 * s) == 0)
-        h = gemv_geglu(x, self.gate_up[...], block_n=1, num_warps=8, interpret=interpret)
-        block_n = 2 if self.down.shape[0] % 2 == 0 else 1
-        return gemv(h, self.down[...], block_n=block_n, splits=splits, num_warps=8, interpret=interpret)
+        down split over K, returned as float32 partial sums [S, 1, D] for ``residual_norm`` to add (saves the
+        GELU·up and split-K reduction passes XLA would make)."""
+        up, down = gemv_mlp_configs(self.down.shape[0], self.down.shape[1])
+        h = gemv_geglu(x, self.gate_up[...], block_n=up.block_n, num_warps=up.num_warps, interpret=interpret)
+        return gemv(h, self.down[...], block_n=down.block_n, splits=down.splits, num_warps=down.num_warps,
+                    interpret=interpret)
 
 
 def rope_cos_sin(

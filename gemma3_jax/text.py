@@ -15,6 +15,7 @@ from pallas_kernels import attention as attend
 from pallas_kernels.common import interpret_mode
 from pallas_kernels.gemv import gemv
 from pallas_kernels.residual_norm import residual_norm
+from pallas_kernels.tuning import gemv_qkv_config
 from gemma3_jax.config import GLOBAL, SLIDING, TextConfig
 from gemma3_jax.layers import GeGLU, RMSNorm, apply_rope, param, rope_cos_sin
 
@@ -77,7 +78,9 @@ class Attention(nnx.Module):
             # one kernel for q/k norms, RoPE, the cache writes and the attention
             w = self.qkv_proj[...].reshape(m * h, d)
             if gemv_qkv:
-                qkv = gemv(x[:, 0], w, block_n=4, splits=1, num_warps=4, interpret=interpret_mode())
+                g = gemv_qkv_config()
+                qkv = gemv(x[:, 0], w, block_n=g.block_n, splits=g.splits, num_warps=g.num_warps,
+                           interpret=interpret_mode())
             else:
                 qkv = jnp.einsum("BD,ND->BN", x[:, 0], w)
             qkv = qkv.reshape(b, m, h)

@@ -32,39 +32,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import checks
 from pallas_kernels.common import LOG2E, ex2_approx, interpret_mode, next_pow2
-from pallas_kernels.tuning import compiler_params
-
-_TARGET_PROGRAMS = 264  # ~2 waves of the H100's 132 SMs
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-    block_k: int
-    num_warps: int
-    num_stages: int
-    fast_exp2: bool = True  # ex2.approx.ftz (GPU only; interpret mode uses jnp.exp2)
-
-
-# padded head dim -> config for 2-byte dtypes (fp32 halves block_k). NOT YET TUNED ON THE H100: starting
-# points sized so 2 stages of the K and V tiles (2 * 2 * block_k * Hp * 2 bytes = 128 KiB at Hp = 256) fit in
-# shared memory next to the [Gp, Hp] f32 accumulator. First look (H100, jax 0.11.2, bf16, H=256, one timing
-# each, no repeats): 1.2-2.5 TB/s of K/V read at 33-268 MB of cache (B=1 K=1 S=32K ... B=8 K=4 S=8K); these
-# defaults were within ~10% of the best of block_k {32, 64, 128} x num_splits {auto, 64, 132} x warps {4, 8}.
-_DECODE_TABLE: dict[int, DecodeConfig] = {
-    16: DecodeConfig(128, 4, 2),
-    32: DecodeConfig(128, 4, 2),
-    64: DecodeConfig(128, 4, 2),
-    128: DecodeConfig(128, 4, 2),
-    256: DecodeConfig(64, 4, 2),
-}
-
-
-def decode_config(head_dim_padded: int, dtype_bytes: int = 2) -> DecodeConfig:
-    cfg = _DECODE_TABLE[min(max(head_dim_padded, 16), 256)]
-    if dtype_bytes == 4:
-        cfg = dataclasses.replace(cfg, block_k=max(16, cfg.block_k // 2))
-    return cfg
-
+from pallas_kernels.tuning import TARGET_PROGRAMS, compiler_params, decode_config
 
 def _kernel(meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_k, qk_scale, precision, fast_exp2):
     """One program: Gp query rows (the heads of one kv head) x key blocks [lo, hi) of one row.
@@ -227,7 +195,7 @@ def choose_splits(b: int, kh: int, n_blocks: int, num_splits: int | None = None)
     <= min(~2 waves of programs, blocks in the buffer), or ``num_splits`` rounded up to one."""
     if num_splits:
         return next_pow2(min(num_splits, n_blocks))
-    want = max(1, min(-(-_TARGET_PROGRAMS // (b * kh)), n_blocks))
+    want = max(1, min(-(-TARGET_PROGRAMS // (b * kh)), n_blocks))
     return 1 << (want.bit_length() - 1)
 
 

@@ -38,10 +38,9 @@ from pallas_kernels.decode_attention import (
     choose_splits,
     combine_splits,
     decode_attention_reference,
-    decode_config,
     split_ranges,
 )
-from pallas_kernels.tuning import compiler_params
+from pallas_kernels.tuning import compiler_params, decode_config
 
 _META = 8  # per (row, split): lo, hi, n_old, excluded slot, write slot, 3 unused (a power of two)
 

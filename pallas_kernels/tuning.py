@@ -1,8 +1,9 @@
-"""Block sizes / launch parameters for the image-span attention kernel, and compiler-params glue.
+"""Every kernel's launch settings in one place: the prefill attention table, the decode attention table, the
+batch-1 matrix-vector (GEMV) settings, and the compiler-params glue.
 
-The table is keyed by padded head dim; entries were picked from H100 measurements
-(scripts/bench_attention.py, see docs/kernel_notes.md). Head dims that are not powers of two use the
-entry of the next power of two (the kernel computes them in power-of-two column chunks).
+The tables are keyed by padded head dim; entries were picked from measurements (scripts/bench_attention.py,
+scripts/bench_gemv.py; the runs behind them are in docs/kernel_notes.md). Head dims that are not powers of two
+use the entry of the next power of two (the kernels compute them in power-of-two column chunks).
 """
 
 from __future__ import annotations
@@ -48,6 +49,55 @@ def default_config(head_dim_padded: int, q_len: int, dtype_bytes: int = 2) -> Ke
     if dtype_bytes == 4:  # fp32 tiles are twice as large: halve the key block
         cfg = dataclasses.replace(cfg, block_k=max(16, cfg.block_k // 2), num_stages=2)
     return cfg
+
+
+TARGET_PROGRAMS = 264  # decode splits aim at ~2 waves of programs on a 132-SM GPU
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    block_k: int
+    num_warps: int
+    num_stages: int
+    fast_exp2: bool = True  # ex2.approx.ftz (GPU only; interpret mode uses jnp.exp2)
+
+
+# padded head dim -> decode attention config for 2-byte dtypes (fp32 halves block_k). Sized so 2 stages of the K
+# and V tiles (2 * 2 * block_k * Hp * 2 bytes = 128 KiB at Hp = 256) fit in shared memory next to the [Gp, Hp]
+# f32 accumulator; within ~10% of the best block_k / splits / warps measured (docs/kernel_notes.md).
+_DECODE_TABLE: dict[int, DecodeConfig] = {
+    16: DecodeConfig(128, 4, 2),
+    32: DecodeConfig(128, 4, 2),
+    64: DecodeConfig(128, 4, 2),
+    128: DecodeConfig(128, 4, 2),
+    256: DecodeConfig(64, 4, 2),
+}
+
+
+def decode_config(head_dim_padded: int, dtype_bytes: int = 2) -> DecodeConfig:
+    cfg = _DECODE_TABLE[min(max(head_dim_padded, 16), 256)]
+    if dtype_bytes == 4:
+        cfg = dataclasses.replace(cfg, block_k=max(16, cfg.block_k // 2))
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    splits: int
+    num_warps: int
+
+
+def gemv_qkv_config() -> GemvConfig:
+    """Batch-1 decode's fused q|k|v product: a narrow output (Hq + 2 Hkv heads), so small blocks and no split."""
+    return GemvConfig(block_n=4, splits=1, num_warps=4)
+
+
+def gemv_mlp_configs(dim: int, hidden: int) -> tuple[GemvConfig, GemvConfig]:
+    """Batch-1 decode's MLP: (gate|up with GELU-up as its epilogue, down as split-K partial sums). Down splits in
+    four, not eight: residual_norm, one program per row, reads every partial sum."""
+    splits = next(s for s in (4, 2, 1) if hidden % (16 * s) == 0)
+    return GemvConfig(block_n=1, splits=1, num_warps=8), GemvConfig(2 if dim % 2 == 0 else 1, splits, num_warps=8)
 
 
 def compiler_params(num_warps: int | None, num_stages: int | None):

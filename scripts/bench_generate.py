@@ -47,7 +47,8 @@ import numpy as np  # noqa: E402
 
 from gemma3_jax.config import GLOBAL, SLIDING, Gemma3Config, TextConfig, VisionConfig  # noqa: E402
 from gemma3_jax.engine import Engine, Timings, bucket_length  # noqa: E402
-from gemma3_jax.random_init import gemma3_4b_config, random_model  # noqa: E402
+from gemma3_jax.presets import preset  # noqa: E402
+from random_init import random_model  # noqa: E402
 
 PEAK_BW = 3.0e12  # bytes/s, device-to-device copy measured on the H100 (KINDS.md)
 PEAK_FLOPS = 790e12  # bf16 FLOP/s, large matmul (METHOD.md / KINDS.md)
@@ -82,7 +83,7 @@ def spec_of(small: bool) -> Spec:
         return Spec(small_config(), (15, 1), (81, 8), (240, 16), (480, 16), new=24, long_new=16,
                     batches=(1, 8, 32),
                     peer_batches=(1, 8))
-    return Spec(gemma3_4b_config(), (323, 1), (2353, 8), (8192, 16), (32640, 16), new=256, long_new=128,
+    return Spec(preset("gemma3_4b"), (323, 1), (2353, 8), (8192, 16), (32640, 16), new=256, long_new=128,
                 batches=(1, 8, 32),
                 peer_batches=(1, 8))
 

@@ -1,4 +1,4 @@
-"""Random-weight models for benchmarks: no checkpoint, and the weights are drawn on the default device.
+"""Random-weight models for the benchmarks (a preset's config, no checkpoint), drawn on the default device.
 
 The model is built abstractly (``nnx.eval_shape``), then each parameter is drawn with its own key
 (``fold_in(seed, i)`` in sorted path order) by one small jitted function per shape, so the host never holds
@@ -15,24 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemma3_jax.config import GLOBAL, SLIDING, Gemma3Config, RopeConfig, TextConfig, VisionConfig
+from gemma3_jax.config import Gemma3Config
 from gemma3_jax.model import Gemma3
-
-
-def gemma3_4b_config() -> Gemma3Config:
-    """google/gemma-3-4b-it: text 34 layers (5 sliding : 1 global), SigLIP 27 layers at 896 px."""
-    layers = 34
-    text = TextConfig(
-        vocab_size=262_208, hidden_size=2560, intermediate_size=10240, num_layers=layers, num_heads=8,
-        num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
-        layer_types=tuple(SLIDING if (i + 1) % 6 else GLOBAL for i in range(layers)),
-        rope_global=RopeConfig(1_000_000.0, "linear", 8.0), rope_local=RopeConfig(10_000.0),
-        eos_token_id=(1, 106),
-    )
-    vision = VisionConfig(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, image_size=896,
-                          patch_size=14)
-    return Gemma3Config(text, vision, mm_tokens_per_image=256, image_token_id=262_144, boi_token_id=255_999,
-                        eoi_token_id=256_000)
 
 
 def _init_std(path: str, shape: tuple[int, ...]) -> tuple[float, float]:
