@@ -10,6 +10,7 @@ exception types, a hang or the machine running out of memory.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import re
@@ -232,6 +233,7 @@ def render(source: str, variables: dict[str, Any], input_length: int = 0) -> str
 
     env, template = compile_template(source)
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(str(fmt))  # as transformers defines it
     env.deadline = time.monotonic() + env.timeout_s  # the clock starts with rendering, compiling included
     limit, out, n = MAX_LENGTH + 4 * input_length, [], 0
     try:

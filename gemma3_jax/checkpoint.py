@@ -18,6 +18,7 @@ import numpy as np
 
 from gemma3_jax.cache import cache_nbytes
 from gemma3_jax.config import Gemma3Config, param_bytes
+from gemma3_jax.engine import MAX_STOP_IDS
 from gemma3_jax.loading import checkpoint_files
 from gemma3_jax.processor import BOI, Processor, render_chat
 from gemma3_jax.sampling import SamplingParams, generation_defaults
@@ -33,7 +34,9 @@ def resolve_checkpoint(model: str | os.PathLike | None, progress: bool = True) -
 
     if model is not None and not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a path (str or os.PathLike) or None, got {type(model).__name__}")
-    if model is None or Path(model).suffix == ".gguf":
+    if model is not None and not str(model).strip():
+        raise ValueError("the model path is empty")
+    if model is None or Path(model).suffix.lower() == ".gguf":
         return converted_checkpoint(model, progress=progress)
     path = Path(model).expanduser()
     if not path.is_dir():
@@ -41,14 +44,16 @@ def resolve_checkpoint(model: str | os.PathLike | None, progress: bool = True) -
     return path
 
 
-def device_memory() -> tuple[int, str]:
-    """(bytes a run may use, where): the accelerator's memory limit, or on a CPU the host memory available now."""
+def device_memory(free: bool = False) -> tuple[int, str]:
+    """(bytes, where): the accelerator's memory limit (``free``: less what is in use now), or on a CPU the host
+    memory available now."""
     import jax
 
     device = jax.local_devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+        used = int(stats.get("bytes_in_use", 0)) if free else 0
+        return int(stats["bytes_limit"]) - used, f"{device.device_kind} memory" + (" free" if free else "")
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: line.split()[1] for line in f}
@@ -57,16 +62,18 @@ def device_memory() -> tuple[int, str]:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
 
 
-def check_memory(cfg: Gemma3Config, dtype, batch: int, cache_length: int) -> None:
-    """Refuse a cache length whose weights + KV cache cannot fit in the device's memory (an estimate: activations
-    and compiled code come on top)."""
-    weights, cache = param_bytes(cfg, dtype), cache_nbytes(cfg.text, batch, cache_length, dtype)
-    have, where = device_memory()
+def check_memory(cfg: Gemma3Config, dtype, batch: int, cache_length: int, weights_loaded: bool = False) -> None:
+    """Refuse a cache whose weights + KV cache cannot fit in the device's memory (an estimate: activations and
+    compiled code come on top). ``weights_loaded``: only the cache must fit in what is free now."""
+    weights = 0 if weights_loaded else param_bytes(cfg, dtype)
+    cache = cache_nbytes(cfg.text, batch, cache_length, dtype)
+    have, where = device_memory(free=weights_loaded)
     if weights + cache > have:
-        gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+        gib = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+        need = f"weights {gib(weights)} + KV cache" if weights else "a KV cache of"
         raise ValueError(
-            f"cache length {cache_length} needs ~{gib(weights + cache)} (weights {gib(weights)} + KV cache "
-            f"{gib(cache)} for batch {batch}), more than the {gib(have)} of {where}; use a smaller --cache-length"
+            f"cache length {cache_length} needs ~{gib(weights + cache)} ({need} {gib(cache)} for batch {batch}), "
+            f"more than the {gib(have)} of {where}; use a smaller cache length or batch"
         )
 
 
@@ -79,6 +86,7 @@ class Checkpoint:
     tokenizer: Tokenizer
     processor: Processor | None
     defaults: dict[str, Any]
+    name: str = ""  # what the user named: the directory's or the .gguf file's name, or the default model
 
     @classmethod
     def open(cls, model: str | os.PathLike | None = None, progress: bool = True) -> Checkpoint:
@@ -87,7 +95,23 @@ class Checkpoint:
         checkpoint_files(path)  # the weight files are all there (read later)
         tokenizer = Tokenizer.from_checkpoint(path)
         processor = Processor.from_pretrained(path) if cfg.is_multimodal else None
-        return cls(path, cfg, tokenizer, processor, generation_defaults(path))
+        name = "the default model (Gemma-3 270M)" if model is None else Path(model).name
+        ckpt = cls(path, cfg, tokenizer, processor, generation_defaults(path), name)
+        ckpt.stop_ids  # noqa: B018 (checked now, not after the weights load)
+        return ckpt
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a row: generation_config.json's eos ids, the tokenizer's eos and <end_of_turn>."""
+        turn = self.tokenizer.token_id("<end_of_turn>")
+        ids = sorted({*self.defaults.get("eos_token_id", ()), self.tokenizer.eos_id, *([turn] if turn is not None else [])})
+        where = self.path / "generation_config.json"
+        if len(ids) > MAX_STOP_IDS:
+            raise ValueError(f"{where}: at most {MAX_STOP_IDS} stop token ids in all, got {len(ids)}: {ids}")
+        if max(ids) >= self.cfg.text.vocab_size:
+            raise ValueError(f"{where}: eos_token_id {max(ids)} is not below the vocabulary size "
+                             f"{self.cfg.text.vocab_size}")
+        return ids
 
     @property
     def chat_template(self) -> str | None:
@@ -102,12 +126,11 @@ class Checkpoint:
     def sampling_params(self, temperature=None, top_k=None, top_p=None) -> SamplingParams:
         """The user's values, else generation_config.json's, else greedy; each checked."""
         d = self.defaults
-        params = SamplingParams(
+        return SamplingParams(
             temperature=d.get("temperature", 0.0) if temperature is None else temperature,
             top_k=d.get("top_k", 0) if top_k is None else top_k,
             top_p=d.get("top_p", 1.0) if top_p is None else top_p,
         )
-        return SamplingParams(float(params.temperature), int(params.top_k), float(params.top_p))
 
     def cache_length(self, cache_length: int | None, dtype, batch: int = 1) -> int:
         """The KV cache length to use, checked against the model's positions and the device's memory; None gives

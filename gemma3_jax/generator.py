@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3_jax.cache import cache_nbytes, check_fits
-from gemma3_jax.checkpoint import Checkpoint, _check_int, check_generation_args
+from gemma3_jax.checkpoint import DEFAULT_CACHE_LENGTH, Checkpoint, _check_int, check_generation_args, check_memory
 from gemma3_jax.compile_cache import enable_compilation_cache
 from gemma3_jax.engine import Engine, Timings
 from gemma3_jax.loading import load_pretrained
@@ -26,7 +26,6 @@ from gemma3_jax.model import Gemma3
 from gemma3_jax.tokenizer import StreamDecoder
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-END_OF_TURN = "<end_of_turn>"
 
 
 @dataclasses.dataclass
@@ -39,8 +38,8 @@ class GenerationResult:
 
 
 def default_dtype() -> str:
-    """bfloat16 on a GPU; float32 elsewhere, where bfloat16 matmuls are emulated and slow."""
-    return "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    """bfloat16 on an accelerator; float32 on a CPU, where bfloat16 matmuls are emulated and slow."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def resolve_dtype(name: str | None):
@@ -56,14 +55,20 @@ def resolve_dtype(name: str | None):
 
 
 class Generator:
-    def __init__(self, model: Gemma3, checkpoint: Checkpoint, *, cache_length: int = 4096, chunk: int = 32):
+    def __init__(self, model: Gemma3, checkpoint: Checkpoint, *, cache_length: int = DEFAULT_CACHE_LENGTH,
+                 chunk: int = 32):
         self.model = model
         self.checkpoint = checkpoint
-        self.tokenizer = checkpoint.tokenizer
-        self.processor = checkpoint.processor
-        self.defaults = dict(checkpoint.defaults)
         self.engine = Engine(model, cache_length=cache_length, chunk=chunk)
         self.load_s = 0.0
+
+    @property
+    def tokenizer(self):
+        return self.checkpoint.tokenizer
+
+    @property
+    def processor(self):
+        return self.checkpoint.processor
 
     @classmethod
     def from_pretrained(
@@ -155,8 +160,8 @@ class Generator:
         params = self.checkpoint.sampling_params(temperature, top_k, top_p)
         for row, p in enumerate(ids):
             check_fits(len(p), max_new_tokens, self.engine.cache_length, f"prompt {row}")
-        stop_ids = sorted({*self.defaults.get("eos_token_id", ()), self.tokenizer.eos_id,
-                           *self._ids_of((END_OF_TURN,))})
+        check_memory(self.model.cfg, self.model.dtype, len(ids), self.engine.cache_length, weights_loaded=True)
+        stop_ids = self.checkpoint.stop_ids
         timings = Timings()
         tokens: list[list[int]] = [[] for _ in ids]
         finished = [False] * len(ids)
@@ -220,9 +225,6 @@ class Generator:
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _ids_of(self, pieces) -> list[int]:
-        return [i for i in (self.tokenizer.token_id(p) for p in pieces) if i is not None]
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -193,10 +193,15 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
         if path.exists():
             raise NotADirectoryError(f"checkpoint {path} is not a directory (config.json + safetensors files)")
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    raw, cfg = load_config(path)
-    dtype = jnp.dtype(dtype)
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}") from None
     if dtype == jnp.float16:
         raise ValueError("dtype=float16 is refused: Gemma-3 activations overflow float16; use bfloat16 or float32")
+    if dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"dtype must be bfloat16 or float32, got {dtype}")
+    raw, cfg = load_config(path)
     files = open_weight_files(path)
     model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, attention))
     params = _params_by_path(model)

@@ -20,8 +20,15 @@ from gemma3_jax.vision import Projector, VisionTower
 from pallas_kernels.segments import segment_ids_from_image_mask
 
 
+# "auto": Pallas kernels on a GPU, XLA for decode on a CPU; "pallas": the kernels everywhere (interpreted off the
+# GPU: how the tests run them); "reference": the jnp oracles.
+ATTENTION = ("auto", "pallas", "reference")
+
+
 class Gemma3(nnx.Module):
     def __init__(self, cfg: Gemma3Config, dtype=jnp.bfloat16, attention: str = "auto"):
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
         self.attention = attention

@@ -201,8 +201,9 @@ def render_chat(messages: Sequence[dict], chat_template: str | None = None, add_
     except RecursionError:
         raise ValueError("messages are nested too deeply") from None
     size = sum(len(t) for m in messages for t in _texts(m["content"]))
-    return ct.render(chat_template, dict(messages=plain, add_generation_prompt=add_generation_prompt,
-                                         **{**special, **template_kwargs}), input_length=size)
+    # transformers always passes tools and documents (None when unused): templates test or print them
+    variables = dict(messages=plain, add_generation_prompt=add_generation_prompt, tools=None, documents=None)
+    return ct.render(chat_template, {**variables, **special, **template_kwargs}, input_length=size)
 
 
 def check_messages(messages: Any) -> list[dict]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import numbers
 from pathlib import Path
 
 import jax
@@ -12,9 +12,14 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 
+# Below this a temperature is greedy: float32 logits divided by a smaller one overflow to inf and NaN.
+MIN_TEMPERATURE = 1e-6
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` switch those filters off."""
+    """``temperature`` 0 (or below ``MIN_TEMPERATURE``) is greedy. ``top_k == 0`` and ``top_p == 1`` switch those
+    filters off. Any real numbers are taken (numpy scalars too) and held as Python float / int."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -23,10 +28,12 @@ class SamplingParams:
     def __post_init__(self):
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {value!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            object.__setattr__(self, name, float(value))  # a static argument of the compiled steps: hashable
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
             raise TypeError(f"top_k must be an int, got {self.top_k!r}")
+        object.__setattr__(self, "top_k", int(self.top_k))
         if not 0 <= self.temperature < math.inf:  # inf would sample uniformly, NaN never compares
             raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -36,7 +43,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def generation_defaults(checkpoint: str | Path | None) -> dict:
@@ -47,13 +54,9 @@ def generation_defaults(checkpoint: str | Path | None) -> dict:
     file = Path(checkpoint) / "generation_config.json"
     if not file.is_file():
         return {}
-    try:
-        with open(file, encoding="utf-8") as f:
-            g = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(g, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(g).__name__}")
+    from gemma3_jax.tokenizer import read_json  # not JSON, not UTF-8, too deep or not an object: one line
+
+    g = read_json(file)
     out = {}
     if g.get("do_sample"):  # transformers' defaults where the file is silent: temperature 1, top_k 50, top_p 1
         out = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
@@ -65,8 +68,8 @@ def generation_defaults(checkpoint: str | Path | None) -> dict:
     eos = g.get("eos_token_id")
     if eos is not None:
         eos = tuple(eos) if isinstance(eos, list) else (eos,)
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
-            raise ValueError(f"{file}: eos_token_id must be token ids (ints >= 0), got {g['eos_token_id']!r}")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in eos):
+            raise ValueError(f"{file}: eos_token_id must be token ids (ints in [0, 2^31)), got {g['eos_token_id']!r}")
         out["eos_token_id"] = eos
     return out
 

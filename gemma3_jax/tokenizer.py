@@ -389,8 +389,9 @@ def find_chat_template(path: Path, *configs: dict | tuple[str, dict]) -> ChatTem
     file and line."""
     if (path / "chat_template.jinja").is_file():
         template = read_template_file(path / "chat_template.jinja")
-        check_syntax(template)
-        return template
+        if template.strip():  # an empty file is no template (transformers: none); a template would drop the prompt
+            check_syntax(template)
+            return template
     sources = [(path / "chat_template.json", read_json(path / "chat_template.json"))]
     sources += [(path / c[0], c[1]) if isinstance(c, tuple) else (path, c) for c in configs]
     for where, source in sources:
@@ -400,7 +401,7 @@ def find_chat_template(path: Path, *configs: dict | tuple[str, dict]) -> ChatTem
                 raise ValueError(f"{where}: chat_template is a list whose items are not {{'name', 'template'}} objects")
             named = {t.get("name"): t.get("template") for t in template}
             template = named.get("default", next(iter(named.values()), None))
-        if template is None or template == "":
+        if template is None or (isinstance(template, str) and not template.strip()):
             continue
         if not isinstance(template, str):
             raise ValueError(f"{where}: chat_template is a {type(template).__name__}, not a template's text")

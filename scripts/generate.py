@@ -83,12 +83,16 @@ def read_prompt(args) -> str:
         text = args.prompt
         where = "--prompt"
     elif args.prompt_file == "-":
+        if sys.stdin is None:
+            raise ValueError("--prompt-file -: standard input is closed")
         text, where = sys.stdin.buffer.read(), "standard input"
     else:
         path = Path(args.prompt_file)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"prompt file not found: {path}")
-        text, where = path.read_bytes(), f"prompt file {path}"
+        if path.is_dir():
+            raise IsADirectoryError(f"prompt file {path} is a directory")
+        text, where = path.read_bytes(), f"prompt file {path}"  # a pipe or /dev/stdin reads as well
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -109,23 +113,20 @@ def main(argv=None) -> int:
 
     from gemma3_jax.cache import check_fits
     from gemma3_jax.checkpoint import Checkpoint, check_generation_args
+    from gemma3_jax.compile_cache import enable_compilation_cache
     from gemma3_jax.generator import Generator, resolve_dtype
 
+    enable_compilation_cache()  # before anything compiles: JAX reads the setting once
     try:
         dtype = resolve_dtype(args.dtype)
+        check_generation_args(args.max_new_tokens, args.seed, args.stop)
         prompt = read_prompt(args)
-        for image in args.image:
-            if not Path(image).is_file():
-                raise FileNotFoundError(f"image file not found: {image}")
         ckpt = Checkpoint.open(args.model)
-        if args.image and not ckpt.cfg.is_multimodal:
-            raise ValueError(f"--image given, but {ckpt.path} is a text-only model (its config has no vision_config)")
         chat = ckpt.use_chat(args.chat)
         if args.chat is None and not chat:
-            print(f"note: {ckpt.path.name} has no chat template: the prompt is completed as raw text "
+            print(f"note: {ckpt.name} has no chat template: the prompt is completed as raw text "
                   "(--chat wraps it in Gemma-3's built-in template)", file=sys.stderr)
         ckpt.sampling_params(args.temperature, args.top_k, args.top_p)
-        check_generation_args(args.max_new_tokens, args.seed, args.stop)
         cache_length = ckpt.cache_length(args.cache_length, dtype)
         # The prompt is built and checked against the cache before the weights load.
         ids, pixels = ckpt.build_inputs([prompt], [args.image], chat=chat, system=args.system)

@@ -183,7 +183,7 @@ def test_bad_prompt_sources(case, match, base_ckpt, tmp_path, capsys, no_weights
     ("image_to_text_model", "text-only model"),
     ("too_long", r"prompt \(\d+ tokens\) \+ max_new_tokens \(500\) = \d+ exceeds the cache length 64"),
     ("beyond_positions", "cache length 100000 is beyond the model's 512 positions"),
-    ("beyond_memory", r"cache length 512 needs ~.* GiB .* more than the"),
+    ("beyond_memory", r"cache length 512 needs ~[\d.]+ MiB \(weights [\d.]+ MiB \+ KV cache .* more than the"),
     ("zero_cache", "cache_length must be >= 1"),
     ("seed_too_big", "seed must be in"),
     ("negative_max_new", "max_new_tokens must be >= 1"),
@@ -210,7 +210,7 @@ def test_refused_before_the_weights_load(case, match, base_ckpt, text_ckpt, png,
         "bad_dtype": base + ["--dtype", "int8"],
     }[case]
     if case == "beyond_memory":
-        monkeypatch.setattr(ck, "device_memory", lambda: (2**20, "a 1 MiB test device"))
+        monkeypatch.setattr(ck, "device_memory", lambda free=False: (2**20, "a 1 MiB test device"))
     if case in ("seed_too_big", "negative_max_new", "inf_temperature", "nan_top_p", "negative_top_k"):
         # checked by the Generator after loading: the CLI checks them before (no_weights makes sure)
         pass
@@ -296,7 +296,8 @@ def test_a_stop_string_is_one_string_not_its_characters(gen):
     ({"do_sample": True, "temperature": "hot"}, "generation_config.json: temperature must be a number"),
     ({"do_sample": True, "top_p": 2}, r"generation_config.json: top_p must be in \(0, 1\]"),
     ({"eos_token_id": ["<eos>"]}, "eos_token_id must be token ids"),
-    ([1, 2], "must hold a JSON object"),
+    ([1, 2], "holds a JSON list, expected an object"),
+    ({"eos_token_id": [1, 2**40]}, r"eos_token_id must be token ids \(ints in \[0, 2\^31\)\)"),
 ])
 def test_bad_generation_config(content, match, tmp_path):
     import json
@@ -396,3 +397,115 @@ def test_bad_processor_settings(key, value, match, base_ckpt, tmp_path):
     with pytest.raises(ValueError, match=match) as e:
         Processor.from_pretrained(tmp_path)
     assert str(tmp_path) in str(e.value)
+
+
+# ---- found by a hostile-input sweep ------------------------------------------------------------------------
+
+def test_a_tiny_temperature_is_greedy(gen):
+    """float32 logits / 1e-300 overflow to inf and NaN, and the NaN was 'sampled': below 1e-6 is greedy."""
+    import jax
+    import jax.numpy as jnp
+
+    from gemma3_jax.sampling import SamplingParams, sample
+
+    logits = jnp.asarray([[0.0, 1.0, 5.0, -2.0, 3.0]])
+    for t in (1e-300, 5e-324, 1e-9):
+        assert int(sample(logits, jax.random.key(0), SamplingParams(temperature=t))[0]) == 2
+        assert int(sample(logits, jax.random.key(0), SamplingParams(temperature=t, top_p=0.5))[0]) == 2
+    greedy = gen.generate("Hello", max_new_tokens=4)
+    assert gen.generate("Hello", max_new_tokens=4, temperature=1e-300).token_ids == greedy.token_ids
+
+
+def test_numpy_scalars_are_sampling_values(gen):
+    from gemma3_jax.sampling import SamplingParams
+
+    p = SamplingParams(np.float32(0.5), np.int64(5), np.float32(0.9))
+    assert (type(p.temperature), type(p.top_k), type(p.top_p)) == (float, int, float)
+    assert p == SamplingParams(0.5, 5, float(np.float32(0.9)))
+    out = gen.generate("Hello", max_new_tokens=2, temperature=np.float32(0.7), top_k=np.int64(5), seed=np.int32(1))
+    assert len(out.token_ids[0]) == 2
+
+
+@pytest.mark.parametrize("eos,match", [
+    ([1, 2**40], r"eos_token_id must be token ids \(ints in \[0, 2\^31\)\)"),
+    (list(range(1, 11)), "at most 8 stop token ids in all"),
+    ([1, 100_000], "eos_token_id 100000 is not below the vocabulary size"),
+])
+def test_bad_eos_ids_are_refused_when_opening(eos, match, base_ckpt, tmp_path, capsys, no_weights):
+    import json
+
+    shutil.copytree(base_ckpt, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    line = one_error(*run(capsys, "--model", tmp_path, "--prompt", "Hi"))
+    assert re.search(match, line) and "generation_config.json" in line, line
+
+
+def test_an_empty_chat_template_is_no_template(it_ckpt, tmp_path, capsys):
+    """It rendered every prompt as '<bos>' alone; transformers treats it as no template."""
+    from gemma3_jax.checkpoint import Checkpoint
+
+    shutil.copytree(it_ckpt, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "chat_template.jinja").write_text(" \n")
+    ck = Checkpoint.open(tmp_path)
+    assert ck.chat_template is None and not ck.use_chat(None)
+    assert ck.build_inputs(["Hello there"])[0][0] == ck.tokenizer.encode("Hello there", add_bos=True)
+
+
+def test_templates_see_tools_documents_and_strftime_now(it_ckpt, tmp_path):
+    """transformers passes tools=None and documents=None and defines strftime_now; templates use them."""
+    import datetime
+
+    from gemma3_jax.checkpoint import Checkpoint
+
+    shutil.copytree(it_ckpt, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "chat_template.jinja").write_text(
+        "{{ bos_token }}{{ tools | tojson }} {{ documents is none }} {{ strftime_now('%Y') }}"
+        "{% for m in messages %}{{ m['content'][-1]['text'] }}{% endfor %}")
+    ids = Checkpoint.open(tmp_path).build_inputs(["Hello"])[0][0]
+    text = Checkpoint.open(tmp_path).tokenizer.decode(ids, skip_special_tokens=False)
+    assert text == f"<bos>null True {datetime.date.today().year}Hello"
+
+
+@pytest.mark.parametrize("case,match", [
+    ("stdin_closed", "standard input is closed"),
+    ("directory", "is a directory"),
+    ("dev_null", r"the prompt \(prompt file /dev/null\) is empty"),
+    ("empty_model", "the model path is empty"),
+])
+def test_more_bad_prompt_and_model_sources(case, match, base_ckpt, tmp_path, capsys, monkeypatch, no_weights):
+    argv = {"stdin_closed": ["--model", base_ckpt, "--prompt-file", "-"],
+            "directory": ["--model", base_ckpt, "--prompt-file", tmp_path],
+            "dev_null": ["--model", base_ckpt, "--prompt-file", "/dev/null"],
+            "empty_model": ["--model", "", "--prompt", "Hi"]}[case]
+    if case == "stdin_closed":
+        monkeypatch.setattr(sys, "stdin", None)
+    assert re.search(match, one_error(*run(capsys, *argv)))
+
+
+def test_a_gguf_suffix_in_capitals_is_a_gguf(monkeypatch, tmp_path):
+    import gemma3_jax.gguf_cache as gc
+    from gemma3_jax.checkpoint import resolve_checkpoint
+
+    seen = []
+    monkeypatch.setattr(gc, "converted_checkpoint", lambda path, progress=True: seen.append(path) or tmp_path)
+    assert resolve_checkpoint("Model.GGUF") == tmp_path and seen == ["Model.GGUF"]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(attention="flash"), "attention must be one of auto, pallas, reference, got 'flash'"),
+    (dict(dtype="fp32"), "dtype must be bfloat16 or float32, got 'fp32'"),
+    (dict(dtype="int8"), "dtype must be bfloat16 or float32, got int8"),
+])
+def test_load_pretrained_names_a_bad_argument(kwargs, match, base_ckpt):
+    import gemma3_jax
+
+    with pytest.raises(ValueError, match=match):
+        gemma3_jax.load_pretrained(base_ckpt, progress=False, **kwargs)
+
+
+def test_a_batch_whose_cache_cannot_fit_is_refused(gen, monkeypatch):
+    import gemma3_jax.checkpoint as ck
+
+    monkeypatch.setattr(ck, "device_memory", lambda free=False: (2**16, "a 64 KiB test device free"))
+    with pytest.raises(ValueError, match=r"cache length 64 needs ~[\d.]+ MiB \(a KV cache of [\d.]+ MiB for batch 3\)"):
+        gen.generate(["a", "b", "c"], max_new_tokens=2)
