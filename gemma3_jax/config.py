@@ -388,14 +388,14 @@ def _text_from_hf(f: _Fields) -> TextConfig:
     if act not in _GELU_TANH:
         raise ConfigError(f"{f.name(key)}={act!r} is not supported; Gemma-3 uses 'gelu_pytorch_tanh'")
     _check_tie(f)
-    num_layers = f.int("num_hidden_layers", default=34)
-    hidden = f.int("hidden_size", default=2560)
+    num_layers = f.int("num_hidden_layers", default=26)
+    hidden = f.int("hidden_size", default=2304)
     heads = f.int("num_attention_heads", default=8)
     kv_heads = f.int("num_key_value_heads", default=4)
     if heads % kv_heads:
         raise ConfigError(f"{f.name('num_attention_heads')}={heads} is not a multiple of "
                           f"{f.name('num_key_value_heads')}={kv_heads}")
-    head_dim = f.int("head_dim", default=hidden // heads, null_ok=True)
+    head_dim = f.int("head_dim", default=256, null_ok=True)
     if head_dim % 2:
         raise ConfigError(f"{f.name('head_dim')} must be even (rotary embeddings rotate pairs), got {head_dim}")
     rp = d.get("rope_parameters")
@@ -404,8 +404,9 @@ def _text_from_hf(f: _Fields) -> TextConfig:
         rope_global = _rope_from_hf(params.object(GLOBAL), _DEFAULT_THETA[GLOBAL])
         rope_local = _rope_from_hf(params.object(SLIDING), _DEFAULT_THETA[SLIDING])
     else:  # transformers v4 (or v5 with one dict for all): rope_scaling applies to global layers only
-        if rp is not None:
-            f.object("rope_parameters")  # an object (checked), with no per-layer-type entries
+        if rp is not None and f.object("rope_parameters").d:  # a flat dict: transformers ignores it, we refuse it
+            raise ConfigError(f"{f.name('rope_parameters')} has no {GLOBAL!r} / {SLIDING!r} entries; Gemma-3 "
+                              "takes RoPE settings per layer type (or rope_scaling + rope_theta)")
         scaling = f.object("rope_scaling")
         theta = f.float("rope_theta", default=_DEFAULT_THETA[GLOBAL])
         rope_global = _rope_from_hf(scaling, theta, theta_key="rope_theta")
@@ -419,7 +420,7 @@ def _text_from_hf(f: _Fields) -> TextConfig:
     return TextConfig(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=f.int("intermediate_size", default=10240),
+        intermediate_size=f.int("intermediate_size", default=9216),
         num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,

@@ -438,7 +438,7 @@ def test_valid_spellings_still_parse():
     """Nulls that mean "the default" where transformers writes them, and the bounds themselves, are accepted."""
     cfg = Gemma3Config.from_hf_dict(_text(head_dim=None, sliding_window=None, final_logit_softcapping=None,
                                           rope_scaling=None, pad_token_id=None, layer_types=[]))
-    assert cfg.text.head_dim == 64 // 4 and cfg.text.sliding_window == 4096 and cfg.text.final_logit_softcapping is None
+    assert cfg.text.head_dim == 256 and cfg.text.sliding_window == 4096  # transformers' defaults and cfg.text.final_logit_softcapping is None
     assert cfg.text.layer_types[5] == "full_attention"
     assert Gemma3Config.from_hf_dict(_text(num_hidden_layers=1024, sliding_window_pattern=1024,
                                            layer_types=None)).text.num_layers == 1024

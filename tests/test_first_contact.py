@@ -2,6 +2,7 @@
 prompt sources, requests refused before the weights load, bad sampling values and API argument types, the
 compilation cache and streaming that starts at the first token."""
 
+import dataclasses
 import importlib.util
 import io
 import re
@@ -509,3 +510,44 @@ def test_a_batch_whose_cache_cannot_fit_is_refused(gen, monkeypatch):
     monkeypatch.setattr(ck, "device_memory", lambda free=False: (2**16, "a 64 KiB test device free"))
     with pytest.raises(ValueError, match=r"cache length 64 needs ~[\d.]+ MiB \(a KV cache of [\d.]+ MiB for batch 3\)"):
         gen.generate(["a", "b", "c"], max_new_tokens=2)
+
+
+# The text_config of google/gemma-3-4b-it's config.json sets only these keys; the rest are transformers' defaults.
+HUB_4B_TEXT = {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+               "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}
+HUB_4B_VISION = {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+                 "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False}
+
+
+def test_a_hub_config_with_few_keys_reads_as_transformers_reads_it():
+    """Missing keys take transformers' defaults (head_dim 256, not hidden / heads = 320): the 4B as shipped is the
+    4B preset, and every text field equals transformers' reading of the same dict."""
+    import transformers
+
+    from gemma3_jax.config import Gemma3Config
+    from gemma3_jax.presets import preset
+
+    raw = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
+           "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
+           "eos_token_id": [1, 106], "text_config": HUB_4B_TEXT, "vision_config": HUB_4B_VISION}
+    ours = Gemma3Config.from_hf_dict(raw)
+    hf = transformers.Gemma3Config(**raw).text_config
+    t = ours.text
+    assert (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.head_dim, t.query_pre_attn_scalar,
+            t.vocab_size, t.sliding_window, t.max_position_embeddings) == (
+        hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim,
+        hf.query_pre_attn_scalar, hf.vocab_size, hf.sliding_window, hf.max_position_embeddings)
+    assert list(t.layer_types) == list(hf.layer_types)
+    assert (t.rope_global.rope_type, t.rope_global.factor, t.rope_global.theta) == ("linear", 8.0, 1_000_000.0)
+    expect = preset("gemma3_4b")
+    assert ours.vision == expect.vision
+    assert dataclasses.replace(t, eos_token_id=expect.text.eos_token_id) == expect.text
+
+
+def test_a_flat_rope_parameters_dict_is_refused():
+    from gemma3_jax.config import ConfigError, Gemma3Config
+
+    raw = {"model_type": "gemma3_text", "num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"],
+           "rope_parameters": {"rope_type": "linear", "factor": 8.0, "rope_theta": 5000.0}}
+    with pytest.raises(ConfigError, match="rope_parameters has no 'full_attention' / 'sliding_attention' entries"):
+        Gemma3Config.from_hf_dict(raw)
