@@ -15,6 +15,8 @@ from pathlib import Path
 
 ENV = "GEMMA3_JAX_COMPILATION_CACHE"
 _OFF = ("", "0", "off", "false", "no", "none")
+MIN_COMPILE_S = 0.2
+MAX_BYTES = 4 * 2**30
 
 
 def compilation_cache_dir() -> Path | None:
@@ -32,7 +34,9 @@ def compilation_cache_dir() -> Path | None:
 def enable_compilation_cache() -> Path | None:
     """Point JAX's persistent compilation cache at ``compilation_cache_dir()``; returns the directory in use.
 
-    A directory that cannot be created is a note on stderr, not an error: generation works without the cache."""
+    A directory that cannot be created is a note on stderr, not an error: generation works without the cache. JAX
+    reads the setting at its first compilation, so this is called before anything compiles (the CLI does so first;
+    ``Generator.from_pretrained`` before loading)."""
     import jax
 
     current = jax.config.jax_compilation_cache_dir
@@ -49,7 +53,9 @@ def enable_compilation_cache() -> Path | None:
         print(f"note: compilation cache off ({ENV}={path}: {e})", file=sys.stderr)
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
-    # Every compiled step is worth keeping: a decode step compiles in ~1 s, JAX's default threshold.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # Keep the prefill and decode steps (JAX's 1 s threshold would miss small models' decode steps), not the small
+    # eager ops of loading; bound the directory, oldest entries going first.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
+    if jax.config.jax_compilation_cache_max_size < 0:
+        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path

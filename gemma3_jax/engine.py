@@ -197,6 +197,7 @@ class Engine:
         self.cache_length = int(cache_length)
         self.chunk = int(chunk)
         self._compiled: dict = {}
+        self._limits: dict[int, jax.Array] = {}
         self._donate = jax.default_backend() != "cpu"
 
     # ---- compiled functions -------------------------------------------------------------------
@@ -232,7 +233,7 @@ class Engine:
 
     def _decode_fn(self, params: SamplingParams, stop_early: bool = True):
         """Up to ``limit`` (<= ``chunk``, a runtime value: one compile serves every chunk size) steps per call.
-        ``stop_early=False``: always ``limit`` steps (a fixed trip count; for profiling the loop's cost)."""
+        ``stop_early=False``: always ``chunk`` steps (a trip count fixed at compile time; for profiling the loop)."""
         text_weights, attention = self._text_weights, self.attention
         steps, pad = self.chunk, self.cfg.text.pad_token_id
 
@@ -252,7 +253,7 @@ class Engine:
                 return cache, nxt, done, remaining, key, out, i + 1
 
             def cond(carry):
-                return (carry[-1] < limit) & ~jnp.all(carry[2]) if stop_early else carry[-1] < limit
+                return (carry[-1] < limit) & ~jnp.all(carry[2]) if stop_early else carry[-1] < steps
 
             out = jnp.full((b, steps), pad, jnp.int32)
             carry = (cache, token, done, remaining, key, out, jnp.int32(0))
@@ -274,6 +275,12 @@ class Engine:
             self._compiled[key] = fn.lower(*args).compile(opts or None)
             timings.compile_s += time.perf_counter() - t
         return self._compiled[key]
+
+    def _limit(self, steps: int) -> jax.Array:
+        """The decode call's step limit as a device scalar, made once per value (no transfer per chunk)."""
+        if steps not in self._limits:
+            self._limits[steps] = jnp.int32(steps)
+        return self._limits[steps]
 
     # ---- host API ------------------------------------------------------------------------------
     def prefill(
@@ -357,9 +364,9 @@ class Engine:
         state = (cache, token, done, remaining, key)
         limit = 1 if streaming else self.chunk
         fn = self._compiled_fn("decode", lambda: self._decode_fn(params),
-                               params, (self.weights, *state, stops, jnp.int32(limit)), timings, donate=(1,))
+                               params, (self.weights, *state, stops, self._limit(limit)), timings, donate=(1,))
         t = time.perf_counter()
-        pending, queued = fn(self.weights, *state, stops, jnp.int32(limit)), limit
+        pending, queued = fn(self.weights, *state, stops, self._limit(limit)), limit
         step_s = 0.0  # seconds per step of the last chunk read back
         while pending is not None:
             cache, token, done, remaining, key, out, n = pending
@@ -367,7 +374,7 @@ class Engine:
             if queued < max_new_tokens - 1:
                 if streaming and limit < self.chunk and 2 * limit * step_s <= STREAM_CHUNK_S:
                     limit *= 2
-                pending = fn(self.weights, cache, token, done, remaining, key, stops, jnp.int32(limit))
+                pending = fn(self.weights, cache, token, done, remaining, key, stops, self._limit(limit))
                 queued += limit
             n = int(n)
             out = np.asarray(out)[:, :n]

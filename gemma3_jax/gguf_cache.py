@@ -66,7 +66,7 @@ def _stat_key(st: os.stat_result) -> list[int]:
 def _read_memo(path: Path) -> dict:
     try:
         memo = json.loads(path.read_text()) if path.is_file() and path.stat().st_size < 1 << 20 else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # a memo that cannot be read is no memo
         return {}
     return memo if isinstance(memo, dict) else {}
 
@@ -136,7 +136,7 @@ def verify(out: Path, sha256: str) -> str | None:
         manifest = json.loads((out / MANIFEST).read_text())
     except FileNotFoundError:
         return f"without {MANIFEST} (left by an older version or an interrupted conversion)"
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         return f"unreadable ({MANIFEST} is not JSON: {e})"
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         return f"from another converter version ({MANIFEST} format is not {FORMAT})"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -210,6 +211,7 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
     tied = _is_tied(raw)
     vision_nh = cfg.vision.num_heads * cfg.vision.head_dim if cfg.is_multimodal else 0
     count = sum(len(f.entries) for f in files)
+    finite: list[tuple[Path, str, jax.Array]] = []
     for key, hf_shape, file in tqdm(iter_tensors(files), total=count, desc="loading weights", disable=not progress):
         if key in _LM_HEAD:
             if not tied:
@@ -233,7 +235,9 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
         if len(expect) != len(hf_shape) or any(e not in (-1, h) for e, h in zip(expect, hf_shape)):
             raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, expected {list(expect)} for {name!r}")
         try:
-            value = convert(jnp.array(file.read(key)), want).astype(dtype)  # a copy: never aliases the map
+            host = jnp.array(file.read(key, check_finite=False))  # a copy: never aliases the map
+            finite.append((file.path, key, jnp.isfinite(host).all()))  # on the device, read once at the end
+            value = convert(host, want).astype(dtype)
         except CheckpointError:
             raise
         except (TypeError, ValueError) as e:  # a reshape that cannot fit: name the tensor, not numpy's message
@@ -250,6 +254,10 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
             del pending[name]
         p.set_value(value)
         loaded.add(name)
+    ok = np.asarray(jnp.stack([f for *_, f in finite])) if finite else np.ones(0, bool)
+    if not ok.all():
+        file, key, _ = finite[int(np.argmin(ok))]
+        raise CheckpointError(f"{file}: tensor {key!r} holds NaN or Inf values; refusing a damaged weight")
     missing = []
     for n in sorted(set(params) - loaded):
         fused = pieces_of(n, cfg.text)

@@ -53,8 +53,9 @@ class WeightFile:
     entries: dict[str, Entry]
     _map: mmap.mmap | None = None
 
-    def read(self, key: str) -> np.ndarray:
-        """The tensor as a host array (float32 for an F64 tensor), refused if it holds NaN or Inf."""
+    def read(self, key: str, check_finite: bool = True) -> np.ndarray:
+        """The tensor as a host array over the map (float32 for an F64 tensor), refused if it holds NaN or Inf
+        (``check_finite=False``: the caller checks, e.g. on the device where it is faster)."""
         e = self.entries[key]
         try:
             if self._map is None:
@@ -62,9 +63,9 @@ class WeightFile:
                     self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             dt = FLOAT_DTYPES[e.dtype]
             x = np.frombuffer(self._map, dt, math.prod(e.shape), e.start).reshape(e.shape)
-        except (OSError, ValueError) as err:  # the file changed or shrank since its header was read
-            raise CheckpointError(f"{self.path}: tensor {key!r} cannot be read ({err})") from None
-        if not all_finite(x):
+        except (OSError, ValueError) as err:  # the file cannot be mapped (a file that shrinks after it is mapped
+            raise CheckpointError(f"{self.path}: tensor {key!r} cannot be read ({err})") from None  # is SIGBUS)
+        if check_finite and not all_finite(x):
             raise CheckpointError(f"{self.path}: tensor {key!r} holds NaN or Inf values; refusing a damaged weight")
         return x.astype(np.float32) if e.dtype == "F64" else x
 
@@ -187,8 +188,8 @@ def read_index(index: Path) -> dict[str, str]:
 
 
 def inside(root: Path, name: str, named_by: Path) -> Path:
-    """``root / name``, refused if the name or a symlink leads outside the checkpoint directory (except to the
-    Hugging Face hub cache's blobs, where a downloaded snapshot's files are symlinks)."""
+    """``root / name``, refused if the name or a symlink leads outside the checkpoint directory (except into a
+    Hugging Face hub cache's blobs, where downloaded files are symlinks)."""
     rel = Path(name)
     refuse = f"{named_by}: shard file {name!r} is outside the checkpoint directory {root}; refusing to read it"
     if rel.is_absolute() or ".." in rel.parts:
@@ -196,7 +197,9 @@ def inside(root: Path, name: str, named_by: Path) -> Path:
     file = root / rel
     real, base = file.resolve(), root.resolve()
     hub_blobs = base.parent.parent / "blobs" if base.parent.name == "snapshots" else None
-    if not (real.is_relative_to(base) or (hub_blobs is not None and real.is_relative_to(hub_blobs))):
+    # huggingface_hub's --local-dir (before 0.23) symlinks into its cache: <cache>/models--<org>--<name>/blobs/<hash>
+    in_hub_cache = real.parent.name == "blobs" and real.parent.parent.name.startswith("models--")
+    if not (real.is_relative_to(base) or in_hub_cache or (hub_blobs is not None and real.is_relative_to(hub_blobs))):
         raise CheckpointError(f"{refuse} (it resolves to {real})")
     return file
 

@@ -21,7 +21,6 @@ Public pallas (pl) and pallas.triton APIs only.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax

@@ -290,6 +290,25 @@ def test_hugging_face_hub_cache_symlinks_load(tiny, tmp_path):
     np.testing.assert_array_equal(np.asarray(model.text.embed[...]), tensors["language_model.model.embed_tokens.weight"])
 
 
+def test_local_dir_download_symlinked_into_the_hub_cache_loads(tiny, tmp_path):
+    """huggingface_hub's --local-dir before 0.23 left symlinks from the chosen directory into its cache's blobs/."""
+    config, tensors = tiny
+    blobs = tmp_path / "hub" / "models--google--tiny" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / "0123abcd").write_bytes(safetensors_bytes(tensors))
+    local = write(tmp_path / "gemma-local", config)
+    (local / "model.safetensors").symlink_to(blobs / "0123abcd")
+    model = load(local)
+    np.testing.assert_array_equal(np.asarray(model.text.embed[...]), tensors["language_model.model.embed_tokens.weight"])
+    (local / "model.safetensors").unlink()  # the same file anywhere else is outside: refused
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "0123abcd").write_bytes(safetensors_bytes(tensors))
+    (local / "model.safetensors").symlink_to(elsewhere / "0123abcd")
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        load(local)
+
+
 def test_shard_map_disagrees_with_the_shards(tiny, tmp_path):
     key = "language_model.model.layers.0.mlp.up_proj.weight"
 
