@@ -25,7 +25,11 @@ def int_array(name: str, x, shape: tuple[int, ...] | None = None, what: str = ""
     """``x`` as a jax array with an integer dtype (TypeError otherwise) and, if given, this shape (ValueError)."""
     if isinstance(x, (bool, float, complex, str, bytes)) or x is None:
         raise TypeError(f"{name} must be an integer array, got {type(x).__name__} {x!r}")
-    x = x if isinstance(x, jax.Array) else jnp.asarray(np.asarray(x))
+    if not isinstance(x, jax.Array):
+        host = np.asarray(x)
+        if np.issubdtype(host.dtype, np.integer) and host.size and (host.min() < -2**31 or host.max() >= 2**31):
+            raise ValueError(f"{name} must fit in int32, got values up to {host.max()} (they would wrap)")
+        x = jnp.asarray(host)
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(f"{name} must have an integer dtype, got {x.dtype} (shape {tuple(x.shape)})")
     if shape is not None and tuple(x.shape) != tuple(shape):
@@ -44,6 +48,8 @@ def static_int(name: str, value, *, minimum: int = 1, allow_none: bool = True, p
     value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
+    if value >= 2**31:  # an int32 in the kernels: larger would overflow (a window beyond the keys is None)
+        raise ValueError(f"{name} must be < 2^31, got {name}={value}")
     if pow2 and value & (value - 1):
         raise ValueError(f"{name} must be a power of two, got {name}={value}")
     return value
@@ -120,6 +126,8 @@ def qkv_arrays(q, k, v, *, q_rank: int, names=("q", "k", "v")):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
         if x.ndim != rank:
             raise ValueError(f"{name} must have rank {rank}: got {name}.shape={tuple(x.shape)}")
+        if 0 in (x.shape if x.ndim == 3 else x.shape[:1] + x.shape[2:]):  # an empty sequence is checked later
+            raise ValueError(f"{name} has an empty batch, head or head dim: {name}.shape={tuple(x.shape)}")
         arrays.append(x)
     q, k, v = arrays
     for name, x in zip(names, arrays):  # ValueError, as these checks always raised for q, k and v

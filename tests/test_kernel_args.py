@@ -218,3 +218,25 @@ def test_ids_from_the_mask_are_accepted():
     ks, ke = key_intervals(seg, kv_lengths=jnp.asarray([8]))
     assert np.asarray(ke).tolist() == [[1, 3, 3, 4, 7, 7, 7, 8]]
     assert np.asarray(key_intervals(jnp.asarray([[0, 0, 1, 1]]))[1]).tolist() == [[2, 2, 4, 4]]  # adjacent images
+
+
+def test_values_that_would_overflow_or_be_empty():
+    """A window of 2^31 overflowed inside jit, empty batches failed inside the interpreter, and int64 ids past
+    int32 wrapped into another id: each is one ValueError naming the argument."""
+    import numpy as np
+
+    import pallas_kernels as pk
+
+    q = jnp.zeros((1, 8, 2, 16), jnp.float32)
+    with pytest.raises(ValueError, match="sliding_window must be < 2\\^31"):
+        pk.attention(q, q, q, sliding_window=2**31, implementation="pallas")
+    with pytest.raises(ValueError, match="sliding_window must be < 2\\^31"):
+        pk.reference_mask(jnp.zeros((1, 8), jnp.int32), sliding_window=2**40)
+    with pytest.raises(ValueError, match="q has an empty batch, head or head dim"):
+        pk.attention(jnp.zeros((0, 8, 2, 16)), q[:0], q[:0], implementation="pallas")
+    with pytest.raises(ValueError, match="q has an empty batch, head or head dim"):
+        pk.attention(jnp.zeros((1, 8, 0, 16)), q, q, implementation="pallas")
+    ids = np.zeros((1, 8), np.int64)
+    ids[0, 4:] = 2**32
+    with pytest.raises(ValueError, match="segment_ids must fit in int32"):
+        pk.attention(q, q, q, ids, implementation="pallas")
