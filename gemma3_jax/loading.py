@@ -43,7 +43,10 @@ _PREFIXES = (
     ("", "text"),
 )
 _LM_HEAD = ("lm_head.weight", "language_model.lm_head.weight", "model.lm_head.weight")
-_UNUSED = re.compile(r"^vision:head\.")  # SigLIP's pooling head: Gemma-3 does not use it
+# SigLIP's pooling head (Gemma-3 does not use it), and buffers older exports saved that transformers ignores too:
+# rotary inverse frequencies (recomputed from the config) and SigLIP's position ids (0..P-1).
+_UNUSED = re.compile(r"^vision:head\.|^text:(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$|"
+                     r"^vision:embeddings\.position_ids$")
 
 
 # A conversion: (HF shape from our shape, HF tensor -> our layout).

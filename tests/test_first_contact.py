@@ -551,3 +551,23 @@ def test_a_flat_rope_parameters_dict_is_refused():
            "rope_parameters": {"rope_type": "linear", "factor": 8.0, "rope_theta": 5000.0}}
     with pytest.raises(ConfigError, match="rope_parameters has no 'full_attention' / 'sliding_attention' entries"):
         Gemma3Config.from_hf_dict(raw)
+
+
+@pytest.mark.parametrize("extra", ["model.language_model.rotary_emb.inv_freq",
+                                   "model.language_model.layers.0.self_attn.rotary_emb.inv_freq",
+                                   "model.vision_tower.vision_model.embeddings.position_ids"])
+def test_buffers_of_older_exports_are_skipped_as_transformers_skips_them(extra, base_ckpt, tmp_path):
+    """Older exports saved these buffers; they stopped the load as unexpected tensors, while transformers ignores
+    them. Any other unknown tensor still does (tests/test_loading.py)."""
+    import jax.numpy as jnp
+    from safetensors.numpy import load_file, save_file
+
+    import gemma3_jax
+
+    shutil.copytree(base_ckpt, tmp_path, dirs_exist_ok=True)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    save_file({**tensors, extra: np.arange(8, dtype=np.float32)}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    a = gemma3_jax.load_pretrained(tmp_path, dtype=jnp.float32, progress=False)
+    b = gemma3_jax.load_pretrained(base_ckpt, dtype=jnp.float32, progress=False)
+    np.testing.assert_array_equal(np.asarray(a.text.embed[...]), np.asarray(b.text.embed[...]))
