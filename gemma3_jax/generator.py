@@ -70,6 +70,11 @@ class Generator:
     def processor(self):
         return self.checkpoint.processor
 
+    @property
+    def defaults(self) -> dict:
+        """generation_config.json's sampling defaults and eos ids."""
+        return self.checkpoint.defaults
+
     @classmethod
     def from_pretrained(
         cls,
