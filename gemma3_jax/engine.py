@@ -24,7 +24,7 @@ from gemma3_jax.model import NUMERICS_OPTIONS, Gemma3, check_inputs, decoder_for
 from gemma3_jax.sampling import SamplingParams, sample
 
 # Prompt lengths are padded up to one of these (each is compiled once). Up to 256 tokens a prefill's GEMMs read
-# their weights in the same time however many rows they have (under the H100's ~300 flop/byte ridge), so coarse
+# their weights in the same time however many rows they have (they are memory bound there), so coarse
 # steps cost nothing there: 32, 48, 64, 96, 128, 192, 256. Above, padded rows are computed, so buckets step by an
 # eighth of a power of two: at most 12.5% waste (323 tokens -> 352, 2353 -> 2560), at the price of up to eight
 # compiles per doubling of the prompt length instead of two.
@@ -40,14 +40,11 @@ DECODE_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLAS
 def default_compiler_options(step: str) -> dict[str, bool | str | int]:
     """XLA options for the compiled ``step`` ("vision", "prefill" or "decode") on this backend.
 
-    Measured on the H100 (docs/benchmarks.md). Prefill: with q|k|v and gate|up stored fused, XLA's defaults and
-    ``xla_gpu_enable_triton_gemm=false`` both run the text products in cuBLAS and measured the same within
-    noise (1-image prompt 31.3 vs 30.5 ms); before the fusion, Triton GEMM fusions ran gate|up at half cuBLAS's
-    rate. Prefill keeps cuBLAS (the setting end-to-end figures were measured with). Batch-1 decode is the other
-    way round (XLA's Triton GEMV 2.6 TB/s, cuBLAS 1.0), so decode keeps XLA's Triton GEMMs. Decode also runs
-    its while loop as one CUDA graph with conditional nodes (``DECODE_COMMAND_BUFFERS``): XLA otherwise copies
-    the loop condition to the host every step and the GPU waits for the next launch (batch 1: 3.337 ->
-    3.292 ms a step, the same as a loop without the early stop). Both round every low-precision op as
+    On a GPU, vision and prefill run their GEMMs in cuBLAS (``xla_gpu_enable_triton_gemm=false``), which is at
+    least as fast as XLA's Triton GEMM fusions for these large products; decode keeps XLA's Triton GEMMs, whose
+    matrix-vector products stream the weights faster than cuBLAS's. Decode also runs its while loop as one CUDA
+    graph with conditional nodes (``DECODE_COMMAND_BUFFERS``), because XLA otherwise copies the loop condition to
+    the host every step and the GPU waits for the next launch. Every step rounds each low-precision op as
     transformers does (NUMERICS_OPTIONS)."""
     opts = dict(NUMERICS_OPTIONS)
     if jax.default_backend() == "gpu" and step in ("vision", "prefill"):
@@ -71,9 +68,8 @@ def _is_norm_weight(path, leaf) -> bool:
 class PackedWeights:
     """The model's many small norm vectors packed into one array per layer (and dtype), and how to unpack them.
 
-    Every array argument of a compiled call costs host time before the GPU starts: the 4B prefill took 3.4-4.6 ms
-    from its call to its first kernel with 673 weight arrays, 2.3-2.8 ms with the 316 norm vectors in one array
-    (H100, 2026-11-24, docs/kernel_notes.md 27). Prefill's norms are consumed by XLA fusions, which read their
+    Every array argument of a compiled call costs host time before the GPU starts, so fewer arguments start the
+    prefill sooner. Prefill's norms are consumed by XLA fusions, which read their
     slice of the packed array in place; decode keeps the plain list (its norms go into Pallas kernels, for which
     XLA would copy each slice out)."""
 
@@ -82,8 +78,8 @@ class PackedWeights:
 
     @classmethod
     def plan(cls, state) -> tuple[PackedWeights, list, list]:
-        """One group per layer (and dtype), 673 -> 421 arguments: 1-image prefill 21.0 -> 20.5 ms (A/B in one
-        process). One array for every norm of the model was as fast but took XLA 25 s to compile instead of 14."""
+        """One group per layer (and dtype): one array for every norm of the model would save no more time and
+        makes XLA's compile much slower."""
         leaves = jax.tree_util.tree_flatten_with_path(state)[0]
         group_of: dict = {}  # (path up to the layer index, dtype) -> group number
         offsets: list[int] = []
@@ -127,9 +123,8 @@ class StepWeights:
     (``flat``, for decode) or with the norms packed (``rest`` + ``groups``, for prefill).
 
     Prefill runs as two calls, the vision tower (with the projector) and the text decoder, each taking only its
-    own weights. As one call of 421 arrays the 4B prefill's GPU started ~2.3 ms after the call; the vision call
-    (249 arrays) starts it after ~0.5 ms, and the text call's host work (~2 ms) is done while the GPU runs the
-    vision tower (H100, docs/kernel_notes.md 30)."""
+    own weights, so the GPU starts after the smaller vision call's host work and the text call's host work is
+    done while the GPU runs the vision tower."""
 
     graphdef: nnx.GraphDef
     treedef: jax.tree_util.PyTreeDef
@@ -183,8 +178,8 @@ class Engine:
     def __init__(
         self, model: Gemma3, cache_length: int = 4096, chunk: int = 32, compiler_options: dict | None = None
     ):
-        # The weights travel as flat lists: flattening an nnx.State (~900 leaves for 4B) costs ~2.4 ms of host
-        # time per call, a list ~0.07 ms. The compiled steps rebuild the modules inside the trace. Decode needs
+        # The weights travel as flat lists, because flattening an nnx.State on every call costs far more host time
+        # than passing a list. The compiled steps rebuild the modules inside the trace. Decode needs
         # only the text decoder's weights (``self.weights``), prefill's vision call only the vision tower's.
         self._text_weights = StepWeights.of(model.text)
         self.weights = self._text_weights.flat

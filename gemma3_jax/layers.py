@@ -22,8 +22,8 @@ def param(shape: tuple[int, ...], dtype) -> nnx.Param:
 
 def gelu_tanh(x: Array) -> Array:
     """gelu with the tanh approximation (transformers' ``gelu_pytorch_tanh``), computed in float32 and rounded
-    once to x's dtype as torch does for bf16/fp16 inputs. Evaluated in bf16 op by op instead, half of a bf16 MLP's
-    outputs differed from transformers' (real 270M on CPU: 49-65% per layer -> 0.3%). The text MLP uses it; the
+    once to x's dtype as torch does for bf16/fp16 inputs, because evaluated in bf16 op by op many of a bf16 MLP's
+    outputs differ from transformers'. The text MLP uses it; the
     vision tower keeps XLA's bf16 form, which a GPU runs inside cuBLAS's epilogue (see vision.VisionMLP)."""
     return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
 

@@ -98,8 +98,8 @@ def check_inputs(cfg: Gemma3Config, input_ids, pixel_values=None, attention_mask
                 f"{pixel_values.shape[0]} images need {expected} image tokens "
                 f"(id {cfg.image_token_id}) in input_ids, found {n_image_tokens}"
             )
-        # Sent in their own float dtype; the vision tower casts them to the model's dtype on the device. A host
-        # cast of float32 to bfloat16 (numpy) took ~5 ms per 896x896 image, more than the transfer itself.
+        # Sent in their own float dtype; the vision tower casts them to the model's dtype on the device, because a
+        # host (numpy) cast costs more than the transfer itself.
         pixel_values = jnp.asarray(pixel_values)
     elif n_image_tokens:
         raise ValueError(f"input_ids hold {n_image_tokens} image tokens (id {cfg.image_token_id}) but no pixel_values")
@@ -121,8 +121,7 @@ def check_inputs(cfg: Gemma3Config, input_ids, pixel_values=None, attention_mask
 
 
 # XLA may keep bf16 intermediates of a fusion in float32 ("excess precision"); transformers' eager bf16 code
-# rounds after every op. Rounding like it moved the real 270M's bf16 top-1 agreement with transformers from
-# 97.92% to 98.57% on the H100 (docs/benchmarks.md).
+# rounds after every op, so turning it off makes our bf16 outputs agree with transformers' more often.
 NUMERICS_OPTIONS = {"xla_allow_excess_precision": False}
 
 

@@ -24,7 +24,7 @@ class Attention(nnx.Module):
     """Grouped-query attention with q/k RMSNorm before RoPE and the image-span mask.
 
     Weights are [out, in] (transformers' layout): every product contracts the contiguous last axis, which is
-    what batch-1 decode's matrix-vector products want (H100: 2.6 TB/s vs 1.7 for [in, out] under XLA)."""
+    what batch-1 decode's matrix-vector products want (XLA streams them faster than [in, out] weights)."""
 
     def __init__(self, cfg: TextConfig, layer: int, dtype):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -166,8 +166,8 @@ class TextModel(nnx.Module):
 
         ``impl``: "pallas" = the Pallas decode kernels (interpreted off the GPU: how the tests run them),
         "reference" = cache.attend_step and the MLP in jnp (O(cache) per step), "auto" = "pallas" on a GPU and
-        "reference" elsewhere: interpreted, the kernels made a CPU's decode ~8x slower (real 270M, float32, 2 cores:
-        1.2 vs 10.2 tokens/s). At batch 1 the q|k|v and MLP products are Pallas matrix-vector kernels too."""
+        "reference" elsewhere, because interpreted kernels make a CPU's decode much slower. At batch 1 the q|k|v
+        and MLP products are Pallas matrix-vector kernels too."""
         if impl not in ("auto", "pallas", "reference"):
             raise ValueError(f"unknown attention implementation {impl!r}")
         if impl == "auto":

@@ -31,7 +31,7 @@ class VisionAttention(nnx.Module):
     """SigLIP self-attention. q, k and v are one weight [E, 3, N, Hp] with the head dim H zero-padded to Hp, a
     multiple of 16 (72 -> 80, done at load time): one product writes them in the layout the Pallas kernel reads
     in place, and the output projection [N, Hp, E] has zero rows for the padded columns, so no per-call
-    padding, slicing or weight concatenation remains (~1.1 ms per image on the H100 before). The Pallas path
+    padding, slicing or weight concatenation remains, each of which would be a copy per image. The Pallas path
     sets v's padded bias columns to 1, so P @ V there is the kernel's softmax denominator (``ones_column``): it
     relies on the padded weight columns of q|k|v and the padded rows of o_proj being zero, as loading and
     scripts/random_init.py make them."""
@@ -78,7 +78,7 @@ class VisionMLP(nnx.Module):
     def __call__(self, x: Float[Array, "I P E"]) -> Float[Array, "I P E"]:
         # gelu in the activation dtype, not layers.gelu_tanh's float32: on a GPU XLA then folds bias + gelu into
         # cuBLAS's GEMM epilogue (evaluated on the f32 accumulator, rounded once). The float32 form does not
-        # match that pattern and cost a separate 0.8 ms kernel per image (H100, 2026-11-24).
+        # match that pattern and would cost a separate kernel per image.
         h = jax.nn.gelu(jnp.einsum("IPE,EF->IPF", x, self.fc1[...]) + self.fc1_bias[...], approximate=True)
         return jnp.einsum("IPF,FE->IPE", h, self.fc2[...]) + self.fc2_bias[...]
 

@@ -65,14 +65,13 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
     ``masks=False`` (a caller whose rows all see every key: SigLIP without padding): no element mask, one loop
     with a static trip count. With ``fixed_offset`` (bf16/f32 probabilities: f32's exponent range) also no
     running max: the offset m is fixed after block 0 (FIXED_SHIFT), so the exponentials never wait for a
-    row-max reduction and the accumulators are never rescaled (docs/kernel_notes.md 39); a program with a row
+    row-max reduction and the accumulators are never rescaled; a program with a row
     outside FIXED_L_RANGE or a non-finite accumulator is recomputed with the online softmax. ``sum_column``
     (fixed offset only): the index of a column of v that holds ones, whose P @ V is then the row sum l (no sum of
     the probabilities per block).
     ``masks=True``: one loop over [lo, hi) whose partly masked blocks (outside [f_lo, f_hi)) take the element
-    mask behind a branch: one software pipeline per program instead of three loops that each refill it
-    (docs/kernel_notes.md 23, 25: +3..8% at D=256 on the H100; Triton's result is sensitive to the form: V's
-    address must come from the same ``start`` as K's).
+    mask behind a branch: one software pipeline per program instead of three loops that each refill it (V's
+    address comes from the same ``start`` as K's, because Triton compiles the other form to a slower kernel).
     """
     exp2 = ex2_approx if fast_exp2 else jnp.exp2
     block_q = q_ref.shape[0]
@@ -322,8 +321,8 @@ def packed_self_attention(
     qkv [B, S, 3, H, Dp]: q, k, v of H heads, the head dim ``head_dim`` zero-padded to Dp = its multiple of 16
     (72 -> 80), as one projection writes them. Returns [B, S, H, Dp] in qkv's dtype; its padded columns hold
     P @ V of the padded columns (zeros when they are zero in v). The kernel reads q, k and v in place (three
-    BlockSpecs on one array): no slicing or padding copies, which cost SigLIP ~1.1 ms per image on the H100
-    (docs/benchmarks.md). ``fixed_offset``: the softmax without a running max when the sequence is a multiple of
+    BlockSpecs on one array): no slicing or padding copies, each of which would be a copy per image.
+    ``fixed_offset``: the softmax without a running max when the sequence is a multiple of
     the blocks (bf16/f32; see _kernel), else the online softmax. ``ones_column``: the caller promises v's padded
     column ``head_dim`` is exactly 1 for every key (a bias of 1 there, weights 0); its P @ V is then the softmax
     denominator and the kernel skips summing the probabilities (that output column is 1). A column of zeros

@@ -6,9 +6,9 @@ From the layer's raw projection qkv [B, N + 2K, H] (q heads, then k heads, then 
     k, v are written into the cache buffers [B, S, K, H] at slot pos (global) or pos % S (ring), in place
     out = softmax(q k^T * scale) v over the cache's held older positions and the new token itself
 
-Why: in XLA these are ~6 small kernels per layer (q/k norms, RoPE, converts, two cache writes, padding the
-query rows), ~1.5 us each on the H100, beside a batch-1 decode step's ~76 us of weight reads per layer
-(docs/benchmarks.md). Norms and RoPE round to the activation dtype where transformers' eager bf16 code does.
+Why: in XLA these are several small kernels per layer (q/k norms, RoPE, converts, two cache writes, padding the
+query rows), whose launches are a visible share of a batch-1 decode step's time per layer. Norms and RoPE round
+to the activation dtype where transformers' eager bf16 code does.
 
 Design, on top of pallas_kernels/decode_attention.py (same grid (B, K, splits), same split of each row's
 valid key blocks, same log-sum-exp combine in jnp):

@@ -3,8 +3,8 @@
 Weights are [out, in] (transformers' layout), so each program streams ``block_n`` contiguous rows of w. A
 program covers its whole share of K at once: the K range is cut into power-of-two pieces (2560 = 2048 + 512)
 whose loads are all issued before the first product, so one memory latency per program, not one per chunk.
-The products are f32 multiply-adds, no tensor cores: meant for batch 1, where the work is memory bound (H100:
-faster than XLA's GEMV there; at batch 8 the row-by-row products made it 1.4-3.4x slower, docs/kernel_notes.md).
+The products are f32 multiply-adds, no tensor cores: meant for batch 1, where the work is memory bound (at
+larger batches the row-by-row products are slower than XLA's tensor-core GEMV).
 
 - ``gemv``: with ``splits`` > 1 the K range is split over that many programs per row block and the f32
   partial sums [splits, B, N] are returned for the consumer to add (``residual_norm`` takes them), which

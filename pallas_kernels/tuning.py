@@ -2,7 +2,7 @@
 batch-1 matrix-vector (GEMV) settings, and the compiler-params glue.
 
 The tables are keyed by padded head dim; entries were picked from measurements (scripts/bench_attention.py,
-scripts/bench_gemv.py; the runs behind them are in docs/kernel_notes.md). Head dims that are not powers of two
+scripts/bench_gemv.py). Head dims that are not powers of two
 use the entry of the next power of two (the kernels compute them in power-of-two column chunks).
 """
 
@@ -21,17 +21,13 @@ class KernelConfig:
 
 
 # padded head dim -> config (GPU, bf16/fp16).
-# D=256 from H100 runs (docs/kernel_notes.md): 128x64, 8 warps, 2 stages, no head folding was best at
-# every length 2K-32K (64x64/4w: -20..-35%; 128x32: -10..-30%; two query heads per program sharing each
-# K/V tile: -45%, removed; 3 stages at 128x64 needs
-# 256 KiB of shared memory and does not launch). fast_exp2 (ex2.approx.ftz inline asm instead of
-# libdevice exp2f): +6..10% at 8K-32K. A lazy rescale (move the max only when it grew by > 8) measured
-# +0..1% alone and -3% together with fast_exp2, and was removed.
-# Smaller head dims: correctness checked on the H100 (D=64/72/128, also with fast_exp2), speed not
-# measured: same shape, 3 stages where the shared memory allows it.
-# D=72 (SigLIP), computed as 64 + 16 columns (80): H100, 4096 tokens, 16 heads, bidirectional, 20 calls back to
-# back: 128x64 w4 s3 0.287 ms; w4 s2 0.307; 128x128 w4 0.318; 64x64 / 128x32 w4 0.328; 128x64 w8 s3 0.353;
-# w8 s2 0.477 (cuDNN 0.229). Eight warps starve at this head dim.
+# D=256: 128x64, 8 warps, 2 stages is the fastest tile measured at every prompt length (3 stages at 128x64
+# need 256 KiB of shared memory and do not launch), and fast_exp2 (ex2.approx.ftz inline asm instead of
+# libdevice exp2f) is faster because the exponentials compete with the MMAs in each warpgroup.
+# Smaller head dims: the same shape with 3 stages where the shared memory allows it (checked for correctness,
+# speed not measured).
+# D=72 (SigLIP), computed as 64 + 16 columns (80): 128x64, 4 warps, 3 stages, because eight warps starve at
+# this head dim.
 _TABLE: dict[int, KernelConfig] = {
     80: KernelConfig(128, 64, 4, 3, fast_exp2=True),
     16: KernelConfig(128, 64, 4, 3, fast_exp2=True),
@@ -64,7 +60,7 @@ class DecodeConfig:
 
 # padded head dim -> decode attention config for 2-byte dtypes (fp32 halves block_k). Sized so 2 stages of the K
 # and V tiles (2 * 2 * block_k * Hp * 2 bytes = 128 KiB at Hp = 256) fit in shared memory next to the [Gp, Hp]
-# f32 accumulator; within ~10% of the best block_k / splits / warps measured (docs/kernel_notes.md).
+# f32 accumulator, and close to the fastest block_k / splits / warps measured.
 _DECODE_TABLE: dict[int, DecodeConfig] = {
     16: DecodeConfig(128, 4, 2),
     32: DecodeConfig(128, 4, 2),
