@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from gemma3_jax.config import TextConfig
-from pallas_kernels.decode_attention import decode
+from pallas_kernels.decode_attention import cached_attention
 from pallas_kernels.common import interpret_mode
 from pallas_kernels.decode_fused import decode_attention_fused, supports_head_dim
 
@@ -79,14 +79,14 @@ def write_step(buf: Float[Array, "B S K H"], new: Float[Array, "B K H"], pos: In
     return buf.at[jnp.arange(buf.shape[0]), idx].set(new.astype(buf.dtype), mode="drop")
 
 
-def attend(q, k, v, pos, ring: bool, scale: float, impl: str):
+def attend_cached(q, k, v, pos, ring: bool, scale: float, impl: str):
     """Decode attention after ``write_step``: the Pallas kernel ("auto"/"pallas") or attend_step ("reference").
 
     The kernel needs no slot order: a buffer of S slots holds exactly the slots s < min(pos + 1, S), whether
     it is a ring (sliding layers) or indexed by position (global layers)."""
     if impl == "reference":
         return attend_step(q, k, v, pos, ring, scale)
-    return decode(q, k, v, jnp.minimum(pos + 1, k.shape[1]), scale=scale, implementation=impl)
+    return cached_attention(q, k, v, jnp.minimum(pos + 1, k.shape[1]), scale=scale, implementation=impl)
 
 
 def fused_step_supported(head_dim: int) -> bool:

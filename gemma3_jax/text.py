@@ -11,7 +11,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from gemma3_jax import cache as kvc
-from pallas_kernels import attention as attend
+from pallas_kernels import attention as attention_op
 from pallas_kernels.common import interpret_mode
 from pallas_kernels.gemv import gemv
 from pallas_kernels.residual_norm import residual_norm
@@ -56,7 +56,7 @@ class Attention(nnx.Module):
     ) -> tuple[Float[Array, "B T D"], tuple[Array, Array]]:
         """Output and this layer's (keys, values) [B, T, K, H] for a KV cache."""
         q, k, v = self.project(x, cos, sin)
-        out = attend(
+        out = attention_op(
             q,
             k,
             v,
@@ -68,7 +68,7 @@ class Attention(nnx.Module):
         )
         return jnp.einsum("BTNH,DNH->BTD", out, self.o_proj[...]), (k, v)
 
-    def decode(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"], impl: str,
+    def step(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"], impl: str,
                gemv_qkv: bool = False):
         """One token per row at position ``pos``: writes its key/value into the cache, attends over it.
         ``gemv_qkv``: the q|k|v product through the Pallas matrix-vector kernel (batch 1)."""
@@ -90,7 +90,7 @@ class Attention(nnx.Module):
             q, k, v = self.project(x, cos, sin)
             k_buf = kvc.write_step(k_buf, k[:, 0], pos, ring)
             v_buf = kvc.write_step(v_buf, v[:, 0], pos, ring)
-            out = kvc.attend(q[:, 0], k_buf, v_buf, pos, ring, self.scale, impl)
+            out = kvc.attend_cached(q[:, 0], k_buf, v_buf, pos, ring, self.scale, impl)
         return jnp.einsum("BNH,DNH->BD", out, self.o_proj[...])[:, None], k_buf, v_buf
 
 
@@ -182,7 +182,7 @@ class TextModel(nnx.Module):
         x, xn, ks, vs = embeddings, layers[0].input_norm(embeddings), [], []
         for i, (layer, k_buf, v_buf) in enumerate(zip(layers, cache.k, cache.v)):
             cos, sin = tables[layer.layer_type]
-            h, k_buf, v_buf = layer.attn.decode(xn, cos, sin, k_buf, v_buf, pos, impl, gemv_qkv=gemv_b1)
+            h, k_buf, v_buf = layer.attn.step(xn, cos, sin, k_buf, v_buf, pos, impl, gemv_qkv=gemv_b1)
             x, xn = residual_and_norm(x, h, layer.post_attn_norm, layer.pre_ffw_norm, impl)
             following = layers[i + 1].input_norm if i + 1 < len(layers) else self.final_norm
             # [S, 1, 1, D] f32 partial sums (added inside residual_norm) or [B, 1, D]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from pallas_kernels import attention as attend
+from pallas_kernels import attention as attention_op
 from pallas_kernels.attention import packed_self_attention, padded_head_dim
 from pallas_kernels.common import interpret_mode
 from gemma3_jax.config import Gemma3Config, VisionConfig
@@ -56,7 +56,7 @@ class VisionAttention(nnx.Module):
         qkv = qkv.reshape(*x.shape[:2], *b.shape)
         if impl == "reference":
             q, k, v = (qkv[:, :, i, :, :h] for i in range(3))
-            out = attend(q, k, v, None, scale=self.scale, causal=False, implementation=impl)
+            out = attention_op(q, k, v, None, scale=self.scale, causal=False, implementation=impl)
             out = jnp.pad(out, ((0, 0), (0, 0), (0, 0), (0, qkv.shape[-1] - h)))
         elif impl in ("auto", "pallas"):
             out = packed_self_attention(qkv, head_dim=h, scale=self.scale, interpret=interpret_mode(),

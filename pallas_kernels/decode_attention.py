@@ -253,7 +253,7 @@ def decode_attention_reference(q, k, v, lengths, *, scale):
     return out.reshape(b, n, h).astype(q.dtype)
 
 
-def decode(q, k, v, lengths, *, scale, implementation: str = "auto", **kernel_kwargs):
+def cached_attention(q, k, v, lengths, *, scale, implementation: str = "auto", **kernel_kwargs):
     """Dispatch: "auto"/"pallas" = the kernel (compiled on GPU, interpret mode elsewhere), "reference" = jnp.
     Arguments and their checks as for ``decode_attention``."""
     if implementation == "reference":

@@ -238,17 +238,17 @@ def patched_attention(mode: str):
     """mode: "fused" (the model's path: norms, RoPE, cache write and attention in one Pallas kernel),
     "pallas" (XLA norms/RoPE/cache writes + the Pallas decode kernel), "xla" (cache.attend_step: XLA
     einsums), "none" (no attention over the cache: the step without it, an ablation)."""
-    orig, orig_fused = kvc.attend, kvc.fused_step_supported
+    orig, orig_fused = kvc.attend_cached, kvc.fused_step_supported
     if mode != "fused":
         kvc.fused_step_supported = lambda head_dim: False
     if mode == "none":
-        kvc.attend = lambda q, k, v, pos, ring, scale, impl: q
+        kvc.attend_cached = lambda q, k, v, pos, ring, scale, impl: q
     elif mode == "xla":
-        kvc.attend = lambda q, k, v, pos, ring, scale, impl: kvc.attend_step(q, k, v, pos, ring, scale)
+        kvc.attend_cached = lambda q, k, v, pos, ring, scale, impl: kvc.attend_step(q, k, v, pos, ring, scale)
     try:
         yield
     finally:
-        kvc.attend, kvc.fused_step_supported = orig, orig_fused
+        kvc.attend_cached, kvc.fused_step_supported = orig, orig_fused
 
 
 def kernel_table(logdir: str, steps: int, top: int = 40) -> dict:

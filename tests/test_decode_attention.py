@@ -13,7 +13,7 @@ import pytest
 
 from conftest import rel_norm as rel
 from gemma3_jax.cache import attend_step, write_step
-from pallas_kernels import decode, decode_attention, decode_attention_reference
+from pallas_kernels import cached_attention, decode_attention, decode_attention_reference
 
 F32_TOL, LOWP_TOL = 1e-5, 1e-2
 INTERPRET = jax.default_backend() != "gpu"
@@ -102,7 +102,7 @@ def test_ring_buffer_matches_attend_step(dtype):
     k = write_step(k, new_k[:, 0], pos, ring=True)
     v = write_step(v, new_v[:, 0], pos, ring=True)
     ref = attend_step(q, k, v, pos, True, h**-0.5)
-    out = decode(q, k, v, jnp.minimum(pos + 1, w), scale=h**-0.5, block_k=16, num_splits=2)
+    out = cached_attention(q, k, v, jnp.minimum(pos + 1, w), scale=h**-0.5, block_k=16, num_splits=2)
     assert rel(out, ref) <= tol(dtype)
 
 
@@ -111,17 +111,17 @@ def test_full_buffer_matches_attend_step():
     pos = jnp.asarray([0, 7, 39, 20, 16], jnp.int32)
     q, k, v, _ = inputs(5, 5, c, kh, g, h, jnp.float32)
     ref = attend_step(q, k, v, pos, False, h**-0.5)
-    out = decode(q, k, v, pos + 1, scale=h**-0.5, block_k=16)
+    out = cached_attention(q, k, v, pos + 1, scale=h**-0.5, block_k=16)
     assert rel(out, ref) <= F32_TOL
 
 
 def test_dispatch_reference():
     q, k, v, _ = inputs(6, 2, 20, 1, 2, 64, jnp.float32)
     lengths = jnp.asarray([20, 7], jnp.int32)
-    ref = decode(q, k, v, lengths, scale=0.1, implementation="reference")
+    ref = cached_attention(q, k, v, lengths, scale=0.1, implementation="reference")
     np.testing.assert_array_equal(ref, decode_attention_reference(q, k, v, lengths, scale=0.1))
     with pytest.raises(ValueError, match="unknown implementation='flash'"):
-        decode(q, k, v, lengths, scale=0.1, implementation="flash")
+        cached_attention(q, k, v, lengths, scale=0.1, implementation="flash")
 
 
 def _bad(b=2, n=4, s=20, kh=2, h=64, dtype=jnp.float32):

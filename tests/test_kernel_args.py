@@ -14,7 +14,7 @@ import pytest
 
 from pallas_kernels import (
     attention,
-    decode,
+    cached_attention,
     decode_attention,
     decode_attention_reference,
     image_span_attention,
@@ -126,7 +126,7 @@ DECODE_CASES = {
     "float_lengths": (lambda: dec(lengths=LENGTHS.astype(jnp.float32)), TypeError, r"lengths.*float32"),
     "float_lengths_reference": (lambda: dec(decode_attention_reference, lengths=LENGTHS.astype(jnp.float32)),
                                 TypeError, r"lengths.*float32"),
-    "float_lengths_dispatch": (lambda: dec(decode, lengths=LENGTHS.astype(jnp.float32)), TypeError, r"lengths"),
+    "float_lengths_dispatch": (lambda: dec(cached_attention, lengths=LENGTHS.astype(jnp.float32)), TypeError, r"lengths"),
     "lengths_above_slots": (lambda: dec(lengths=jnp.asarray([21, 3])), ValueError, r"lengths.*\[0, 20\]"),
     "lengths_negative": (lambda: dec(lengths=jnp.asarray([2, -3])), ValueError, r"lengths.*-3"),
     "lengths_shape": (lambda: dec(lengths=jnp.asarray([2, 3, 4])), ValueError, r"lengths.*\(3,\)"),
