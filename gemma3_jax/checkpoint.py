@@ -9,6 +9,7 @@ which takes from seconds to minutes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,10 +98,10 @@ class Checkpoint:
         processor = Processor.from_pretrained(path) if cfg.is_multimodal else None
         name = "the default model (Gemma-3 270M)" if model is None else Path(model).name
         ckpt = cls(path, cfg, tokenizer, processor, generation_defaults(path), name)
-        ckpt.stop_ids  # noqa: B018 (checked now, not after the weights load)
+        ckpt.stop_ids  # noqa: B018 (computed and checked now, not after the weights load)
         return ckpt
 
-    @property
+    @functools.cached_property
     def stop_ids(self) -> list[int]:
         """Token ids that end a row: generation_config.json's eos ids, the tokenizer's eos and <end_of_turn>."""
         turn = self.tokenizer.token_id("<end_of_turn>")

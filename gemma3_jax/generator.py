@@ -87,9 +87,10 @@ class Generator:
         chunk: int = 32,
         compilation_cache: bool = True,
     ) -> Generator:
-        """``model``: a checkpoint directory, a .gguf file, or None for the default 270M. ``dtype=None``: bfloat16
-        on a GPU, float32 elsewhere. ``cache_length=None``: 4096, or the model's positions if fewer; it is checked
-        against the config and the device's memory before the weights load. ``compilation_cache``: JAX's persistent compilation cache (see compile_cache)."""
+        """``model``: a checkpoint directory, a .gguf file, or None for the default 270M. ``dtype=None``: float32 on
+        a CPU, bfloat16 on an accelerator. ``cache_length=None``: 4096, or the model's positions if fewer; it is
+        checked against the config and the device's memory before the weights load. ``compilation_cache``: JAX's
+        persistent compilation cache (``gemma3_jax.compile_cache``)."""
         t = time.perf_counter()
         return cls.from_checkpoint(Checkpoint.open(model, progress=progress), dtype=dtype, cache_length=cache_length,
                                    attention=attention, progress=progress, chunk=chunk,
