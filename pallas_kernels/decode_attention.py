@@ -1,6 +1,6 @@
 """Pallas (Triton) flash-decoding: one query token per row over a KV cache buffer.
 
-q [B, N, H]; k, v [B, S, K, H] (cache layout of gemma3_jax/cache.py); row b attends the slots s < lengths[b].
+q [B, N, H]; k, v [B, S, K, H] (cache layout of gemma3_jax/model/kv_cache.py); row b attends the slots s < lengths[b].
 Slot order does not matter (softmax is permutation invariant), so a sliding-window ring buffer of W slots
 after writing position pos is simply lengths = min(pos + 1, W), a full buffer lengths = pos + 1.
 

@@ -29,8 +29,8 @@ from bench_attention import time_jax  # noqa: E402
 from bench_generate import attempt  # noqa: E402
 from profile_generate import traced  # noqa: E402
 
-from gemma3_jax.engine import default_compiler_options  # noqa: E402
-from gemma3_jax.layers import gelu_tanh  # noqa: E402
+from gemma3_jax.runtime.engine import default_compiler_options  # noqa: E402
+from gemma3_jax.model.layers import gelu_tanh  # noqa: E402
 from pallas_kernels.common import interpret_mode  # noqa: E402
 from pallas_kernels.gemv import gemv, gemv_geglu, gemv_geglu_reference, gemv_reference  # noqa: E402
 

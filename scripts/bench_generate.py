@@ -45,9 +45,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gemma3_jax.config import GLOBAL, SLIDING, Gemma3Config, TextConfig, VisionConfig  # noqa: E402
-from gemma3_jax.engine import Engine, Timings, bucket_length  # noqa: E402
-from gemma3_jax.presets import preset  # noqa: E402
+from gemma3_jax.model.config import GLOBAL, SLIDING, Gemma3Config, TextConfig, VisionConfig  # noqa: E402
+from gemma3_jax.runtime.engine import Engine, Timings, bucket_length  # noqa: E402
+from gemma3_jax.model.presets import preset  # noqa: E402
 from random_init import random_model  # noqa: E402
 
 PEAK_BW = 3.0e12  # bytes/s, device-to-device copy measured on the H100 (KINDS.md)

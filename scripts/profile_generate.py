@@ -42,10 +42,10 @@ from flax import nnx  # noqa: E402
 
 from bench_attention import time_jax  # noqa: E402
 from bench_generate import PEAK_BW, attempt, make_pixels, make_prompt, round_up, spec_of  # noqa: E402
-from gemma3_jax import cache as kvc  # noqa: E402
-from gemma3_jax.engine import Engine, bucket_length, default_compiler_options  # noqa: E402
+from gemma3_jax.model import kv_cache as kvc  # noqa: E402
+from gemma3_jax.runtime.engine import Engine, bucket_length, default_compiler_options  # noqa: E402
 from random_init import random_model  # noqa: E402
-from gemma3_jax.sampling import SamplingParams  # noqa: E402
+from gemma3_jax.runtime.sampling import SamplingParams  # noqa: E402
 
 NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
 OPTIONS = {  # XLA compiler options tried on the prefill parts

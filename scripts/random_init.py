@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemma3_jax.config import Gemma3Config
-from gemma3_jax.model import Gemma3
+from gemma3_jax.model.config import Gemma3Config
+from gemma3_jax.model.gemma3 import Gemma3
 
 
 def _init_std(path: str, shape: tuple[int, ...]) -> tuple[float, float]:

@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_generate import make_pixels, make_prompt, round_up, spec_of, time_prefill  # noqa: E402
-from gemma3_jax.engine import Engine  # noqa: E402
+from gemma3_jax.runtime.engine import Engine  # noqa: E402
 from random_init import random_model  # noqa: E402
 from profile_generate import kernel_table  # noqa: E402
 

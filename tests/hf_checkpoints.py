@@ -160,7 +160,7 @@ def convert_gguf_270m(dst: Path):
 def _convert_gguf_270m(dst: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gemma3_jax.gguf import packaged_gguf
+    from gemma3_jax.checkpoints.gguf import packaged_gguf
 
     gguf = packaged_gguf()
     kw = dict(gguf_file=gguf.name)

@@ -246,8 +246,8 @@ def tokenizer_files() -> Path:
 def _build_tokenizer(out: Path) -> None:
     from tokenizers import AddedToken
 
-    from gemma3_jax.gguf import packaged_gguf, read_gguf
-    from gemma3_jax.tokenizer import gemma_backend
+    from gemma3_jax.checkpoints.gguf import packaged_gguf, read_gguf
+    from gemma3_jax.preprocessing.tokenizer import gemma_backend
 
     md = read_gguf(packaged_gguf()).metadata
     tokens, types, scores = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"], md["tokenizer.ggml.scores"]

@@ -18,8 +18,8 @@ from safetensors.numpy import load_file
 
 import gemma3_jax
 from gemma3_jax import CheckpointError, Gemma3Config
-from gemma3_jax.config import ConfigError, param_bytes
-from gemma3_jax.model import Gemma3
+from gemma3_jax.model.config import ConfigError, param_bytes
+from gemma3_jax.model.gemma3 import Gemma3
 
 ROOT = Path(__file__).resolve().parents[1]
 _CODES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
@@ -126,7 +126,7 @@ def test_damaged_safetensors_file(tiny, tmp_path, damage, match):
     assert str(path / "model.safetensors") in str(e.value)
     if damage != "directory":  # the check made before the weights load (Checkpoint.open) sees it too
         with pytest.raises(CheckpointError, match=match):
-            gemma3_jax.loading.checkpoint_files(path)
+            gemma3_jax.checkpoints.loading.checkpoint_files(path)
 
 
 def test_oversized_json_files_are_not_read(tiny, tmp_path):
@@ -275,7 +275,7 @@ def test_a_shard_outside_the_checkpoint_is_never_read(tiny, tmp_path, how):
     with pytest.raises(CheckpointError, match=r"is outside the checkpoint directory .*; refusing to read it"):
         load(path)
     with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
-        gemma3_jax.loading.checkpoint_files(path)  # the check made before the weights load (Checkpoint.open)
+        gemma3_jax.checkpoints.loading.checkpoint_files(path)  # the check made before the weights load (Checkpoint.open)
 
 
 def test_hugging_face_hub_cache_symlinks_load(tiny, tmp_path):

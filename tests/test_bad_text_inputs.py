@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from gemma3_jax import chat_template as ct
-from gemma3_jax.processor import Processor, render_chat
-from gemma3_jax.tokenizer import Tokenizer
+from gemma3_jax.preprocessing import chat_template as ct
+from gemma3_jax.preprocessing.processor import Processor, render_chat
+from gemma3_jax.preprocessing.tokenizer import Tokenizer
 
 OFFICIAL_SHAPED = "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n" \
                   "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"

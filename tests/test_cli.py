@@ -61,7 +61,7 @@ def test_cli_generates_with_an_image(ckpt, images, capsys):
 
 def test_generator_takes_any_image_mode(ckpt, images):
     """RGBA, CMYK, grayscale, 1x1 and a 4000x3000 image all work, in one batch."""
-    from gemma3_jax.generator import Generator
+    from gemma3_jax.runtime.generator import Generator
 
     gen = Generator.from_pretrained(ckpt, dtype="float32", cache_length=128, progress=False)
     names = ["rgba", "cmyk", "gray", "one", "large"]
@@ -74,7 +74,7 @@ def test_generator_takes_any_image_mode(ckpt, images):
 def test_generator_decodes_text_per_chunk_only_when_asked(ckpt, monkeypatch):
     """Without a stream or stop strings each row's text is decoded once, at the end; with a stream, per chunk (the
     random model's text is not prefix-stable, so what was streamed is not compared with the final text here)."""
-    from gemma3_jax.generator import Generator
+    from gemma3_jax.runtime.generator import Generator
 
     gen = Generator.from_pretrained(ckpt, dtype="float32", cache_length=64, progress=False, chunk=2)
     calls = []
@@ -143,7 +143,7 @@ def test_generation_config_defaults(tmp_path):
     """Sampling defaults come from generation_config.json; do_sample fills in transformers' own defaults."""
     import json
 
-    from gemma3_jax.sampling import generation_defaults
+    from gemma3_jax.runtime.sampling import generation_defaults
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 64, "top_p": 0.95,
                                                                  "eos_token_id": [1, 106]}))

@@ -9,8 +9,8 @@ from conftest import rel_err
 from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
 import gemma3_jax
-from gemma3_jax.config import GLOBAL, SLIDING
-from gemma3_jax.layers import GeGLU, apply_rope, gelu_tanh, rope_cos_sin
+from gemma3_jax.model.config import GLOBAL, SLIDING
+from gemma3_jax.model.layers import GeGLU, apply_rope, gelu_tanh, rope_cos_sin
 from pallas_kernels import reference_mask, segment_ids_from_image_mask
 
 TIGHT = 1e-5
@@ -106,7 +106,7 @@ def test_embedding_scale_rounds_in_weight_dtype():
     """sqrt(hidden) is rounded in the weight dtype as transformers does: 55.4256 -> 55.5 in bfloat16."""
     cfg = gemma3_jax.TextConfig(hidden_size=3072, layer_types=("full_attention",), num_layers=1,
                                 vocab_size=4, intermediate_size=8, num_heads=1, num_kv_heads=1, head_dim=8)
-    from gemma3_jax.text import TextModel
+    from gemma3_jax.model.text import TextModel
 
     model = TextModel(cfg, jnp.bfloat16)
     model.embed.set_value(jnp.ones((4, 3072), jnp.bfloat16))
@@ -119,7 +119,7 @@ def test_bf16_mlp_rounds_like_transformers(pair):
     bf16 number (evaluating gelu op by op in bf16 made about half of them differ)."""
     import copy
 
-    from gemma3_jax.model import NUMERICS_OPTIONS
+    from gemma3_jax.model.gemma3 import NUMERICS_OPTIONS
 
     ours, hf = pair
     mlp = hf.language_model.layers[3].mlp

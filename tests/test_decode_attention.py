@@ -1,5 +1,5 @@
 """Tests of the Pallas flash-decoding kernel (interpret mode on CPU, compiled on a GPU) against the jnp oracle,
-an independent float64 numpy computation, and gemma3_jax.cache.attend_step (ring and full buffers).
+an independent float64 numpy computation, and gemma3_jax.model.kv_cache.attend_step (ring and full buffers).
 
 Lengths are traced, so each shape/static-arg combination compiles once; shapes are kept small.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_norm as rel
-from gemma3_jax.cache import attend_step, write_step
+from gemma3_jax.model.kv_cache import attend_step, write_step
 from pallas_kernels import cached_attention, decode_attention, decode_attention_reference
 
 F32_TOL, LOWP_TOL = 1e-5, 1e-2

@@ -11,7 +11,7 @@ import pytest
 from conftest import rel_norm as rel
 
 import gemma3_jax
-from gemma3_jax import cache as kvc
+from gemma3_jax.model import kv_cache as kvc
 from pallas_kernels.decode_fused import (
     decode_attention_fused,
     decode_attention_fused_reference,

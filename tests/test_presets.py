@@ -7,8 +7,8 @@ import math
 import jax.numpy as jnp
 import pytest
 
-from gemma3_jax.config import Gemma3Config, param_bytes
-from gemma3_jax.presets import PRESETS, preset
+from gemma3_jax.model.config import Gemma3Config, param_bytes
+from gemma3_jax.model.presets import PRESETS, preset
 
 pytestmark = pytest.mark.xdist_group("real_270m")  # the real 270M's worker
 

@@ -1,4 +1,4 @@
-"""gemma3_jax.processor against transformers' Gemma3Processor (PIL image backend), built offline: a Gemma BPE
+"""gemma3_jax.preprocessing.processor against transformers' Gemma3Processor (PIL image backend), built offline: a Gemma BPE
 tokenizer from a small vocabulary with Gemma-3's special tokens, image size 56 and 4 soft tokens per image."""
 
 import dataclasses
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gemma3_jax.processor import ImageError, Processor, chat_images, load_image, render_chat
+from gemma3_jax.preprocessing.processor import ImageError, Processor, chat_images, load_image, render_chat
 
 S, MM = 56, 4
 
@@ -67,7 +67,7 @@ def _frombytes(mode, a):
 
 
 class HFTokenizer:
-    """The interface gemma3_jax.processor expects, around a transformers tokenizer."""
+    """The interface gemma3_jax.preprocessing.processor expects, around a transformers tokenizer."""
 
     def __init__(self, tok):
         self.tok = tok

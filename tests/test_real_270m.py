@@ -7,7 +7,7 @@ from conftest import TOL, rel_err
 
 import gemma3_jax
 import pytest
-from gemma3_jax.generator import Generator
+from gemma3_jax.runtime.generator import Generator
 
 pytestmark = pytest.mark.xdist_group("real_270m")  # one worker converts the real model
 
@@ -79,7 +79,7 @@ def test_real_270m_streams_the_final_text_and_cuts_at_stop_strings(real_270m):
 def test_stream_decoder_matches_whole_decodes(real_270m):
     """StreamDecoder over real text (multi-byte characters included) in chunks of 1-32 tokens: the deltas add up to
     the whole decode, and text + pending is the decode of every prefix pushed."""
-    from gemma3_jax.tokenizer import StreamDecoder, Tokenizer
+    from gemma3_jax.preprocessing.tokenizer import StreamDecoder, Tokenizer
 
     tok = Tokenizer.from_checkpoint(real_270m[0])
     text = PROMPTS[1] + " naïve café — 東京タワー 🙂🚀 \n\t  spaces   and <b>tags</b>. " + PROMPTS[0]

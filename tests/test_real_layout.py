@@ -165,7 +165,7 @@ def test_tokenizer_model_is_sentencepiece_proto(layout, hf_text):
     """The hand-encoded tokenizer.model is byte for byte what protobuf writes, and gives transformers' ids."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    from gemma3_jax.tokenizer import Tokenizer
+    from gemma3_jax.preprocessing.tokenizer import Tokenizer
 
     raw = (layout.it / "tokenizer.model").read_bytes()
     m = pb.ModelProto.FromString(raw)
@@ -183,7 +183,7 @@ def test_tokenizer_model_is_sentencepiece_proto(layout, hf_text):
 
 
 def test_tokenizer_matches_transformers(layout, hf_it):
-    from gemma3_jax.tokenizer import Tokenizer
+    from gemma3_jax.preprocessing.tokenizer import Tokenizer
 
     hf = hf_it[1].tokenizer
     ours = Tokenizer.from_checkpoint(layout.it)
@@ -199,7 +199,7 @@ def test_tokenizer_matches_transformers(layout, hf_it):
 
 def test_decode_skips_image_markers(layout, hf_it):
     """transformers counts the extra_special_tokens of tokenizer_config.json (boi, eoi, image token) as special."""
-    from gemma3_jax.tokenizer import Tokenizer
+    from gemma3_jax.preprocessing.tokenizer import Tokenizer
 
     hf = hf_it[1].tokenizer
     ids = hf("Look: <start_of_image><image_soft_token><end_of_image> done.")["input_ids"]
@@ -209,8 +209,8 @@ def test_decode_skips_image_markers(layout, hf_it):
 
 def test_processor_matches_transformers(layout, hf_it):
     """Chat text (both sides render the checkpoint's template), ids and pixels equal Gemma3Processor's."""
-    from gemma3_jax.checkpoint import Checkpoint
-    from gemma3_jax.processor import Processor
+    from gemma3_jax.checkpoints.checkpoint import Checkpoint
+    from gemma3_jax.preprocessing.processor import Processor
 
     hf = hf_it[1]
     ckpt = Checkpoint.open(layout.it)
@@ -282,8 +282,8 @@ import json, sys
 import numpy as np
 import jax.numpy as jnp
 import gemma3_jax
-from gemma3_jax.checkpoint import Checkpoint
-from gemma3_jax.generator import Generator
+from gemma3_jax.checkpoints.checkpoint import Checkpoint
+from gemma3_jax.runtime.generator import Generator
 
 path, a, b, system, prompt, sampling, out = sys.argv[1:]
 sampling = json.loads(sampling)

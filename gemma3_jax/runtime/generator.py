@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3_jax.cache import cache_nbytes, check_fits
-from gemma3_jax.checkpoint import DEFAULT_CACHE_LENGTH, Checkpoint, _check_int, check_generation_args, check_memory
-from gemma3_jax.compile_cache import enable_compilation_cache
-from gemma3_jax.engine import Engine, Timings
-from gemma3_jax.loading import load_pretrained
-from gemma3_jax.model import Gemma3
-from gemma3_jax.tokenizer import StreamDecoder
+from gemma3_jax.model.kv_cache import cache_nbytes, check_fits
+from gemma3_jax.checkpoints.checkpoint import DEFAULT_CACHE_LENGTH, Checkpoint, _check_int, check_generation_args, check_memory
+from gemma3_jax.runtime.compile_cache import enable_compilation_cache
+from gemma3_jax.runtime.engine import Engine, Timings
+from gemma3_jax.checkpoints.loading import load_pretrained
+from gemma3_jax.model.gemma3 import Gemma3
+from gemma3_jax.preprocessing.tokenizer import StreamDecoder
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -90,7 +90,7 @@ class Generator:
         """``model``: a checkpoint directory, a .gguf file, or None for the default 270M. ``dtype=None``: float32 on
         a CPU, bfloat16 on an accelerator. ``cache_length=None``: 4096, or the model's positions if fewer; it is
         checked against the config and the device's memory before the weights load. ``compilation_cache``: JAX's
-        persistent compilation cache (``gemma3_jax.compile_cache``)."""
+        persistent compilation cache (``gemma3_jax.runtime.compile_cache``)."""
         t = time.perf_counter()
         return cls.from_checkpoint(Checkpoint.open(model, progress=progress), dtype=dtype, cache_length=cache_length,
                                    attention=attention, progress=progress, chunk=chunk,

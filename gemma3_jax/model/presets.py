@@ -8,7 +8,7 @@ still what ``load_pretrained`` reads.
 
 from __future__ import annotations
 
-from gemma3_jax.config import GLOBAL, SLIDING, Gemma3Config, RopeConfig, TextConfig, VisionConfig
+from gemma3_jax.model.config import GLOBAL, SLIDING, Gemma3Config, RopeConfig, TextConfig, VisionConfig
 
 # SigLIP-So400m at 896 px, shared by the multimodal sizes.
 SIGLIP = VisionConfig(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, image_size=896,

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gemma3_jax import cache as kvc
-from gemma3_jax.model import NUMERICS_OPTIONS, Gemma3, check_inputs, decoder_forward
-from gemma3_jax.sampling import SamplingParams, sample
+from gemma3_jax.model import kv_cache as kvc
+from gemma3_jax.model.gemma3 import NUMERICS_OPTIONS, Gemma3, check_inputs, decoder_forward
+from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams, sample
 
 # Prompt lengths are padded up to one of these (each is compiled once). Up to 256 tokens a prefill's GEMMs read
 # their weights in the same time however many rows they have (they are memory bound there), so coarse
@@ -30,7 +30,6 @@ from gemma3_jax.sampling import SamplingParams, sample
 # compiles per doubling of the prompt length instead of two.
 BUCKETS = tuple(sorted({32, 48, 64, 96, 128, 192} | {2**i * k // 8 for i in range(8, 17) for k in range(8, 16)}
                        | {2**17}))  # ... 131072
-MAX_STOP_IDS = 8
 STREAM_CHUNK_S = 0.1  # a streamed chunk grows while it takes less than this: text flows instead of bursting
 # The decode chunk's while loop (condition included) as a CUDA graph; Pallas kernels are custom calls.
 DECODE_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",

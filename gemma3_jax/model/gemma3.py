@@ -14,9 +14,9 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from gemma3_jax.config import Gemma3Config
-from gemma3_jax.text import TextModel
-from gemma3_jax.vision import Projector, VisionTower
+from gemma3_jax.model.config import Gemma3Config
+from gemma3_jax.model.text import TextModel
+from gemma3_jax.model.vision import Projector, VisionTower
 from pallas_kernels.segments import segment_ids_from_image_mask
 
 

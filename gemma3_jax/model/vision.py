@@ -14,8 +14,8 @@ from jaxtyping import Array, Float
 from pallas_kernels import attention as attention_op
 from pallas_kernels.attention import packed_self_attention, padded_head_dim
 from pallas_kernels.common import interpret_mode
-from gemma3_jax.config import Gemma3Config, VisionConfig
-from gemma3_jax.layers import LayerNorm, RMSNorm, param
+from gemma3_jax.model.config import Gemma3Config, VisionConfig
+from gemma3_jax.model.layers import LayerNorm, RMSNorm, param
 
 
 def patchify(pixels: Float[Array, "I C S S"], patch: int) -> Float[Array, "I P CPP"]:

@@ -24,12 +24,12 @@ from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, proces
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
-from gemma3_jax.chat_template import ChatTemplate, check_syntax, origin_of, read_template_file
+from gemma3_jax.preprocessing.chat_template import ChatTemplate, check_syntax, origin_of, read_template_file
 
 SPACE = "\u2581"
 BOI, EOI, IMAGE_SOFT_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 GEMMA_SPECIALS = ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", BOI, EOI, IMAGE_SOFT_TOKEN)
-_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4  # llama.cpp token types
+NORMAL_TOKEN, _CONTROL, _USER_DEFINED = 1, 3, 4  # llama.cpp token types
 
 
 def gemma_merges(tokens: list[str]) -> list[tuple[str, str]]:
@@ -172,29 +172,6 @@ class Tokenizer:
     def byte_token_ids(self) -> frozenset[int]:
         """Ids of the byte-fallback pieces ``<0x00>`` ... ``<0xFF>``."""
         return frozenset(i for i in (self.token_id(f"<0x{b:02X}>") for b in range(256)) if i is not None)
-
-    @classmethod
-    def from_gguf(cls, path) -> Tokenizer:
-        """From a GGUF file's metadata (a path, or a ``gemma3_jax.gguf.GGUFFile`` already read)."""
-        from gemma3_jax.gguf import GGUFFile, read_gguf
-
-        md = (path if isinstance(path, GGUFFile) else read_gguf(path)).metadata
-        model = md.get("tokenizer.ggml.model")
-        if model != "llama" or "tokenizer.ggml.tokens" not in md:
-            raise ValueError(f"GGUF tokenizer.ggml.model is {model!r}; expected a Gemma sentencepiece vocabulary ('llama')")
-        tokens = md["tokenizer.ggml.tokens"]
-        types = md.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
-        ids = {k: int(md.get(f"tokenizer.ggml.{k}_token_id", d)) for k, d in (("bos", 2), ("eos", 1), ("padding", 0), ("unknown", 3))}
-        backend = gemma_backend(tokens, types, bos=tokens[ids["bos"]], unk=tokens[ids["unknown"]])
-        template = md.get("tokenizer.chat_template")
-        if template is not None:
-            where = f"{getattr(path, 'path', path)} (tokenizer.chat_template)"
-            if not isinstance(template, str):
-                raise ValueError(f"{where} is a {type(template).__name__}, not a template's text")
-            template = ChatTemplate(template, where)
-            check_syntax(template)
-        return cls(backend, ids["bos"], ids["eos"], ids["padding"], template,
-                   bool(md.get("tokenizer.ggml.add_bos_token", True)))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> Tokenizer:

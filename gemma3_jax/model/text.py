@@ -10,14 +10,14 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from gemma3_jax import cache as kvc
+from gemma3_jax.model import kv_cache as kvc
 from pallas_kernels import attention as attention_op
 from pallas_kernels.common import interpret_mode
 from pallas_kernels.gemv import gemv
 from pallas_kernels.residual_norm import residual_norm
 from pallas_kernels.tuning import gemv_qkv_config
-from gemma3_jax.config import GLOBAL, SLIDING, TextConfig
-from gemma3_jax.layers import GeGLU, RMSNorm, apply_rope, param, rope_cos_sin
+from gemma3_jax.model.config import GLOBAL, SLIDING, TextConfig
+from gemma3_jax.model.layers import GeGLU, RMSNorm, apply_rope, param, rope_cos_sin
 
 
 class Attention(nnx.Module):

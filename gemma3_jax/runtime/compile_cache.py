@@ -26,7 +26,7 @@ def compilation_cache_dir() -> Path | None:
         return None
     if value:
         return Path(value).expanduser()
-    from gemma3_jax.gguf import cache_root
+    from gemma3_jax.checkpoints.store import cache_root
 
     return cache_root() / "xla"
 

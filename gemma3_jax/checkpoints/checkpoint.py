@@ -17,13 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from gemma3_jax.cache import cache_nbytes
-from gemma3_jax.config import Gemma3Config, param_bytes
-from gemma3_jax.engine import MAX_STOP_IDS
-from gemma3_jax.loading import checkpoint_files
-from gemma3_jax.processor import BOI, Processor, render_chat
-from gemma3_jax.sampling import SamplingParams, generation_defaults
-from gemma3_jax.tokenizer import Tokenizer
+from gemma3_jax.model.kv_cache import cache_nbytes
+from gemma3_jax.model.config import Gemma3Config, param_bytes
+from gemma3_jax.checkpoints.loading import checkpoint_files
+from gemma3_jax.preprocessing.processor import BOI, Processor, render_chat
+from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams, generation_defaults
+from gemma3_jax.preprocessing.tokenizer import Tokenizer
 
 DEFAULT_CACHE_LENGTH = 4096
 MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
@@ -31,7 +30,7 @@ MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
 
 def resolve_checkpoint(model: str | os.PathLike | None, progress: bool = True) -> Path:
     """A checkpoint directory: as given, converted once from a .gguf file (cached by content), or the default 270M."""
-    from gemma3_jax.gguf_cache import converted_checkpoint
+    from gemma3_jax.checkpoints.gguf import converted_checkpoint
 
     if model is not None and not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a path (str or os.PathLike) or None, got {type(model).__name__}")

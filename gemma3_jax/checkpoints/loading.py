@@ -22,9 +22,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from gemma3_jax.config import CheckpointError, TextConfig, load_config
-from gemma3_jax.model import Gemma3
-from gemma3_jax.weight_files import iter_tensors, open_weight_files
+from gemma3_jax.model.config import CheckpointError, TextConfig, load_config
+from gemma3_jax.model.gemma3 import Gemma3
+from gemma3_jax.checkpoints.weight_files import iter_tensors, open_weight_files
 
 __all__ = ["CheckpointError", "checkpoint_files", "load_pretrained"]
 

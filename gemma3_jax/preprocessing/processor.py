@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from gemma3_jax.tokenizer import find_chat_template, read_json
+from gemma3_jax.preprocessing.tokenizer import find_chat_template, read_json
 
 if TYPE_CHECKING:
-    from gemma3_jax.config import Gemma3Config
+    from gemma3_jax.model.config import Gemma3Config
 
 BOS, BOI, EOI, IMAGE_SOFT_TOKEN = "<bos>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 _NOT_JSON = "<object>"  # what a chat template sees in place of an image object
@@ -183,7 +183,7 @@ def render_chat(messages: Sequence[dict], chat_template: str | None = None, add_
     ``messages``: [{"role": "system"|"user"|"assistant"|"model", "content": str | [{"type": "text", "text": ...},
     {"type": "image", ...}]}]. With ``chat_template`` (jinja2 source, e.g. a checkpoint's), it is rendered the way
     transformers renders it (sandboxed, trim_blocks, lstrip_blocks), bounded in time and size
-    (``gemma3_jax.chat_template``); without, a built-in equivalent of Gemma-3's official template is used.
+    (``gemma3_jax.preprocessing.chat_template``); without, a built-in equivalent of Gemma-3's official template is used.
     """
     messages = check_messages(messages)
     if chat_template is None:
@@ -192,7 +192,7 @@ def render_chat(messages: Sequence[dict], chat_template: str | None = None, add_
         raise TypeError(f"chat_template must be a str (jinja2 source), got {type(chat_template).__name__}")
     import jinja2.ext  # noqa: F401 (the loop-controls extension; transformers' import of it is not ours to rely on)
 
-    from gemma3_jax import chat_template as ct
+    from gemma3_jax.preprocessing import chat_template as ct
 
     special = dict(bos_token=bos_token, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",
                    boi_token=BOI, eoi_token=EOI, image_token=IMAGE_SOFT_TOKEN)
@@ -337,7 +337,7 @@ class Processor:
         img = {**pre, **nested}
         cfg = None
         if (path / "config.json").is_file():
-            from gemma3_jax.config import Gemma3Config
+            from gemma3_jax.model.config import Gemma3Config
 
             cfg = Gemma3Config.from_pretrained(path)
             cfg = cfg if cfg.vision is not None else None

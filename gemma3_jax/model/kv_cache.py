@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from gemma3_jax.config import TextConfig
+from gemma3_jax.model.config import TextConfig
 from pallas_kernels.decode_attention import cached_attention
 from pallas_kernels.common import interpret_mode
 from pallas_kernels.decode_fused import decode_attention_fused, supports_head_dim

