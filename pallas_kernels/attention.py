@@ -20,8 +20,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import checks
 from pallas_kernels.block_ranges import block_ranges
-from pallas_kernels.common import DTYPES, LOG2E, ex2_approx, interpret_mode, next_pow2
-from pallas_kernels.reference import reference_attention
+from pallas_kernels.common import DTYPES, LOG2E, ex2_approx, next_pow2
 from pallas_kernels.segments import key_intervals
 from pallas_kernels.tuning import compiler_params, default_config
 
@@ -362,22 +361,3 @@ def packed_self_attention(
         sum_column=head_dim if ones_column else None,
     )
     return out if nq * bq == s else out[:, :s]
-
-
-def attention(
-    q, k, v, segment_ids=None, *, sliding_window=None, kv_lengths=None, scale=None, causal=True,
-    implementation: str = "auto", **kernel_kwargs,
-):
-    """Dispatch for the model: "pallas" (compiled on GPU, interpret mode elsewhere), "reference", "auto".
-
-    "auto" = the Pallas kernel, compiled on GPU and in interpret mode on other backends. Arguments as for
-    ``image_span_attention``, checked the same way for every implementation (an id names one contiguous span).
-    """
-    kw = dict(sliding_window=sliding_window, kv_lengths=kv_lengths, scale=scale, causal=causal)
-    if implementation == "reference":
-        _check(q, k, v, segment_ids, kv_lengths, sliding_window=sliding_window, scale=scale, causal=causal)
-        return reference_attention(q, k, v, segment_ids, **kw)
-    if implementation not in ("auto", "pallas"):
-        raise ValueError(f"unknown {implementation=}")
-    interpret = interpret_mode()
-    return image_span_attention(q, k, v, segment_ids, interpret=interpret, **kw, **kernel_kwargs)

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import checks
-from pallas_kernels.common import LOG2E, ex2_approx, interpret_mode, next_pow2
+from pallas_kernels.common import LOG2E, ex2_approx, next_pow2
 from pallas_kernels.tuning import TARGET_PROGRAMS, compiler_params, decode_config
 
 def _kernel(meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_k, qk_scale, precision, fast_exp2):
@@ -79,7 +79,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_k, qk
     l_ref[...] = l
 
 
-def _check(q, k, v, lengths, scale):
+def check_decode_args(q, k, v, lengths, scale):
     """Trace-time checks (pallas_kernels/checks.py): shapes and dtypes always, lengths' values when concrete."""
     q, k, v = checks.qkv_arrays(q, k, v, q_rank=3)
     b, n, h = q.shape
@@ -108,7 +108,7 @@ def decode_attention(
     """q [B, N, H], k/v [B, S, K, H] of q's dtype (bf16/fp16/fp32, N a multiple of K), lengths [B] integer in
     [0, S] -> [B, N, H] in q's dtype; rows with length 0 are zeros. Bad arguments raise a TypeError (dtype or
     kind) or ValueError (shape or value) naming the argument; lengths' values are checked when concrete."""
-    _check(q, k, v, lengths, scale)
+    check_decode_args(q, k, v, lengths, scale)
     checks.static_int("block_k", block_k, minimum=16, pow2=True)  # Triton's dot needs >= 16 keys per tile
     checks.static_int("num_splits", num_splits)
     checks.static_int("num_warps", num_warps)
@@ -234,31 +234,3 @@ def combine_splits(acc, m, l, g: int, h: int, dtype, interpret: bool = False):
         name="decode_combine",
     )(acc, m, l)
     return out if hp == h else out[..., :h]
-
-
-def decode_attention_reference(q, k, v, lengths, *, scale):
-    """Pure-jnp oracle: float32 softmax over slots s < lengths[b]; rows with length 0 are zeros."""
-    _check(q, k, v, lengths, scale)
-    b, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    hi = lax.Precision.HIGHEST
-    qg = q.reshape(b, kh, n // kh, h).astype(jnp.float32)
-    logits = jnp.einsum("bkgh,bskh->bkgs", qg, k.astype(jnp.float32), precision=hi) * scale
-    valid = jnp.arange(s)[None, :] < jnp.asarray(lengths)[:, None]
-    logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    p = jnp.exp(logits - jnp.where(m == -jnp.inf, 0.0, m))
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgs,bskh->bkgh", p, v.astype(jnp.float32), precision=hi) / jnp.where(l == 0.0, 1.0, l)
-    return out.reshape(b, n, h).astype(q.dtype)
-
-
-def cached_attention(q, k, v, lengths, *, scale, implementation: str = "auto", **kernel_kwargs):
-    """Dispatch: "auto"/"pallas" = the kernel (compiled on GPU, interpret mode elsewhere), "reference" = jnp.
-    Arguments and their checks as for ``decode_attention``."""
-    if implementation == "reference":
-        return decode_attention_reference(q, k, v, lengths, scale=scale)
-    if implementation not in ("auto", "pallas"):
-        raise ValueError(f"unknown {implementation=}")
-    interpret = interpret_mode()
-    return decode_attention(q, k, v, lengths, scale=scale, interpret=interpret, **kernel_kwargs)

@@ -37,7 +37,6 @@ from pallas_kernels.common import DTYPES, LOG2E, ex2_approx, next_pow2
 from pallas_kernels.decode_attention import (
     choose_splits,
     combine_splits,
-    decode_attention_reference,
     split_ranges,
 )
 from pallas_kernels.tuning import compiler_params, decode_config
@@ -140,7 +139,7 @@ def supports_head_dim(h: int) -> bool:
     return 32 <= h <= 256 and not h & (h - 1)
 
 
-def _check(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, ring, scale, eps):
+def check_fused_args(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, ring, scale, eps):
     """Trace-time checks (pallas_kernels/checks.py): shapes, dtypes and static values always, pos when concrete."""
     for name, x in (("qkv", qkv), ("q_norm", q_norm), ("k_norm", k_norm), ("cos", cos), ("sin", sin),
                     ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -187,7 +186,7 @@ def decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos,
     pos [B] integer. A global buffer (ring=False) must have room, pos < S: refused (ValueError) when pos is
     concrete; traced, the engine checks it on the host and a token beyond it is not stored. Bad arguments raise
     a TypeError (dtype or kind) or ValueError (shape or value) naming the argument."""
-    _check(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, ring, scale, eps)
+    check_fused_args(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, ring, scale, eps)
     checks.static_int("block_k", block_k, minimum=16, pow2=True)  # Triton's dot needs >= 16 keys per tile
     checks.static_int("num_splits", num_splits)
     checks.static_int("num_warps", num_warps)
@@ -267,31 +266,3 @@ def _decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos
     if padded != s:
         k_cache, v_cache = k_cache[:, :s], v_cache[:, :s]
     return combine_splits(acc, m_, l_, g, h, qkv.dtype, interpret), k_cache, v_cache
-
-
-def decode_attention_fused_reference(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, *, ring, scale, eps):
-    """The same step from jnp pieces: norms and RoPE with the kernel's roundings, write, float32 attention."""
-    _check(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, ring, scale, eps)
-    b, m, h = qkv.shape
-    s, kh = k_cache.shape[1], k_cache.shape[2]
-    n = m - 2 * kh
-    dt, f32 = qkv.dtype, jnp.float32
-    rnd = lambda t: t.astype(dt).astype(f32)
-
-    def norm_rope(x, w):  # [B, R, H]
-        xf = x.astype(f32)
-        xf = rnd(xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps) * (1.0 + w.astype(f32)))
-        rot = jnp.concatenate([-xf[..., h // 2:], xf[..., : h // 2]], axis=-1)
-        c, sn = cos.astype(f32)[:, None, :], sin.astype(f32)[:, None, :]
-        return rnd(rnd(xf * c) + rnd(rot * sn)).astype(dt)
-
-    q = norm_rope(qkv[:, :n], q_norm)
-    k_new = norm_rope(qkv[:, n: n + kh], k_norm)
-    v_new = qkv[:, n + kh:]
-    pos = jnp.asarray(pos, jnp.int32)
-    idx = pos % s if ring else pos
-    rows = jnp.arange(b)
-    k_cache = k_cache.at[rows, idx].set(k_new, mode="drop")
-    v_cache = v_cache.at[rows, idx].set(v_new, mode="drop")
-    out = decode_attention_reference(q, k_cache, v_cache, jnp.minimum(pos + 1, s), scale=scale)
-    return out, k_cache, v_cache

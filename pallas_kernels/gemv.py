@@ -32,7 +32,7 @@ from pallas_kernels.tuning import compiler_params
 MAX_ROWS = 16  # batch rows per call: beyond this the product is not memory bound, use a matmul
 
 
-def _gelu_tanh_f32(x):
+def gelu_tanh_f32(x):
     return jax.nn.gelu(x, approximate=True)
 
 
@@ -66,7 +66,7 @@ def _geglu_kernel(x_ref, wg_ref, wu_ref, o_ref, *, pieces, rows):
     for b in range(rows):
         g = gates[b].astype(dt).astype(f32)
         u = ups[b].astype(dt).astype(f32)
-        act = _gelu_tanh_f32(g).astype(dt).astype(f32)
+        act = gelu_tanh_f32(g).astype(dt).astype(f32)
         o_ref[b, :] = (act * u).astype(dt)
 
 
@@ -126,18 +126,3 @@ def gemv_geglu(x, w_gate_up, *, block_n=4, num_warps=4, interpret=False):
         interpret=interpret,
         name="gemv_geglu",
     )(x, w_gate_up, w_gate_up)
-
-
-def gemv_reference(x, w):
-    """f32 products of the inputs, [B, N] f32."""
-    return jnp.einsum("BK,NK->BN", x.astype(jnp.float32), w.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
-
-
-def gemv_geglu_reference(x, w_gate_up):
-    """The same roundings as ``gemv_geglu`` around f32 products."""
-    dt, f32 = x.dtype, jnp.float32
-    f = w_gate_up.shape[0] // 2
-    y = gemv_reference(x, w_gate_up).astype(dt).astype(f32)
-    act = _gelu_tanh_f32(y[:, :f]).astype(dt).astype(f32)
-    return (act * y[:, f:]).astype(dt)

@@ -1,4 +1,6 @@
-"""Pure-jnp reference attention: the oracle the Pallas kernel is tested against.
+"""The pure-jnp oracles every Pallas kernel of this package is tested against, one per kernel, named after it
+(``reference_attention`` for image_span_attention and packed_self_attention, ``<kernel>_reference`` for the
+others). They take the kernels' arguments, checked by the kernels' own argument checks where those exist.
 
 This is the one place in the project where an [Sq, Sk] mask is built. It follows the mask rule word for
 word, as transformers 5.x builds it:
@@ -16,9 +18,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels import checks
+from pallas_kernels.decode_attention import check_decode_args
+from pallas_kernels.decode_fused import check_fused_args
+from pallas_kernels.gemv import gelu_tanh_f32
 
 
 def reference_mask(
@@ -99,3 +105,81 @@ def reference_attention(
     p = p / jnp.where(denom == 0, 1.0, denom)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p, vf, precision=precision)
     return out.reshape(b, sq, hq, d).astype(q.dtype)
+
+
+# ---- decode: one query per row over a KV cache buffer ------------------------------------------------------
+
+def decode_attention_reference(q, k, v, lengths, *, scale):
+    """Pure-jnp oracle: float32 softmax over slots s < lengths[b]; rows with length 0 are zeros."""
+    check_decode_args(q, k, v, lengths, scale)
+    b, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    hi = lax.Precision.HIGHEST
+    qg = q.reshape(b, kh, n // kh, h).astype(jnp.float32)
+    logits = jnp.einsum("bkgh,bskh->bkgs", qg, k.astype(jnp.float32), precision=hi) * scale
+    valid = jnp.arange(s)[None, :] < jnp.asarray(lengths)[:, None]
+    logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - jnp.where(m == -jnp.inf, 0.0, m))
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgs,bskh->bkgh", p, v.astype(jnp.float32), precision=hi) / jnp.where(l == 0.0, 1.0, l)
+    return out.reshape(b, n, h).astype(q.dtype)
+
+
+def decode_attention_fused_reference(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, *, ring, scale, eps):
+    """The same step from jnp pieces: norms and RoPE with the kernel's roundings, write, float32 attention."""
+    check_fused_args(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, ring, scale, eps)
+    b, m, h = qkv.shape
+    s, kh = k_cache.shape[1], k_cache.shape[2]
+    n = m - 2 * kh
+    dt, f32 = qkv.dtype, jnp.float32
+    rnd = lambda t: t.astype(dt).astype(f32)
+
+    def norm_rope(x, w):  # [B, R, H]
+        xf = x.astype(f32)
+        xf = rnd(xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps) * (1.0 + w.astype(f32)))
+        rot = jnp.concatenate([-xf[..., h // 2:], xf[..., : h // 2]], axis=-1)
+        c, sn = cos.astype(f32)[:, None, :], sin.astype(f32)[:, None, :]
+        return rnd(rnd(xf * c) + rnd(rot * sn)).astype(dt)
+
+    q = norm_rope(qkv[:, :n], q_norm)
+    k_new = norm_rope(qkv[:, n: n + kh], k_norm)
+    v_new = qkv[:, n + kh:]
+    pos = jnp.asarray(pos, jnp.int32)
+    idx = pos % s if ring else pos
+    rows = jnp.arange(b)
+    k_cache = k_cache.at[rows, idx].set(k_new, mode="drop")
+    v_cache = v_cache.at[rows, idx].set(v_new, mode="drop")
+    out = decode_attention_reference(q, k_cache, v_cache, jnp.minimum(pos + 1, s), scale=scale)
+    return out, k_cache, v_cache
+
+
+# ---- batch-1 matrix-vector products and the residual add with its norms -------------------------------------
+
+def gemv_reference(x, w):
+    """f32 products of the inputs, [B, N] f32."""
+    return jnp.einsum("BK,NK->BN", x.astype(jnp.float32), w.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def gemv_geglu_reference(x, w_gate_up):
+    """The same roundings as ``gemv_geglu`` around f32 products."""
+    dt, f32 = x.dtype, jnp.float32
+    f = w_gate_up.shape[0] // 2
+    y = gemv_reference(x, w_gate_up).astype(dt).astype(f32)
+    act = gelu_tanh_f32(y[:, :f]).astype(dt).astype(f32)
+    return (act * y[:, f:]).astype(dt)
+
+
+def residual_norm_reference(x, delta, post_weight, next_weight, *, eps):
+    """Pure-jnp oracle with the same roundings."""
+    if delta.ndim == x.ndim + 1:
+        delta = delta.sum(0).astype(x.dtype)
+
+    def rms(v, w):
+        vf = v.astype(jnp.float32)
+        vf = vf * lax.rsqrt(jnp.mean(vf * vf, axis=-1, keepdims=True) + eps)
+        return (vf * (1.0 + w.astype(jnp.float32))).astype(v.dtype)
+
+    x_new = (x + rms(delta, post_weight)).astype(x.dtype)
+    return x_new, rms(x_new, next_weight)

@@ -105,17 +105,3 @@ def residual_norm(x, delta, post_weight, next_weight, *, eps, interpret=False, n
         name="residual_norm",
     )(rows, delta, post_weight, next_weight)
     return x_new.reshape(x.shape), x_n.reshape(x.shape)
-
-
-def residual_norm_reference(x, delta, post_weight, next_weight, *, eps):
-    """Pure-jnp oracle with the same roundings."""
-    if delta.ndim == x.ndim + 1:
-        delta = delta.sum(0).astype(x.dtype)
-
-    def rms(v, w):
-        vf = v.astype(jnp.float32)
-        vf = vf * lax.rsqrt(jnp.mean(vf * vf, axis=-1, keepdims=True) + eps)
-        return (vf * (1.0 + w.astype(jnp.float32))).astype(v.dtype)
-
-    x_new = (x + rms(delta, post_weight)).astype(x.dtype)
-    return x_new, rms(x_new, next_weight)

@@ -5,10 +5,10 @@ from pathlib import Path
 import jax
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository root: fixtures/
 jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity: no reduced-precision dots
 
-import hf_checkpoints as hfc  # noqa: E402
+from fixtures import hf_checkpoints as hfc  # noqa: E402
 
 TOL = 1e-4  # max |dlogit| <= TOL * max |logit|
 

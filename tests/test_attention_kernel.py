@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_norm as rel
-from pallas_kernels import attention, image_span_attention, reference_attention, segment_ids_from_image_mask
+from pallas_kernels import image_span_attention, reference_attention, segment_ids_from_image_mask
 from pallas_kernels.attention import head_chunks
 
 F32_TOL, LOWP_TOL = 1e-5, 1e-2
@@ -264,10 +264,8 @@ def test_default_blocks(s, window):
     b, hq, hkv, d = 1, 2, 1, 64
     q, k, v = qkv(s, b, s, s, hq, hkv, d)
     seg = layouts(s, b, s, n_random=3)[6]
-    out = attention(q, k, v, seg, sliding_window=window)  # "auto": interpret mode on CPU
+    out = image_span_attention(q, k, v, seg, sliding_window=window, interpret=jax.default_backend() != "gpu")
     assert err_ok(out, reference_attention(q, k, v, seg, sliding_window=window), F32_TOL)
-    ref = attention(q, k, v, seg, sliding_window=window, implementation="reference")
-    assert err_ok(ref, reference_attention(q, k, v, seg, sliding_window=window), 0.0)
 
 
 def test_shape_errors():

@@ -328,7 +328,7 @@ def test_shard_map_disagrees_with_the_shards(tiny, tmp_path):
 # -------------------------------------------------------------------------------------------- config values
 
 def _mm(**top) -> dict:
-    import hf_checkpoints as hfc
+    from fixtures import hf_checkpoints as hfc
 
     return {"model_type": "gemma3", "text_config": hfc.text_config(), "vision_config": hfc.vision_config(),
             "mm_tokens_per_image": 4, "image_token_index": 500, "boi_token_index": 498, "eoi_token_index": 499, **top}
@@ -466,7 +466,7 @@ def test_valid_spellings_still_parse():
 @pytest.mark.parametrize("which", ["tiny_mm", "tiny_text", "4b"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_param_bytes_match_the_model(which, dtype):
-    import hf_checkpoints as hfc
+    from fixtures import hf_checkpoints as hfc
 
     d = {"tiny_mm": _mm(), "tiny_text": hfc.text_config(),
          "4b": {"model_type": "gemma3", "text_config": {}, "vision_config": {}}}[which]

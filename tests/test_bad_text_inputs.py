@@ -20,7 +20,7 @@ OFFICIAL_SHAPED = "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['ro
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     """A Gemma BPE tokenizer with Gemma-3's special and image tokens, saved as transformers saves it."""
-    import hf_checkpoints as hfc
+    from fixtures import hf_checkpoints as hfc
 
     d = tmp_path_factory.mktemp("tok")
     hfc.small_gemma_tokenizer().save_pretrained(d)

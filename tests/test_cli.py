@@ -4,7 +4,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-import hf_checkpoints as hfc
+from fixtures import hf_checkpoints as hfc
 import numpy as np
 import pytest
 from PIL import Image

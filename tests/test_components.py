@@ -11,6 +11,7 @@ from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 import gemma3_jax
 from gemma3_jax.model.config import GLOBAL, SLIDING
 from gemma3_jax.model.layers import GeGLU, apply_rope, gelu_tanh, rope_cos_sin
+from gemma3_jax.model.kernels import AttentionBatch, Kernels, with_kernels
 from pallas_kernels import reference_mask, segment_ids_from_image_mask
 
 TIGHT = 1e-5
@@ -76,7 +77,8 @@ def test_attention_layer(pair, layer):
     hf_attn = hf.language_model.layers[layer].self_attn
     want, _ = hf_attn(_t(x), position_embeddings=(cos, sin), attention_mask=additive)
     c, s = ours.text.rope_tables(jnp.asarray(pos))[layer_type]
-    got, _ = ours.text.layers[layer].attn(jnp.asarray(x), c, s, seg, None, "reference")
+    attn = with_kernels(ours.text.layers[layer].attn, "reference")
+    got, _ = attn(jnp.asarray(x), c, s, AttentionBatch(jnp.asarray(pos), seg, None))
     assert rel_err(got, want.detach()) < TIGHT
 
 
@@ -92,7 +94,7 @@ def test_vision_tower_and_projector(pair):
     ours, hf = pair
     px = _x(3, 3, 28, 28, seed=4)
     want = hf.vision_tower(pixel_values=_t(px)).last_hidden_state.detach()
-    got = ours.vision(jnp.asarray(px), "reference")
+    got = with_kernels(ours.vision, "reference")(jnp.asarray(px))
     assert got.shape == tuple(want.shape) == (3, 16, 48)
     assert rel_err(got, want) < TIGHT
     feats = _x(3, 16, 48, seed=5)
@@ -108,7 +110,7 @@ def test_embedding_scale_rounds_in_weight_dtype():
                                 vocab_size=4, intermediate_size=8, num_heads=1, num_kv_heads=1, head_dim=8)
     from gemma3_jax.model.text import TextModel
 
-    model = TextModel(cfg, jnp.bfloat16)
+    model = TextModel(cfg, jnp.bfloat16, Kernels.resolve())
     model.embed.set_value(jnp.ones((4, 3072), jnp.bfloat16))
     assert float(model.embed_tokens(jnp.array([[1]]))[0, 0, 0]) == 55.5
 

@@ -1,5 +1,6 @@
 """Tests of the Pallas flash-decoding kernel (interpret mode on CPU, compiled on a GPU) against the jnp oracle,
-an independent float64 numpy computation, and gemma3_jax.model.kv_cache.attend_step (ring and full buffers).
+an independent float64 numpy computation, and, through the model's kernel boundary (gemma3_jax.model.kernels), a
+float64 oracle that reads the positions a ring or full cache buffer holds explicitly.
 
 Lengths are traced, so each shape/static-arg combination compiles once; shapes are kept small.
 """
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import rel_norm as rel
-from gemma3_jax.model.kv_cache import attend_step, write_step
-from pallas_kernels import cached_attention, decode_attention, decode_attention_reference
+from gemma3_jax.model.kernels import Kernels
+from gemma3_jax.model.kv_cache import ring_positions, write_step
+from pallas_kernels import decode_attention, decode_attention_reference
 
 F32_TOL, LOWP_TOL = 1e-5, 1e-2
 INTERPRET = jax.default_backend() != "gpu"
@@ -93,35 +95,42 @@ def test_all_rows_empty_and_tiny_cache():
     assert rel(out, numpy_f64(q, k, v, np.asarray(lengths), 0.125)) <= F32_TOL
 
 
+def held_positions_f64(q, k, v, pos, ring: bool, scale):
+    """Oracle after write_step: float64 softmax over the slots whose held position (read from the ring layout
+    explicitly, or the slot index of a full buffer) is in [0, pos]."""
+    s = k.shape[1]
+    held = np.asarray(ring_positions(pos, s)) if ring else np.broadcast_to(np.arange(s), (len(pos), s))
+    valid = (held >= 0) & (held <= np.asarray(pos)[:, None])
+    q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
+    g = q.shape[1] // k.shape[2]
+    logits = np.einsum("bkgh,bskh->bkgs", q.reshape(q.shape[0], k.shape[2], g, -1), k) * scale
+    logits = np.where(valid[:, None, None], logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    out = np.einsum("bkgs,bskh->bkgh", p / p.sum(-1, keepdims=True), v)
+    return out.reshape(q.shape)
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "reference"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_ring_buffer_matches_attend_step(dtype):
+def test_ring_buffer_holds_the_window(implementation, dtype):
+    """The kernel boundary's cached_attention needs no slot order: lengths = min(pos + 1, W) over a ring."""
     w, kh, g, h = 24, 2, 2, 64  # W not a multiple of block_k
     pos = jnp.asarray([0, 5, 23, 24, 40, 100], jnp.int32)  # pos < W and pos >= W (wrapped)
     q, k, v, _ = inputs(3, 6, w, kh, g, h, dtype)  # random slots: stale/unwritten ones must be ignored
     _, new_k, new_v, _ = inputs(4, 6, 1, kh, 1, h, dtype)  # the token written at pos
     k = write_step(k, new_k[:, 0], pos, ring=True)
     v = write_step(v, new_v[:, 0], pos, ring=True)
-    ref = attend_step(q, k, v, pos, True, h**-0.5)
-    out = cached_attention(q, k, v, jnp.minimum(pos + 1, w), scale=h**-0.5, block_k=16, num_splits=2)
-    assert rel(out, ref) <= tol(dtype)
+    out = Kernels.resolve(implementation).cached_attention(q, k, v, pos, scale=h**-0.5)
+    assert rel(out, held_positions_f64(q, k, v, pos, True, h**-0.5)) <= tol(dtype)
 
 
-def test_full_buffer_matches_attend_step():
+@pytest.mark.parametrize("implementation", ["pallas", "reference"])
+def test_full_buffer_holds_every_position(implementation):
     c, kh, g, h = 40, 1, 4, 128
     pos = jnp.asarray([0, 7, 39, 20, 16], jnp.int32)
     q, k, v, _ = inputs(5, 5, c, kh, g, h, jnp.float32)
-    ref = attend_step(q, k, v, pos, False, h**-0.5)
-    out = cached_attention(q, k, v, pos + 1, scale=h**-0.5, block_k=16)
-    assert rel(out, ref) <= F32_TOL
-
-
-def test_dispatch_reference():
-    q, k, v, _ = inputs(6, 2, 20, 1, 2, 64, jnp.float32)
-    lengths = jnp.asarray([20, 7], jnp.int32)
-    ref = cached_attention(q, k, v, lengths, scale=0.1, implementation="reference")
-    np.testing.assert_array_equal(ref, decode_attention_reference(q, k, v, lengths, scale=0.1))
-    with pytest.raises(ValueError, match="unknown implementation='flash'"):
-        cached_attention(q, k, v, lengths, scale=0.1, implementation="flash")
+    out = Kernels.resolve(implementation).cached_attention(q, k, v, pos, scale=h**-0.5)
+    assert rel(out, held_positions_f64(q, k, v, pos, False, h**-0.5)) <= F32_TOL
 
 
 def _bad(b=2, n=4, s=20, kh=2, h=64, dtype=jnp.float32):

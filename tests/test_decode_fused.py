@@ -12,10 +12,9 @@ from conftest import rel_norm as rel
 
 import gemma3_jax
 from gemma3_jax.model import kv_cache as kvc
-from pallas_kernels.decode_fused import (
-    decode_attention_fused,
-    decode_attention_fused_reference,
-)
+from gemma3_jax.model.kernels import Kernels, with_kernels
+from pallas_kernels.decode_fused import decode_attention_fused
+from pallas_kernels.reference import decode_attention_fused_reference
 
 INTERPRET = jax.default_backend() != "gpu"
 
@@ -117,7 +116,8 @@ def test_head_dim_72_is_not_fused():
     x["k_cache"] = x["v_cache"] = jnp.zeros((1, 16, 1, 72))
     with pytest.raises(ValueError, match="power-of-two head dims"):
         decode_attention_fused(**x, ring=False, scale=0.1, eps=1e-6, interpret=True)
-    assert not kvc.fused_step_supported(72) and kvc.fused_step_supported(256)
+    pallas = Kernels.resolve("pallas")
+    assert not pallas.fused_step(72) and pallas.fused_step(256)
 
 
 @pytest.mark.parametrize("b,impl", [(2, "pallas"), (1, "pallas")])
@@ -132,9 +132,8 @@ def test_model_decode_fused_equals_reference(tiny_mm, b, impl):
     cache = kvc.init_cache(cfg, b, length + 4, model.dtype)
     tokens = jnp.asarray(rng.integers(5, 50, (b, length)), jnp.int32)
     caches = {impl: cache, "reference": cache}
-    steps = {impl: jax.jit(lambda c, t, impl=impl: model.text.decode_step(model.text.embed_tokens(t[:, None]), c,
-                                                                         impl))
-             for impl in caches}
+    texts = {name: with_kernels(model.text, name) for name in caches}
+    steps = {name: jax.jit(lambda c, t, m=texts[name]: m.decode_step(m.embed_tokens(t[:, None]), c)) for name in caches}
     jaxpr = str(jax.make_jaxpr(steps[impl])(cache, tokens[:, 0]))
     assert ("gemv_geglu" in jaxpr) == (b == 1)  # the path under test is the one that ran
     worst = 0.0
@@ -144,8 +143,8 @@ def test_model_decode_fused_equals_reference(tiny_mm, b, impl):
             outs[impl], caches[impl] = steps[impl](caches[impl], tokens[:, i])
         worst = max(worst, rel(outs[impl], outs["reference"]))
     assert worst <= 1e-5, worst
-    with pytest.raises(ValueError, match="unknown attention implementation 'xla'"):
-        model.text.decode_step(model.text.embed_tokens(tokens[:, :1]), cache, "xla")
+    with pytest.raises(ValueError, match="attention must be one of auto, pallas, reference, got 'xla'"):
+        with_kernels(model.text, "xla")
     for a, r in zip(caches[impl].k + caches[impl].v, caches["reference"].k + caches["reference"].v):
         assert rel(a, r) <= 1e-5
 
@@ -157,9 +156,9 @@ def test_auto_decode_is_xla_off_the_gpu(tiny_mm):
     cache = kvc.init_cache(model.cfg.text, 1, 16, model.dtype)
     tok = jnp.zeros((1,), jnp.int32)
 
-    def jaxpr(impl):
-        return str(jax.make_jaxpr(lambda c, t: model.text.decode_step(model.text.embed_tokens(t[:, None]), c, impl))(
-            cache, tok))
+    def jaxpr(attention):
+        text = with_kernels(model.text, attention)
+        return str(jax.make_jaxpr(lambda c, t: text.decode_step(text.embed_tokens(t[:, None]), c))(cache, tok))
 
     if jax.default_backend() == "gpu":
         pytest.skip("on a GPU auto is the Pallas path")

@@ -1,13 +1,13 @@
 """KV cache, prefill and decode against full forwards and transformers' generate (float32, CPU)."""
 
-import hf_checkpoints as hfc
+from fixtures import hf_checkpoints as hfc
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from conftest import TOL, rel_err
-from test_parity import multimodal_batch
+from fixtures.hf_checkpoints import multimodal_batch
 
 import gemma3_jax
 from gemma3_jax.runtime.engine import Engine

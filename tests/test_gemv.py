@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.gemv import gemv, gemv_geglu, gemv_geglu_reference, gemv_reference
+from pallas_kernels.gemv import gemv, gemv_geglu
+from pallas_kernels.reference import gemv_geglu_reference, gemv_reference
 
 INTERPRET = jax.default_backend() != "gpu"
 

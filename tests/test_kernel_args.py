@@ -12,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gemma3_jax.model.kernels import Kernels
 from pallas_kernels import (
-    attention,
-    cached_attention,
     decode_attention,
     decode_attention_reference,
     image_span_attention,
@@ -24,7 +23,8 @@ from pallas_kernels import (
     run_ends,
     segment_ids_from_image_mask,
 )
-from pallas_kernels.decode_fused import decode_attention_fused, decode_attention_fused_reference
+from pallas_kernels.decode_fused import decode_attention_fused
+from pallas_kernels.reference import decode_attention_fused_reference
 
 B, S, HQ, HKV, D = 1, 32, 2, 1, 32
 RNG = np.random.default_rng(0)
@@ -54,8 +54,6 @@ ATTENTION_CASES = {
     "kv_lengths_above_keys": (lambda: span(kv_lengths=jnp.asarray([S + 1])), ValueError, r"kv_lengths.*\[0, 32\]"),
     "kv_lengths_negative": (lambda: span(kv_lengths=jnp.asarray([-1])), ValueError, r"kv_lengths.*-1"),
     "id_in_two_runs": (lambda: span(segment_ids=TWO_RUNS), ValueError, r"segment_ids: id 0 .*\[4, 10\).*\[14, 20\)"),
-    "id_in_two_runs_reference_dispatch": (
-        lambda: attention(Q, K, V, TWO_RUNS, implementation="reference"), ValueError, r"segment_ids: id 0"),
     "batch_mismatch": (lambda: span(k=jnp.concatenate([K, K]), v=jnp.concatenate([V, V])), ValueError, r"batch"),
     "heads_not_multiple": (lambda: span(q=Q[:, :, :1].repeat(3, 2), k=K.repeat(2, 2), v=V.repeat(2, 2)),
                            ValueError, r"heads"),
@@ -77,7 +75,8 @@ ATTENTION_CASES = {
     "scale_nan": (lambda: span(scale=float("nan")), ValueError, r"scale.*nan"),
     "causal_str": (lambda: span(causal="yes"), TypeError, r"causal.*'yes'"),
     "num_warps_zero": (lambda: span(num_warps=0), ValueError, r"num_warps"),
-    "unknown_implementation": (lambda: attention(Q, K, V, implementation="flash"), ValueError, r"implementation"),
+    "unknown_implementation": (lambda: Kernels.resolve("flash"), ValueError, r"attention must be one of auto, pallas, reference"),
+    "unknown_kernels_field": (lambda: Kernels(prefill="flash"), ValueError, r"Kernels.prefill must be one of pallas, reference"),
 }
 
 
@@ -126,7 +125,8 @@ DECODE_CASES = {
     "float_lengths": (lambda: dec(lengths=LENGTHS.astype(jnp.float32)), TypeError, r"lengths.*float32"),
     "float_lengths_reference": (lambda: dec(decode_attention_reference, lengths=LENGTHS.astype(jnp.float32)),
                                 TypeError, r"lengths.*float32"),
-    "float_lengths_dispatch": (lambda: dec(cached_attention, lengths=LENGTHS.astype(jnp.float32)), TypeError, r"lengths"),
+    "float_pos_boundary": (lambda: Kernels.resolve("pallas").cached_attention(DQ, DK, DK, LENGTHS.astype(jnp.float32),
+                                                                              scale=0.1), TypeError, r"lengths"),
     "lengths_above_slots": (lambda: dec(lengths=jnp.asarray([21, 3])), ValueError, r"lengths.*\[0, 20\]"),
     "lengths_negative": (lambda: dec(lengths=jnp.asarray([2, -3])), ValueError, r"lengths.*-3"),
     "lengths_shape": (lambda: dec(lengths=jnp.asarray([2, 3, 4])), ValueError, r"lengths.*\(3,\)"),
@@ -229,14 +229,14 @@ def test_values_that_would_overflow_or_be_empty():
 
     q = jnp.zeros((1, 8, 2, 16), jnp.float32)
     with pytest.raises(ValueError, match="sliding_window must be < 2\\^31"):
-        pk.attention(q, q, q, sliding_window=2**31, implementation="pallas")
+        pk.image_span_attention(q, q, q, sliding_window=2**31, interpret=True)
     with pytest.raises(ValueError, match="sliding_window must be < 2\\^31"):
         pk.reference_mask(jnp.zeros((1, 8), jnp.int32), sliding_window=2**40)
     with pytest.raises(ValueError, match="q has an empty batch, head or head dim"):
-        pk.attention(jnp.zeros((0, 8, 2, 16)), q[:0], q[:0], implementation="pallas")
+        pk.image_span_attention(jnp.zeros((0, 8, 2, 16)), q[:0], q[:0], interpret=True)
     with pytest.raises(ValueError, match="q has an empty batch, head or head dim"):
-        pk.attention(jnp.zeros((1, 8, 0, 16)), q, q, implementation="pallas")
+        pk.image_span_attention(jnp.zeros((1, 8, 0, 16)), q, q, interpret=True)
     ids = np.zeros((1, 8), np.int64)
     ids[0, 4:] = 2**32
     with pytest.raises(ValueError, match="segment_ids must fit in int32"):
-        pk.attention(q, q, q, ids, implementation="pallas")
+        pk.image_span_attention(q, q, q, ids, interpret=True)

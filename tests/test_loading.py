@@ -2,11 +2,11 @@
 
 import json
 
-import hf_checkpoints as hfc
+from fixtures import hf_checkpoints as hfc
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_parity import multimodal_batch
+from fixtures.hf_checkpoints import multimodal_batch
 
 import gemma3_jax
 from gemma3_jax import CheckpointError, Gemma3Config

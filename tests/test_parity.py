@@ -3,48 +3,19 @@
 Tolerance: max |dlogit| <= 1e-4 * max |logit| over the valid (non-padded) positions.
 """
 
-import hf_checkpoints as hfc
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from conftest import TOL, rel_err
+from fixtures import hf_checkpoints as hfc
+from fixtures.hf_checkpoints import multimodal_batch
 
 import gemma3_jax
+from gemma3_jax.model.kernels import AttentionBatch, with_kernels
 
 I, B_, E_ = hfc.IMAGE_TOKEN, hfc.BOI, hfc.EOI
 T = hfc.MM_TOKENS
-
-
-def _row(pieces, length, rng):
-    """Build one row from pieces: n = n random text tokens, 'img' = one image's soft tokens, 'boi'/'eoi'."""
-    out = []
-    for p in pieces:
-        if p == "img":
-            out += [I] * T
-        elif p in ("boi", "eoi"):
-            out.append(B_ if p == "boi" else E_)
-        else:
-            out += list(rng.integers(3, hfc.BOI - 1, size=p))
-    assert len(out) <= length, len(out)
-    return out
-
-
-def multimodal_batch(seed=0, length=48):
-    """Row 0: image at position 0, two images one text token apart, boi/eoi-wrapped image, image at the very
-    end (4 images). Row 1: one image, then right padding. Images counted row by row."""
-    rng = np.random.default_rng(seed)
-    row0 = _row(["img", 5, "boi", "img", "eoi", 1, "img", 3, "boi", "img", "eoi", 1], length, rng)
-    row0 = row0 + list(rng.integers(3, hfc.BOI - 1, size=length - len(row0) - T)) + [I] * T
-    row1 = _row([2, 6, "boi", "img", "eoi", 12], length, rng)
-    valid1 = len(row1)
-    row1 = row1 + [0] * (length - valid1)
-    ids = np.array([row0, row1], np.int64)
-    mask = np.ones_like(ids)
-    mask[1, valid1:] = 0
-    n_images = int((ids == I).sum()) // T
-    pixels = rng.standard_normal((n_images, 3, 28, 28)).astype(np.float32)
-    return ids, pixels, mask
 
 
 def hf_logits(model, ids, pixels=None, mask=None):
@@ -95,7 +66,7 @@ def test_image_mask_matters(mm_pair):
     x = model.embed(ids_j, px_j)
     pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
     causal_only = jnp.full(ids.shape, -1, jnp.int32)
-    hidden, _ = model.text(x, pos, causal_only, kv, "reference")
+    hidden, _ = with_kernels(model.text, "reference")(x, AttentionBatch(pos, causal_only, kv))
     logits = np.asarray(model.text.logits(hidden))
     first_image = int(np.argmax(ids[1] == I))
     before = rel_err(logits[1, :first_image], ref[1, :first_image])

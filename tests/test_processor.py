@@ -79,7 +79,7 @@ class HFTokenizer:
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     """(transformers Gemma3Processor reloaded from disk, its directory)."""
-    import hf_checkpoints as hfc
+    from fixtures import hf_checkpoints as hfc
     from transformers import Gemma3Processor
     from transformers.models.gemma3 import Gemma3ImageProcessorPil
 

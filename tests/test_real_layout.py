@@ -1,4 +1,4 @@
-"""A checkpoint with the real file layout of ``google/gemma-3-4b-it`` (tests/real_layout.py: tiny random weights,
+"""A checkpoint with the real file layout of ``google/gemma-3-4b-it`` (fixtures/real_layout.py: tiny random weights,
 the real tokenizer) through every path a user takes, each in a subprocess where torch and transformers cannot be
 imported (tests/torchless), as on a machine where they were never installed; transformers, in this process,
 gives the expected answers.
@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import real_layout as rl
+from fixtures import real_layout as rl
 from conftest import TOL, rel_err
 
 # One xdist worker runs them all: the fixture, transformers' models and the compiled programs are shared.

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.residual_norm import pow2_pieces, residual_norm, residual_norm_reference
+from pallas_kernels.reference import residual_norm_reference
+from pallas_kernels.residual_norm import pow2_pieces, residual_norm
 
 INTERPRET = jax.default_backend() != "gpu"
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from gemma3_jax.model.config import CheckpointError, TextConfig, load_config
 from gemma3_jax.model.gemma3 import Gemma3
+from gemma3_jax.model.kernels import Kernels
 from gemma3_jax.checkpoints.weight_files import iter_tensors, open_weight_files
 
 __all__ = ["CheckpointError", "checkpoint_files", "load_pretrained"]
@@ -190,8 +191,11 @@ def _params_by_path(model: nnx.Module) -> dict[str, nnx.Param]:
     return out
 
 
-def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto", progress: bool = True) -> Gemma3:
-    """Read a checkpoint directory (config.json + safetensors) into a ``Gemma3`` with weights in ``dtype``."""
+def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kernels = "auto",
+                    progress: bool = True) -> Gemma3:
+    """Read a checkpoint directory (config.json + safetensors) into a ``Gemma3`` with weights in ``dtype``;
+    ``attention`` as for ``Gemma3``."""
+    kernels = Kernels.resolve(attention)
     path = Path(path)
     if not path.is_dir():
         if path.exists():
@@ -207,7 +211,7 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str = "auto
         raise ValueError(f"dtype must be bfloat16 or float32, got {dtype}")
     raw, cfg = load_config(path)
     files = open_weight_files(path)
-    model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, attention))
+    model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, kernels))
     params = _params_by_path(model)
     loaded: set[str] = set()
     pending: dict[str, dict[str, jax.Array]] = {}  # fused weights: pieces read so far

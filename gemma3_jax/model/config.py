@@ -220,7 +220,7 @@ def param_bytes(cfg: Gemma3Config, dtype) -> int:
     them); the lm_head is tied to the embedding and counts nothing."""
     import numpy as np
 
-    from pallas_kernels.attention import padded_head_dim
+    from gemma3_jax.model.kernels import padded_head_dim
 
     t = cfg.text
     d, hd = t.hidden_size, t.head_dim

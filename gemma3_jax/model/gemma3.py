@@ -15,32 +15,28 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from gemma3_jax.model.config import Gemma3Config
+from gemma3_jax.model.kernels import AttentionBatch, Kernels
 from gemma3_jax.model.text import TextModel
 from gemma3_jax.model.vision import Projector, VisionTower
-from pallas_kernels.segments import segment_ids_from_image_mask
-
-
-# "auto": Pallas kernels on a GPU, XLA for decode on a CPU; "pallas": the kernels everywhere (interpreted off the
-# GPU: how the tests run them); "reference": the jnp oracles.
-ATTENTION = ("auto", "pallas", "reference")
 
 
 class Gemma3(nnx.Module):
-    def __init__(self, cfg: Gemma3Config, dtype=jnp.bfloat16, attention: str = "auto"):
-        if attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    """``attention``: which kernels run each op, one of ``kernels.CHOICES`` ("auto", "pallas", "reference") or a
+    ``Kernels``; resolved once, here (``self.kernels``)."""
+
+    def __init__(self, cfg: Gemma3Config, dtype=jnp.bfloat16, attention: str | Kernels = "auto"):
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
-        self.attention = attention
-        self.text = TextModel(cfg.text, self.dtype)
+        self.kernels = Kernels.resolve(attention)
+        self.text = TextModel(cfg.text, self.dtype, self.kernels)
         if cfg.is_multimodal:
-            self.vision = VisionTower(cfg.vision, self.dtype)
+            self.vision = VisionTower(cfg.vision, self.dtype, self.kernels)
             self.projector = Projector(cfg, self.dtype)
 
     # ---- pure pieces (traceable) -------------------------------------------------------------
     def image_features(self, pixel_values: Float[Array, "I C S S"]) -> Float[Array, "I T D"]:
         """Soft tokens of each image, in the text embedding space."""
-        return self.projector(self.vision(pixel_values, self.attention))
+        return self.projector(self.vision(pixel_values))
 
     def embed(self, input_ids: Int[Array, "B L"], pixel_values=None) -> Float[Array, "B L D"]:
         """Token embeddings with image features scattered, in order, into the image-token positions."""
@@ -55,7 +51,7 @@ class Gemma3(nnx.Module):
     ) -> tuple[Float[Array, "B L D"], list]:
         """Final hidden states (after the last norm) and each layer's (keys, values)."""
         feats = None if pixel_values is None else self.image_features(pixel_values)
-        return decoder_forward(self.cfg, self.text, input_ids, feats, kv_lengths, self.attention)
+        return decoder_forward(self.cfg, self.text, input_ids, feats, kv_lengths)
 
     # ---- the user-facing call ------------------------------------------------------------------
     def __call__(self, input_ids, pixel_values=None, attention_mask=None) -> Float[Array, "B L V"]:
@@ -144,15 +140,12 @@ def embed_with_features(
 
 def decoder_forward(
     cfg: Gemma3Config, text: TextModel, input_ids: Int[Array, "B L"], feats: Float[Array, "I T D"] | None,
-    kv_lengths: Int[Array, "B"] | None, attention: str,
+    kv_lengths: Int[Array, "B"] | None,
 ) -> tuple[Float[Array, "B L D"], list]:
     """The text decoder over the prompt with the images' features already computed: final hidden states and each
     layer's (keys, values). Needs only the text weights (the Engine runs the vision tower as a call of its own)."""
-    b, length = input_ids.shape
     x = embed_with_features(cfg, text, input_ids, feats)
-    segment_ids = segment_ids_from_image_mask(input_ids == cfg.image_token_id)
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-    return text(x, positions, segment_ids, kv_lengths, attention)
+    return text(x, AttentionBatch.for_prompt(input_ids == cfg.image_token_id, kv_lengths))
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=NUMERICS_OPTIONS)

@@ -15,9 +15,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from gemma3_jax.model.config import TextConfig
-from pallas_kernels.decode_attention import cached_attention
-from pallas_kernels.common import interpret_mode
-from pallas_kernels.decode_fused import decode_attention_fused, supports_head_dim
 
 
 class KVCache(NamedTuple):
@@ -77,47 +74,3 @@ def write_step(buf: Float[Array, "B S K H"], new: Float[Array, "B K H"], pos: In
     """Write one decode token per row at its own position."""
     idx = jnp.mod(pos, buf.shape[1]) if ring else pos
     return buf.at[jnp.arange(buf.shape[0]), idx].set(new.astype(buf.dtype), mode="drop")
-
-
-def attend_cached(q, k, v, pos, ring: bool, scale: float, impl: str):
-    """Decode attention after ``write_step``: the Pallas kernel ("auto"/"pallas") or attend_step ("reference").
-
-    The kernel needs no slot order: a buffer of S slots holds exactly the slots s < min(pos + 1, S), whether
-    it is a ring (sliding layers) or indexed by position (global layers)."""
-    if impl == "reference":
-        return attend_step(q, k, v, pos, ring, scale)
-    return cached_attention(q, k, v, jnp.minimum(pos + 1, k.shape[1]), scale=scale, implementation=impl)
-
-
-def fused_step_supported(head_dim: int) -> bool:
-    """Whether ``fused_step`` takes this head dim (Gemma-3 text uses 256; the model falls back otherwise)."""
-    return supports_head_dim(head_dim)
-
-
-def fused_step(qkv, q_norm, k_norm, eps, cos, sin, k, v, pos, ring: bool, scale: float):
-    """q/k RMSNorm + RoPE, write_step and attend in one Pallas kernel (compiled on GPU, interpreted elsewhere):
-    qkv [B, N + 2K, H] raw projections, cos/sin [B, H] -> (out [B, N, H], k, v)."""
-    return decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k, v, pos, ring=ring, scale=scale, eps=eps,
-                                  interpret=interpret_mode())
-
-
-def attend_step(
-    q: Float[Array, "B N H"],
-    k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K H"],
-    pos: Int[Array, "B"],
-    ring: bool,
-    scale: float,
-) -> Float[Array, "B N H"]:
-    """One query per row over its cache (after ``write_step``), float32 softmax: the jnp oracle, which reads
-    slot positions from the ring explicitly."""
-    b, n, h = q.shape
-    kh = k.shape[2]
-    held = ring_positions(pos, k.shape[1]) if ring else jnp.broadcast_to(jnp.arange(k.shape[1]), (b, k.shape[1]))
-    valid = (held >= 0) & (held <= pos[:, None])  # [B, S]
-    qg = q.reshape(b, kh, n // kh, h)
-    logits = jnp.einsum("BKGH,BSKH->BKGS", qg, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("BKGS,BSKH->BKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, n, h).astype(q.dtype)

@@ -12,8 +12,6 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from gemma3_jax.model.config import RopeConfig
-from pallas_kernels.gemv import gemv, gemv_geglu
-from pallas_kernels.tuning import gemv_mlp_configs
 
 
 def param(shape: tuple[int, ...], dtype) -> nnx.Param:
@@ -70,15 +68,6 @@ class GeGLU(nnx.Module):
         h = jnp.einsum("BTD,FD->BTF", x, self.gate_up[...])  # one product for both halves
         gate, up = h[..., : self.hidden], h[..., self.hidden :]
         return jnp.einsum("BTF,DF->BTD", gelu_tanh(gate) * up, self.down[...])
-
-    def decode_partials(self, x: Float[Array, "1 D"], interpret: bool) -> Float[Array, "S 1 D"]:
-        """Batch-1 decode through the Pallas matrix-vector kernels: gate|up with GELU·up as its epilogue, then
-        down split over K, returned as float32 partial sums [S, 1, D] for ``residual_norm`` to add (saves the
-        GELU·up and split-K reduction passes XLA would make)."""
-        up, down = gemv_mlp_configs(self.down.shape[0], self.down.shape[1])
-        h = gemv_geglu(x, self.gate_up[...], block_n=up.block_n, num_warps=up.num_warps, interpret=interpret)
-        return gemv(h, self.down[...], block_n=down.block_n, splits=down.splits, num_warps=down.num_warps,
-                    interpret=interpret)
 
 
 def rope_cos_sin(

@@ -11,12 +11,8 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from gemma3_jax.model import kv_cache as kvc
-from pallas_kernels import attention as attention_op
-from pallas_kernels.common import interpret_mode
-from pallas_kernels.gemv import gemv
-from pallas_kernels.residual_norm import residual_norm
-from pallas_kernels.tuning import gemv_qkv_config
 from gemma3_jax.model.config import GLOBAL, SLIDING, TextConfig
+from gemma3_jax.model.kernels import AttentionBatch, Kernels
 from gemma3_jax.model.layers import GeGLU, RMSNorm, apply_rope, param, rope_cos_sin
 
 
@@ -26,7 +22,7 @@ class Attention(nnx.Module):
     Weights are [out, in] (transformers' layout): every product contracts the contiguous last axis, which is
     what batch-1 decode's matrix-vector products want (XLA streams them faster than [in, out] weights)."""
 
-    def __init__(self, cfg: TextConfig, layer: int, dtype):
+    def __init__(self, cfg: TextConfig, layer: int, dtype, kernels: Kernels):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # q, k and v heads stacked in one weight [N + 2K, H, D]: one product per layer, no run-time concatenation
         self.qkv_proj = param((n + 2 * k, h, d), dtype)
@@ -36,6 +32,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
         self.sliding_window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.scale = cfg.attn_scale
+        self.kernels = kernels
 
     def project(self, x: Float[Array, "B T D"], cos: Array, sin: Array):
         """Queries and keys (normed, rotated) [B, T, N|K, H] and values [B, T, K, H] of ``x``."""
@@ -45,68 +42,45 @@ class Attention(nnx.Module):
         keys = apply_rope(self.k_norm(qkv[:, :, n : n + k]), cos, sin)
         return q, keys, qkv[:, :, n + k :]
 
-    def __call__(
-        self,
-        x: Float[Array, "B T D"],
-        cos: Array,
-        sin: Array,
-        segment_ids: Int[Array, "B T"],
-        kv_lengths: Int[Array, "B"] | None,
-        impl: str,
-    ) -> tuple[Float[Array, "B T D"], tuple[Array, Array]]:
+    def __call__(self, x: Float[Array, "B T D"], cos: Array, sin: Array,
+                 batch: AttentionBatch) -> tuple[Float[Array, "B T D"], tuple[Array, Array]]:
         """Output and this layer's (keys, values) [B, T, K, H] for a KV cache."""
         q, k, v = self.project(x, cos, sin)
-        out = attention_op(
-            q,
-            k,
-            v,
-            segment_ids,
-            sliding_window=self.sliding_window,
-            kv_lengths=kv_lengths,
-            scale=self.scale,
-            implementation=impl,
-        )
+        out = self.kernels.attention(q, k, v, batch, sliding_window=self.sliding_window, scale=self.scale)
         return jnp.einsum("BTNH,DNH->BTD", out, self.o_proj[...]), (k, v)
 
-    def step(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"], impl: str,
-               gemv_qkv: bool = False):
+    def step(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"], gemv_b1: bool = False):
         """One token per row at position ``pos``: writes its key/value into the cache, attends over it.
-        ``gemv_qkv``: the q|k|v product through the Pallas matrix-vector kernel (batch 1)."""
+        ``gemv_b1``: the q|k|v product through the matrix-vector kernel (``Kernels.gemv``)."""
         ring = self.sliding_window is not None
         b, m, h, d = x.shape[0], *self.qkv_proj.shape
-        if impl in ("auto", "pallas") and kvc.fused_step_supported(self.qkv_proj.shape[1]):
-            # one kernel for q/k norms, RoPE, the cache writes and the attention
-            w = self.qkv_proj[...].reshape(m * h, d)
-            if gemv_qkv:
-                g = gemv_qkv_config()
-                qkv = gemv(x[:, 0], w, block_n=g.block_n, splits=g.splits, num_warps=g.num_warps,
-                           interpret=interpret_mode())
-            else:
-                qkv = jnp.einsum("BD,ND->BN", x[:, 0], w)
-            qkv = qkv.reshape(b, m, h)
-            norms = (self.q_norm.weight[...], self.k_norm.weight[...], self.q_norm.eps)
-            out, k_buf, v_buf = kvc.fused_step(qkv, *norms, cos[:, 0], sin[:, 0], k_buf, v_buf, pos, ring, self.scale)
+        kernels = self.kernels
+        if kernels.fused_step(h):
+            qkv = kernels.qkv_product(x[:, 0], self.qkv_proj[...].reshape(m * h, d), gemv_b1).reshape(b, m, h)
+            out, k_buf, v_buf = kernels.decode_step_attention(
+                qkv, self.q_norm.weight[...], self.k_norm.weight[...], self.q_norm.eps, cos[:, 0], sin[:, 0],
+                k_buf, v_buf, pos, ring=ring, scale=self.scale)
         else:
             q, k, v = self.project(x, cos, sin)
             k_buf = kvc.write_step(k_buf, k[:, 0], pos, ring)
             v_buf = kvc.write_step(v_buf, v[:, 0], pos, ring)
-            out = kvc.attend_cached(q[:, 0], k_buf, v_buf, pos, ring, self.scale, impl)
+            out = kernels.cached_attention(q[:, 0], k_buf, v_buf, pos, scale=self.scale)
         return jnp.einsum("BNH,DNH->BD", out, self.o_proj[...])[:, None], k_buf, v_buf
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, layer: int, dtype):
+    def __init__(self, cfg: TextConfig, layer: int, dtype, kernels: Kernels):
         eps = cfg.rms_norm_eps
         self.input_norm = RMSNorm(cfg.hidden_size, eps, dtype)
-        self.attn = Attention(cfg, layer, dtype)
+        self.attn = Attention(cfg, layer, dtype, kernels)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps, dtype)
         self.pre_ffw_norm = RMSNorm(cfg.hidden_size, eps, dtype)
         self.mlp = GeGLU(cfg.hidden_size, cfg.intermediate_size, dtype)
         self.post_ffw_norm = RMSNorm(cfg.hidden_size, eps, dtype)
         self.layer_type = SLIDING if cfg.is_sliding(layer) else GLOBAL
 
-    def __call__(self, x, cos, sin, segment_ids, kv_lengths, impl: str):
-        h, kv = self.attn(self.input_norm(x), cos, sin, segment_ids, kv_lengths, impl)
+    def __call__(self, x, cos, sin, batch: AttentionBatch):
+        h, kv = self.attn(self.input_norm(x), cos, sin, batch)
         return self._ffw(x + self.post_attn_norm(h)), kv
 
     def _ffw(self, x):
@@ -116,11 +90,12 @@ class DecoderLayer(nnx.Module):
 class TextModel(nnx.Module):
     """Embedding, decoder layers, final norm and the tied lm_head."""
 
-    def __init__(self, cfg: TextConfig, dtype):
+    def __init__(self, cfg: TextConfig, dtype, kernels: Kernels):
         self.cfg = cfg
         self.dtype = dtype
+        self.kernels = kernels
         self.embed = param((cfg.vocab_size, cfg.hidden_size), dtype)  # [V, D], also the lm_head
-        self.layers = nnx.List([DecoderLayer(cfg, i, dtype) for i in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype, kernels) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def embed_tokens(self, input_ids: Int[Array, "B T"]) -> Float[Array, "B T D"]:
@@ -143,60 +118,36 @@ class TextModel(nnx.Module):
         return logits
 
     def __call__(
-        self,
-        embeddings: Float[Array, "B T D"],
-        positions: Int[Array, "B T"],
-        segment_ids: Int[Array, "B T"],
-        kv_lengths: Int[Array, "B"] | None,
-        impl: str,
+        self, embeddings: Float[Array, "B T D"], batch: AttentionBatch
     ) -> tuple[Float[Array, "B T D"], list[tuple[Array, Array]]]:
         """Hidden states after the final norm (call ``logits`` on what you need) and each layer's (k, v)."""
-        tables = self.rope_tables(positions)
+        tables = self.rope_tables(batch.positions)
         x, kvs = embeddings, []
         for layer in self.layers:
             cos, sin = tables[layer.layer_type]
-            x, kv = layer(x, cos, sin, segment_ids, kv_lengths, impl)
+            x, kv = layer(x, cos, sin, batch)
             kvs.append(kv)
         return self.final_norm(x), kvs
 
     def decode_step(
-        self, embeddings: Float[Array, "B 1 D"], cache: kvc.KVCache, impl: str = "auto"
+        self, embeddings: Float[Array, "B 1 D"], cache: kvc.KVCache
     ) -> tuple[Float[Array, "B 1 D"], kvc.KVCache]:
-        """One token per row at position ``cache.lengths``; returns hidden states and the updated cache.
-
-        ``impl``: "pallas" = the Pallas decode kernels (interpreted off the GPU: how the tests run them),
-        "reference" = cache.attend_step and the MLP in jnp (O(cache) per step), "auto" = "pallas" on a GPU and
-        "reference" elsewhere, because interpreted kernels make a CPU's decode much slower. At batch 1 the q|k|v
-        and MLP products are Pallas matrix-vector kernels too."""
-        if impl not in ("auto", "pallas", "reference"):
-            raise ValueError(f"unknown attention implementation {impl!r}")
-        if impl == "auto":
-            impl = "reference" if interpret_mode() else "pallas"
+        """One token per row at position ``cache.lengths``; returns hidden states and the updated cache."""
+        kernels = self.kernels
         pos = cache.lengths
         tables = self.rope_tables(pos[:, None])
         layers = list(self.layers)
+        gemv_b1 = kernels.gemv(embeddings.shape[0], self.cfg.hidden_size, self.cfg.intermediate_size)
         # x: the residual stream; xn: its normed copy for the next sub-block. Each residual add and the norm
-        # after it are one kernel (residual_and_norm), the last one with the final norm.
-        gemv_b1 = (embeddings.shape[0] == 1 and impl == "pallas"
-                   and self.cfg.hidden_size % 16 == 0 and self.cfg.intermediate_size % 16 == 0)  # gemv's K pieces
+        # after it are one op (Kernels.residual_norm), the last one with the final norm.
         x, xn, ks, vs = embeddings, layers[0].input_norm(embeddings), [], []
         for i, (layer, k_buf, v_buf) in enumerate(zip(layers, cache.k, cache.v)):
             cos, sin = tables[layer.layer_type]
-            h, k_buf, v_buf = layer.attn.step(xn, cos, sin, k_buf, v_buf, pos, impl, gemv_qkv=gemv_b1)
-            x, xn = residual_and_norm(x, h, layer.post_attn_norm, layer.pre_ffw_norm, impl)
+            h, k_buf, v_buf = layer.attn.step(xn, cos, sin, k_buf, v_buf, pos, gemv_b1)
+            x, xn = kernels.residual_norm(x, h, layer.post_attn_norm, layer.pre_ffw_norm)
             following = layers[i + 1].input_norm if i + 1 < len(layers) else self.final_norm
-            # [S, 1, 1, D] f32 partial sums (added inside residual_norm) or [B, 1, D]
-            mlp = layer.mlp.decode_partials(xn[:, 0], interpret_mode())[:, :, None] if gemv_b1 else layer.mlp(xn)
-            x, xn = residual_and_norm(x, mlp, layer.post_ffw_norm, following, impl)
+            mlp = kernels.decode_mlp(layer.mlp, xn, gemv_b1)
+            x, xn = kernels.residual_norm(x, mlp, layer.post_ffw_norm, following)
             ks.append(k_buf)
             vs.append(v_buf)
         return xn, kvc.KVCache(tuple(ks), tuple(vs), pos + 1)
-
-
-def residual_and_norm(x, delta, post: RMSNorm, following: RMSNorm, impl: str):
-    """(x + post(delta), following(x + post(delta))): one Pallas kernel unless impl is "reference"."""
-    if impl == "reference":
-        x = x + post(delta)
-        return x, following(x)
-    return residual_norm(x, delta, post.weight[...], following.weight[...], eps=post.eps,
-                         interpret=interpret_mode())

@@ -11,10 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from pallas_kernels import attention as attention_op
-from pallas_kernels.attention import packed_self_attention, padded_head_dim
-from pallas_kernels.common import interpret_mode
 from gemma3_jax.model.config import Gemma3Config, VisionConfig
+from gemma3_jax.model.kernels import Kernels, padded_head_dim
 from gemma3_jax.model.layers import LayerNorm, RMSNorm, param
 
 
@@ -36,33 +34,26 @@ class VisionAttention(nnx.Module):
     relies on the padded weight columns of q|k|v and the padded rows of o_proj being zero, as loading and
     scripts/random_init.py make them."""
 
-    def __init__(self, cfg: VisionConfig, dtype):
+    def __init__(self, cfg: VisionConfig, dtype, kernels: Kernels):
         e, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         hp = padded_head_dim(h)
         self.qkv_proj, self.qkv_bias = param((e, 3, n, hp), dtype), param((3, n, hp), dtype)
         self.o_proj, self.o_bias = param((n, hp, e), dtype), param((e,), dtype)
         self.head_dim = h
         self.scale = h**-0.5
+        self.kernels = kernels
 
-    def __call__(self, x: Float[Array, "I P E"], impl: str) -> Float[Array, "I P E"]:
+    def __call__(self, x: Float[Array, "I P E"]) -> Float[Array, "I P E"]:
         # One [E, 3*N*Hp] product with a 1-D bias (K = 3: q, k, v), then a free reshape. Written as the 5-D einsum,
         # the bias broadcast over three output dims did not become cuBLAS's bias epilogue on the GPU.
         w, b = self.qkv_proj[...], self.qkv_bias[...]
         h = self.head_dim
-        ones = impl != "reference" and b.shape[-1] > h
+        ones = self.kernels.ones_column(h, b.shape[-1])
         if ones:  # v's padded columns = 1 (their weights are 0): P @ V there is the kernel's softmax denominator
             b = b.at[2, :, h:].set(1)
         qkv = jnp.einsum("IPE,EF->IPF", x, w.reshape(w.shape[0], -1)) + b.reshape(-1)
         qkv = qkv.reshape(*x.shape[:2], *b.shape)
-        if impl == "reference":
-            q, k, v = (qkv[:, :, i, :, :h] for i in range(3))
-            out = attention_op(q, k, v, None, scale=self.scale, causal=False, implementation=impl)
-            out = jnp.pad(out, ((0, 0), (0, 0), (0, 0), (0, qkv.shape[-1] - h)))
-        elif impl in ("auto", "pallas"):
-            out = packed_self_attention(qkv, head_dim=h, scale=self.scale, interpret=interpret_mode(),
-                                        ones_column=ones)
-        else:
-            raise ValueError(f"unknown attention implementation {impl!r}")
+        out = self.kernels.vision_attention(qkv, head_dim=h, scale=self.scale, ones_column=ones)
         return jnp.einsum("IPNH,NHE->IPE", out, self.o_proj[...]) + self.o_bias[...]
 
 
@@ -84,35 +75,35 @@ class VisionMLP(nnx.Module):
 
 
 class EncoderLayer(nnx.Module):
-    def __init__(self, cfg: VisionConfig, dtype):
+    def __init__(self, cfg: VisionConfig, dtype, kernels: Kernels):
         self.norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
-        self.attn = VisionAttention(cfg, dtype)
+        self.attn = VisionAttention(cfg, dtype, kernels)
         self.norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
         self.mlp = VisionMLP(cfg, dtype)
 
-    def __call__(self, x: Float[Array, "I P E"], impl: str) -> Float[Array, "I P E"]:
-        x = x + self.attn(self.norm1(x), impl)
+    def __call__(self, x: Float[Array, "I P E"]) -> Float[Array, "I P E"]:
+        x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
 class VisionTower(nnx.Module):
     """SigLIP: patch embedding (a strided conv as one matmul), positions, encoder, post-layernorm."""
 
-    def __init__(self, cfg: VisionConfig, dtype):
+    def __init__(self, cfg: VisionConfig, dtype, kernels: Kernels):
         self.cfg = cfg
         cpp = cfg.num_channels * cfg.patch_size**2
         self.patch_embed = param((cpp, cfg.hidden_size), dtype)  # [C*p*p, E]
         self.patch_bias = param((cfg.hidden_size,), dtype)
         self.pos_embed = param((cfg.patches_per_side**2, cfg.hidden_size), dtype)  # [P, E]
-        self.layers = nnx.List([EncoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([EncoderLayer(cfg, dtype, kernels) for _ in range(cfg.num_layers)])
         self.post_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
 
-    def __call__(self, pixels: Float[Array, "I C S S"], impl: str) -> Float[Array, "I P E"]:
+    def __call__(self, pixels: Float[Array, "I C S S"]) -> Float[Array, "I P E"]:
         w = self.patch_embed[...]
         patches = patchify(pixels.astype(w.dtype), self.cfg.patch_size)
         x = jnp.einsum("IPK,KE->IPE", patches, w) + self.patch_bias[...] + self.pos_embed[...]
         for layer in self.layers:
-            x = layer(x, impl)
+            x = layer(x)
         return self.post_norm(x)
 
 

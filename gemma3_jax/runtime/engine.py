@@ -36,8 +36,8 @@ DECODE_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLAS
                           "xla_gpu_graph_min_graph_size": 1}
 
 
-def default_compiler_options(step: str) -> dict[str, bool | str | int]:
-    """XLA options for the compiled ``step`` ("vision", "prefill" or "decode") on this backend.
+def default_compiler_options(step: str, platform: str) -> dict[str, bool | str | int]:
+    """XLA options for the compiled ``step`` ("vision", "prefill" or "decode") on ``platform`` (``Kernels.platform``).
 
     On a GPU, vision and prefill run their GEMMs in cuBLAS (``xla_gpu_enable_triton_gemm=false``), which is at
     least as fast as XLA's Triton GEMM fusions for these large products; decode keeps XLA's Triton GEMMs, whose
@@ -46,9 +46,9 @@ def default_compiler_options(step: str) -> dict[str, bool | str | int]:
     the host every step and the GPU waits for the next launch. Every step rounds each low-precision op as
     transformers does (NUMERICS_OPTIONS)."""
     opts = dict(NUMERICS_OPTIONS)
-    if jax.default_backend() == "gpu" and step in ("vision", "prefill"):
+    if platform == "gpu" and step in ("vision", "prefill"):
         opts["xla_gpu_enable_triton_gemm"] = False
-    if jax.default_backend() == "gpu" and step == "decode":
+    if platform == "gpu" and step == "decode":
         opts.update(DECODE_COMMAND_BUFFERS)
     return opts
 
@@ -171,8 +171,24 @@ class Timings:
         return self.decode_tokens / self.decode_s if self.decode_s else 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class CompiledCall:
+    """One compiled call of a step with its arguments (``Engine.prefill_calls``), to time or trace it alone."""
+
+    name: str
+    fn: jax.stages.Compiled
+    args: tuple
+    weight_arrays: int  # how many of the arguments' arrays are weights
+
+    def __call__(self):
+        return self.fn(*self.args)
+
+
 class Engine:
-    """Holds the model's state and its compiled steps (keyed by shapes and static settings)."""
+    """Holds the model's state and its compiled steps (keyed by shapes and static settings).
+
+    ``compiler_options``: XLA options for every compiled step instead of ``default_compiler_options(step)`` (an
+    empty dict: XLA's own defaults)."""
 
     def __init__(
         self, model: Gemma3, cache_length: int = 4096, chunk: int = 32, compiler_options: dict | None = None
@@ -184,7 +200,7 @@ class Engine:
         self.weights = self._text_weights.flat
         self._vision_weights = StepWeights.of(_VisionStep(model.vision, model.projector)) if model.cfg.is_multimodal \
             else None
-        self.attention = model.attention
+        self.platform = model.kernels.platform
         self.compiler_options = compiler_options  # None: default_compiler_options(step) per step
         self.cfg = model.cfg
         self.dtype = model.dtype
@@ -192,26 +208,25 @@ class Engine:
         self.chunk = int(chunk)
         self._compiled: dict = {}
         self._limits: dict[int, jax.Array] = {}
-        self._donate = jax.default_backend() != "cpu"
+        self._donate = self.platform != "cpu"  # a CPU does not donate buffers (XLA warns, then copies)
 
     # ---- compiled functions -------------------------------------------------------------------
     def _vision_fn(self):
-        weights, attention = self._vision_weights, self.attention
+        weights = self._vision_weights
 
         def vision(rest, groups, pixel_values):
             step = weights.merge(rest, groups)
-            return step.projector(step.vision(pixel_values, attention))  # [I, T, D]
+            return step.projector(step.vision(pixel_values))  # [I, T, D]
 
         return vision
 
     def _prefill_fn(self, params: SamplingParams):
-        weights, cfg, cache_length, attention, dtype = (self._text_weights, self.cfg, self.cache_length,
-                                                        self.attention, self.dtype)
+        weights, cfg, cache_length, dtype = self._text_weights, self.cfg, self.cache_length, self.dtype
 
         def prefill(rest, groups, input_ids, feats, lengths, key):
             text = weights.merge(rest, groups)
             b = input_ids.shape[0]
-            hidden, kvs = decoder_forward(cfg, text, input_ids, feats, lengths, attention)
+            hidden, kvs = decoder_forward(cfg, text, input_ids, feats, lengths)
             last = hidden[jnp.arange(b), lengths - 1][:, None]  # [B, 1, D]
             logits = text.logits(last)[:, 0].astype(jnp.float32)  # [B, V]: never [B, L, V]
             cache = kvc.init_cache(cfg.text, b, cache_length, dtype)
@@ -225,10 +240,12 @@ class Engine:
 
         return prefill
 
-    def _decode_fn(self, params: SamplingParams, stop_early: bool = True):
-        """Up to ``limit`` (<= ``chunk``, a runtime value: one compile serves every chunk size) steps per call.
-        ``stop_early=False``: always ``chunk`` steps (a trip count fixed at compile time; for profiling the loop)."""
-        text_weights, attention = self._text_weights, self.attention
+    def decode_fn(self, params: SamplingParams, fixed_steps: bool = False):
+        """The decode chunk as a pure function of (weights, cache, token, done, remaining, key, stops, limit), which
+        ``generate_ids`` compiles: up to ``limit`` (<= ``chunk``, a runtime value, so one compile serves every chunk
+        size) steps, fewer once every row is done. ``fixed_steps``: always ``chunk`` steps, a trip count fixed at
+        compile time (to measure the loop itself)."""
+        text_weights = self._text_weights
         steps, pad = self.chunk, self.cfg.text.pad_token_id
 
         def decode(weights, cache, token, done, remaining, key, stops, limit):
@@ -237,7 +254,7 @@ class Engine:
 
             def body(carry):
                 cache, token, done, remaining, key, out, i = carry
-                hidden, cache = text.decode_step(text.embed_tokens(token[:, None]), cache, attention)
+                hidden, cache = text.decode_step(text.embed_tokens(token[:, None]), cache)
                 logits = text.logits(hidden)[:, 0].astype(jnp.float32)
                 key, sub = jax.random.split(key)
                 nxt = jnp.where(done, pad, sample(logits, sub, params))
@@ -247,7 +264,7 @@ class Engine:
                 return cache, nxt, done, remaining, key, out, i + 1
 
             def cond(carry):
-                return (carry[-1] < limit) & ~jnp.all(carry[2]) if stop_early else carry[-1] < steps
+                return carry[-1] < steps if fixed_steps else (carry[-1] < limit) & ~jnp.all(carry[2])
 
             out = jnp.full((b, steps), pad, jnp.int32)
             carry = (cache, token, done, remaining, key, out, jnp.int32(0))
@@ -265,7 +282,7 @@ class Engine:
         if key not in self._compiled:
             t = time.perf_counter()
             fn = jax.jit(make(), donate_argnums=donate if self._donate else ())
-            opts = default_compiler_options(name) if self.compiler_options is None else self.compiler_options
+            opts = default_compiler_options(name, self.platform) if self.compiler_options is None else self.compiler_options
             self._compiled[key] = fn.lower(*args).compile(opts or None)
             timings.compile_s += time.perf_counter() - t
         return self._compiled[key]
@@ -277,18 +294,10 @@ class Engine:
         return self._limits[steps]
 
     # ---- host API ------------------------------------------------------------------------------
-    def prefill(
-        self,
-        prompts: Sequence[Sequence[int]],
-        pixel_values: np.ndarray | None = None,
-        *,
-        params: SamplingParams = SamplingParams(),
-        key: jax.Array | None = None,
-        max_new_tokens: int = 1,
-        timings: Timings | None = None,
-    ) -> tuple[kvc.KVCache, jax.Array, jax.Array]:
-        """Right-pad to a bucket, run the compiled prefill: (cache, first sampled token [B], logits [B, V])."""
-        timings = timings if timings is not None else Timings()
+    def _prepare_prefill(self, prompts, pixel_values, params: SamplingParams, key, max_new_tokens: int,
+                         timings: Timings):
+        """Checks, pads to a bucket and compiles: (vision call or None, text call, its arguments; the text call's
+        image features (args[3]) are the vision call's output shape until the vision call runs)."""
         lengths = np.array([len(p) for p in prompts], np.int32)
         if len(prompts) == 0 or (lengths == 0).any():
             raise ValueError("empty prompt: every prompt needs at least one token")
@@ -302,22 +311,50 @@ class Engine:
         mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
         ids_j, px_j, _ = check_inputs(self.cfg, ids, pixel_values, mask)  # no nnx.merge per call
         key = jax.random.key(0) if key is None else key
-        lengths_j = jnp.asarray(lengths)
         vision, feats = None, None
-        if px_j is not None:  # compiled before the clock starts; the text call is compiled for its output's shape
+        if px_j is not None:  # the text call is compiled for the vision call's output shape
             vw = self._vision_weights
-            vision = self._compiled_fn("vision", self._vision_fn, None, (vw.rest, vw.groups, px_j), timings)
-            feats = vision.out_info
+            args = (vw.rest, vw.groups, px_j)
+            fn = self._compiled_fn("vision", self._vision_fn, None, args, timings)
+            vision, feats = CompiledCall("vision", fn, args, vw.num_arrays), fn.out_info
         tw = self._text_weights
-        args = (tw.rest, tw.groups, ids_j, feats, lengths_j, key)
+        args = (tw.rest, tw.groups, ids_j, feats, jnp.asarray(lengths), key)
         fn = self._compiled_fn("prefill", lambda: self._prefill_fn(params), params, args, timings)
-        t = time.perf_counter()
+        return vision, CompiledCall("prefill", fn, args, tw.num_arrays)
+
+    def prefill(
+        self,
+        prompts: Sequence[Sequence[int]],
+        pixel_values: np.ndarray | None = None,
+        *,
+        params: SamplingParams = SamplingParams(),
+        key: jax.Array | None = None,
+        max_new_tokens: int = 1,
+        timings: Timings | None = None,
+    ) -> tuple[kvc.KVCache, jax.Array, jax.Array]:
+        """Right-pad to a bucket, run the compiled prefill: (cache, first sampled token [B], logits [B, V])."""
+        timings = timings if timings is not None else Timings()
+        vision, text = self._prepare_prefill(prompts, pixel_values, params, key, max_new_tokens, timings)
+        args = text.args
+        t = time.perf_counter()  # compiles are done: the clock counts the calls
         if vision is not None:  # queued: the text call's host work overlaps the vision tower on the device
-            feats = vision(vw.rest, vw.groups, px_j)
-        cache, token, logits = fn(tw.rest, tw.groups, ids_j, feats, lengths_j, key)
+            args = (*args[:3], vision(), *args[4:])
+        cache, token, logits = text.fn(*args)
         token.block_until_ready()
         timings.prefill_s += time.perf_counter() - t
         return cache, token, logits
+
+    def prefill_calls(self, prompts: Sequence[Sequence[int]], pixel_values: np.ndarray | None = None,
+                      **kw) -> list[CompiledCall]:
+        """The compiled calls ``prefill`` makes, in order, each with its arguments (the vision call is run once to
+        give the text call its image features), so each can be timed or traced on its own. Arguments as for
+        ``prefill``."""
+        vision, text = self._prepare_prefill(prompts, pixel_values, kw.get("params", SamplingParams()),
+                                             kw.get("key"), kw.get("max_new_tokens", 1), Timings())
+        if vision is None:
+            return [text]
+        args = (*text.args[:3], vision(), *text.args[4:])
+        return [vision, dataclasses.replace(text, args=args)]
 
     def generate_ids(
         self,
@@ -357,7 +394,7 @@ class Engine:
         # host between chunks; none is queued once the chunks so far cover every step a row may still take.
         state = (cache, token, done, remaining, key)
         limit = 1 if streaming else self.chunk
-        fn = self._compiled_fn("decode", lambda: self._decode_fn(params),
+        fn = self._compiled_fn("decode", lambda: self.decode_fn(params),
                                params, (self.weights, *state, stops, self._limit(limit)), timings, donate=(1,))
         t = time.perf_counter()
         pending, queued = fn(self.weights, *state, stops, self._limit(limit)), limit

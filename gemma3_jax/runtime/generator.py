@@ -23,6 +23,7 @@ from gemma3_jax.runtime.compile_cache import enable_compilation_cache
 from gemma3_jax.runtime.engine import Engine, Timings
 from gemma3_jax.checkpoints.loading import load_pretrained
 from gemma3_jax.model.gemma3 import Gemma3
+from gemma3_jax.model.kernels import Kernels, platform
 from gemma3_jax.preprocessing.tokenizer import StreamDecoder
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -39,7 +40,7 @@ class GenerationResult:
 
 def default_dtype() -> str:
     """bfloat16 on an accelerator; float32 on a CPU, where bfloat16 matmuls are emulated and slow."""
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return "float32" if platform() == "cpu" else "bfloat16"
 
 
 def resolve_dtype(name: str | None):
@@ -82,7 +83,7 @@ class Generator:
         *,
         dtype: str | None = None,
         cache_length: int | None = None,
-        attention: str = "auto",
+        attention: str | Kernels = "auto",
         progress: bool = True,
         chunk: int = 32,
         compilation_cache: bool = True,
@@ -98,7 +99,7 @@ class Generator:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, *, dtype: str | None = None, cache_length: int | None = None,
-                        attention: str = "auto", progress: bool = True, chunk: int = 32,
+                        attention: str | Kernels = "auto", progress: bool = True, chunk: int = 32,
                         compilation_cache: bool = True, started: float | None = None) -> Generator:
         """The weights of an opened checkpoint loaded: what from_pretrained does after opening it."""
         t = time.perf_counter() if started is None else started

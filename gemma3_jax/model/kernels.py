@@ -1,0 +1,196 @@
+"""The one boundary between the model and ``pallas_kernels``: which implementation runs each op, chosen once.
+
+``Kernels`` is resolved when a model is built and held, frozen, by the modules that call an op, so the model's
+call signatures do not carry the choice and nothing below reads the backend again. No other module of gemma3_jax
+imports ``pallas_kernels``. Two implementations per op:
+
+- "pallas": the Pallas kernels, compiled on a GPU and run in interpret mode elsewhere (how the tests run them);
+- "reference": the pure-jnp oracles of ``pallas_kernels.reference``, compiled by XLA.
+
+The ``attention`` argument of ``Gemma3``, ``load_pretrained`` and ``Generator`` is one of ``CHOICES`` or a
+``Kernels``. "auto" is "pallas" on a GPU; on any other backend prompts keep the (interpreted) kernels and decode
+runs the reference, because interpreted decode kernels make a CPU's decode several times slower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels.attention import image_span_attention, packed_self_attention
+from pallas_kernels.attention import padded_head_dim as _padded_head_dim
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.decode_fused import decode_attention_fused, supports_head_dim
+from pallas_kernels.gemv import gemv, gemv_geglu
+from pallas_kernels.reference import decode_attention_reference, reference_attention
+from pallas_kernels.residual_norm import residual_norm
+from pallas_kernels.segments import segment_ids_from_image_mask
+from pallas_kernels.tuning import gemv_mlp_configs, gemv_qkv_config
+
+IMPLEMENTATIONS = ("pallas", "reference")
+CHOICES = ("auto", *IMPLEMENTATIONS)
+
+
+def platform() -> str:
+    """The backend JAX runs on here ("cpu", "gpu", ...): read in this module only."""
+    return jax.default_backend()
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim the vision weights are stored with (a multiple of 16, the kernels' column chunks)."""
+    return _padded_head_dim(head_dim)
+
+
+class AttentionBatch(NamedTuple):
+    """What attention over a prompt needs besides q, k and v, per row and O(L): a pytree, so a serving engine can
+    pass one per request or chunk."""
+
+    positions: Int[Array, "B L"]  # RoPE positions of the queries
+    segment_ids: Int[Array, "B L"]  # >= 0: the image span a token belongs to (bidirectional within it); -1: text
+    kv_lengths: Int[Array, "B"] | None  # keys at or past a row's length are never attended; None: all held
+
+    @classmethod
+    def for_prompt(cls, image_mask: Int[Array, "B L"], kv_lengths: Int[Array, "B"] | None = None) -> AttentionBatch:
+        """Prompts that start at position 0, images where ``image_mask`` is set (one span per run of image tokens)."""
+        b, length = image_mask.shape
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        return cls(positions, segment_ids_from_image_mask(image_mask), kv_lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """The implementation of each op (``IMPLEMENTATIONS``), and how Pallas kernels run here.
+
+    ``prefill``: attention over a prompt (text and vision). ``decode``: a decode step's attention over the cache,
+    its residual adds with their norms and, at batch 1, its matrix-vector products. ``fuse_decode``: with
+    "pallas" decode, q/k norms, RoPE, the cache write and the attention as one kernel where the head dim allows
+    (off: XLA does the first three, the decode attention kernel the last)."""
+
+    prefill: str = "pallas"
+    decode: str = "pallas"
+    interpret: bool = False
+    fuse_decode: bool = True
+    platform: str = "gpu"
+
+    def __post_init__(self):
+        for name in ("prefill", "decode"):
+            value = getattr(self, name)
+            if value not in IMPLEMENTATIONS:
+                raise ValueError(f"Kernels.{name} must be one of {', '.join(IMPLEMENTATIONS)}, got {value!r}")
+
+    @classmethod
+    def resolve(cls, attention: str | Kernels = "auto") -> Kernels:
+        """A ``Kernels`` for this backend from one of ``CHOICES`` (a ``Kernels`` is returned as it is)."""
+        if isinstance(attention, Kernels):
+            return attention
+        if not isinstance(attention, str) or attention not in CHOICES:
+            raise ValueError(f"attention must be one of {', '.join(CHOICES)}, got {attention!r}")
+        here = platform()
+        gpu = here == "gpu"
+        decode = ("pallas" if gpu else "reference") if attention == "auto" else attention
+        prefill = "pallas" if attention == "auto" else attention
+        return cls(prefill=prefill, decode=decode, interpret=not gpu, platform=here)
+
+    # ---- attention over a prompt ---------------------------------------------------------------
+    def attention(
+        self,
+        q: Float[Array, "B L N H"],
+        k: Float[Array, "B L K H"],
+        v: Float[Array, "B L K H"],
+        batch: AttentionBatch,
+        *,
+        sliding_window: int | None,
+        scale: float,
+    ) -> Float[Array, "B L N H"]:
+        """Causal attention with the image-span mask (the mask rule of ``pallas_kernels.reference``)."""
+        kw = dict(sliding_window=sliding_window, kv_lengths=batch.kv_lengths, scale=scale)
+        if self.prefill == "reference":
+            return reference_attention(q, k, v, batch.segment_ids, **kw)
+        return image_span_attention(q, k, v, batch.segment_ids, interpret=self.interpret, **kw)
+
+    def ones_column(self, head_dim: int, padded: int) -> bool:
+        """Whether vision attention wants v's first padded column set to 1 (the kernel reads its softmax
+        denominator there): only the Pallas kernel, and only when the head dim is padded."""
+        return self.prefill == "pallas" and padded > head_dim
+
+    def vision_attention(self, qkv: Float[Array, "I P 3 N Hp"], *, head_dim: int, scale: float,
+                         ones_column: bool) -> Float[Array, "I P N Hp"]:
+        """Unmasked self-attention over each image's patches, q|k|v packed with the head dim padded to Hp; the
+        output keeps the padded columns (zeros past the head dim in the reference)."""
+        if self.prefill == "reference":
+            q, k, v = (qkv[:, :, i, :, :head_dim] for i in range(3))
+            out = reference_attention(q, k, v, None, scale=scale, causal=False)
+            return jnp.pad(out, ((0, 0), (0, 0), (0, 0), (0, qkv.shape[-1] - head_dim)))
+        return packed_self_attention(qkv, head_dim=head_dim, scale=scale, interpret=self.interpret,
+                                     ones_column=ones_column)
+
+    # ---- a decode step -------------------------------------------------------------------------
+    def fused_step(self, head_dim: int) -> bool:
+        """Whether a layer's decode step runs ``decode_step_attention`` (else XLA's norms, RoPE and cache write,
+        then ``cached_attention``)."""
+        return self.decode == "pallas" and self.fuse_decode and supports_head_dim(head_dim)
+
+    def gemv(self, batch: int, hidden: int, intermediate: int) -> bool:
+        """Whether a decode step's q|k|v and MLP products run as the Pallas matrix-vector kernels: batch 1 only
+        (larger batches are matrix products, XLA's), and widths the kernels split in 16-wide pieces."""
+        return self.decode == "pallas" and batch == 1 and hidden % 16 == 0 and intermediate % 16 == 0
+
+    def qkv_product(self, x: Float[Array, "B D"], w: Float[Array, "M D"], gemv_b1: bool) -> Float[Array, "B M"]:
+        if not gemv_b1:
+            return jnp.einsum("BD,MD->BM", x, w)
+        g = gemv_qkv_config()
+        return gemv(x, w, block_n=g.block_n, splits=g.splits, num_warps=g.num_warps, interpret=self.interpret)
+
+    def decode_step_attention(self, qkv, q_norm, k_norm, eps, cos, sin, k_buf, v_buf, pos, *, ring: bool,
+                              scale: float):
+        """q/k RMSNorm + RoPE, the cache write and attention in one kernel: qkv [B, N + 2K, H] raw projections,
+        cos/sin [B, H] -> (out [B, N, H], k_buf, v_buf). Only where ``fused_step`` holds."""
+        return decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, pos, ring=ring, scale=scale,
+                                      eps=eps, interpret=self.interpret)
+
+    def cached_attention(self, q: Float[Array, "B N H"], k_buf, v_buf, pos: Int[Array, "B"], *,
+                         scale: float) -> Float[Array, "B N H"]:
+        """One query per row over its cache after the token at ``pos`` was written. No slot order is needed: a
+        buffer of S slots holds exactly the slots s < min(pos + 1, S), ring (sliding layers) or not."""
+        lengths = jnp.minimum(pos + 1, k_buf.shape[1])
+        if self.decode == "reference":
+            return decode_attention_reference(q, k_buf, v_buf, lengths, scale=scale)
+        return decode_attention(q, k_buf, v_buf, lengths, scale=scale, interpret=self.interpret)
+
+    def decode_mlp(self, mlp, x: Float[Array, "B 1 D"], gemv_b1: bool):
+        """The MLP of a decode step: ``mlp(x)`` [B, 1, D], or at batch 1 through the matrix-vector kernels (gate|up
+        with GELU·up as its epilogue, down split over K) as float32 partial sums [S, 1, 1, D] that
+        ``residual_norm`` adds, saving XLA's GELU·up and split-K reduction passes."""
+        if not gemv_b1:
+            return mlp(x)
+        d, f = mlp.down.shape
+        up, down = gemv_mlp_configs(d, f)
+        h = gemv_geglu(x[:, 0], mlp.gate_up[...], block_n=up.block_n, num_warps=up.num_warps, interpret=self.interpret)
+        out = gemv(h, mlp.down[...], block_n=down.block_n, splits=down.splits, num_warps=down.num_warps,
+                   interpret=self.interpret)
+        return out[:, :, None]
+
+    def residual_norm(self, x, delta, post, following):
+        """(x + post(delta), following(x + post(delta))) for RMSNorm modules ``post`` and ``following``: one
+        kernel with "pallas" decode (``delta`` may be ``decode_mlp``'s partial sums)."""
+        if self.decode == "reference":
+            x = x + post(delta)
+            return x, following(x)
+        return residual_norm(x, delta, post.weight[...], following.weight[...], eps=post.eps, interpret=self.interpret)
+
+
+def with_kernels(module: nnx.Module, attention: str | Kernels) -> nnx.Module:
+    """A copy of ``module`` that shares its weights and runs ``attention``'s kernels (to compare implementations
+    on one set of weights)."""
+    kernels = Kernels.resolve(attention)
+    graphdef, state = nnx.split(module)
+    copy = nnx.merge(graphdef, state)
+    for _, m in nnx.iter_modules(copy):
+        if hasattr(m, "kernels"):
+            m.kernels = kernels
+    return copy
