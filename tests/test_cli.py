@@ -143,7 +143,7 @@ def test_generation_config_defaults(tmp_path):
     """Sampling defaults come from generation_config.json; do_sample fills in transformers' own defaults."""
     import json
 
-    from gemma3_jax.runtime.sampling import generation_defaults
+    from gemma3_jax.checkpoints.checkpoint import generation_defaults
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 64, "top_p": 0.95,
                                                                  "eos_token_id": [1, 106]}))

@@ -303,7 +303,7 @@ def test_a_stop_string_is_one_string_not_its_characters(gen):
 def test_bad_generation_config(content, match, tmp_path):
     import json
 
-    from gemma3_jax.runtime.sampling import generation_defaults
+    from gemma3_jax.checkpoints.checkpoint import generation_defaults
 
     (tmp_path / "generation_config.json").write_text(json.dumps(content))
     with pytest.raises(ValueError, match=match):

@@ -19,10 +19,11 @@ import numpy as np
 
 from gemma3_jax.model.kv_cache import cache_nbytes
 from gemma3_jax.model.config import Gemma3Config, param_bytes
+from gemma3_jax.model.kernels import platform
 from gemma3_jax.checkpoints.loading import checkpoint_files
 from gemma3_jax.preprocessing.processor import BOI, Processor, render_chat
-from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams, generation_defaults
-from gemma3_jax.preprocessing.tokenizer import Tokenizer
+from gemma3_jax.preprocessing.tokenizer import Tokenizer, read_json
+from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams
 
 DEFAULT_CACHE_LENGTH = 4096
 MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
@@ -44,13 +45,39 @@ def resolve_checkpoint(model: str | os.PathLike | None, progress: bool = True) -
     return path
 
 
+def generation_defaults(checkpoint: str | Path | None) -> dict:
+    """Sampling defaults from a checkpoint's generation_config.json (do_sample, temperature, top_k, top_p), checked
+    as the user's own values are: a bad value names the file."""
+    if checkpoint is None:
+        return {}
+    file = Path(checkpoint) / "generation_config.json"
+    if not file.is_file():
+        return {}
+    g = read_json(file)
+    out = {}
+    if g.get("do_sample"):  # transformers' defaults where the file is silent: temperature 1, top_k 50, top_p 1
+        out = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+        out.update({k: g[k] for k in ("temperature", "top_k", "top_p") if g.get(k) is not None})
+        try:
+            SamplingParams(out["temperature"], out["top_k"], out["top_p"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{file}: {e}") from e
+    eos = g.get("eos_token_id")
+    if eos is not None:
+        eos = tuple(eos) if isinstance(eos, list) else (eos,)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in eos):
+            raise ValueError(f"{file}: eos_token_id must be token ids (ints in [0, 2^31)), got {g['eos_token_id']!r}")
+        out["eos_token_id"] = eos
+    return out
+
+
 def device_memory(free: bool = False) -> tuple[int, str]:
     """(bytes, where): the accelerator's memory limit (``free``: less what is in use now), or on a CPU the host
     memory available now."""
     import jax
 
     device = jax.local_devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
+    stats = device.memory_stats() if platform() != "cpu" else None
     if stats and stats.get("bytes_limit"):
         used = int(stats.get("bytes_in_use", 0)) if free else 0
         return int(stats["bytes_limit"]) - used, f"{device.device_kind} memory" + (" free" if free else "")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -46,34 +45,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
-
-
-def generation_defaults(checkpoint: str | Path | None) -> dict:
-    """Sampling defaults from a checkpoint's generation_config.json (do_sample, temperature, top_k, top_p), checked
-    as the user's own values are: a bad value names the file."""
-    if checkpoint is None:
-        return {}
-    file = Path(checkpoint) / "generation_config.json"
-    if not file.is_file():
-        return {}
-    from gemma3_jax.preprocessing.tokenizer import read_json  # not JSON, not UTF-8, too deep or not an object: one line
-
-    g = read_json(file)
-    out = {}
-    if g.get("do_sample"):  # transformers' defaults where the file is silent: temperature 1, top_k 50, top_p 1
-        out = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
-        out.update({k: g[k] for k in ("temperature", "top_k", "top_p") if g.get(k) is not None})
-        try:
-            SamplingParams(out["temperature"], out["top_k"], out["top_p"])
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{file}: {e}") from e
-    eos = g.get("eos_token_id")
-    if eos is not None:
-        eos = tuple(eos) if isinstance(eos, list) else (eos,)
-        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in eos):
-            raise ValueError(f"{file}: eos_token_id must be token ids (ints in [0, 2^31)), got {g['eos_token_id']!r}")
-        out["eos_token_id"] = eos
-    return out
 
 
 def sample(logits: Float[Array, "B V"], key: Array, params: SamplingParams) -> Int[Array, "B"]:
