@@ -191,6 +191,26 @@ def test_prefill_runs_the_vision_tower_as_a_call_of_its_own(mm):
     full = model(ids, px, mask)
     for row, p in enumerate(prompts):
         assert rel_err(logits[row], full[row, len(p) - 1]) <= TOL
+    # the same calls, one at a time (what a profiler times): the text call already holds the vision call's output
+    calls = engine.prefill_calls(prompts, px)
+    assert [c.name for c in calls] == ["vision", "prefill"]
+    assert (calls[0].weight_arrays, calls[1].weight_arrays) == (vision.num_arrays, text.num_arrays)
+    np.testing.assert_array_equal(calls[1]()[2], logits)
+    assert [c.name for c in engine.prefill_calls([prompt])] == ["prefill"]
+
+
+def test_decode_fn_fixed_steps(tiny_text):
+    """``decode_fn(fixed_steps=True)`` runs ``chunk`` steps whatever the limit and the rows' state; the default stops
+    at the limit."""
+    model = gemma3_jax.load_pretrained(tiny_text[0], dtype=jnp.float32, progress=False)
+    engine = Engine(model, cache_length=64, chunk=6)
+    cache, token, _ = engine.prefill([[2, 17, 33]], max_new_tokens=10)
+    done, remaining = jnp.zeros((1,), bool), jnp.full((1,), 10, jnp.int32)
+    stops = jnp.full((8,), -1, jnp.int32)
+    for fixed, want in ((False, 2), (True, 6)):
+        fn = jax.jit(engine.decode_fn(SamplingParams(), fixed_steps=fixed))
+        n = fn(engine.weights, cache, token, done, remaining, jax.random.key(0), stops, jnp.int32(2))[-1]
+        assert int(n) == want
 
 
 def test_buckets_bound_the_padding():
