@@ -159,7 +159,7 @@ def _kernel(meta_ref, ks_ref, ke_ref, q_ref, k_ref, v_ref, o_ref, *, chunks, blo
 
 
 def _check(q, k, v, segment_ids, kv_lengths, block_q=None, block_k=None, *, sliding_window=None, scale=None,
-           causal=True, num_warps=None, num_stages=None):
+           causal=True, num_warps=None, num_stages=None, q_offset=None, kv_start=None):
     """Trace-time checks of image_span_attention's / attention's arguments (pallas_kernels/checks.py): shapes,
     dtypes and static values always, segment ids and kv_lengths' values when they are concrete."""
     q, k, v = checks.qkv_arrays(q, k, v, q_rank=4)
@@ -176,8 +176,9 @@ def _check(q, k, v, segment_ids, kv_lengths, block_q=None, block_k=None, *, slid
     if not 0 < d <= 256:
         raise ValueError(f"head dim must be in 1..256: {q.shape=}")
     checks.segment_ids(segment_ids, b, sk)
-    if kv_lengths is not None:
-        checks.lengths_in_range("kv_lengths", checks.int_array("kv_lengths", kv_lengths, (b,), "[B]"), sk)
+    for name, x in (("kv_lengths", kv_lengths), ("q_offset", q_offset), ("kv_start", kv_start)):
+        if x is not None:
+            checks.lengths_in_range(name, checks.int_array(name, x, (b,), "[B]"), sk)
     checks.static_int("sliding_window", sliding_window)
     checks.positive_number("scale", scale, allow_none=True)
     checks.flag("causal", causal)
@@ -241,6 +242,7 @@ def _launch(meta, ks, ke, q_in, k_in, v_in, *, q_spec, k_spec, v_spec, out_shape
 def image_span_attention(
     q, k, v, segment_ids=None, *, sliding_window=None, kv_lengths=None, scale=None, causal=True,
     interpret=False, block_q=None, block_k=None, num_warps=None, num_stages=None, fast_exp2=None,
+    q_offset=None, kv_start=None,
 ):
     """Masked flash attention. q [B, Sq, Hq, D]; k, v [B, Sk, Hkv, D] of q's dtype (bf16/fp16/fp32), Hq a
     multiple of Hkv; segment_ids [B, Sk] integer: negative (-1) for text, k >= 0 for the k-th image of a row.
@@ -248,18 +250,19 @@ def image_span_attention(
     An id names ONE contiguous span (one image, as transformers and ``segment_ids_from_image_mask`` number
     them); concrete ids with an id in two separate runs are refused (ValueError), traced ones are the caller's
     contract. kv_lengths [B] integer in [0, Sk]: keys at or past it are masked. sliding_window: None or an
-    int >= 1. Returns [B, Sq, Hq, D] in q's dtype. Queries are the last Sq of the Sk positions. Rows with no
-    allowed key are zeros. ``causal=False``: bidirectional, only kv_lengths masks. Bad arguments raise a
-    TypeError (dtype or kind) or ValueError (shape or value) naming the argument, before anything is traced.
+    int >= 1. Returns [B, Sq, Hq, D] in q's dtype. Queries are the last Sq of the Sk positions, or, with
+    q_offset [B] in [0, Sk], query t of row b is key position q_offset[b] + t (a prompt chunk after its earlier
+    chunks' keys); kv_start [B] in [0, Sk]: keys before it are masked. Rows with no allowed key are zeros.
+    ``causal=False``: bidirectional, only kv_lengths masks. Bad arguments raise a TypeError (dtype or kind) or ValueError (shape or value) naming the argument, before anything is traced.
     """
     _check(q, k, v, segment_ids, kv_lengths, block_q, block_k, sliding_window=sliding_window, scale=scale,
-           causal=causal, num_warps=num_warps, num_stages=num_stages)
+           causal=causal, num_warps=num_warps, num_stages=num_stages, q_offset=q_offset, kv_start=kv_start)
     checks.flag("interpret", interpret)
     return _image_span_attention(
         q, k, v, segment_ids, sliding_window=None if sliding_window is None else int(sliding_window),
         kv_lengths=kv_lengths, scale=None if scale is None else float(scale), causal=bool(causal),
         interpret=bool(interpret), block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-        fast_exp2=fast_exp2)
+        fast_exp2=fast_exp2, q_offset=q_offset, kv_start=kv_start)
 
 
 @functools.partial(
@@ -272,6 +275,7 @@ def image_span_attention(
 def _image_span_attention(
     q, k, v, segment_ids=None, *, sliding_window=None, kv_lengths=None, scale=None, causal=True,
     interpret=False, block_q=None, block_k=None, num_warps=None, num_stages=None, fast_exp2=None,
+    q_offset=None, kv_start=None,
 ):
     """image_span_attention after its argument checks."""
     b, sq, hq, d = q.shape
@@ -287,7 +291,7 @@ def _image_span_attention(
         segment_ids = jnp.full((b, sk), -1, jnp.int32)
     ks, ke = key_intervals(
         jnp.asarray(segment_ids, jnp.int32), q_len=sq, sliding_window=sliding_window,
-        kv_lengths=kv_lengths, causal=causal,
+        kv_lengths=kv_lengths, causal=causal, q_offset=q_offset, kv_start=kv_start,
     )
     meta = block_ranges(ks, ke, block_q=bq, block_k=bk)  # [B, nq, 4]
     nq = meta.shape[1]

@@ -9,7 +9,8 @@ word, as transformers 5.x builds it:
   sliding layers: additionally                       j > i - sliding_window
   padding:        keys at j >= kv_lengths[b] are never attended
 
-Queries are the last Sq of the Sk positions. A row with no allowed key returns zeros. The rule compares ids, so
+Queries are the last Sq of the Sk positions unless q_offset places them (chunked prefill). A row with no allowed
+key returns zeros. The rule compares ids, so
 an id in two separate runs would join them; the kernels take one contiguous span per id and refuse such ids
 (checks.segments_contiguous), so this oracle checks dtypes and shapes only.
 """
@@ -34,8 +35,12 @@ def reference_mask(
     sliding_window: int | None = None,
     kv_lengths: Int[Array, "B"] | None = None,
     causal: bool = True,
+    q_offset: Int[Array, "B"] | None = None,
+    kv_start: Int[Array, "B"] | None = None,
 ) -> Bool[Array, "B Sq Sk"]:
-    """The dense boolean mask (True = attend). segment_ids and kv_lengths must be integer arrays."""
+    """The dense boolean mask (True = attend). segment_ids, kv_lengths, q_offset and kv_start must be integer
+    arrays. Query t of row b is key position q_offset[b] + t (default Sk - Sq: the last Sq); keys before
+    kv_start[b] are never attended."""
     segment_ids = checks.int_array("segment_ids", segment_ids)
     if segment_ids.ndim != 2:
         raise ValueError(f"segment_ids must be [B, Sk]: got segment_ids.shape={segment_ids.shape}")
@@ -46,18 +51,21 @@ def reference_mask(
     checks.static_int("sliding_window", sliding_window)
     if kv_lengths is not None:
         kv_lengths = checks.int_array("kv_lengths", kv_lengths, (b,), "[B]")
-    i = jnp.arange(sk - sq, sk)[:, None]  # absolute query positions
-    j = jnp.arange(sk)[None, :]
-    seg_q = segment_ids[:, sk - sq :, None]
+    first = jnp.full((b,), sk - sq) if q_offset is None else checks.int_array("q_offset", q_offset, (b,), "[B]")
+    i = (jnp.asarray(first)[:, None] + jnp.arange(sq)[None, :])[:, :, None]  # [B, Sq, 1] query positions
+    j = jnp.arange(sk)[None, None, :]
+    seg_q = jnp.take_along_axis(segment_ids, jnp.clip(i[:, :, 0], 0, sk - 1), axis=1)[:, :, None]
     seg_k = segment_ids[:, None, :]
     if causal:
-        allowed = (j <= i)[None] | ((seg_q == seg_k) & (seg_q >= 0))
+        allowed = (j <= i) | ((seg_q == seg_k) & (seg_q >= 0))
     else:
         allowed = jnp.ones((b, sq, sk), bool)
     if sliding_window is not None:
-        allowed &= (j > i - sliding_window)[None]
+        allowed &= j > i - sliding_window
     if kv_lengths is not None:
-        allowed &= j[None] < jnp.asarray(kv_lengths)[:, None, None]
+        allowed &= j < jnp.asarray(kv_lengths)[:, None, None]
+    if kv_start is not None:
+        allowed &= j >= jnp.asarray(checks.int_array("kv_start", kv_start, (b,), "[B]"))[:, None, None]
     return allowed
 
 
@@ -72,6 +80,8 @@ def reference_attention(
     scale: float | None = None,
     causal: bool = True,
     precision=jax.lax.Precision.HIGHEST,
+    q_offset: Int[Array, "B"] | None = None,
+    kv_start: Int[Array, "B"] | None = None,
 ) -> Float[Array, "B Sq Hq D"]:
     """Softmax attention in float32 with the image-span mask; output in q's dtype."""
     q, k, v = checks.qkv_arrays(q, k, v, q_rank=4)
@@ -95,7 +105,8 @@ def reference_attention(
     vf = v.astype(jnp.float32)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", qf, kf, precision=precision) * scale
     mask = reference_mask(
-        segment_ids, q_len=sq, sliding_window=sliding_window, kv_lengths=kv_lengths, causal=causal
+        segment_ids, q_len=sq, sliding_window=sliding_window, kv_lengths=kv_lengths, causal=causal,
+        q_offset=q_offset, kv_start=kv_start,
     )[:, None, None]
     logits = jnp.where(mask, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)

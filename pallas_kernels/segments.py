@@ -69,13 +69,19 @@ def key_intervals(
     sliding_window: int | None = None,
     kv_lengths: Int[Array, "B"] | None = None,
     causal: bool = True,
+    q_offset: Int[Array, "B"] | None = None,
+    kv_start: Int[Array, "B"] | None = None,
 ) -> tuple[Int[Array, "B Sq"], Int[Array, "B Sq"]]:
-    """Per-query allowed key interval ``[k_start, k_end)`` for queries at the last ``q_len`` positions.
+    """Per-query allowed key interval ``[k_start, k_end)``; query t of row b sits at key position
+    ``q_offset[b] + t`` (default: the last ``q_len`` positions, ``Sk - q_len``).
 
-    Each maximal run of one non-negative id is one image (transformers builds ids that way). A row whose
-    interval is empty (k_start >= k_end) attends to nothing.
-    With ``causal=False`` every query sees keys ``[0, kv_length)`` (the SigLIP encoder). segment_ids [B, Sk] and
-    kv_lengths [B] (in [0, Sk]) are integer arrays; an id names one contiguous span (see the module doc).
+    Each maximal run of one non-negative id is one image (transformers builds ids that way). Keys before
+    ``kv_start[b]`` (default 0) or at/after ``kv_lengths[b]`` (default Sk) are never attended: with a query offset
+    the keys of a prompt's earlier chunks can sit in front of its queries (chunked prefill), and a ring buffer laid
+    out in position order can hold positions before the prompt's start. A row whose interval is empty
+    (k_start >= k_end) attends to nothing. With ``causal=False`` every query sees keys ``[kv_start, kv_length)``
+    (the SigLIP encoder). segment_ids [B, Sk]; kv_lengths, q_offset, kv_start [B] integer arrays in [0, Sk]; an id
+    names one contiguous span (see the module doc).
     """
     segment_ids = checks.int_array("segment_ids", segment_ids)
     if segment_ids.ndim != 2:
@@ -88,20 +94,27 @@ def key_intervals(
         raise ValueError(f"need 0 < q_len <= Sk, got {q_len=} {sk=}")
     checks.static_int("sliding_window", sliding_window)
     checks.flag("causal", causal)
-    if kv_lengths is not None:
-        kv_lengths = checks.int_array("kv_lengths", kv_lengths, (b,), "[B]")
-        checks.lengths_in_range("kv_lengths", kv_lengths, sk)
-    kv_len = jnp.full((b,), sk, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
-    pos = jnp.arange(sk - sq, sk, dtype=jnp.int32)[None, :]  # [1, Sq] absolute query positions
+
+    def row_ints(name, x, default):
+        if x is None:
+            return jnp.full((b,), default, jnp.int32)
+        x = checks.int_array(name, x, (b,), "[B]")
+        checks.lengths_in_range(name, x, sk)
+        return jnp.asarray(x, jnp.int32)
+
+    kv_len = row_ints("kv_lengths", kv_lengths, sk)
+    first = row_ints("q_offset", q_offset, sk - sq)
+    kv_lo = row_ints("kv_start", kv_start, 0)
+    pos = first[:, None] + jnp.arange(sq, dtype=jnp.int32)[None, :]  # [B, Sq] key position of each query
     if causal:
-        seg_q = segment_ids[:, sk - sq :]
-        ends = run_ends(segment_ids)[:, sk - sq :]
+        at = jnp.clip(pos, 0, sk - 1)  # padded queries past Sk read the last key's id (their rows are dropped)
+        seg_q = jnp.take_along_axis(segment_ids, at, axis=1)
+        ends = jnp.take_along_axis(run_ends(segment_ids), at, axis=1)
         k_end = jnp.where(seg_q >= 0, jnp.maximum(pos + 1, ends), pos + 1)
     else:
         k_end = jnp.full((b, sq), sk, jnp.int32)
     k_end = jnp.minimum(k_end, kv_len[:, None])
-    if sliding_window is None:
-        k_start = jnp.zeros((b, sq), jnp.int32)
-    else:
-        k_start = jnp.broadcast_to(jnp.maximum(pos - sliding_window + 1, 0), (b, sq))
+    k_start = jnp.broadcast_to(kv_lo[:, None], (b, sq))
+    if sliding_window is not None:
+        k_start = jnp.maximum(k_start, pos - sliding_window + 1)
     return k_start.astype(jnp.int32), k_end.astype(jnp.int32)

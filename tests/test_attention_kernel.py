@@ -331,3 +331,60 @@ def test_no_quadratic_intermediates(sq, sk, window):
     # the checker itself sees a dense mask when there is one
     n_ref, _ = _max_intermediate(jax.make_jaxpr(lambda q, k, v, s: reference_attention(q, k, v, s))(q, k, v, seg))
     assert n_ref >= sq * sk
+
+
+# ---- queries placed by q_offset, keys cut by kv_start: how a prompt chunk attends after its earlier chunks ----
+
+def chunk_edges(seg_row: np.ndarray, budget: int) -> list[int]:
+    """Chunk starts for one row: at most ``budget`` tokens per chunk, an end inside an image moved to its end."""
+    edges, s = [0], len(seg_row)
+    while edges[-1] < s:
+        end = min(edges[-1] + budget, s)
+        while 0 < end < s and seg_row[end] >= 0 and seg_row[end] == seg_row[end - 1]:
+            end += 1
+        edges.append(end)
+    return edges
+
+
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("budget", [1, 7, 16, 33])
+def test_chunks_with_offsets_equal_the_whole_prompt(window, budget):
+    """Each chunk's queries at q_offset over the keys so far (global: the buffer by position; sliding: the last W
+    positions then the chunk, kv_start masking positions before 0) give the whole prompt's rows exactly."""
+    s, hq, hkv, d = 96, 2, 1, 32
+    seg = layouts(5, 1, s, n_random=2)[2]  # two images one text token apart, then a long one to the end
+    q, k, v = qkv(11, 1, s, s, hq, hkv, d)
+    whole = reference_attention(q, k, v, seg, sliding_window=window)
+    seg_row = np.asarray(seg[0])
+    edges = chunk_edges(seg_row, budget)
+    for p0, p1 in zip(edges[:-1], edges[1:]):
+        n = p1 - p0
+        if window is None:
+            kk, vv, sg = k, v, seg
+            kw = dict(q_offset=jnp.asarray([p0]), kv_lengths=jnp.asarray([p1]))
+        else:
+            lo = p0 - window  # the ring's positions p0 - W .. p0 - 1, then the chunk's own
+            idx = np.clip(np.arange(lo, p1), 0, s - 1)
+            kk, vv = k[:, idx], v[:, idx]
+            sg = jnp.asarray(np.r_[np.full(window, -1), seg_row[p0:p1]][None], jnp.int32)
+            kw = dict(q_offset=jnp.asarray([window]), kv_start=jnp.asarray([max(0, -lo)]))
+        qq = q[:, p0:p1]
+        got = image_span_attention(qq, kk, vv, sg, sliding_window=window, interpret=True, block_q=16, block_k=16,
+                                   **kw)
+        ref = reference_attention(qq, kk, vv, sg, sliding_window=window, **kw)
+        assert err_ok(got, whole[:, p0:p1], F32_TOL), (p0, p1)
+        assert err_ok(ref, whole[:, p0:p1], F32_TOL), (p0, p1)
+        assert n >= 1
+
+
+def test_offsets_against_the_reference():
+    """Random q_offset / kv_start / kv_lengths per row (queries need not be the last Sq): kernel == oracle."""
+    b, sq, sk, hq, hkv, d = 3, 24, 80, 2, 1, 32
+    q, k, v = qkv(12, b, sq, sk, hq, hkv, d)
+    seg = layouts(7, b, sk, n_random=1)[1]
+    kw = dict(q_offset=jnp.asarray([0, 30, 56]), kv_start=jnp.asarray([0, 10, 50]),
+              kv_lengths=jnp.asarray([24, 70, 80]))
+    for window in (None, 9):
+        got = image_span_attention(q, k, v, seg, sliding_window=window, interpret=True, block_q=16, block_k=16,
+                                   **kw)
+        assert err_ok(got, reference_attention(q, k, v, seg, sliding_window=window, **kw), F32_TOL)
