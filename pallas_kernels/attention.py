@@ -253,7 +253,8 @@ def image_span_attention(
     int >= 1. Returns [B, Sq, Hq, D] in q's dtype. Queries are the last Sq of the Sk positions, or, with
     q_offset [B] in [0, Sk], query t of row b is key position q_offset[b] + t (a prompt chunk after its earlier
     chunks' keys); kv_start [B] in [0, Sk]: keys before it are masked. Rows with no allowed key are zeros.
-    ``causal=False``: bidirectional, only kv_lengths masks. Bad arguments raise a TypeError (dtype or kind) or ValueError (shape or value) naming the argument, before anything is traced.
+    ``causal=False``: bidirectional, only kv_lengths masks. Bad arguments raise a TypeError (dtype or kind) or
+    ValueError (shape or value) naming the argument, before anything is traced.
     """
     _check(q, k, v, segment_ids, kv_lengths, block_q, block_k, sliding_window=sliding_window, scale=scale,
            causal=causal, num_warps=num_warps, num_stages=num_stages, q_offset=q_offset, kv_start=kv_start)
