@@ -53,6 +53,10 @@ class AttentionBatch(NamedTuple):
     positions: Int[Array, "B L"]  # RoPE positions of the queries
     segment_ids: Int[Array, "B L"]  # >= 0: the image span a token belongs to (bidirectional within it); -1: text
     kv_lengths: Int[Array, "B"] | None  # keys at or past a row's length are never attended; None: all held
+    # A prompt chunk after its earlier chunks' keys: query t of row b is key q_offset[b] + t (None: the last L
+    # keys), and keys before kv_start[b] are never attended (None: from 0).
+    q_offset: Int[Array, "B"] | None = None
+    kv_start: Int[Array, "B"] | None = None
 
     @classmethod
     def for_prompt(cls, image_mask: Int[Array, "B L"], kv_lengths: Int[Array, "B"] | None = None) -> AttentionBatch:
@@ -108,7 +112,8 @@ class Kernels:
         scale: float,
     ) -> Float[Array, "B L N H"]:
         """Causal attention with the image-span mask (the mask rule of ``pallas_kernels.reference``)."""
-        kw = dict(sliding_window=sliding_window, kv_lengths=batch.kv_lengths, scale=scale)
+        kw = dict(sliding_window=sliding_window, kv_lengths=batch.kv_lengths, scale=scale, q_offset=batch.q_offset,
+                  kv_start=batch.kv_start)
         if self.prefill == "reference":
             return reference_attention(q, k, v, batch.segment_ids, **kw)
         return image_span_attention(q, k, v, batch.segment_ids, interpret=self.interpret, **kw)

@@ -74,3 +74,79 @@ def write_step(buf: Float[Array, "B S K H"], new: Float[Array, "B K H"], pos: In
     """Write one decode token per row at its own position."""
     idx = jnp.mod(pos, buf.shape[1]) if ring else pos
     return buf.at[jnp.arange(buf.shape[0]), idx].set(new.astype(buf.dtype), mode="drop")
+
+
+# ---- a prompt chunk into the rows (slots) of a cache ----------------------------------------------
+# A serving engine prefills a prompt in chunks, each after the slot already holds the prompt's earlier positions.
+# A chunk never ends inside an image, so the earlier keys are plain causal text to it (segment id -1).
+
+
+class PromptChunk(NamedTuple):
+    """One chunk per row: T tokens (padded) at positions ``start .. start + length - 1`` of cache row ``slot``."""
+
+    slot: Int[Array, "B"]  # cache row; >= the cache's rows for a padding row (reads clipped, writes dropped)
+    start: Int[Array, "B"]  # positions the slot already holds (the chunk's first position)
+    length: Int[Array, "B"]  # valid tokens of the chunk (0 for a padding row)
+    segment_ids: Int[Array, "B T"]  # the chunk's own image spans (>= 0), -1 for text and padding
+
+    @property
+    def positions(self) -> Int[Array, "B T"]:
+        return self.start[:, None] + jnp.arange(self.segment_ids.shape[1], dtype=jnp.int32)[None, :]
+
+
+def write_chunk(buf: Float[Array, "S C K H"], new: Float[Array, "B T K H"], chunk: PromptChunk, ring: bool):
+    """Write the chunk's valid keys or values into its rows (ring: slot p % W, only the last W positions)."""
+    slots, t = buf.shape[1], new.shape[1]
+    offset = jnp.arange(t, dtype=jnp.int32)[None, :]
+    valid = offset < chunk.length[:, None]
+    if ring:
+        valid &= offset >= chunk.length[:, None] - slots  # an earlier position would collide with a later one
+        idx = jnp.mod(chunk.positions, slots)
+    else:
+        idx = chunk.positions
+    idx = jnp.where(valid, idx, slots)  # out of range: dropped
+    return buf.at[chunk.slot[:, None], idx].set(new.astype(buf.dtype), mode="drop")
+
+
+def chunk_context(buf: Float[Array, "S C K H"], new: Float[Array, "B T K H"], chunk: PromptChunk, ring: bool):
+    """The keys (or values) the chunk's queries attend over, and where its queries sit among them.
+
+    Global layers: the row with the chunk written at its positions (Sk = C; queries at ``start``). Sliding layers:
+    the ring unrolled into position order (positions ``start - W .. start - 1``, those before 0 cut by
+    ``kv_start``), then the chunk (Sk = W + T; queries at W). Returns (keys [B, Sk, K, H], q_offset [B],
+    kv_start [B], kv_lengths [B])."""
+    rows = jnp.take(buf, chunk.slot, axis=0, mode="clip")
+    if not ring:
+        local = chunk._replace(slot=jnp.arange(rows.shape[0], dtype=jnp.int32))
+        return write_chunk(rows, new, local, ring=False), chunk.start, jnp.zeros_like(chunk.start), \
+            chunk.start + chunk.length
+    slots = rows.shape[1]
+    order = jnp.mod(chunk.start[:, None] + jnp.arange(slots, dtype=jnp.int32)[None, :], slots)
+    unrolled = jnp.take_along_axis(rows, order[:, :, None, None], axis=1)
+    keys = jnp.concatenate([unrolled, new.astype(rows.dtype)], axis=1)
+    q_offset = jnp.full_like(chunk.start, slots)
+    return keys, q_offset, jnp.maximum(slots - chunk.start, 0), slots + chunk.length
+
+
+def chunk_segment_ids(chunk: PromptChunk, context_length: int, ring: bool) -> Int[Array, "B Sk"]:
+    """Segment ids over ``chunk_context``'s keys: the chunk's own, -1 (text) for every earlier position."""
+    b, t = chunk.segment_ids.shape
+    if ring:
+        return jnp.concatenate([jnp.full((b, context_length - t), -1, jnp.int32), chunk.segment_ids], axis=1)
+    seg = jnp.full((b, context_length), -1, jnp.int32)
+    offset = jnp.arange(t, dtype=jnp.int32)[None, :]
+    idx = jnp.where(offset < chunk.length[:, None], chunk.positions, context_length)
+    return seg.at[jnp.arange(b)[:, None], idx].set(chunk.segment_ids, mode="drop")
+
+
+def chunk_end(image_mask, start: int, budget: int) -> int:
+    """Where a chunk that starts at ``start`` ends (exclusive) with at most ``budget`` tokens: an end inside an
+    image moves to the image's end, so an image is never split (one longer than the budget is one chunk).
+    ``image_mask``: one prompt's image-token flags (host array)."""
+    n = len(image_mask)
+    if not 0 <= start < n or budget < 1:
+        raise ValueError(f"need 0 <= start < {n} and budget >= 1, got start={start} budget={budget}")
+    end = min(start + budget, n)
+    while end < n and image_mask[end] and image_mask[end - 1]:
+        end += 1
+    return end

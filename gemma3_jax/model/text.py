@@ -68,6 +68,20 @@ class Attention(nnx.Module):
         return jnp.einsum("BNH,DNH->BD", out, self.o_proj[...])[:, None], k_buf, v_buf
 
 
+    def chunk(self, x: Float[Array, "B T D"], cos, sin, k_buf, v_buf, chunk: kvc.PromptChunk):
+        """A prompt chunk of each row after the positions its cache row already holds: attends over those and
+        its own keys, and writes its keys and values into the row."""
+        ring = self.sliding_window is not None
+        q, k, v = self.project(x, cos, sin)
+        keys, q_offset, kv_start, kv_lengths = kvc.chunk_context(k_buf, k, chunk, ring)
+        values = kvc.chunk_context(v_buf, v, chunk, ring)[0]
+        seg = kvc.chunk_segment_ids(chunk, keys.shape[1], ring)
+        batch = AttentionBatch(chunk.positions, seg, kv_lengths, q_offset, kv_start)
+        out = self.kernels.attention(q, keys, values, batch, sliding_window=self.sliding_window, scale=self.scale)
+        k_buf, v_buf = kvc.write_chunk(k_buf, k, chunk, ring), kvc.write_chunk(v_buf, v, chunk, ring)
+        return jnp.einsum("BTNH,DNH->BTD", out, self.o_proj[...]), k_buf, v_buf
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: TextConfig, layer: int, dtype, kernels: Kernels):
         eps = cfg.rms_norm_eps
@@ -81,9 +95,14 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, batch: AttentionBatch):
         h, kv = self.attn(self.input_norm(x), cos, sin, batch)
-        return self._ffw(x + self.post_attn_norm(h)), kv
+        return self.feed_forward(x + self.post_attn_norm(h)), kv
 
-    def _ffw(self, x):
+    def chunk(self, x, cos, sin, k_buf, v_buf, chunk: kvc.PromptChunk):
+        """``__call__`` for a prompt chunk after the positions its cache row holds (``Attention.chunk``)."""
+        h, k_buf, v_buf = self.attn.chunk(self.input_norm(x), cos, sin, k_buf, v_buf, chunk)
+        return self.feed_forward(x + self.post_attn_norm(h)), k_buf, v_buf
+
+    def feed_forward(self, x):
         return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
 
 
@@ -128,6 +147,21 @@ class TextModel(nnx.Module):
             x, kv = layer(x, cos, sin, batch)
             kvs.append(kv)
         return self.final_norm(x), kvs
+
+    def prefill_chunk(
+        self, embeddings: Float[Array, "B T D"], cache: kvc.KVCache, chunk: kvc.PromptChunk
+    ) -> tuple[Float[Array, "B T D"], kvc.KVCache]:
+        """Each row's next prompt chunk into its cache row (``chunk.slot``): hidden states after the final norm,
+        and the cache holding the chunk's keys with the rows' lengths moved past it."""
+        tables = self.rope_tables(chunk.positions)
+        x, ks, vs = embeddings, [], []
+        for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v):
+            cos, sin = tables[layer.layer_type]
+            x, k_buf, v_buf = layer.chunk(x, cos, sin, k_buf, v_buf, chunk)
+            ks.append(k_buf)
+            vs.append(v_buf)
+        lengths = cache.lengths.at[chunk.slot].set(chunk.start + chunk.length, mode="drop")
+        return self.final_norm(x), kvc.KVCache(tuple(ks), tuple(vs), lengths)
 
     def decode_step(
         self, embeddings: Float[Array, "B 1 D"], cache: kvc.KVCache

@@ -1,0 +1,144 @@
+"""Chunked prefill into cache rows (``TextModel.prefill_chunk``) equals the one-shot forward, float32 on the CPU.
+
+A chunk attends to the keys its slot already holds plus its own; chunk ends snap to image ends (``chunk_end``).
+Every position's logits of every chunk are compared with the full forward's, so an error at any chunk edge shows.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gemma3_jax
+from fixtures.hf_checkpoints import BOI, EOI, IMAGE_TOKEN, MM_TOKENS, _row
+from gemma3_jax.model import kv_cache as kvc
+from gemma3_jax.model.gemma3 import embed_with_features
+
+CHUNK_TOL = 1e-5  # relative to the largest logit (float32)
+SLOTS, CACHE = 3, 128
+
+
+@pytest.fixture(scope="module")
+def model(tiny_mm):
+    return gemma3_jax.load_pretrained(tiny_mm[0], dtype=jnp.float32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def steps(model):
+    text, cfg = model.text, model.cfg
+
+    @jax.jit
+    def features(px):
+        return model.image_features(px)
+
+    @jax.jit
+    def chunk_call(cache, ids, feats, chunk):
+        hidden, cache = text.prefill_chunk(embed_with_features(cfg, text, ids, feats), cache, chunk)
+        return text.logits(hidden), cache
+
+    @jax.jit
+    def full(ids, px):
+        hidden, _ = model.forward(ids, px)
+        return model.text.logits(hidden)
+
+    return features, chunk_call, full
+
+
+def prompt(pieces, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = [2] + _row(pieces, 400, rng)
+    n_images = sum(p == "img" for p in pieces)
+    return np.array(ids, np.int32), rng.standard_normal((n_images, 3, 28, 28)).astype(np.float32)
+
+
+def chunked_logits(model, steps, ids, px, ends, slot=1, pad_to=None):
+    """Logits of every position, the prompt prefilled chunk by chunk into ``slot`` of a fresh cache."""
+    features, chunk_call, _ = steps
+    feats = None if px is None or len(px) == 0 else features(jnp.asarray(px))
+    is_image = ids == IMAGE_TOKEN
+    cache = kvc.init_cache(model.cfg.text, SLOTS, CACHE, jnp.float32)
+    out, start, image = [], 0, 0
+    for end in ends:
+        n = end - start
+        t = pad_to or max(8, 1 << (n - 1).bit_length())  # few compiled shapes
+        chunk_ids = np.zeros((1, t), np.int32)
+        chunk_ids[0, :n] = ids[start:end]
+        seg = np.full((1, t), -1, np.int32)
+        runs = np.asarray(kvc_segments(is_image[start:end]))
+        seg[0, :n] = runs
+        k = int(is_image[start:end].sum()) // MM_TOKENS
+        chunk_feats = feats[image:image + k] if k else None
+        image += k
+        chunk = kvc.PromptChunk(jnp.asarray([slot]), jnp.asarray([start]), jnp.asarray([n]), jnp.asarray(seg))
+        logits, cache = chunk_call(cache, jnp.asarray(chunk_ids), chunk_feats, chunk)
+        out.append(np.asarray(logits)[0, :n])
+        start = end
+    assert int(cache.lengths[slot]) == len(ids) and int(cache.lengths.sum()) == len(ids)
+    return np.concatenate(out)
+
+
+def kvc_segments(mask):
+    """Segment ids of one chunk's image flags (each run of image tokens one image)."""
+    starts = mask & ~np.r_[False, mask[:-1]]
+    return np.where(mask, np.cumsum(starts) - 1, -1)
+
+
+def edges(ids, budget):
+    mask, out, start = ids == IMAGE_TOKEN, [], 0
+    while start < len(ids):
+        start = kvc.chunk_end(mask, start, budget)
+        out.append(start)
+    return out
+
+
+def check(model, steps, ids, px, ends, **kw):
+    want = np.asarray(steps[2](jnp.asarray(ids[None]), None if px is None or len(px) == 0 else jnp.asarray(px)))[0]
+    got = chunked_logits(model, steps, ids, px, ends, **kw)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= CHUNK_TOL, (ends, err)
+    return err
+
+
+# the tiny model: window 8, image = 4 tokens; positions below count the leading bos
+IMAGE_AT_EDGE = ["boi", "img", "eoi", 9]  # image at positions 2..5: ends exactly at a chunk edge of 6
+LAYOUTS = {
+    "text only": [30],
+    "image ends at an edge": [1, *IMAGE_AT_EDGE, 5],
+    "image starts at a chunk start": [3, "img", 12],  # image at 4..7
+    "two images one token apart": [2, "img", 1, "img", 10],
+    "image longer than the budget": [5, "img", "img", 6],  # 8 image tokens in one run
+    "past the window": [20, "img", 3, "boi", "img", "eoi", 25],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_budget_equals_one_shot(model, steps, layout):
+    """Chunk budgets from 1 token up to the whole prompt, ends snapped to image ends."""
+    ids, px = prompt(LAYOUTS[layout])
+    for budget in range(1, len(ids) + 1):
+        ends = edges(ids, budget)
+        assert all(not (ids[e - 1] == IMAGE_TOKEN and e < len(ids) and ids[e] == IMAGE_TOKEN) for e in ends)
+        check(model, steps, ids, px, ends)
+
+
+def test_edges_at_image_boundaries(model, steps):
+    """Hand-placed edges: an image ending exactly at one, the next image starting exactly at one."""
+    ids, px = prompt([2, "img", "img", 3, "img", 20])  # images 3..6 and 7..10 adjacent = one run; 14..17
+    assert ids[3] == IMAGE_TOKEN and ids[11] != IMAGE_TOKEN and ids[14] == IMAGE_TOKEN
+    check(model, steps, ids, px, [3, 11, 14, 18, len(ids)])
+
+
+def test_padded_chunks_and_other_slots(model, steps):
+    """Chunks padded to a fixed length (what a compiled bucket does) into another slot give the same logits."""
+    ids, px = prompt(LAYOUTS["past the window"])
+    check(model, steps, ids, px, edges(ids, 7), slot=2, pad_to=16)
+
+
+def test_chunk_end():
+    mask = np.array([0, 1, 1, 1, 0, 1, 1, 0], bool)
+    assert kvc.chunk_end(mask, 0, 2) == 4  # inside the first image: to its end
+    assert kvc.chunk_end(mask, 0, 1) == 1  # ends right before an image
+    assert kvc.chunk_end(mask, 4, 2) == 7
+    assert kvc.chunk_end(mask, 5, 100) == 8
+    with pytest.raises(ValueError, match="budget"):
+        kvc.chunk_end(mask, 0, 0)
