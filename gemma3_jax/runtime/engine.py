@@ -109,7 +109,7 @@ class PackedWeights:
         return out
 
 
-class _VisionStep(nnx.Module):
+class VisionStep(nnx.Module):
     """The vision tower and projector as one module: the weights of the Engine's vision call."""
 
     def __init__(self, vision, projector):
@@ -198,7 +198,7 @@ class Engine:
         # only the text decoder's weights (``self.weights``), prefill's vision call only the vision tower's.
         self._text_weights = StepWeights.of(model.text)
         self.weights = self._text_weights.flat
-        self._vision_weights = StepWeights.of(_VisionStep(model.vision, model.projector)) if model.cfg.is_multimodal \
+        self._vision_weights = StepWeights.of(VisionStep(model.vision, model.projector)) if model.cfg.is_multimodal \
             else None
         self.platform = model.kernels.platform
         self.compiler_options = compiler_options  # None: default_compiler_options(step) per step

@@ -65,3 +65,26 @@ def sample(logits: Float[Array, "B V"], key: Array, params: SamplingParams) -> I
         vals = jnp.where(before < params.top_p, vals, -jnp.inf)  # the first candidate always stays
     choice = jax.random.categorical(key, vals, axis=-1)
     return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def sample_rows(logits: Float[Array, "B V"], keys: Array, temperature: Float[Array, "B"], top_k: Int[Array, "B"],
+                top_p: Float[Array, "B"], greedy_only: bool = False) -> Int[Array, "B"]:
+    """Next token per row with each row's own parameters as arrays (a batch of requests that each chose theirs),
+    and each row's own key, so a row's draw does not depend on the others. ``greedy_only`` (static): every row is
+    greedy, and no row pays for the sort."""
+    logits = logits.astype(jnp.float32)
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if greedy_only:
+        return best
+    greedy = temperature < MIN_TEMPERATURE
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    idx = jnp.argsort(-scaled, axis=-1)
+    vals = jnp.take_along_axis(scaled, idx, axis=-1)
+    rank = jnp.arange(vals.shape[-1])[None, :]
+    vals = jnp.where((top_k[:, None] == 0) | (rank < top_k[:, None]), vals, -jnp.inf)
+    probs = jax.nn.softmax(vals, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    vals = jnp.where((before < top_p[:, None]) | (rank == 0), vals, -jnp.inf)
+    choice = jax.vmap(lambda k, v: jax.random.categorical(k, v))(keys, vals)
+    drawn = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(greedy, best, drawn)

@@ -1,0 +1,129 @@
+"""The device half of continuous batching: a KV cache of ``max_batch`` rows (slots) and the compiled steps over it.
+
+Each slot holds one request. Its decode state lives on the device beside the cache (``SlotState``), so a prefill
+chunk that completes a prompt writes the slot's first token and sampling settings there and decode can start
+without a trip through the host. Two compiled steps, each compiled once per shape:
+
+- ``prefill``: the next chunk of up to ``rows`` prompts (padded to a bucket), each into its own slot after the
+  positions the slot holds (``TextModel.prefill_chunk``); a row whose prompt ends in this chunk samples its
+  first token and becomes active.
+- ``decode``: up to ``limit`` steps of every slot in one ``lax.while_loop`` (the CUDA-graph loop of the static
+  engine); inactive slots compute along (fixed shapes) but their lengths do not move and their tokens are
+  ignored, so a slot can be reused at once.
+
+Sampling draws a row's token with ``fold_in(request key, position)``: a request's tokens depend on its seed and
+its own tokens only, never on which slot or which other requests it was served with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from gemma3_jax.model import kv_cache as kvc
+from gemma3_jax.model.gemma3 import embed_with_features
+from gemma3_jax.runtime.sampling import MAX_STOP_IDS, sample_rows
+
+
+class SlotState(NamedTuple):
+    """Per-slot decode state, on the device. A slot decodes while ``active``."""
+
+    token: Int[Array, "S"]  # the last sampled token: the next decode step's input
+    active: Bool[Array, "S"]
+    remaining: Int[Array, "S"]  # new tokens the slot may still produce
+    key: Array  # [S] request keys (typed PRNG keys)
+    stops: Int[Array, "S M"]  # stop token ids, -1 padded
+    temperature: Float[Array, "S"]
+    top_k: Int[Array, "S"]
+    top_p: Float[Array, "S"]
+
+    @classmethod
+    def empty(cls, slots: int) -> SlotState:
+        return cls(
+            token=jnp.zeros((slots,), jnp.int32), active=jnp.zeros((slots,), bool),
+            remaining=jnp.zeros((slots,), jnp.int32), key=jax.random.split(jax.random.key(0), slots),
+            stops=jnp.full((slots, MAX_STOP_IDS), -1, jnp.int32), temperature=jnp.zeros((slots,), jnp.float32),
+            top_k=jnp.zeros((slots,), jnp.int32), top_p=jnp.ones((slots,), jnp.float32),
+        )
+
+
+class RowSettings(NamedTuple):
+    """What a prefill row carries for its slot besides the chunk: the request's settings (used when the prompt
+    ends in this chunk, ``last``)."""
+
+    last: Bool[Array, "B"]
+    max_new: Int[Array, "B"]
+    seed: Int[Array, "B"]  # uint32 request seeds
+    stops: Int[Array, "B M"]
+    temperature: Float[Array, "B"]
+    top_k: Int[Array, "B"]
+    top_p: Float[Array, "B"]
+
+
+def _draw(logits, keys, positions, temperature, top_k, top_p, greedy_only: bool):
+    step_keys = jax.vmap(jax.random.fold_in)(keys, positions)
+    return sample_rows(logits, step_keys, temperature, top_k, top_p, greedy_only=greedy_only)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotSteps:
+    """The pure step functions over (text model, cache, slot state); the batching engine compiles them."""
+
+    cfg: object  # Gemma3Config
+    pad_id: int
+
+    def prefill(self, text, cache: kvc.KVCache, state: SlotState, ids: Int[Array, "B T"],
+                feats: Float[Array, "I Ti D"] | None, chunk: kvc.PromptChunk, row: RowSettings,
+                greedy_only: bool):
+        """One chunk per row into its slot. Returns (cache, state, first token [B]: meaningful where ``last``)."""
+        hidden, cache = text.prefill_chunk(embed_with_features(self.cfg, text, ids, feats), cache, chunk)
+        b = ids.shape[0]
+        at = jnp.clip(chunk.length - 1, 0, ids.shape[1] - 1)
+        logits = text.logits(hidden[jnp.arange(b), at][:, None])[:, 0]
+        end = chunk.start + chunk.length
+        keys = jax.vmap(jax.random.key)(row.seed)
+        token = _draw(logits, keys, end - 1, row.temperature, row.top_k, row.top_p, greedy_only)
+        done = (token[:, None] == row.stops).any(-1) | (row.max_new <= 1)
+        slot = jnp.where(row.last, chunk.slot, cache.lengths.shape[0])  # only finished prompts touch the state
+        put = lambda a, v: a.at[slot].set(v, mode="drop")  # noqa: E731
+        state = SlotState(
+            token=put(state.token, token), active=put(state.active, ~done),
+            remaining=put(state.remaining, row.max_new - 1), key=put(state.key, keys),
+            stops=put(state.stops, row.stops), temperature=put(state.temperature, row.temperature),
+            top_k=put(state.top_k, row.top_k), top_p=put(state.top_p, row.top_p),
+        )
+        return cache, state, token
+
+    def decode(self, text, cache: kvc.KVCache, state: SlotState, limit: Int[Array, ""], steps: int,
+               greedy_only: bool):
+        """Up to ``limit`` (<= ``steps``, static) steps of every active slot, fewer once none is active.
+        Returns (cache, state, tokens [S, steps] (pad where a slot produced none), produced [S])."""
+        pad = self.pad_id
+        slots = state.token.shape[0]
+
+        def body(carry):
+            cache, st, out, produced, i = carry
+            held = cache.lengths
+            hidden, cache = text.decode_step(text.embed_tokens(st.token[:, None]), cache)
+            cache = cache._replace(lengths=jnp.where(st.active, cache.lengths, held))
+            logits = text.logits(hidden)[:, 0]
+            nxt = _draw(logits, st.key, held, st.temperature, st.top_k, st.top_p, greedy_only)
+            nxt = jnp.where(st.active, nxt, pad)
+            out = out.at[:, i].set(nxt)
+            produced = produced + st.active.astype(jnp.int32)
+            remaining = st.remaining - st.active.astype(jnp.int32)
+            active = st.active & ~(nxt[:, None] == st.stops).any(-1) & (remaining > 0)
+            st = st._replace(token=jnp.where(st.active, nxt, st.token), active=active, remaining=remaining)
+            return cache, st, out, produced, i + 1
+
+        def cond(carry):
+            return (carry[-1] < limit) & jnp.any(carry[1].active)
+
+        out = jnp.full((slots, steps), pad, jnp.int32)
+        carry = (cache, state, out, jnp.zeros((slots,), jnp.int32), jnp.int32(0))
+        cache, state, out, produced, _ = jax.lax.while_loop(cond, body, carry)
+        return cache, state, out, produced

@@ -1,0 +1,207 @@
+"""Continuous batching (``BatchEngine``): a request served among others gives exactly what it gives alone.
+
+Float32 on the CPU, the tiny multimodal model (window 8, 4 tokens an image) and the real 270M. Chunk budgets are
+small so prompts cross several chunks and decode interleaves with prefill; fewer slots than requests, so slots are
+freed and reused while others run.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gemma3_jax
+from fixtures.hf_checkpoints import IMAGE_TOKEN, MM_TOKENS, _row
+from gemma3_jax.runtime.batching import BatchEngine, Request
+from gemma3_jax.runtime.engine import Engine
+from gemma3_jax.runtime.sampling import SamplingParams
+
+CACHE = 96
+
+
+@pytest.fixture(scope="module")
+def model(tiny_mm):
+    return gemma3_jax.load_pretrained(tiny_mm[0], dtype=jnp.float32, progress=False)
+
+
+def request(pieces, data_seed, new=12, **kw):
+    """A prompt of ``pieces`` (text lengths, "img", "boi", "eoi") with random tokens and images."""
+    rng = np.random.default_rng(data_seed)
+    ids = [2] + _row(pieces, CACHE, rng)
+    n = sum(p == "img" for p in pieces)
+    px = rng.standard_normal((n, 3, 28, 28)).astype(np.float32) if n else None
+    return Request(ids, px, max_new_tokens=new, **{"stop_ids": (), **kw})
+
+
+REQUESTS = [  # different lengths and image counts
+    ([5, "img", 20], 1),
+    ([3], 2),
+    ([2, "img", 1, "img", 30], 3),
+    ([40, "img"], 4),
+    ([12, "boi", "img", "eoi", 6], 5),
+]
+
+
+def engine(model, **kw):
+    return BatchEngine(model, **{**dict(max_batch=3, cache_length=CACHE, chunk_tokens=10, decode_steps=4,
+                                        interleave_steps=2), **kw})
+
+
+@pytest.fixture(scope="module")
+def solo(model):
+    """An engine that serves one request at a time (reused, so its steps compile once)."""
+    return engine(model)
+
+
+def alone(solo, req: Request) -> list[int]:
+    assert solo.stats()["active_slots"] == 0
+    return solo.submit(req).result()
+
+
+def test_batched_equals_alone_and_the_static_engine(model, solo):
+    """Five requests on three slots, arriving at different steps, one cancelled midway: every finished one gets
+    the tokens it gets alone, which are the static Engine's greedy tokens."""
+    reqs = [request(p, s) for p, s in REQUESTS]
+    static = Engine(model, cache_length=CACHE, chunk=8)
+    want = []
+    for r in reqs:
+        out = np.concatenate(list(static.generate_ids([list(r.prompt)], r.pixel_values, max_new_tokens=12,
+                                                      stop_ids=())), axis=1)
+        want.append(out[0].tolist())
+    assert [alone(solo, r) for r in reqs[:2]] == want[:2]
+
+    eng = engine(model)
+    streams = [eng.submit(reqs[0]), eng.submit(reqs[1])]
+    eng.step()
+    streams.append(eng.submit(reqs[2]))
+    eng.step()
+    eng.step()
+    streams += [eng.submit(reqs[3]), eng.submit(reqs[4])]
+    cancelled = eng.submit(request([20, "img", 9], 9, new=40))
+    for _ in range(3):
+        eng.step()
+    cancelled.cancel()
+    eng.run()
+    assert cancelled.finish_reason == "cancelled" and len(cancelled.tokens) < 40
+    for s, w in zip(streams, want):
+        assert s.finish_reason == "length"
+        assert s.tokens == w, (s.id, s.tokens, w)
+    stats = eng.stats()
+    assert stats["active_slots"] == 0 and stats["queued"] == 0
+    assert stats["length"] == 5 and stats["cancelled"] == 1
+
+
+def test_cancel_in_queue_and_mid_prefill_frees_the_slot(model, solo):
+    eng = engine(model, max_batch=1, chunk_tokens=4)
+    long = eng.submit(request([60], 11, new=30))
+    queued = eng.submit(request([4], 12))
+    eng.step()  # the long prompt's first chunk
+    queued.cancel()
+    long.cancel()
+    assert queued.done and queued.tokens == []
+    after = eng.submit(request([5, "img", 20], 1))
+    eng.run()
+    assert long.finish_reason == "cancelled" and long.tokens == []
+    assert after.tokens == alone(solo, request([5, "img", 20], 1))
+
+
+def test_stop_ids_and_first_token_stop(model, solo):
+    ref = alone(solo, request([5, "img", 20], 1))
+    stop = ref[3]
+    got = alone(solo, request([5, "img", 20], 1, stop_ids=(stop,)))
+    assert got == ref[: ref.index(stop) + 1]
+    one = solo.submit(request([5, "img", 20], 1, new=1))
+    assert one.result() == ref[:1] and one.finish_reason == "length"
+    first = solo.submit(request([5, "img", 20], 1, stop_ids=(ref[0],)))
+    assert first.result() == ref[:1] and first.finish_reason == "stop"
+
+
+def test_sampling_is_reproducible_per_request(model, solo):
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
+    mine = request([3, "img", 10], 21, new=16, params=params, seed=7)
+    by_itself = alone(solo, mine)
+    eng = engine(model)
+    others = [eng.submit(request([9], 22, new=10, params=params, seed=1)),
+              eng.submit(request([30, "img"], 23, new=5))]
+    got = eng.submit(mine)
+    eng.run()
+    assert got.tokens == by_itself and all(o.done for o in others)
+    assert alone(solo, request([3, "img", 10], 21, new=16, params=params, seed=8)) != by_itself
+
+
+def test_images_are_encoded_once(model, solo):
+    """A multi-turn chat resends its image: the second request takes the cached features (and gets the same
+    tokens as with a fresh encode); two copies of one image in a request are one encode."""
+    eng = engine(model)
+    first = request([5, "img", 20], 1)
+    eng.submit(first).result()
+    assert eng.features.encodes == 1
+    again = Request(list(first.prompt) + [7, 8, IMAGE_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN, 9],
+                    np.concatenate([first.pixel_values, first.pixel_values]), max_new_tokens=8, stop_ids=())
+    got = eng.submit(again).result()
+    assert eng.features.encodes == 1 and eng.features.hits >= 1
+    assert got == alone(solo, again)
+
+
+def test_refused_at_submission(model):
+    eng = engine(model)
+    with pytest.raises(ValueError, match="exceeds the cache length 96"):
+        eng.submit(request([80], 1, new=20))
+    with pytest.raises(ValueError, match="image tokens"):
+        eng.submit(Request([2, IMAGE_TOKEN] * MM_TOKENS, None))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        eng.submit(Request([2, 3], max_new_tokens=0))
+    with pytest.raises(TypeError, match="Request"):
+        eng.submit([2, 3])
+    with pytest.raises(ValueError, match="max_batch"):
+        BatchEngine(model, max_batch=0)
+    assert eng.stats()["queued"] == 0
+
+
+def test_memory_budget_sizes_the_cache(model, capsys):
+    per_slot_128 = BatchEngine(model, max_batch=2, cache_length=128).cache_bytes
+    eng = BatchEngine(model, max_batch=2, cache_length=None, memory_budget=per_slot_128 * 3, verbose=True)
+    assert eng.cache_length >= 384 and eng.cache_bytes <= per_slot_128 * 3
+    assert "2 slots x" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="memory_budget"):
+        BatchEngine(model, max_batch=2, cache_length=None, memory_budget=10)
+
+
+def test_background_thread_serves_concurrent_readers(model, solo):
+    import threading
+
+    reqs = [request(p, s) for p, s in REQUESTS[:3]]
+    want = [alone(solo, r) for r in reqs]
+    eng = engine(model)
+    eng.start()
+    try:
+        out = [None] * len(reqs)
+
+        def read(i):
+            out[i] = eng.submit(reqs[i]).result()
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert out == want
+    finally:
+        eng.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("real_270m")  # one worker converts the real model
+def test_real_270m_batched_equals_alone(real_270m):
+    """Eight prompts of real text on the real weights, four slots: token for token what the static engine gives."""
+    path, _, tok = real_270m
+    model = gemma3_jax.load_pretrained(path, dtype=jnp.float32, progress=False)
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
+             "The quick brown fox", "import numpy as np\n", "Water boils at", "My favourite colour is"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    static = Engine(model, cache_length=128, chunk=8)
+    want = [np.concatenate(list(static.generate_ids([p], max_new_tokens=10, stop_ids=())), axis=1)[0].tolist()
+            for p in prompts]
+    eng = BatchEngine(model, max_batch=4, cache_length=128, chunk_tokens=6, decode_steps=4, interleave_steps=2)
+    streams = [eng.submit(Request(p, max_new_tokens=10, stop_ids=())) for p in prompts]
+    eng.run()
+    assert [s.tokens for s in streams] == want
