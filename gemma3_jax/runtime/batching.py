@@ -251,7 +251,7 @@ class BatchEngine:
         shapes = tuple((x.shape, x.dtype) if hasattr(x, "shape") else x for x in jax.tree.leaves(args[1:]))
         key = (name, static, shapes)
         if key not in self._compiled:
-            opts = default_compiler_options("decode" if name == "decode" else "prefill", self.platform) \
+            opts = default_compiler_options("prefill" if name == "embed" else name, self.platform) \
                 if self.compiler_options is None else self.compiler_options
             jitted = jax.jit(fn, donate_argnums=donate if self._donate else ())
             self._compiled[key] = jitted.lower(*args).compile(opts or None)
@@ -272,6 +272,14 @@ class BatchEngine:
         args = (vw.rest, vw.groups, jnp.asarray(px))
         feats = self._compile("vision", vision, args, None)(*args)
         return [feats[i] for i in range(n)]
+
+    def _chunk_bucket(self, n: int) -> int:
+        """A prefill call's padded length: a sixteenth, a quarter or all of ``chunk_tokens`` (multiples of 32), so
+        each shape compiles once; an image longer than the budget gets a power of two."""
+        for b in sorted({-(-max(self.chunk_tokens // d, 1) // 32) * 32 for d in (16, 4, 1)}):
+            if n <= b:
+                return b
+        return _pow2(n)
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -348,7 +356,7 @@ class BatchEngine:
             budget -= end - start
         b = _pow2(len(rows)) if len(rows) <= self.prefill_rows else len(rows)
         b = min(b, self.max_batch)
-        t = _pow2(max(e - st for _, st, e in rows), least=32)
+        t = self._chunk_bucket(max(e - st for _, st, e in rows))
         ids = np.full((b, t), self.cfg.text.pad_token_id, np.int32)
         seg = np.full((b, t), -1, np.int32)
         slot = np.full((b,), self.max_batch, np.int32)
@@ -383,10 +391,15 @@ class BatchEngine:
         greedy_only = bool((temp < 1e-6).all())
         steps, tw = self._steps, self._text
 
-        def prefill(weights, cache, state, ids, feats, chunk, row):
-            return steps.prefill(tw.merge_flat(weights), cache, state, ids, feats, chunk, row, greedy_only)
+        def embed(weights, ids, feats):
+            return steps.embed(tw.merge_flat(weights), ids, feats)
 
-        args = (tw.flat, self.cache, self.state, jnp.asarray(ids), feat_arg, chunk, row)
+        def prefill(weights, cache, state, embeddings, chunk, row):
+            return steps.prefill(tw.merge_flat(weights), cache, state, embeddings, chunk, row, greedy_only)
+
+        args = (tw.flat, jnp.asarray(ids), feat_arg)
+        embeddings = self._compile("embed", embed, args, None)(*args)
+        args = (tw.flat, self.cache, self.state, embeddings, chunk, row)
         fn = self._compile("prefill", prefill, args, greedy_only, donate=(1, 2))
         self.cache, self.state, token = fn(*args)
         token = np.asarray(token)

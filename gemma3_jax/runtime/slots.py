@@ -76,13 +76,17 @@ class SlotSteps:
     cfg: object  # Gemma3Config
     pad_id: int
 
-    def prefill(self, text, cache: kvc.KVCache, state: SlotState, ids: Int[Array, "B T"],
-                feats: Float[Array, "I Ti D"] | None, chunk: kvc.PromptChunk, row: RowSettings,
-                greedy_only: bool):
+    def embed(self, text, ids: Int[Array, "B T"], feats: Float[Array, "I Ti D"] | None) -> Float[Array, "B T D"]:
+        """A prefill call's input: the chunks' token embeddings with their images' features in place. A call of
+        its own, so the image count does not multiply the prefill call's compiled shapes."""
+        return embed_with_features(self.cfg, text, ids, feats)
+
+    def prefill(self, text, cache: kvc.KVCache, state: SlotState, embeddings: Float[Array, "B T D"],
+                chunk: kvc.PromptChunk, row: RowSettings, greedy_only: bool):
         """One chunk per row into its slot. Returns (cache, state, first token [B]: meaningful where ``last``)."""
-        hidden, cache = text.prefill_chunk(embed_with_features(self.cfg, text, ids, feats), cache, chunk)
-        b = ids.shape[0]
-        at = jnp.clip(chunk.length - 1, 0, ids.shape[1] - 1)
+        hidden, cache = text.prefill_chunk(embeddings, cache, chunk)
+        b, t = embeddings.shape[:2]
+        at = jnp.clip(chunk.length - 1, 0, t - 1)
         logits = text.logits(hidden[jnp.arange(b), at][:, None])[:, 0]
         end = chunk.start + chunk.length
         keys = jax.vmap(jax.random.key)(row.seed)
