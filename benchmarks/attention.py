@@ -8,33 +8,29 @@ Every timed kernel is checked on query slices against a float32 reference (refer
 Sq < Sk chunk semantics: the last 256 queries of the whole sequence and of a prefix ending at S/2);
 error > 2e-2 (or NaN) marks the row FAILED.
 
-    python scripts/bench_attention.py [--out PATH] [--sizes 2048,8192] [--configs 128x64w8s2E,...]
-                                      [--peers cudnn,xla,flex,tokamax_triton,tokamax_mosaic]
+    python -m benchmarks.attention [--out PATH] [--sizes 2048,8192] [--configs 128x64w8s2E,...]
+                                   [--peers cudnn,xla,flex,tokamax_triton,tokamax_mosaic]
+
+Writes --out, else $OUT/bench_attention.json, else ./bench_attention.json (kept as docs/bench_attention_h100.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import statistics
 import sys
 import time
-import traceback
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pallas_kernels.attention import image_span_attention  # noqa: E402
-from pallas_kernels.block_ranges import block_ranges, count_allowed_pairs, count_blocks  # noqa: E402
-from pallas_kernels.reference import reference_attention, reference_mask  # noqa: E402
-from pallas_kernels.segments import key_intervals, segment_ids_from_image_mask  # noqa: E402
-from pallas_kernels.tuning import default_config  # noqa: E402
+from benchmarks.common import attempt, out_path, save_json, time_jax
+from pallas_kernels.attention import image_span_attention
+from pallas_kernels.block_ranges import block_ranges, count_allowed_pairs, count_blocks
+from pallas_kernels.common import interpret_mode
+from pallas_kernels.reference import reference_attention, reference_mask
+from pallas_kernels.segments import key_intervals, segment_ids_from_image_mask
+from pallas_kernels.tuning import default_config
 
 B, HQ, HKV, D = 1, 8, 4, 256
 PERIOD = 256
@@ -55,26 +51,6 @@ def parse_config(txt: str) -> dict:
     bk, rest = rest.split("w")
     nw, ns = rest.split("s")
     return dict(block_q=int(bq), block_k=int(bk), num_warps=int(nw), num_stages=int(ns), fast_exp2=fast)
-
-
-def time_jax(fn, *args, iters=10, reps=7, warmup=3, min_rep_ms=None) -> float:
-    """Median over reps of the mean time of `iters` back-to-back calls (ms). ``min_rep_ms``: more calls per rep
-    where one call is short, so each rep lasts at least that long (2K-token calls take ~0.07 ms: ten of them
-    were noise-bound, +-15% between rounds)."""
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    if min_rep_ms:
-        per_call = (time.perf_counter() - t0) / warmup * 1e3  # an overestimate (one sync per call)
-        iters = max(iters, math.ceil(min_rep_ms / max(per_call, 1e-3)))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        ts.append((time.perf_counter() - t0) / iters * 1e3)
-    return statistics.median(ts)
 
 
 class Case:
@@ -126,22 +102,22 @@ def row(results, name, case: Case, ms, err, flops=None, note=""):
     return r
 
 
-def bench_ours(results, case, cfg_txt):
+def bench_ours(doc, case, cfg_txt):
     cfg = parse_config(cfg_txt) if cfg_txt != "default" else {}
-    interp = jax.default_backend() != "gpu"  # CPU smoke runs only
+    interp = interpret_mode()  # CPU smoke runs only
     fn = jax.jit(lambda q, k, v, seg: image_span_attention(q, k, v, seg, sliding_window=case.window,
                                                          interpret=interp, **cfg))
-    try:
+    name = f"ours[{cfg_txt}]"
+    with attempt(doc, f"{name} S={case.s} w={case.window}") as run:  # one config failing to compile is data too
         out = fn(case.q, case.k, case.v, case.seg)
         err = case.error(out)
         ms = time_jax(fn, case.q, case.k, case.v, case.seg, min_rep_ms=MIN_REP_MS)
         dflt = default_config(D, case.s)
         blocks = count_blocks(block_ranges(case.ks, case.ke, block_q=cfg.get("block_q", dflt.block_q),
                                            block_k=cfg.get("block_k", dflt.block_k)))
-        row(results, f"ours[{cfg_txt}]", case, ms, err, note=f"blocks={blocks}")
-    except Exception as e:  # keep going: one config failing to compile is data too
-        traceback.print_exc()
-        row(results, f"ours[{cfg_txt}]", case, None, None, note=f"ERROR {type(e).__name__}: {str(e)[:200]}")
+        row(doc["results"], name, case, ms, err, note=f"blocks={blocks}")
+    if run.error:
+        row(doc["results"], name, case, None, None, note=f"ERROR {run.error}")
 
 
 def causal_pairs(s, window):
@@ -210,7 +186,7 @@ def bench_tokamax(results, case, kind):
     row(results, f"tokamax pallas-{kind}", case, ms, err)
 
 
-def extra_checks(results, flags: str = ""):
+def extra_checks(doc, flags: str = ""):
     """Compiled-kernel correctness on other shapes/dtypes (SigLIP D=72 bidirectional, fp32, fp16, GQA 8)."""
     cases = [
         dict(b=2, s=1000, sq=1000, hq=16, hkv=16, d=72, dtype=jnp.bfloat16, causal=False, window=None),
@@ -232,17 +208,16 @@ def extra_checks(results, flags: str = ""):
         fl = {}
         if flags:
             fl = dict(fast_exp2="E" in flags)
-        try:
+        desc = {k_: str(v_) for k_, v_ in c.items()} | {"flags": flags or "default"}
+        with attempt(doc, f"check {desc}") as run:
             out = image_span_attention(q, k, v, seg, **kw, **fl)
             ref = reference_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), seg, **kw)
             err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
             tol = 1e-4 if c["dtype"] == jnp.float32 else FAIL_ERR
             ok = bool(np.isfinite(err) and err <= tol)
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            err, ok = f"ERROR {type(e).__name__}: {str(e)[:200]}", False
-        desc = {k_: str(v_) for k_, v_ in c.items()} | {"flags": flags or "default"}
-        results.append(dict(impl="check", case=desc, err=err, status="ok" if ok else "FAILED"))
+        if run.error:
+            err, ok = f"ERROR {run.error}", False
+        doc["results"].append(dict(impl="check", case=desc, err=err, status="ok" if ok else "FAILED"))
         print(f"check {desc} err={err} {'ok' if ok else 'FAILED'}", flush=True)
 
 
@@ -253,9 +228,8 @@ def meta_bytes(s: int, block_q: int = 128) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    default_out = os.path.join(os.environ["OUT"], "bench_attention.json") if os.environ.get("OUT") else "bench_attention.json"
-    ap.add_argument("--out", default=default_out)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=out_path("bench_attention.json", fallback_dir="."))
     ap.add_argument("--sizes", default="2048,8192,16384,32768")
     ap.add_argument("--windows", default="none,1024")
     ap.add_argument("--configs", default="default")
@@ -276,21 +250,22 @@ def main():
     mb = meta_bytes(131072)
     print("mask metadata at 128K:", mb, flush=True)
     results: list = []
+    doc = {"info": info, "meta_bytes_128k": mb, "results": results}  # the JSON; attempt adds "errors"
     state: dict = {}
     peers = [p for p in args.peers.split(",") if p]
     if args.checks:
         for flags in args.check_flags.split(","):
-            extra_checks(results, flags)
+            extra_checks(doc, flags)
     for s in [int(x) for x in args.sizes.split(",")]:
         for wtxt in args.windows.split(","):
             window = None if wtxt == "none" else int(wtxt)
             case = Case(s, window, jax.random.PRNGKey(s + (window or 0)))
             for cfg in args.configs.split(","):
-                bench_ours(results, case, cfg)
+                bench_ours(doc, case, cfg)
             for p in peers:
                 if p == "xla" and s > args.xla_max:
                     continue
-                try:
+                with attempt(doc, f"{p} S={s} w={window}") as run:
                     if p == "cudnn":
                         bench_cudnn(results, case)
                     elif p == "xla":
@@ -299,10 +274,9 @@ def main():
                         bench_flex(results, case, state)
                     elif p.startswith("tokamax_"):
                         bench_tokamax(results, case, p.split("_")[1])
-                except Exception as e:  # noqa: BLE001
-                    row(results, p, case, None, None, note=f"ERROR {type(e).__name__}: {str(e)[:200]}")
-            with open(args.out, "w") as f:
-                json.dump({"info": info, "meta_bytes_128k": mb, "results": results}, f, indent=1)
+                if run.error:
+                    row(results, p, case, None, None, note=f"ERROR {run.error}")
+            save_json(args.out, doc)
     print("\nSUMMARY")
     for r in results:
         if r.get("ms"):

@@ -10,7 +10,7 @@
   per text and pooled (limit 99% on the pool), and how far apart the two logits are where they disagree.
 Prints one line per check; exits non-zero when a check fails.
 
-    python scripts/check_gpu_numerics.py [--skip-tiny] [--real-gguf PATH [--text FILE ...] [--tokens N]]
+    python -m benchmarks.check_gpu_numerics [--skip-tiny] [--real-gguf PATH [--text FILE ...] [--tokens N]]
 """
 
 from __future__ import annotations
@@ -20,21 +20,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
 
-import jax  # noqa: E402
+import gemma3_jax
+from fixtures import hf_checkpoints as hfc
+from gemma3_jax.model.kernels import AttentionBatch, Kernels
+from gemma3_jax.runtime.engine import Engine
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import hf_checkpoints as hfc  # noqa: E402
-from test_parity import multimodal_batch  # noqa: E402
-
-import gemma3_jax  # noqa: E402
-from gemma3_jax.runtime.engine import Engine  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the repository root (the default text is its README.md)
 
 
 def tiny_check() -> bool:
@@ -46,8 +42,8 @@ def tiny_check() -> bool:
         path = Path(d)
         hf = hfc.make_multimodal(path, seed=0).to("cuda").eval()
         model = gemma3_jax.load_pretrained(path, dtype=jnp.float32, progress=False)
-        assert model.attention == "auto" and jax.default_backend() == "gpu"
-        ids, px, mask = multimodal_batch()
+        assert model.kernels == Kernels.resolve("auto") and jax.default_backend() == "gpu"
+        ids, px, mask = hfc.multimodal_batch()
         with torch.no_grad():
             ref = hf(input_ids=torch.tensor(ids).cuda(), pixel_values=torch.tensor(px).cuda(),
                      token_type_ids=torch.tensor(ids == hfc.IMAGE_TOKEN).long().cuda(),
@@ -181,13 +177,13 @@ def per_layer_report(path: Path, ids: list[int], layers: int = 6) -> None:
         hf(input_ids=torch.tensor([ids], device=dev))
     model = gemma3_jax.load_pretrained(path, dtype=jnp.bfloat16, progress=False)
     t = len(ids)
-    tables = model.text.rope_tables(jnp.arange(t)[None])
-    seg = jnp.full((1, t), -1, jnp.int32)
+    batch = AttentionBatch.for_prompt(jnp.zeros((1, t), bool))  # text only: positions 0..t-1, segment ids -1
+    tables = model.text.rope_tables(batch.positions)
     jit = functools.partial(jax.jit, compiler_options=NUMERICS_OPTIONS)
     for i, layer in enumerate(model.text.layers[:layers]):
         cos, sin = tables[layer.layer_type]
         row = [f"  layer {i} ({layer.layer_type}):"]
-        for name, fn in (("attn", jit(lambda x, a=layer.attn, c=cos, s=sin: a(x, c, s, seg, None, model.attention)[0])),
+        for name, fn in (("attn", jit(lambda x, a=layer.attn, c=cos, s=sin: a(x, c, s, batch)[0])),
                          ("mlp", jit(lambda x, m=layer.mlp: m(x)))):
             x, want = seen[f"{name}{i}"]
             got = np.asarray(fn(jnp.asarray(x, jnp.bfloat16)).astype(jnp.float32))

@@ -7,32 +7,25 @@ when timed by wall clock, which is also reported) and TB/s of weight bytes from 
 Triton GEMV or cuBLAS, with its reduction kernel) and, for gate|up, the separate GELU·up kernel. Every Pallas
 config is first checked against its f32 reference (a row that fails is an error, not a timing).
 
-    python scripts/bench_gemv.py [--batches 1,8] [--cases qkv,o,gate_up,down] [--quick] [--out PATH]
+    python -m benchmarks.gemv [--batches 1,8] [--cases qkv,o,gate_up,down] [--quick] [--out PATH]
+
+Writes --out, else $OUT/bench_gemv.json, else ./bench_gemv.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_attention import time_jax  # noqa: E402
-from bench_generate import attempt  # noqa: E402
-from profile_generate import traced  # noqa: E402
-
-from gemma3_jax.runtime.engine import default_compiler_options  # noqa: E402
-from gemma3_jax.model.layers import gelu_tanh  # noqa: E402
-from pallas_kernels.common import interpret_mode  # noqa: E402
-from pallas_kernels.gemv import gemv, gemv_geglu, gemv_geglu_reference, gemv_reference  # noqa: E402
+from benchmarks.common import attempt, out_path, save_json, time_jax, traced
+from gemma3_jax.model.layers import gelu_tanh
+from gemma3_jax.runtime.engine import default_compiler_options
+from pallas_kernels.common import interpret_mode
+from pallas_kernels.gemv import gemv, gemv_geglu
+from pallas_kernels.reference import gemv_geglu_reference, gemv_reference
 
 COPIES = 8
 D, F, QKV, O_IN = 2560, 10240, 16 * 256, 8 * 256
@@ -77,7 +70,7 @@ def run_case(name, b, quick, opts):
             fn = jax.jit(lambda ws, x: [product(x, w) for w in ws]).lower(ws, x).compile(opts)
             wall_us = time_jax(fn, ws, x, iters=20, reps=5) * 1e3 / COPIES
             kernels = traced(fn, (ws, x), COPIES)
-            us = kernels["total_us_per_step"]
+            us = kernels["total_us_per_step"] or wall_us  # no GPU kernels in the trace on a CPU
             res["rows"].append({"impl": label, "us": round(us, 2), "wall_us": round(wall_us, 2),
                                 "tb_s": round(gbytes / COPIES / us * 1e3, 3), **cfg,
                                 "kernels": [(k_["name"], round(k_["us_per_step"], 2)) for k_ in kernels["top"][:4]]})
@@ -103,14 +96,14 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a few configs only (CPU check of the script)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_gemv.json"))
+    ap.add_argument("--out", default=out_path("bench_gemv.json", fallback_dir="."))
     args = ap.parse_args()
-    opts = default_compiler_options("decode")
+    opts = default_compiler_options("decode", jax.default_backend())  # as the model's decode step compiles
     out = {"device": str(jax.devices()[0]), "jax": jax.__version__, "copies": COPIES, "cases": []}
     for name in args.cases.split(","):
         for b in map(int, args.batches.split(",")):
             out["cases"].append(run_case(name, b, args.quick, opts))
-            Path(args.out).write_text(json.dumps(out, indent=1))
+            save_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,14 @@ Timings.prefill_s + the wait for the cache; peer: CUDA events), and for ours als
 Engine.prefill call (input checks, padding and the host-to-device copies included); decode = the decode loop only (ours:
 Timings.decode_s, i.e. the decode chunks and their host copies; peer: from the first logits-processor call,
 after the prefill, synchronized, to the end of generate). Floors (METHOD.md): decode step = max(bytes read
-(text weights incl. the tied lm_head + the KV cache held at mid-generation) / 3.0 TB/s, FLOP / 790 TFLOP/s);
-prefill = max(FLOP (2*params*tokens for text layers and vision tower, + attention pairs) / 790 TFLOP/s,
-weight bytes / 3.0 TB/s), counted on the real prompt tokens (not our padded bucket).
+(text weights incl. the tied lm_head + the KV cache held at mid-generation) / bandwidth, FLOP / matmul rate);
+prefill = max(FLOP (2*params*tokens for text layers and vision tower, + attention pairs) / matmul rate,
+weight bytes / bandwidth), counted on the real prompt tokens (not our padded bucket). The bandwidth and the bf16
+matmul rate are measured at the start of the same run (``common.measure_ceilings``).
 
-    python scripts/bench_generate.py [--small] [--only prefill,decode,long,compile,peer] [--out PATH]
+    python -m benchmarks.generate [--small] [--only prefill,decode,long,compile,peer] [--out PATH]
+
+Writes --out, else $OUT/bench_generate.json (kept as docs/bench_generate_<gpu>.json), else no file.
 """
 
 from __future__ import annotations
@@ -27,94 +30,29 @@ import time
 T_PROC0 = time.time()
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import traceback  # noqa: E402
-
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in this process
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from gemma3_jax.model.config import GLOBAL, SLIDING, Gemma3Config, TextConfig, VisionConfig  # noqa: E402
+from benchmarks.common import Ceilings, Spec, attempt, log, make_pixels, make_prompt  # noqa: E402
+from benchmarks.common import measure_ceilings, out_path, print_errors, round_up, save_json, spec_of  # noqa: E402
+from benchmarks.random_init import random_model  # noqa: E402
+from gemma3_jax.model.config import GLOBAL, SLIDING, Gemma3Config  # noqa: E402
 from gemma3_jax.runtime.engine import Engine, Timings, bucket_length  # noqa: E402
-from gemma3_jax.model.presets import preset  # noqa: E402
-from random_init import random_model  # noqa: E402
 
-PEAK_BW = 3.0e12  # bytes/s, device-to-device copy measured on the H100 (KINDS.md)
-PEAK_FLOPS = 790e12  # bf16 FLOP/s, large matmul (METHOD.md / KINDS.md)
+ROOT = Path(__file__).resolve().parents[1]  # the repository root: where ``python -m benchmarks.generate`` runs
 SECTIONS = ("prefill", "decode", "long", "compile", "peer")
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    cfg: Gemma3Config
-    short: tuple[int, int]  # (tokens, images) of the 1-image prompt
-    multi: tuple[int, int]
-    mid: tuple[int, int]  # ~8K tokens, 16 images
-    long: tuple[int, int]
-    new: int  # new tokens after the short prompt
-    long_new: int
-    batches: tuple[int, ...]
-    peer_batches: tuple[int, ...]
-
-
-def small_config() -> Gemma3Config:
-    layers = 7
-    text = TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=layers, num_heads=4,
-                      num_kv_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
-                      layer_types=tuple(SLIDING if (i + 1) % 6 else GLOBAL for i in range(layers)),
-                      max_position_embeddings=2048)
-    vision = VisionConfig(hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, image_size=28, patch_size=7)
-    return Gemma3Config(text, vision, mm_tokens_per_image=4, image_token_id=500, boi_token_id=498, eoi_token_id=499)
-
-
-def spec_of(small: bool) -> Spec:
-    if small:
-        return Spec(small_config(), (15, 1), (81, 8), (240, 16), (480, 16), new=24, long_new=16,
-                    batches=(1, 8, 32),
-                    peer_batches=(1, 8))
-    return Spec(preset("gemma3_4b"), (323, 1), (2353, 8), (8192, 16), (32640, 16), new=256, long_new=128,
-                batches=(1, 8, 32),
-                peer_batches=(1, 8))
-
-
-def round_up(n: int, m: int = 128) -> int:
-    return -(-n // m) * m
-
-
-# ---- inputs -------------------------------------------------------------------------------------
-def make_prompt(cfg: Gemma3Config, n_tokens: int, n_images: int, rng) -> list[int]:
-    """bos, then text chunks with images (boi, T image tokens, eoi) spread evenly between them."""
-    per_image = cfg.mm_tokens_per_image + 2
-    n_text = n_tokens - 1 - n_images * per_image
-    assert n_text >= 0, (n_tokens, n_images)
-    hi = min(cfg.text.vocab_size, cfg.boi_token_id, cfg.eoi_token_id, cfg.image_token_id)
-    text = rng.integers(10, hi, n_text).tolist()
-    cuts = np.linspace(0, n_text, n_images + 2).astype(int)
-    out = [cfg.text.bos_token_id]
-    for i in range(n_images + 1):
-        out += text[cuts[i]:cuts[i + 1]]
-        if i < n_images:
-            out += [cfg.boi_token_id] + [cfg.image_token_id] * cfg.mm_tokens_per_image + [cfg.eoi_token_id]
-    assert len(out) == n_tokens
-    return out
-
-
-def make_pixels(cfg: Gemma3Config, n: int, rng) -> np.ndarray | None:
-    if n == 0:
-        return None
-    v = cfg.vision
-    return rng.uniform(-1, 1, (n, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
+OUT_PATH: str | None = None  # the JSON, written after every measurement (main sets it)
 
 
 # ---- floors -------------------------------------------------------------------------------------
@@ -129,7 +67,7 @@ def counts(cfg: Gemma3Config) -> dict:
                 + v.patches_per_side**2 * e, projector=e * d + e)
 
 
-def prefill_floor(cfg: Gemma3Config, n_tokens: int, n_images: int) -> dict:
+def prefill_floor(cfg: Gemma3Config, n_tokens: int, n_images: int, ceil: Ceilings) -> dict:
     c, t, v = counts(cfg), cfg.text, cfg.vision
     flop = 2 * c["text_layers"] * n_tokens + 2 * c["embed"]  # layers over every token, lm_head on the last
     for i in range(t.num_layers):
@@ -141,29 +79,19 @@ def prefill_floor(cfg: Gemma3Config, n_tokens: int, n_images: int) -> dict:
     flop += n_images * (2 * c["vision"] * patches + 4 * v.hidden_size * patches**2 * v.num_layers
                         + 2 * c["projector"] * cfg.mm_tokens_per_image)
     weight_bytes = 2 * sum(c.values())
-    s = max(flop / PEAK_FLOPS, weight_bytes / PEAK_BW)
+    s = max(flop / ceil.flops, weight_bytes / ceil.bandwidth)
     return dict(flop=flop, floor_s=s)
 
 
-def decode_floor(cfg: Gemma3Config, batch: int, context: int) -> dict:
+def decode_floor(cfg: Gemma3Config, batch: int, context: int, ceil: Ceilings) -> dict:
     """One step at ``context`` held positions per row: bf16 text weights + tied lm_head + KV read once."""
     c, t = counts(cfg), cfg.text
     weights = 2 * (c["text_layers"] + c["embed"])
     kv = sum(batch * min(context, t.sliding_window if t.is_sliding(i) else context) * t.num_kv_heads * t.head_dim * 4
              for i in range(t.num_layers))
     flop = 2 * (c["text_layers"] + c["embed"]) * batch + kv  # ~2 FLOP per KV element read (q.k, p.v)
-    step = max((weights + kv) / PEAK_BW, flop / PEAK_FLOPS)
+    step = max((weights + kv) / ceil.bandwidth, flop / ceil.flops)
     return dict(weight_bytes=weights, kv_bytes=kv, floor_step_s=step, floor_tok_per_s=batch / step)
-
-
-@contextlib.contextmanager
-def attempt(res: dict, label: str):
-    """One measurement: an exception is recorded under res["errors"] and printed, and the run goes on."""
-    try:
-        yield
-    except Exception:
-        res.setdefault("errors", []).append(f"{label}: {traceback.format_exc()[-1500:]}")
-        traceback.print_exc()
 
 
 # ---- ours ---------------------------------------------------------------------------------------
@@ -225,11 +153,11 @@ def time_decode(engine: Engine, prompts, px, new: int, runs: int) -> dict:
 
 def second_start(args, cache_dir: str, small: bool, cold: bool = False) -> dict:
     """A fresh process: build the model, engine, 1-image prompt; process start -> first token (and chunk)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--second-start", "--cache-dir", cache_dir]
+    cmd = [sys.executable, "-m", "benchmarks.generate", "--second-start", "--cache-dir", cache_dir]
     if small:
         cmd.append("--small")
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.second_start_timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.second_start_timeout, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SECOND_START ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"second start failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
@@ -243,7 +171,7 @@ def second_start(args, cache_dir: str, small: bool, cold: bool = False) -> dict:
 def second_start_child(args) -> None:
     spec = spec_of(args.small)
     model = random_model(spec.cfg, jnp.bfloat16)
-    jax.block_until_ready(nnx_state(model))
+    jax.block_until_ready(nnx.state(model))
     t_model = time.time()
     rng = np.random.default_rng(0)
     prompt = make_prompt(spec.cfg, *spec.short, rng)
@@ -262,18 +190,12 @@ def second_start_child(args) -> None:
         decode_compile_s=tm.compile_s - compile_prefill)), flush=True)
 
 
-def nnx_state(model):
-    from flax import nnx
-
-    return nnx.state(model)
-
-
-def bench_ours(args, spec: Spec, sections: set[str], res: dict, cache_dir: str | None) -> None:
+def bench_ours(args, spec: Spec, sections: set[str], res: dict, cache_dir: str | None, ceil: Ceilings) -> None:
     cfg = spec.cfg
     rng = np.random.default_rng(0)
     t = time.perf_counter()
     model = random_model(cfg, jnp.bfloat16)
-    jax.block_until_ready(nnx_state(model))
+    jax.block_until_ready(nnx.state(model))
     res["init_s"] = time.perf_counter() - t
     log(f"random model ready in {res['init_s']:.1f} s")
     runs = args.runs
@@ -289,9 +211,9 @@ def bench_ours(args, spec: Spec, sections: set[str], res: dict, cache_dir: str |
                 px = short_px if name == "short" else make_pixels(cfg, imgs, rng)
                 eng = eng or Engine(model, cache_length=round_up(n + 1))
                 r = time_prefill(eng, prompt, px, runs)
-                r.update(tokens=n, images=imgs, **prefill_floor(cfg, n, imgs))
+                r.update(tokens=n, images=imgs, **prefill_floor(cfg, n, imgs, ceil))
                 res.setdefault("prefill", {})[name] = r
-                save(res)
+                save_json(OUT_PATH, res)
                 log(f"prefill {name} {n} tok: {r['median_s'] * 1e3:.2f} ms, wall {r['wall_median_s'] * 1e3:.2f} ms "
                     f"(bucket {r['bucket']}, compile {r['compile_s']:.1f} s)")
     if "decode" in sections or "compile" in sections:
@@ -301,9 +223,9 @@ def bench_ours(args, spec: Spec, sections: set[str], res: dict, cache_dir: str |
                 prompts = [make_prompt(cfg, *spec.short, rng) for _ in range(b)]
                 px = make_pixels(cfg, spec.short[1] * b, rng)
                 r = time_decode(short_engine, prompts, px, spec.new, args.decode_runs)
-                r.update(decode_floor(cfg, b, spec.short[0] + spec.new // 2), prompt_tokens=spec.short[0])
+                r.update(decode_floor(cfg, b, spec.short[0] + spec.new // 2, ceil), prompt_tokens=spec.short[0])
                 res.setdefault("decode", {})[f"b{b}"] = r
-                save(res)
+                save_json(OUT_PATH, res)
                 log(f"decode b{b}: {r['tok_per_s']:.1f} tok/s ({r['step_ms']:.2f} ms/step, "
                     f"decode compile {r['decode_compile_s']:.1f} s)")
             if b == 1 and "compile" in sections and cache_dir:
@@ -321,13 +243,13 @@ def bench_ours(args, spec: Spec, sections: set[str], res: dict, cache_dir: str |
             px = make_pixels(cfg, imgs, rng)
             eng = Engine(model, cache_length=round_up(n + spec.long_new))
             r = time_prefill(eng, prompt, px, max(2, runs // 2))
-            r.update(tokens=n, images=imgs, **prefill_floor(cfg, n, imgs))
+            r.update(tokens=n, images=imgs, **prefill_floor(cfg, n, imgs, ceil))
             res.setdefault("prefill", {})["long"] = r
             log(f"prefill long {n} tok: {r['median_s'] * 1e3:.1f} ms (compile {r['compile_s']:.1f} s)")
             r = time_decode(eng, [prompt], px, spec.long_new, 1)
-            r.update(decode_floor(cfg, 1, n + spec.long_new // 2), prompt_tokens=n)
+            r.update(decode_floor(cfg, 1, n + spec.long_new // 2, ceil), prompt_tokens=n)
             res.setdefault("decode", {})["long_b1"] = r
-            save(res)
+            save_json(OUT_PATH, res)
             log(f"decode after {n} tok, b1: {r['tok_per_s']:.1f} tok/s")
             del eng
     res["peak_bytes"] = peak_mem()
@@ -407,7 +329,7 @@ def bench_peer(args, spec: Spec, res: dict) -> None:
                     if i >= 2:
                         times.append(dt)
             peer.setdefault("prefill", {})[name] = dict(median_s=statistics.median(times), tokens=n, images=imgs)
-            save(res)
+            save_json(OUT_PATH, res)
             log(f"peer prefill {name}: {statistics.median(times) * 1e3:.2f} ms")
 
     class Clock(LogitsProcessor):
@@ -447,7 +369,7 @@ def bench_peer(args, spec: Spec, res: dict) -> None:
             with attempt(res, f"peer decode b{b} compile {mode}"):
                 r = peer_decode(b, mode)
                 peer.setdefault("decode", {})[f"b{b}"] = r
-                save(res)
+                save_json(OUT_PATH, res)
                 log(f"peer decode b{b} (compile {mode}): {r['tok_per_s']:.1f} tok/s (first call {r['first_call_s']:.1f} s)")
                 break
     if cuda:
@@ -495,21 +417,6 @@ def table(res: dict) -> str:
     return "\n".join("| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |" for r in rows)
 
 
-OUT_PATH: str | None = None
-
-
-def save(res: dict) -> None:
-    """Write the JSON so far (a run killed at its time limit still leaves its finished sections)."""
-    if OUT_PATH:
-        os.makedirs(os.path.dirname(os.path.abspath(OUT_PATH)), exist_ok=True)
-        with open(OUT_PATH, "w") as fh:
-            json.dump(res, fh, indent=1, default=str)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.time() - T_PROC0:7.1f}s] {msg}", flush=True)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny config (CPU test of every code path)")
@@ -540,21 +447,24 @@ def main() -> int:
         return 0
 
     global OUT_PATH
-    OUT_PATH = args.out or (os.path.join(os.environ["OUT"], "bench_generate.json") if os.environ.get("OUT") else None)
+    OUT_PATH = out_path("bench_generate.json", args.out)
     spec = spec_of(args.small)
     res: dict = dict(small=args.small, sections=sorted(sections), jax=jax.__version__, backend=jax.default_backend(),
-                     device=str(jax.devices()[0]), peak_bw=PEAK_BW, peak_flops=PEAK_FLOPS)
+                     device=str(jax.devices()[0]))
     log(f"jax {jax.__version__} on {res['device']}; sections {sorted(sections)}")
     if sections - {"peer"}:
-        bench_ours(args, spec, sections, res, cache_dir)
+        ceil = measure_ceilings()  # before the model takes memory
+        res["ceilings"] = dataclasses.asdict(ceil)
+        log(f"ceilings: {ceil.bandwidth / 1e12:.2f} TB/s, {ceil.flops / 1e12:.0f} TFLOP/s"
+            + ("" if ceil.measured else " (nominal: CPU run)"))
+        bench_ours(args, spec, sections, res, cache_dir, ceil)
     if "peer" in sections:
         with attempt(res, "peer"):
             bench_peer(args, spec, res)
     res["wall_s"] = time.time() - T_PROC0
-    save(res)
+    save_json(OUT_PATH, res)
     out = OUT_PATH
-    for e in res.get("errors", []):
-        print("ERROR:", e.strip().splitlines()[-1])
+    print_errors(res)
     print(table(res))
     print(f"wall {res['wall_s']:.0f} s" + (f"; JSON {out}" if out else ""))
     return 0

@@ -6,46 +6,43 @@ Sections (``--only``):
   [in, out] vs [out, in] weight layout, XLA's default options vs ``xla_gpu_enable_triton_gemm=false``.
   Bytes = every weight read once per step.
 - ``decode``: the Engine's decode chunk at batch 1 (after the 1-image prompt) and at batch 32 over an 8K
-  cache (filled with random keys/values, no prefill), with the attention over the cache as the Pallas decode
-  kernel (the model's path), as XLA's einsums (cache.attend_step), and replaced by nothing (the step without
-  attention: an ablation); compiler options as above. Also a perfetto trace of one chunk: kernel time
-  by kernel name.
+  cache (filled with random keys/values, no prefill), each with one choice of kernels (``--decode-modes``,
+  ``decode_kernels``): the fused Pallas step (the model's path on a GPU), the Pallas decode attention kernel
+  after XLA's norms/RoPE/cache writes, XLA's attention over the cache, no attention (the step without it: an
+  ablation), or every decode op as the reference; compiler options as above. Also a perfetto trace of one
+  chunk: kernel time by kernel name.
 - ``prefill``: the 1-image prompt through the Engine, the vision tower alone, the text forward alone at
   323 tokens padded to 384 and to 512, and SigLIP's attention alone (our kernel at D=72, padded to 128)
   next to cuDNN.
 
-    python scripts/profile_generate.py [--only gemv,decode,prefill] [--small]
+    python -m benchmarks.profile_generate [--only gemv,decode,prefill] [--small]
+
+Writes ``profile_generate.json`` under $OUT when set.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import glob
-import gzip
-import json
+import dataclasses
 import os
-import statistics
 import sys
-import tempfile
 import time
-from collections import defaultdict
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from bench_attention import time_jax  # noqa: E402
-from bench_generate import PEAK_BW, attempt, make_pixels, make_prompt, round_up, spec_of  # noqa: E402
-from gemma3_jax.model import kv_cache as kvc  # noqa: E402
-from gemma3_jax.runtime.engine import Engine, bucket_length, default_compiler_options  # noqa: E402
-from random_init import random_model  # noqa: E402
-from gemma3_jax.runtime.sampling import SamplingParams  # noqa: E402
+from benchmarks.attention import parse_config
+from benchmarks.common import attempt, measure_ceilings, host_time, log, make_pixels, make_prompt, out_path, print_errors
+from benchmarks.common import round_up, save_json, spec_of, time_jax, traced
+from benchmarks.random_init import random_model
+from gemma3_jax.model import kv_cache as kvc
+from gemma3_jax.model.kernels import Kernels, with_kernels
+from gemma3_jax.runtime.engine import Engine, default_compiler_options
+from gemma3_jax.runtime.sampling import SamplingParams
+from pallas_kernels.common import interpret_mode
+from pallas_kernels.reference import decode_attention_reference
 
 NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
 OPTIONS = {  # XLA compiler options tried on the prefill parts
@@ -68,37 +65,8 @@ DECODE_OPTIONS = {  # tried on the decode chunk; each is added to the library's 
 RESULTS: dict = {}
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def save() -> None:
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "profile_generate.json"), "w") as fh:
-            json.dump(RESULTS, fh, indent=1, default=str)
-
-
-def bench(fn, *args, runs: int = 10) -> float:
-    """Median seconds of ``fn(*args)`` until ready, after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def host_time(fn, *args, runs: int = 20) -> float:
-    """Median seconds the host spends in ``fn(*args)`` before it returns (the call itself is asynchronous)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        out = fn(*args)
-        times.append(time.perf_counter() - t)
-        jax.block_until_ready(out)
-    return statistics.median(times)
+    save_json(out_path("profile_generate.json"), RESULTS)
 
 
 def fusion_bodies(compiled, names, lines: int = 14) -> dict:
@@ -127,13 +95,14 @@ def fusion_bodies(compiled, names, lines: int = 14) -> dict:
 def launch_section(cfg, small: bool) -> None:
     """64 dependent tiny kernels in one jitted call: Pallas (residual_norm) vs the same ops fused by XLA.
     Host time per call, one call until ready, and back to back: what a kernel launch costs on each path."""
-    from pallas_kernels.residual_norm import residual_norm, residual_norm_reference
+    from pallas_kernels.reference import residual_norm_reference
+    from pallas_kernels.residual_norm import residual_norm
 
     d = cfg.text.hidden_size
     key = jax.random.key(5)
     x, delta = (jax.random.normal(jax.random.fold_in(key, i), (1, d), jnp.bfloat16) for i in range(2))
     w = jax.random.normal(key, (d,), jnp.bfloat16) * 0.1
-    interpret = jax.default_backend() != "gpu"
+    interpret = interpret_mode()
 
     def chain(step):
         def f(x, delta):
@@ -147,7 +116,7 @@ def launch_section(cfg, small: bool) -> None:
     for label, step in impls.items():
         with attempt(RESULTS, f"launch {label}"):
             c = chain(step)
-            r = dict(host_ms=host_time(c, x, delta) * 1e3, one_call_ms=bench(c, x, delta) * 1e3,
+            r = dict(host_ms=host_time(c, x, delta), one_call_ms=time_jax(c, x, delta, iters=1, reps=10, warmup=1),
                      back_to_back_ms=time_jax(c, x, delta, iters=10, reps=5),
                      xla_flags=os.environ.get("XLA_FLAGS", ""))
             RESULTS.setdefault("launch", {})[label] = r
@@ -211,13 +180,15 @@ def gemv_section(cfg, small: bool) -> None:
                 label = f"{'fused' if fused else 'separate'} {'[out,in]' if transposed else '[in,out]'} {name}"
                 with attempt(RESULTS, f"gemv {label}"):
                     c = jax.jit(make(fused, transposed)).lower(x, layers, lm).compile(opts)
-                    s = bench(c, x, layers, lm, runs=5) / steps
+                    s = time_jax(c, x, layers, lm, iters=1, reps=5, warmup=1) / 1e3 / steps
                     RESULTS.setdefault("gemv", {})[label] = dict(step_ms=s * 1e3, tb_per_s=nbytes / s / 1e12)
                     log(f"gemv {label}: {s * 1e3:.3f} ms/step, {nbytes / s / 1e12:.2f} TB/s")
                 save()
             del layers, lm
     RESULTS["gemv_bytes"] = nbytes
-    log(f"gemv floor at {PEAK_BW / 1e12:.1f} TB/s: {nbytes / PEAK_BW * 1e3:.3f} ms/step")
+    ceil = measure_ceilings()
+    RESULTS["ceilings"] = dataclasses.asdict(ceil)
+    log(f"gemv floor at {ceil.bandwidth / 1e12:.2f} TB/s: {nbytes / ceil.bandwidth * 1e3:.3f} ms/step")
 
 
 # ---- a decode step ------------------------------------------------------------------------------
@@ -233,57 +204,39 @@ def random_cache(cfg, batch: int, cache_length: int, held: int, dtype):
     return kvc.KVCache(tuple(ks), tuple(vs), jnp.full((batch,), held, jnp.int32))
 
 
-@contextlib.contextmanager
-def patched_attention(mode: str):
-    """mode: "fused" (the model's path: norms, RoPE, cache write and attention in one Pallas kernel),
-    "pallas" (XLA norms/RoPE/cache writes + the Pallas decode kernel), "xla" (cache.attend_step: XLA
-    einsums), "none" (no attention over the cache: the step without it, an ablation)."""
-    orig, orig_fused = kvc.attend_cached, kvc.fused_step_supported
-    if mode != "fused":
-        kvc.fused_step_supported = lambda head_dim: False
-    if mode == "none":
-        kvc.attend_cached = lambda q, k, v, pos, ring, scale, impl: q
-    elif mode == "xla":
-        kvc.attend_cached = lambda q, k, v, pos, ring, scale, impl: kvc.attend_step(q, k, v, pos, ring, scale)
-    try:
-        yield
-    finally:
-        kvc.attend_cached, kvc.fused_step_supported = orig, orig_fused
+@dataclasses.dataclass(frozen=True)
+class CacheAttentionAblation(Kernels):
+    """Kernels whose attention over the KV cache is replaced, all else as ``Kernels`` (profiling only):
+    ``cache_attention`` "xla" = the reference (XLA's einsums) between the Pallas decode kernels, "none" = no
+    attention at all (the query is passed on: the step without it)."""
+
+    cache_attention: str = "xla"
+
+    def cached_attention(self, q, k_buf, v_buf, pos, *, scale):
+        if self.cache_attention == "none":
+            return q
+        lengths = jnp.minimum(pos + 1, k_buf.shape[1])
+        return decode_attention_reference(q, k_buf, v_buf, lengths, scale=scale)
 
 
-def kernel_table(logdir: str, steps: int, top: int = 40) -> dict:
-    """GPU kernel time per kernel name from the perfetto trace JAX wrote under ``logdir``."""
-    files = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)
-    if not files:
-        return {"error": f"no perfetto trace under {logdir}: {glob.glob(os.path.join(logdir, '**'), recursive=True)[:20]}"}
-    with gzip.open(files[0], "rt") as fh:
-        trace = json.load(fh)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    pnames = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {pid for pid, n in pnames.items() if "GPU" in n or "gpu" in n}
-    per = defaultdict(lambda: [0.0, 0])
-    first, last = float("inf"), 0.0
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in gpu:
-            r = per[e["name"]]
-            r[0] += e.get("dur", 0.0)
-            r[1] += 1
-            first, last = min(first, e["ts"]), max(last, e["ts"] + e.get("dur", 0.0))
-    total = sum(v[0] for v in per.values())
-    rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
-    # span: first kernel start to last kernel end on the GPU (span - total = gaps between kernels)
-    return dict(total_us_per_step=total / steps, span_us_per_step=(last - first) / steps if per else 0.0,
-                launches_per_step=sum(v[1] for v in per.values()) / steps, processes=sorted(set(pnames.values()))[:10],
-                top=[dict(name=n[:120], us_per_step=v[0] / steps, calls_per_step=v[1] / steps) for n, v in rows])
+def decode_kernels(mode: str) -> Kernels:
+    """The kernels of one decode mode (``DECODE_MODES``):
 
-
-def traced(compiled, args, steps: int) -> dict:
-    """Kernel table of one call of ``compiled`` (after a warm-up), per step."""
-    with tempfile.TemporaryDirectory() as logdir:
-        jax.block_until_ready(compiled(*args))
-        with jax.profiler.trace(logdir, create_perfetto_trace=True):
-            jax.block_until_ready(compiled(*args))
-        return kernel_table(logdir, steps)
+    - "fused": the model's path on a GPU: q/k norms, RoPE, cache write and attention in one Pallas kernel;
+    - "pallas": XLA's norms, RoPE and cache writes, then the Pallas decode attention kernel;
+    - "xla": as "pallas" with XLA's attention over the cache (the other decode kernels stay Pallas);
+    - "none": as "pallas" with no attention over the cache (an ablation: the step without it);
+    - "reference": every decode op as the reference (XLA), the attention included."""
+    base = Kernels.resolve("pallas")
+    if mode == "fused":
+        return base
+    if mode == "pallas":
+        return dataclasses.replace(base, fuse_decode=False)
+    if mode == "reference":
+        return dataclasses.replace(base, decode="reference")
+    if mode in ("xla", "none"):
+        return CacheAttentionAblation(**{**dataclasses.asdict(base), "fuse_decode": False}, cache_attention=mode)
+    raise ValueError(f"unknown decode mode {mode!r}; choose from {DECODE_MODES + ('reference',)}")
 
 
 def log_kernels(k: dict, n: int = 30) -> None:
@@ -296,7 +249,7 @@ def log_kernels(k: dict, n: int = 30) -> None:
         log(f"    {row['us_per_step']:8.1f} us x{row['calls_per_step']:.0f}  {row['name']}")
 
 
-DECODE_MODES = ("fused", "pallas", "xla", "none")
+DECODE_MODES = ("fused", "pallas", "xla", "none")  # the default --decode-modes ("reference" on request)
 
 
 def decode_section(cfg, small: bool, model, modes=DECODE_MODES, options=("default",), only=None) -> None:
@@ -317,23 +270,21 @@ def decode_section(cfg, small: bool, model, modes=DECODE_MODES, options=("defaul
             for mode in modes:
                 label = f"{name} {mode} {opts_name}"
                 with attempt(RESULTS, f"decode {label}"):
-                    with patched_attention(mode):
-                        opts = DECODE_OPTIONS[opts_name]
-                        eng = Engine(model, cache_length=cache_length, chunk=chunk)
-                        fixed = opts_name.startswith("fixed_trip")
-                        opts = {**default_compiler_options("decode"), **(opts or {})}
-                        fn = jax.jit(eng._decode_fn(SamplingParams(), stop_early=not fixed))
-                        args = (eng.weights, cache0, token, done, remaining, jax.random.key(0), stops, jnp.int32(chunk))
-                        t = time.perf_counter()
-                        c = fn.lower(*args).compile(opts)
-                        compile_s = time.perf_counter() - t
-                    s = bench(c, *args, runs=5) / chunk
+                    eng = Engine(with_kernels(model, decode_kernels(mode)), cache_length=cache_length, chunk=chunk)
+                    fixed = opts_name.startswith("fixed_trip")
+                    opts = {**default_compiler_options("decode", eng.platform), **(DECODE_OPTIONS[opts_name] or {})}
+                    fn = jax.jit(eng.decode_fn(SamplingParams(), fixed_steps=fixed))
+                    args = (eng.weights, cache0, token, done, remaining, jax.random.key(0), stops, jnp.int32(chunk))
+                    t = time.perf_counter()
+                    c = fn.lower(*args).compile(opts)
+                    compile_s = time.perf_counter() - t
+                    s = time_jax(c, *args, iters=1, reps=5, warmup=1) / 1e3 / chunk
                     r = dict(step_ms=s * 1e3, tok_per_s=batch / s, compile_s=compile_s, cache_gib=cache0.nbytes / 2**30)
                     if mode in ("fused", "pallas"):
                         r["kernels"] = traced(c, args, chunk)
                         small_ones = [k["name"] for k in r["kernels"].get("top", [])[:14] if k["us_per_step"] < 120]
                         r["fusions"] = fusion_bodies(c, small_ones)
-                        r["host_ms_per_call"] = host_time(c, *args) * 1e3
+                        r["host_ms_per_call"] = host_time(c, *args)
                     RESULTS.setdefault("decode", {})[label] = r
                     log(f"decode {label}: {s * 1e3:.3f} ms/step, {batch / s:.0f} tok/s (compile {compile_s:.1f} s)")
                     if "kernels" in r:
@@ -357,26 +308,19 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
         with attempt(RESULTS, f"prefill engine {opts_name}"):
             eng = Engine(model, cache_length=round_up(n + spec.new), compiler_options=opts)
             eng.prefill([prompt], px)  # compile
-            s = bench(lambda: eng.prefill([prompt], px), runs=5)
+            s = time_jax(lambda: eng.prefill([prompt], px), iters=1, reps=5, warmup=1) / 1e3
             r = RESULTS.setdefault("prefill", {})[f"engine short {opts_name}"] = dict(ms=s * 1e3)
             log(f"prefill engine {n} tok {imgs} img ({opts_name}): {s * 1e3:.2f} ms")
             if opts_name == "library defaults":  # host time of each compiled call vs a call that does nothing
-                ids = np.full((1, bucket_length(n, eng.cache_length)), cfg.text.pad_token_id, np.int32)
-                ids[0, :n] = prompt
-                vw, tw = eng._vision_weights, eng._text_weights
-                vision = next(v for k, v in eng._compiled.items() if k[0] == "vision")
-                steps = {"vision": (vision, (vw.rest, vw.groups, jnp.asarray(px)), vw.num_arrays)}
-                feats = vision(*steps["vision"][1])
-                steps["text"] = (next(v for k, v in eng._compiled.items() if k[0] == "prefill"),
-                                 (tw.rest, tw.groups, jnp.asarray(ids), feats, jnp.asarray([n], jnp.int32),
-                                  jax.random.key(0)), tw.num_arrays)
-                for name, (c, args, n_arrays) in steps.items():
+                for call in eng.prefill_calls([prompt], px):  # the vision call, then the text call ("prefill")
+                    args, n_arrays = call.args, call.weight_arrays
                     null = jax.jit(lambda ws, *rest: ws[0].ravel()[0]).lower(*args).compile()
-                    r[name] = dict(host_ms=host_time(c, *args) * 1e3, null_host_ms=host_time(null, *args) * 1e3,
-                                   null_ms=bench(null, *args) * 1e3, n_weight_arrays=n_arrays)
-                    log(f"  {name} call: host time {r[name]['host_ms']:.2f} ms; a do-nothing call with the same "
-                        f"{n_arrays} weight arrays: host {r[name]['null_host_ms']:.2f} ms, until ready "
-                        f"{r[name]['null_ms']:.2f} ms")
+                    r[call.name] = dict(host_ms=host_time(call.fn, *args), null_host_ms=host_time(null, *args),
+                                        null_ms=time_jax(null, *args, iters=1, reps=10, warmup=1),
+                                        n_weight_arrays=n_arrays)
+                    log(f"  {call.name} call: host time {r[call.name]['host_ms']:.2f} ms; a do-nothing call with the "
+                        f"same {n_arrays} weight arrays: host {r[call.name]['null_host_ms']:.2f} ms, until ready "
+                        f"{r[call.name]['null_ms']:.2f} ms")
         save()
     graphdef, state = nnx.split(model)
 
@@ -398,7 +342,7 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
         for label, fn, args in parts if opts_name == "default" else [p for p in parts if "384" in p[0] or "vision" in p[0]]:
             with attempt(RESULTS, f"prefill {label}"):
                 c = jax.jit(fn).lower(*args).compile(opts)
-                s = bench(c, *args, runs=5)
+                s = time_jax(c, *args, iters=1, reps=5, warmup=1) / 1e3
                 r = RESULTS.setdefault("prefill", {})[f"{label} {opts_name}"] = dict(ms=s * 1e3)
                 r["back_to_back_ms"] = time_jax(c, *args, iters=5, reps=5)
                 log(f"prefill part {label} ({opts_name}): {s * 1e3:.2f} ms one call, "
@@ -411,7 +355,7 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
                     r["fusions"] = fusion_bodies(c, small_kernels, lines=30)
                 if "384" in label and opts is None:  # jax.jit's C++ dispatch instead of the Compiled object's
                     f = jax.jit(fn)
-                    r["jit_ms"] = bench(f, *args, runs=5) * 1e3
+                    r["jit_ms"] = time_jax(f, *args, iters=1, reps=5, warmup=1)
                     log(f"  same through jax.jit: {r['jit_ms']:.2f} ms one call")
             save()
     if not vision_sweep:
@@ -424,7 +368,7 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
     key = jax.random.key(3)
     q, k, vv = (jax.random.normal(jax.random.fold_in(key, i), (1, s_len, heads, hd), model.dtype) for i in range(3))
     flop = 4 * s_len * s_len * heads * hd
-    interpret = jax.default_backend() != "gpu"
+    interpret = interpret_mode()
 
     def ours(**kw):
         return jax.jit(lambda q, k, v: image_span_attention(q, k, v, causal=False, interpret=interpret, **kw))
@@ -436,10 +380,9 @@ def prefill_section(cfg, small: bool, model, prefill_options=("default",), visio
     impls = [("ours", ours()), ("ours padded to 128", jax.jit(padded128))]
     for cfg_txt in ("128x128w4s2", "128x64w4s3", "128x64w4s2", "64x64w4s3", "64x128w4s2", "128x32w4s3",
                     "64x32w4s3", "128x64w8s2"):
-        bq, rest = cfg_txt.split("x")
-        bk, rest = rest.split("w")
-        nw, ns = rest.split("s")
-        impls.append((f"ours {cfg_txt}", ours(block_q=int(bq), block_k=int(bk), num_warps=int(nw), num_stages=int(ns))))
+        tiles = parse_config(cfg_txt)
+        del tiles["fast_exp2"]  # the tuning table's choice, as the model runs
+        impls.append((f"ours {cfg_txt}", ours(**tiles)))
     if jax.default_backend() == "gpu":
         impls.append(("cudnn", jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))))
         impls.append(("xla", jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))))
@@ -465,7 +408,7 @@ def decode_kernel_section(cfg, small: bool) -> None:
     t = cfg.text
     b, held = (32, 8192) if not small else (4, 300)
     key = jax.random.key(5)
-    interpret = jax.default_backend() != "gpu"
+    interpret = interpret_mode()
     for name, slots in (("global", held + 64), ("ring", min(t.sliding_window, held))):
         k, v = (jax.random.normal(jax.random.fold_in(key, i), (b, slots, t.num_kv_heads, t.head_dim), jnp.bfloat16)
                 for i in range(2))
@@ -489,7 +432,9 @@ def decode_kernel_section(cfg, small: bool) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", default="gemv,decode,prefill")
-    ap.add_argument("--small", action="store_true", help="tiny config (CPU check of every code path)")
+    ap.add_argument("--small", action="store_true",
+                    help="tiny config (CPU check of every code path; there the fused and pallas decode modes run the "
+                         "interpreted kernels: --decode-cases b1_short keeps it to minutes)")
     ap.add_argument("--prefill-options", default="default", help=f"comma list of {list(OPTIONS)}")
     ap.add_argument("--no-vision-sweep", action="store_true")
     ap.add_argument("--decode-modes", default=",".join(DECODE_MODES), help="comma list of decode modes")
@@ -513,8 +458,7 @@ def main() -> int:
                            args.decode_cases.split(",") if args.decode_cases else None)
         if "prefill" in sections:
             prefill_section(spec.cfg, args.small, model, args.prefill_options.split(","), not args.no_vision_sweep)
-    for e in RESULTS.get("errors", []):
-        print("ERROR:", e.strip().splitlines()[-1])
+    print_errors(RESULTS)
     save()
     return 0
 

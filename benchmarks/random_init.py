@@ -17,6 +17,7 @@ from flax import nnx
 
 from gemma3_jax.model.config import Gemma3Config
 from gemma3_jax.model.gemma3 import Gemma3
+from gemma3_jax.model.kernels import Kernels
 
 
 def _init_std(path: str, shape: tuple[int, ...]) -> tuple[float, float]:
@@ -40,8 +41,9 @@ def _draw(key, shape, dtype, mean, std):
     return (jax.random.normal(key, shape, jnp.float32) * std + mean).astype(dtype)
 
 
-def random_model(cfg: Gemma3Config, dtype=jnp.bfloat16, seed: int = 0, attention: str = "auto") -> Gemma3:
-    """A ``Gemma3`` of ``cfg`` with random weights in ``dtype`` on the default device."""
+def random_model(cfg: Gemma3Config, dtype=jnp.bfloat16, seed: int = 0, attention: str | Kernels = "auto") -> Gemma3:
+    """A ``Gemma3`` of ``cfg`` with random weights in ``dtype`` on the default device; ``attention`` as for
+    ``Gemma3`` (one of ``kernels.CHOICES`` or a ``Kernels``)."""
     dtype = jnp.dtype(dtype)
     model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, attention))
     params = {".".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}

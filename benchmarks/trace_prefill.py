@@ -1,35 +1,28 @@
 """Where a prefill call's GPU time goes, by kind of kernel (Gemma-3-4B shapes, random bf16 weights).
 
-Times the Engine's prefill of bench_generate's prompts (1 image, 8 images, the 8K prompt with 16 images) as
-bench_generate does, then traces one call and sums the GPU kernel time per category: SigLIP attention (our
+Times the Engine's prefill of the benchmarks' prompts (1 image, 8 images, the 8K prompt with 16 images) as
+``benchmarks.generate`` does, then traces one call and sums the GPU kernel time per category: SigLIP attention (our
 ``packed_self_attention``), text attention (``image_span_attention``), cuBLAS GEMMs, XLA fusions, the rest
 (copies, memsets). Writes ``trace_prefill.json`` under $OUT when set.
 
-    python scripts/trace_prefill.py [--prompts short,multi,8k] [--small]
+    python -m benchmarks.trace_prefill [--prompts short,multi,8k] [--small]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
-import tempfile
 from collections import defaultdict
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bench_generate import make_pixels, make_prompt, round_up, spec_of, time_prefill  # noqa: E402
-from gemma3_jax.runtime.engine import Engine  # noqa: E402
-from random_init import random_model  # noqa: E402
-from profile_generate import kernel_table  # noqa: E402
+from benchmarks.common import make_pixels, make_prompt, out_path, round_up, save_json, spec_of, traced
+from benchmarks.generate import time_prefill
+from benchmarks.random_init import random_model
+from gemma3_jax.runtime.engine import Engine
 
 CATEGORIES = (  # (name, regex on the kernel name): the first match wins
     ("siglip_attention", r"packed_self_attention"),
@@ -40,7 +33,7 @@ CATEGORIES = (  # (name, regex on the kernel name): the first match wins
 
 
 def by_category(rows: list[dict]) -> dict[str, float]:
-    """Kernel time (ms) per category from kernel_table's rows (us per call)."""
+    """Kernel time (ms) per category from a kernel table's rows (us per call)."""
     out: dict[str, float] = defaultdict(float)
     for r in rows:
         cat = next((c for c, rx in CATEGORIES if re.search(rx, r["name"])), "other")
@@ -63,15 +56,12 @@ def main() -> int:
         if name not in args.prompts.split(","):
             continue
         prompt, px = make_prompt(spec.cfg, n, imgs, rng), make_pixels(spec.cfg, imgs, rng)
-        # cache lengths as bench_generate's: the 1-image prompt leaves room for its new tokens
+        # cache lengths as benchmarks.generate's: the 1-image prompt leaves room for its new tokens
         eng = Engine(model, cache_length=round_up(n + (spec.new if name == "short" else 1)))
         r = time_prefill(eng, prompt, px, args.runs)
         print(f"{name} ({n} tokens, {imgs} images): {r['median_s'] * 1e3:.2f} ms (min {r['min_s'] * 1e3:.2f}, "
               f"bucket {r['bucket']})", flush=True)
-        with tempfile.TemporaryDirectory() as logdir:
-            with jax.profiler.trace(logdir, create_perfetto_trace=True):
-                jax.block_until_ready(eng.prefill([prompt], px))
-            k = kernel_table(logdir, 1, top=10_000)
+        k = traced(lambda: eng.prefill([prompt], px), (), 1, top=10_000)
         if k.get("top"):  # empty off a GPU
             r["kernels_ms"] = k["total_us_per_step"] / 1e3
             r["by_category_ms"] = by_category(k["top"])
@@ -83,9 +73,7 @@ def main() -> int:
         else:
             print(f"  no GPU kernels traced ({jax.default_backend()}): {k.get('error', '')}"[:300])
         res[name] = r
-        if os.environ.get("OUT"):
-            with open(os.path.join(os.environ["OUT"], "trace_prefill.json"), "w") as fh:
-                json.dump(res, fh, indent=1, default=str)
+        save_json(out_path("trace_prefill.json"), res)
     return 0
 
 

@@ -1,8 +1,8 @@
 """Every kernel's launch settings in one place: the prefill attention table, the decode attention table, the
 batch-1 matrix-vector (GEMV) settings, and the compiler-params glue.
 
-The tables are keyed by padded head dim; entries were picked from measurements (scripts/bench_attention.py,
-scripts/bench_gemv.py). Head dims that are not powers of two
+The tables are keyed by padded head dim; entries were picked from measurements (benchmarks/attention.py,
+benchmarks/gemv.py). Head dims that are not powers of two
 use the entry of the next power of two (the kernels compute them in power-of-two column chunks).
 """
 

@@ -32,7 +32,7 @@ class VisionAttention(nnx.Module):
     padding, slicing or weight concatenation remains, each of which would be a copy per image. The Pallas path
     sets v's padded bias columns to 1, so P @ V there is the kernel's softmax denominator (``ones_column``): it
     relies on the padded weight columns of q|k|v and the padded rows of o_proj being zero, as loading and
-    scripts/random_init.py make them."""
+    benchmarks/random_init.py make them."""
 
     def __init__(self, cfg: VisionConfig, dtype, kernels: Kernels):
         e, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
