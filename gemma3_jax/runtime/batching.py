@@ -60,6 +60,7 @@ class Stream:
         self.finish_reason: str | None = None
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
+        self.arrivals: list[tuple[float, int]] = []  # (time.perf_counter(), tokens) per delivery: latency stats
         self._image_mask = image_mask
         self._image_starts = np.flatnonzero(image_mask & ~np.r_[False, image_mask[:-1]])
         self._feats: list[jax.Array] = []  # one [T, D] per image, held until the prompt is prefilled
@@ -434,6 +435,8 @@ class BatchEngine:
                 total += k
                 self._push(s, out[s._slot, :k].tolist())
             self.counters["decode_tokens"] += total
+            self.counters["decode_calls"] += 1
+            self.counters["decoding_slots"] += len(decoding)  # / decode_calls: mean slot occupancy
             self._window.append((time.perf_counter(), total))
             self._cond.notify_all()
 
@@ -442,6 +445,8 @@ class BatchEngine:
         if stream.done:
             return
         stream.tokens.extend(tokens)
+        if tokens:
+            stream.arrivals.append((time.perf_counter(), len(tokens)))
         req = stream.request
         if stream.tokens and stream.tokens[-1] in req.stop_ids:
             self._finish(stream, "stop")

@@ -1,0 +1,263 @@
+"""Continuous batching on one GPU: BatchEngine throughput and latency against the static Engine and transformers.
+
+Gemma-3-4B shapes, random bf16 weights. Sections (``--only``):
+
+- ``static``: the static Engine's decode rate at batch ``--max-batch`` after a 1-image prompt (the ceiling a
+  continuous batch is compared with, measured in the same run).
+- ``offline``: ``--requests`` requests (half text-only of 200-2,000 tokens, half with 1-2 images and 64-600
+  tokens of text; 128-512 new tokens each, eos ignored) submitted at once to ``max_batch`` slots: output tok/s,
+  TTFT and inter-token latency p50/p99, mean slot occupancy.
+- ``long``: ``max_batch - 1`` streams decoding when a ~32K-token prompt arrives: their inter-token p50 before it
+  and p99 while it is prefilled, and its TTFT.
+- ``ttft``: a lone 1-image prompt (323 tokens) on an idle engine: submit to first token.
+- ``peer``: transformers' continuous batching (``generate_batch``) on text-only requests of the same kind, against
+  ours on the same requests.
+
+Every section runs once to compile, then is timed. Inter-token latency: a stream's tokens arrive per decode call,
+so each token of a delivery is counted at (delivery gap / tokens delivered).
+
+    python -m benchmarks.batching [--small] [--only static,offline,long,ttft,peer] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.common import attempt, log, make_pixels, make_prompt, out_path, print_errors, round_up, save_json
+from benchmarks.common import spec_of
+from benchmarks.generate import time_decode
+from benchmarks.random_init import random_model
+from gemma3_jax.runtime.batching import BatchEngine, Request
+from gemma3_jax.runtime.engine import Engine
+
+SECTIONS = ("static", "offline", "long", "ttft", "peer")
+
+
+def workload(cfg, n: int, rng, small: bool) -> list[Request]:
+    """``n`` requests: even ones text-only, odd ones with 1-2 images; lengths as in the module doc (tiny: /10)."""
+    scale = 10 if small else 1
+    per_image = cfg.mm_tokens_per_image + 2
+    out = []
+    for i in range(n):
+        new = int(rng.integers(128, 513)) // scale
+        if i % 2 == 0 or not cfg.is_multimodal:
+            tokens, images = int(rng.integers(200, 2001)) // scale, 0
+        else:
+            images = int(rng.integers(1, 3))
+            tokens = int(rng.integers(64, 601)) // scale + images * per_image
+        out.append(Request(make_prompt(cfg, tokens, images, rng), make_pixels(cfg, images, rng),
+                           max_new_tokens=max(new, 2), stop_ids=()))
+    return out
+
+
+def serve(engine: BatchEngine, requests: list[Request]) -> dict:
+    """Submit every request at once, run to completion; throughput and latency figures."""
+    t0 = time.perf_counter()
+    streams = [engine.submit(r) for r in requests]
+    engine.run()
+    wall = time.perf_counter() - t0
+    return dict(summary(streams, wall), **occupancy(engine))
+
+
+def occupancy(engine: BatchEngine) -> dict:
+    c = engine.counters
+    return dict(mean_decoding_slots=c["decoding_slots"] / max(c["decode_calls"], 1), decode_calls=c["decode_calls"],
+                compiles={k: v for k, v in c.items() if k.startswith("compiles_")})
+
+
+def gaps(stream, since: float = -1.0, until: float = float("inf")) -> list[float]:
+    """Inter-token latencies (s) of the tokens a stream received in (since, until]."""
+    out, prev = [], stream.arrivals[0][0] if stream.arrivals else None
+    for t, n in stream.arrivals[1:]:
+        if since < t <= until:
+            out += [(t - prev) / n] * n
+        prev = t
+    return out
+
+
+def pct(xs, q) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def summary(streams, wall: float) -> dict:
+    tokens = sum(len(s.tokens) for s in streams)
+    ttft = [s.first_token_at - s.submitted for s in streams]
+    itl = [g for s in streams for g in gaps(s)]
+    return dict(requests=len(streams), output_tokens=tokens, wall_s=wall, tok_per_s=tokens / wall,
+                ttft_p50_ms=pct(ttft, 50) * 1e3, ttft_p99_ms=pct(ttft, 99) * 1e3,
+                itl_p50_ms=pct(itl, 50) * 1e3, itl_p99_ms=pct(itl, 99) * 1e3)
+
+
+def make_engine(model, args, cache_length: int) -> BatchEngine:
+    return BatchEngine(model, max_batch=args.max_batch, cache_length=cache_length, chunk_tokens=args.chunk_tokens,
+                       prefill_rows=args.prefill_rows, decode_steps=args.decode_steps,
+                       interleave_steps=args.interleave_steps, verbose=True)
+
+
+def section_offline(model, cfg, args, res, rng):
+    reqs = workload(cfg, args.requests, rng, args.small)
+    length = round_up(max(len(r.prompt) + r.max_new_tokens for r in reqs))
+    eng = make_engine(model, args, length)
+    t = time.perf_counter()
+    serve(eng, reqs[: 2 * args.max_batch])  # compiles the shapes the workload uses
+    res["offline_warmup_s"] = time.perf_counter() - t
+    eng.counters.clear()
+    r = serve(eng, reqs)
+    r["cache_length"], r["cache_gib"] = length, eng.cache_bytes / 2**30
+    res["offline"] = r
+    log(f"offline {r['requests']} requests: {r['tok_per_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, "
+        f"inter-token p50/p99 {r['itl_p50_ms']:.2f}/{r['itl_p99_ms']:.2f} ms, "
+        f"{r['mean_decoding_slots']:.1f} of {args.max_batch} slots decoding")
+    return eng
+
+
+def section_long(model, cfg, args, res, rng):
+    n_long, imgs = (480, 16) if args.small else (32640, 16)
+    streams_n = args.max_batch - 1
+    new = 400 if args.small else 512  # still decoding when the long prompt is done
+    eng = make_engine(model, args, round_up(max(n_long + 2, 512 // (10 if args.small else 1) + new)))
+    short = [Request(make_prompt(cfg, 512 // (10 if args.small else 1), 0, rng), max_new_tokens=new, stop_ids=())
+             for _ in range(streams_n)]
+    long = Request(make_prompt(cfg, n_long, imgs, rng), make_pixels(cfg, imgs, rng), max_new_tokens=2, stop_ids=())
+    for warm in (True, False):
+        eng.counters.clear()
+        streams = [eng.submit(r) for r in short]
+        while not all(s.tokens for s in streams):  # every stream decoding
+            eng.step()
+        eng.step()
+        t_arrive = time.perf_counter()
+        big = eng.submit(long)
+        while not big.tokens:
+            eng.step()
+        t_first = time.perf_counter()
+        eng.run()
+        if warm:
+            continue
+        before = [g for s in streams for g in gaps(s, until=t_arrive)]
+        during = [g for s in streams for g in gaps(s, since=t_arrive, until=t_first)]
+        r = dict(streams=streams_n, long_tokens=n_long, long_images=imgs, long_ttft_ms=(t_first - t_arrive) * 1e3,
+                 steady_itl_p50_ms=pct(before, 50) * 1e3, during_itl_p50_ms=pct(during, 50) * 1e3,
+                 during_itl_p99_ms=pct(during, 99) * 1e3, **occupancy(eng))
+        r["p99_over_steady_p50"] = r["during_itl_p99_ms"] / r["steady_itl_p50_ms"]
+        res["long"] = r
+        log(f"long prompt {n_long} tok among {streams_n} streams: TTFT {r['long_ttft_ms']:.0f} ms; their inter-token "
+            f"p50 {r['steady_itl_p50_ms']:.2f} ms before, p99 {r['during_itl_p99_ms']:.2f} ms during "
+            f"({r['p99_over_steady_p50']:.2f}x)")
+
+
+def section_ttft(model, cfg, args, res, rng, spec):
+    n, imgs = spec.short
+    eng = make_engine(model, args, round_up(n + spec.new))
+    req = Request(make_prompt(cfg, n, imgs, rng), make_pixels(cfg, imgs, rng), max_new_tokens=2, stop_ids=())
+    times = []
+    for i in range(6):
+        eng.features = type(eng.features)(eng.features.max_bytes)  # a new image each time: encoded, not cached
+        t = time.perf_counter()
+        s = eng.submit(req)
+        while not s.tokens:
+            eng.step()
+        times.append(time.perf_counter() - t)
+        eng.run()
+    res["ttft"] = dict(tokens=n, images=imgs, ttft_ms=statistics.median(times[1:]) * 1e3, first_ms=times[0] * 1e3)
+    log(f"lone {n}-token 1-image prompt: TTFT {res['ttft']['ttft_ms']:.2f} ms (first, compiling: {times[0]:.1f} s)")
+
+
+def section_peer(model, cfg, args, res, rng):
+    """transformers' generate_batch on text-only requests, and ours on the same."""
+    import torch
+    from transformers import Gemma3ForCausalLM, GenerationConfig
+
+    from benchmarks.generate import hf_config
+
+    n, prompt_len, new = (8, 40, 8) if args.small else (args.peer_requests, 512, 128)
+    prompts = [make_prompt(cfg, prompt_len, 0, rng) for _ in range(n)]
+    reqs = [Request(p, max_new_tokens=new, stop_ids=()) for p in prompts]
+    eng = make_engine(model, args, round_up(prompt_len + new))
+    serve(eng, reqs)
+    eng.counters.clear()
+    ours = serve(eng, reqs)
+    del eng
+    gc.collect()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    text_cfg = hf_config(cfg).text_config
+    hf = Gemma3ForCausalLM._from_config(text_cfg, attn_implementation="paged|sdpa", dtype=dtype).to(device).eval()
+    gen = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        hf.generate_batch(prompts[:2], generation_config=gen)  # warm-up
+        t = time.perf_counter()
+        out = hf.generate_batch(prompts, generation_config=gen)
+        wall = time.perf_counter() - t
+    tokens = sum(len(o.generated_tokens) for o in out.values())
+    res["peer"] = dict(requests=n, prompt_tokens=prompt_len, new_tokens=new, ours_tok_per_s=ours["tok_per_s"],
+                       peer_tok_per_s=tokens / wall, ratio=ours["tok_per_s"] / (tokens / wall))
+    log(f"peer (transformers generate_batch, {n} x {prompt_len}+{new}): {tokens / wall:.0f} tok/s; ours "
+        f"{ours['tok_per_s']:.0f} tok/s ({res['peer']['ratio']:.1f}x)")
+    del hf
+    gc.collect()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="tiny config (CPU check of every code path)")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_batching.json)")
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--peer-requests", type=int, default=32)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--chunk-tokens", type=int, default=2048)
+    ap.add_argument("--prefill-rows", type=int, default=4)
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--interleave-steps", type=int, default=4)
+    args = ap.parse_args()
+    sections = {s.strip() for s in args.only.split(",") if s.strip()}
+    if sections - set(SECTIONS):
+        ap.error(f"unknown sections {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")
+    if args.small:
+        args.requests, args.max_batch, args.chunk_tokens = min(args.requests, 24), min(args.max_batch, 8), 64
+    path = out_path("bench_batching.json", args.out)
+    spec = spec_of(args.small)
+    cfg = spec.cfg
+    rng = np.random.default_rng(0)
+    res: dict = dict(small=args.small, jax=jax.__version__, device=str(jax.devices()[0]), args=vars(args))
+    model = random_model(cfg, jnp.bfloat16)
+    jax.block_until_ready(nnx.state(model))
+    log(f"jax {jax.__version__} on {res['device']}; sections {sorted(sections)}")
+    if "static" in sections:
+        with attempt(res, "static"):
+            n, imgs = spec.short
+            eng = Engine(model, cache_length=round_up(n + spec.new))
+            prompts = [make_prompt(cfg, n, imgs, rng) for _ in range(args.max_batch)]
+            r = time_decode(eng, prompts, make_pixels(cfg, imgs * args.max_batch, rng), spec.new, 2)
+            res["static"] = r
+            log(f"static Engine decode batch {args.max_batch}: {r['tok_per_s']:.0f} tok/s")
+            del eng
+        save_json(path, res)
+    for name, fn in (("offline", lambda: section_offline(model, cfg, args, res, rng)),
+                     ("long", lambda: section_long(model, cfg, args, res, rng)),
+                     ("ttft", lambda: section_ttft(model, cfg, args, res, rng, spec)),
+                     ("peer", lambda: section_peer(model, cfg, args, res, rng))):
+        if name in sections:
+            with attempt(res, name):
+                fn()
+            gc.collect()
+            save_json(path, res)
+    if "static" in res and "offline" in res:
+        res["offline_over_static"] = res["offline"]["tok_per_s"] / res["static"]["tok_per_s"]
+        log(f"offline / static batch-{args.max_batch} decode: {res['offline_over_static']:.2f}")
+    save_json(path, res)
+    print_errors(res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
