@@ -21,7 +21,7 @@ from gemma3_jax.model.kv_cache import cache_nbytes
 from gemma3_jax.model.config import Gemma3Config, param_bytes
 from gemma3_jax.model.kernels import platform
 from gemma3_jax.checkpoints.loading import checkpoint_files
-from gemma3_jax.preprocessing.processor import BOI, Processor, render_chat
+from gemma3_jax.preprocessing.processor import BOI, Processor, check_messages, render_chat
 from gemma3_jax.preprocessing.tokenizer import Tokenizer, read_json
 from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams
 
@@ -214,6 +214,30 @@ class Checkpoint:
         if self.processor is not None:
             return self.processor(texts, images, tokenizer=self.tokenizer, add_bos=None)
         return [self.tokenizer.encode(t, add_bos=not t.startswith("<bos>")) for t in texts], None
+
+    def build_chat(self, messages: Sequence[dict]) -> tuple[list[int], np.ndarray | None]:
+        """A conversation's token ids (through the checkpoint's chat template, ending with the model's turn) and
+        pixel values. An image item ``{"type": "image", "image": <path, PIL image or array>}`` places its image
+        there. A checkpoint without a chat template is refused: a base model completes raw text instead."""
+        messages = check_messages(messages)
+        if self.chat_template is None:
+            raise ValueError(f"{self.path} has no chat template (chat_template.jinja, chat_template.json or "
+                             f"tokenizer_config.json): a base model takes a raw prompt, not messages")
+        images = []
+        for i, m in enumerate(messages):
+            for j, item in enumerate([] if isinstance(m["content"], str) else m["content"]):
+                if item["type"] == "image":
+                    if item.get("image") is None:
+                        raise ValueError(f"message {i}, item {j}: an image item needs 'image' (a path, PIL image or "
+                                         f"array)")
+                    images.append(item["image"])
+        if images and self.processor is None:
+            raise ValueError(f"images given to a text-only model ({self.path / 'config.json'} has no vision_config)")
+        text = render_chat(messages, self.chat_template, add_generation_prompt=True)
+        if self.processor is not None:
+            ids, pixels = self.processor([text], [images], tokenizer=self.tokenizer, add_bos=None)
+            return ids[0], pixels
+        return self.tokenizer.encode(text, add_bos=not text.startswith("<bos>")), None
 
 
 def check_generation_args(max_new_tokens, seed, stop) -> tuple[int, int, tuple[str, ...]]:

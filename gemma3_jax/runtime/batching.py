@@ -291,7 +291,9 @@ class BatchEngine:
                     if stream._slot is not None:
                         self.state = self.state._replace(active=self.state.active.at[stream._slot].set(False))
                     self._finish(stream, "cancelled")
-            self._cancelled.clear()
+            if self._cancelled:
+                self._cancelled.clear()
+                self._cond.notify_all()  # readers of a cancelled stream wait for its end
             admitted = self._admit()
             prefilling = [s for s in self._slots if s is not None and s._prefilled < len(s.request.prompt)]
             decoding = [s for s in self._slots if s is not None and s._prefilled == len(s.request.prompt)

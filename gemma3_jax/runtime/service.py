@@ -1,0 +1,188 @@
+"""Requests as users write them, served together: the Python API a server stands on.
+
+    service = Service.from_pretrained("path/to/gemma-3-4b-it", max_batch=16)
+    stream = service.submit(messages=[{"role": "user", "content": [
+        {"type": "image", "image": "cat.png"}, {"type": "text", "text": "What is this?"}]}], max_new_tokens=64)
+    for delta in stream:            # or: async for delta in stream
+        print(delta.text, end="")
+    stream.finish_reason            # "stop", "length" or "cancelled"
+    service.stats(); service.close()
+
+A request is a raw ``prompt`` (completion), chat ``messages`` (the checkpoint's chat template), or ``token_ids``;
+sampling settings default to the checkpoint's generation_config.json, as in ``Generator``. Every request is
+checked at ``submit`` (ValueError/TypeError naming the value), before it queues. Steps run on a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gemma3_jax.checkpoints.checkpoint import Checkpoint, check_generation_args
+from gemma3_jax.checkpoints.loading import load_pretrained
+from gemma3_jax.preprocessing.tokenizer import StreamDecoder
+from gemma3_jax.runtime.batching import BatchEngine, Request, Stream
+from gemma3_jax.runtime.compile_cache import enable_compilation_cache
+from gemma3_jax.runtime.generator import resolve_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """What a stream adds: ``text`` (may be empty while a character is split across tokens) and its tokens."""
+
+    text: str
+    token_ids: list[int]
+
+
+class TextStream:
+    """One request's text as it comes, with stop strings applied. Iterate (or ``async for``) for ``Delta``s."""
+
+    def __init__(self, stream: Stream, service: Service, stop: tuple[str, ...], prompt_tokens: int):
+        self._stream, self._service, self._stop = stream, service, stop
+        self._decoder = StreamDecoder(service.checkpoint.tokenizer)
+        self.prompt_tokens = prompt_tokens
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self._iter: Iterator[list[int]] | None = None
+
+    @property
+    def id(self) -> int:
+        return self._stream.id
+
+    @property
+    def ttft_s(self) -> float | None:
+        s = self._stream
+        return None if s.first_token_at is None else s.first_token_at - s.submitted
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    def __iter__(self) -> Iterator[Delta]:
+        while (delta := self._next()) is not None:
+            yield delta
+
+    async def __aiter__(self):
+        while (delta := await asyncio.to_thread(self._next)) is not None:
+            yield delta
+
+    def result(self) -> str:
+        """The whole text, after the request finished."""
+        for _ in self:
+            pass
+        return self.text
+
+    def _next(self) -> Delta | None:
+        """The next delta, or None once finished (a blocking wait for the engine's thread)."""
+        if self.finish_reason is not None:
+            return None
+        if self._iter is None:
+            self._iter = iter(self._stream)
+        tokens = next(self._iter, None)
+        if tokens is None:  # the engine finished the request: the rest of the text, decoded whole
+            return self._end(self._stream.finish_reason, self._full_text(self.token_ids))
+        self.token_ids.extend(tokens)
+        dec = self._decoder
+        dec.push(tokens)
+        text = dec.text + dec.pending
+        cut = _first_stop(text, self._stop)
+        if cut is not None:
+            self._stream.cancel()  # frees the slot now
+            return self._end("stop", text[:cut])
+        return self._delta(dec.text, tokens)
+
+    def _delta(self, text: str, tokens: list[int]) -> Delta:
+        new = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text += new
+        return Delta(new, tokens)
+
+    def _end(self, reason: str, text: str) -> Delta:
+        delta = self._delta(text, [])
+        self.finish_reason = reason
+        return delta
+
+    def _full_text(self, ids: list[int]) -> str:
+        return self._service.checkpoint.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
+class Service:
+    """A checkpoint's tokenizer, processor and chat template over a ``BatchEngine`` running on its own thread."""
+
+    def __init__(self, engine: BatchEngine, checkpoint: Checkpoint, *, start: bool = True):
+        self.engine, self.checkpoint = engine, checkpoint
+        self.started = time.time()
+        if start:
+            engine.start()
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path | None = None, *, dtype: str | None = None, max_batch: int = 8,
+                        cache_length: int | None = None, memory_budget: int | None = None,
+                        chunk_tokens: int = 512, attention: str = "auto", progress: bool = True,
+                        compilation_cache: bool = True, verbose: bool = False) -> Service:
+        """``model``: a checkpoint directory, a .gguf file, or None for the default 270M (as ``Generator``)."""
+        checkpoint = Checkpoint.open(model, progress=progress)
+        dtype = resolve_dtype(dtype)
+        if memory_budget is None:
+            cache_length = checkpoint.cache_length(cache_length, dtype, batch=max_batch)
+        if compilation_cache:
+            enable_compilation_cache()
+        net = load_pretrained(checkpoint.path, dtype=dtype, attention=attention, progress=progress)
+        engine = BatchEngine(net, max_batch=max_batch, cache_length=cache_length, memory_budget=memory_budget,
+                             chunk_tokens=chunk_tokens, verbose=verbose)
+        return cls(engine, checkpoint)
+
+    def submit(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
+               token_ids: Sequence[int] | None = None, images: Sequence[Any] | None = None,
+               max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, seed: int = 0, stop: str | Sequence[str] = ()) -> TextStream:
+        """Queue one request: exactly one of ``prompt`` (raw text; ``images`` go where its ``<start_of_image>``
+        markers are, or first), ``messages`` (images inside them) or ``token_ids`` (with ``images`` as pixel values
+        [I, 3, S, S])."""
+        given = [name for name, v in (("prompt", prompt), ("messages", messages), ("token_ids", token_ids))
+                 if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of prompt, messages or token_ids, got {given or 'none'}")
+        max_new_tokens, seed, stop = check_generation_args(max_new_tokens, seed, stop)
+        params = self.checkpoint.sampling_params(temperature, top_k, top_p)
+        ckpt = self.checkpoint
+        if messages is not None:
+            if images is not None:
+                raise ValueError("with messages, images go inside them ({'type': 'image', 'image': ...})")
+            ids, pixels = ckpt.build_chat(messages)
+        elif prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+            ids, pixels = ckpt.build_inputs([prompt], None if images is None else [list(images)], chat=False)
+            ids = ids[0]
+        else:
+            ids = [int(t) for t in token_ids] if isinstance(token_ids, (list, tuple, np.ndarray)) else token_ids
+            if not isinstance(ids, list):
+                raise TypeError(f"token_ids must be a list of ints, got {type(token_ids).__name__}")
+            pixels = None if images is None else np.asarray(images)
+        request = Request(ids, pixels, max_new_tokens=max_new_tokens, params=params, seed=seed,
+                          stop_ids=tuple(ckpt.stop_ids))
+        return TextStream(self.engine.submit(request), self, stop, len(ids))
+
+    def stats(self) -> dict:
+        return dict(self.engine.stats(), model=self.checkpoint.name, uptime_s=time.time() - self.started)
+
+    def close(self) -> None:
+        """Stop the engine's thread (requests still running stay unfinished)."""
+        self.engine.stop()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,161 @@
+"""The serving API (``Service``): chat messages with images, raw prompts and token ids on the continuous-batching
+engine, on checkpoints with Hugging Face's file layout (fixtures/real_layout.py), float32 on the CPU."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fixtures import real_layout as rl
+from gemma3_jax.runtime.generator import Generator
+from gemma3_jax.runtime.service import Service
+
+ROOT = Path(__file__).parents[1]
+NEW = 12
+SETTINGS = dict(dtype="float32", max_batch=3, cache_length=256, chunk_tokens=32, progress=False,
+                compilation_cache=False)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("service")
+    rng = np.random.default_rng(0)
+    images = [root / "a.png", root / "b.png"]
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(images[0])
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images[1])
+    return dict(it=rl.write_checkpoint(root / "it", "it"), base=rl.write_checkpoint(root / "base", "base"),
+                images=images, root=root)
+
+
+@pytest.fixture(scope="module")
+def service(ckpts):
+    with Service.from_pretrained(ckpts["it"], **SETTINGS) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def generator(ckpts):
+    return Generator.from_pretrained(ckpts["it"], dtype="float32", cache_length=256, progress=False,
+                                     compilation_cache=False)
+
+
+def user(text, images=()):
+    return [{"role": "user", "content": [*({"type": "image", "image": str(i)} for i in images),
+                                         {"type": "text", "text": text}]}]
+
+
+def test_chat_with_two_images_equals_the_generator(service, generator, ckpts):
+    imgs = ckpts["images"]
+    want = generator.generate("Compare these.", images=[imgs], max_new_tokens=NEW, temperature=0)
+    stream = service.submit(messages=user("Compare these.", imgs), max_new_tokens=NEW, temperature=0)
+    deltas = list(stream)
+    assert stream.token_ids == want.token_ids[0]
+    assert stream.text == want.texts[0] == "".join(d.text for d in deltas)
+    assert stream.finish_reason in ("stop", "length") and stream.prompt_tokens == want.prompt_tokens[0]
+
+
+def test_concurrent_async_streams(service, generator, ckpts):
+    """Three requests at once (text, one image, a raw prompt) read with ``async for``: each gets its text alone."""
+    imgs = ckpts["images"]
+    want = [generator.generate("Hello there", max_new_tokens=NEW, temperature=0).texts[0],
+            generator.generate("One picture", images=[imgs[:1]], max_new_tokens=NEW, temperature=0).texts[0],
+            generator.generate("Once upon a time", max_new_tokens=NEW, temperature=0, chat=False).texts[0]]
+
+    async def read(stream):
+        return "".join([d.text async for d in stream])
+
+    async def main():
+        streams = [service.submit(messages=user("Hello there"), max_new_tokens=NEW, temperature=0),
+                   service.submit(messages=user("One picture", imgs[:1]), max_new_tokens=NEW, temperature=0),
+                   service.submit(prompt="Once upon a time", max_new_tokens=NEW, temperature=0)]
+        return await asyncio.gather(*(read(s) for s in streams))
+
+    assert asyncio.run(main()) == want
+
+
+def test_stop_string_ends_the_text_and_frees_the_slot(service):
+    full = service.submit(prompt="Once upon a time", max_new_tokens=NEW, temperature=0).result()
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    assert stop.strip(), full
+    stream = service.submit(prompt="Once upon a time", max_new_tokens=NEW, temperature=0, stop=[stop])
+    assert stream.result() == full[: full.find(stop)]
+    assert stream.finish_reason == "stop"
+    deadline = time.time() + 30
+    while service.stats()["active_slots"] and time.time() < deadline:  # freed at the engine's next step
+        time.sleep(0.01)
+    assert service.stats()["active_slots"] == 0 and service.stats()["cancelled"] >= 1
+
+
+def test_resent_image_is_not_encoded_again(service, ckpts):
+    from PIL import Image
+
+    img = ckpts["root"] / "c.png"  # an image no other test sent
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(img)
+    before = service.engine.features.encodes
+    first = service.submit(messages=user("Describe.", [img]), max_new_tokens=4, temperature=0)
+    reply = first.result()
+    turn2 = user("Describe.", [img]) + [{"role": "assistant", "content": reply},
+                                        {"role": "user", "content": "And now?"}]
+    service.submit(messages=turn2, max_new_tokens=4, temperature=0).result()
+    assert service.engine.features.encodes - before == 1
+
+
+def test_token_ids_and_cancel(service):
+    stream = service.submit(token_ids=[2, 100, 101, 102], max_new_tokens=200, temperature=0)
+    it = iter(stream)
+    next(it)
+    stream.cancel()
+    list(it)
+    assert stream.finish_reason == "cancelled"
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(), ValueError, "exactly one of prompt, messages or token_ids"),
+    (dict(prompt="a", messages=[]), ValueError, "exactly one"),
+    (dict(prompt=3), TypeError, "prompt must be a str"),
+    (dict(messages="hi"), TypeError, "messages must be a list"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image"}]}]), ValueError, "needs 'image'"),
+    (dict(messages=[{"role": "user", "content": "x"}], images=[]), ValueError, "images go inside them"),
+    (dict(prompt="x", max_new_tokens=0), ValueError, "max_new_tokens"),
+    (dict(prompt="x", max_new_tokens=10_000), ValueError, "exceeds the cache length 256"),
+    (dict(prompt="x", temperature=-1), ValueError, "temperature"),
+    (dict(prompt="x", stop=3), TypeError, "stop"),
+    (dict(token_ids="abc"), TypeError, "token_ids"),
+])
+def test_bad_requests_are_refused_at_submit(service, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        service.submit(**kwargs)
+    assert service.engine.stats()["queued"] == 0
+
+
+def test_base_model_refuses_messages(ckpts):
+    with Service.from_pretrained(ckpts["base"], **SETTINGS) as base:
+        with pytest.raises(ValueError, match="no chat template"):
+            base.submit(messages=user("hi"))
+        assert base.submit(prompt="Once", max_new_tokens=3, temperature=0).result() is not None
+
+
+def test_service_runs_without_torch(ckpts, generator):
+    """The user path in a fresh process where torch and transformers cannot be imported."""
+    script = textwrap.dedent(f"""
+        from gemma3_jax.runtime.service import Service
+        with Service.from_pretrained({str(ckpts['it'])!r}, dtype="float32", max_batch=2, cache_length=256,
+                                     chunk_tokens=32, progress=False, compilation_cache=False) as s:
+            msgs = [{{"role": "user", "content": [{{"type": "image", "image": {str(ckpts['images'][0])!r}}},
+                                                {{"type": "text", "text": "What is it?"}}]}}]
+            print(repr(s.submit(messages=msgs, max_new_tokens={NEW}, temperature=0).result()))
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]),
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    want = generator.generate("What is it?", images=[ckpts["images"][:1]], max_new_tokens=NEW, temperature=0)
+    assert proc.stdout.strip() == repr(want.texts[0])
