@@ -85,13 +85,14 @@ def test_stop_string_ends_the_text_and_frees_the_slot(service):
     full = service.submit(prompt="Once upon a time", max_new_tokens=NEW, temperature=0).result()
     stop = full[len(full) // 2: len(full) // 2 + 2]
     assert stop.strip(), full
-    stream = service.submit(prompt="Once upon a time", max_new_tokens=NEW, temperature=0, stop=[stop])
+    stream = service.submit(prompt="Once upon a time", max_new_tokens=200, temperature=0, stop=[stop])
     assert stream.result() == full[: full.find(stop)]
     assert stream.finish_reason == "stop"
     deadline = time.time() + 30
     while service.stats()["active_slots"] and time.time() < deadline:  # freed at the engine's next step
         time.sleep(0.01)
-    assert service.stats()["active_slots"] == 0 and service.stats()["cancelled"] >= 1
+    # the engine was still producing the stream's 200 tokens: the stop string cancelled it
+    assert service.stats()["active_slots"] == 0 and service.stats().get("cancelled", 0) >= 1
 
 
 def test_resent_image_is_not_encoded_again(service, ckpts):
