@@ -119,17 +119,21 @@ def test_token_ids_and_cancel(service):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(), ValueError, "exactly one of prompt, messages or token_ids"),
-    (dict(prompt="a", messages=[]), ValueError, "exactly one"),
-    (dict(prompt=3), TypeError, "prompt must be a str"),
-    (dict(messages="hi"), TypeError, "messages must be a list"),
-    (dict(messages=[{"role": "user", "content": [{"type": "image"}]}]), ValueError, "needs 'image'"),
-    (dict(messages=[{"role": "user", "content": "x"}], images=[]), ValueError, "images go inside them"),
-    (dict(prompt="x", max_new_tokens=0), ValueError, "max_new_tokens"),
-    (dict(prompt="x", max_new_tokens=10_000), ValueError, "exceeds the cache length 256"),
-    (dict(prompt="x", temperature=-1), ValueError, "temperature"),
-    (dict(prompt="x", stop=3), TypeError, "stop"),
-    (dict(token_ids="abc"), TypeError, "token_ids"),
+    pytest.param(dict(), ValueError, "exactly one of prompt, messages or token_ids", id="no_prompt"),
+    pytest.param(dict(prompt="a", messages=[]), ValueError, "exactly one", id="two_prompts"),
+    pytest.param(dict(prompt=3), TypeError, "prompt must be a str", id="prompt_not_str"),
+    pytest.param(dict(messages="hi"), TypeError, "messages must be a list", id="messages_str"),
+    pytest.param(dict(messages=[{"role": "user", "content": [{"type": "image"}]}]), ValueError, "needs 'image'",
+                 id="image_item_without_image"),
+    pytest.param(dict(messages=[{"role": "user", "content": "x"}], images=[]), ValueError, "images go inside them",
+                 id="images_beside_messages"),
+    pytest.param(dict(prompt="x", max_new_tokens=0), ValueError, "max_new_tokens", id="zero_new_tokens"),
+    pytest.param(dict(prompt="x", max_new_tokens=10_000), ValueError, "exceeds the cache length 256",
+                 id="beyond_the_cache"),
+    pytest.param(dict(prompt="x", temperature=-1), ValueError, "temperature", id="negative_temperature"),
+    pytest.param(dict(prompt="x", stop=3), TypeError, "stop", id="stop_not_str"),
+    pytest.param(dict(token_ids="abc"), TypeError, "token_ids", id="token_ids_str"),
+    pytest.param(dict(token_ids=[2, 10**9]), ValueError, "out of range", id="token_id_out_of_range"),
 ])
 def test_bad_requests_are_refused_at_submit(service, kwargs, error, match):
     with pytest.raises(error, match=match):
