@@ -10,7 +10,8 @@ and leave their slot the moment they finish or are cancelled.
 One ``step`` admits queued requests into free slots (their images are encoded then, once per distinct image),
 runs one prefill call (chunks of up to ``chunk_tokens`` tokens over up to ``prefill_rows`` prompts; a chunk never
 ends inside an image), then a decode call over every slot: ``decode_steps`` steps, or ``interleave_steps`` while
-prompts are waiting for prefill, so a long prompt does not stall the streams already decoding. ``start()`` runs
+prompts are waiting for prefill, so a long prompt does not stall the streams already decoding, or, while requests
+queue for a slot, until the first slot reaches its token limit. ``start()`` runs
 steps on a background thread instead of in the reader's.
 """
 
@@ -306,9 +307,13 @@ class BatchEngine:
             self._prefill(prefilling)
         with self._cond:
             decoding = [s for s in self._slots if s is not None and s._prefilled == len(s.request.prompt)]
-            waiting = any(s is not None and s._prefilled < len(s.request.prompt) for s in self._slots) or self._queue
+            limit = self.decode_steps
+            if any(s is not None and s._prefilled < len(s.request.prompt) for s in self._slots):
+                limit = self.interleave_steps  # a prompt is waiting for its next chunk
+            elif self._queue and decoding:  # stop when the first slot frees, so the queue moves at once
+                limit = min(limit, min(s.request.max_new_tokens - len(s.tokens) for s in decoding))
         if decoding:
-            self._decode(decoding, self.interleave_steps if waiting else self.decode_steps)
+            self._decode(decoding, max(limit, 1))
         return True
 
     def _admit(self) -> list[Stream]:
