@@ -8,13 +8,14 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gemma3_jax"
 BOUNDARY = "gemma3_jax.model.kernels"
-# model <- preprocessing <- checkpoints <- runtime. The one exception: a Checkpoint builds requests with the
+# model <- preprocessing <- checkpoints <- runtime <- server. The one exception: a Checkpoint builds requests with the
 # runtime's sampling value types (runtime.sampling, which imports nothing of gemma3_jax).
 MAY_IMPORT = {
     "model": {"model"},
     "preprocessing": {"preprocessing", "model"},
     "checkpoints": {"checkpoints", "model", "preprocessing", "runtime.sampling"},
     "runtime": {"runtime", "model", "checkpoints", "preprocessing"},
+    "server": {"server", "runtime", "model", "checkpoints", "preprocessing"},
 }
 
 

@@ -174,6 +174,11 @@ class Service:
                           stop_ids=tuple(ckpt.stop_ids))
         return TextStream(self.engine.submit(request), self, stop, len(ids))
 
+    def warm_up(self) -> None:
+        """Compile the shortest prompt's prefill and the decode step now, so the first request does not wait."""
+        bos = self.checkpoint.tokenizer.bos_id
+        self.engine.submit(Request([bos, bos], max_new_tokens=2, stop_ids=())).result()
+
     def stats(self) -> dict:
         return dict(self.engine.stats(), model=self.checkpoint.name, uptime_s=time.time() - self.started)
 

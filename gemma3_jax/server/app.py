@@ -1,0 +1,184 @@
+"""An OpenAI-compatible HTTP server over a ``Service`` (FastAPI + uvicorn, the ``[serve]`` extra).
+
+Routes: ``POST /v1/chat/completions`` (text and ``image_url`` parts), ``POST /v1/completions`` (raw prompts, for
+base models), ``GET /v1/models``, ``GET /health``. Streaming answers are server-sent events ending in
+``data: [DONE]``. Every error is OpenAI's error JSON with its HTTP status, and the server stays up after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from gemma3_jax.runtime.service import Service
+from gemma3_jax.server import protocol as p
+
+
+def build_app(service: Service, *, model_name: str, api_key: str | None = None, media_dir: Path | None = None,
+              max_body_bytes: int = 32 << 20, max_image_bytes: int = 16 << 20, max_queue: int = 256):
+    """The ASGI app. ``api_key``: every /v1 route wants ``Authorization: Bearer <key>``. ``media_dir``: local image
+    paths are read only under it. Bodies over ``max_body_bytes`` are a 413; more than ``max_queue`` waiting
+    requests a 503 with Retry-After."""
+    app = FastAPI(title="gemma3-jax", docs_url=None, redoc_url=None)
+    media_dir = None if media_dir is None else Path(media_dir).resolve()
+    started = time.time()
+
+    def error(e: p.APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(p.APIError)
+    async def api_error(request, e: p.APIError):
+        return error(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error(p.APIError(e.status_code, str(e.detail), kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e):
+        return error(p.bad(f"invalid request: {e.errors()[0].get('msg', e)}"))
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise p.APIError(401, "missing or wrong API key (Authorization: Bearer <key>)", "authentication_error",
+                             code="invalid_api_key")
+
+    async def read_body(request: Request) -> dict:
+        authorize(request)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            raise p.APIError(413, f"request body of {length} bytes is over the {max_body_bytes}-byte limit")
+        raw = await request.body()
+        if len(raw) > max_body_bytes:
+            raise p.APIError(413, f"request body of {len(raw)} bytes is over the {max_body_bytes}-byte limit")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise p.bad(f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise p.bad("the body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != model_name:
+            raise p.APIError(404, f"model {model!r} does not exist; this server serves {model_name!r}",
+                             "not_found_error", "model", "model_not_found")
+        if service.engine.stats()["queued"] >= max_queue:
+            raise p.APIError(503, "the server is busy: too many requests are waiting", "server_error",
+                             headers={"Retry-After": "1"})
+        return body
+
+    def submit(**kwargs):
+        try:
+            return service.submit(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise p.bad(str(e).splitlines()[0]) from None
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "uptime_s": time.time() - started}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(started),
+                                            "owned_by": "gemma3-jax"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await read_body(request)
+        kwargs = p.sampling(body, p.CHAT_FIELDS)
+        messages = await asyncio.to_thread(p.chat_messages, body, media_dir, max_image_bytes)
+        if service.checkpoint.chat_template is None:
+            raise p.bad(f"{model_name} has no chat template (a base model): use /v1/completions with a prompt")
+        stream = await asyncio.to_thread(submit, messages=messages, **kwargs)
+        cid = p.completion_id("chatcmpl")
+        if not body.get("stream"):
+            text = await _collect(request, stream)
+            return p.chat_response(cid, model_name, text, stream.finish_reason, stream.prompt_tokens,
+                                   len(stream.token_ids))
+
+        async def events():
+            yield _sse(p.chat_chunk(cid, model_name, {"role": "assistant", "content": ""}))
+            async for delta in stream:
+                if delta.text:
+                    yield _sse(p.chat_chunk(cid, model_name, {"content": delta.text}))
+            yield _sse(p.chat_chunk(cid, model_name, {}, stream.finish_reason))
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield _sse({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
+                            "model": model_name, "choices": [],
+                            "usage": p.usage(stream.prompt_tokens, len(stream.token_ids))})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(_cancel_on_exit(events(), stream), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request)
+        kwargs = p.sampling(body, p.COMPLETION_FIELDS)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            stream = await asyncio.to_thread(submit, prompt=prompt, **kwargs)
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                         for t in prompt):
+            stream = await asyncio.to_thread(submit, token_ids=prompt, **kwargs)
+        else:
+            raise p.bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
+        cid = p.completion_id("cmpl")
+        if not body.get("stream"):
+            text = await _collect(request, stream)
+            return p.completion_response(cid, model_name, text, stream.finish_reason, stream.prompt_tokens,
+                                         len(stream.token_ids))
+
+        async def events():
+            async for delta in stream:
+                if delta.text:
+                    yield _sse(p.completion_response(cid, model_name, delta.text, None, 0, chunk=True))
+            yield _sse(p.completion_response(cid, model_name, "", stream.finish_reason, 0, chunk=True))
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield _sse({"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_name,
+                            "choices": [], "usage": p.usage(stream.prompt_tokens, len(stream.token_ids))})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(_cancel_on_exit(events(), stream), media_type="text/event-stream")
+
+    return app
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _collect(request, stream) -> str:
+    """The whole text; a client that goes away cancels the request."""
+    try:
+        async for _ in stream:
+            if await request.is_disconnected():
+                stream.cancel()
+                break
+    except asyncio.CancelledError:
+        stream.cancel()
+        raise
+    return stream.text
+
+
+async def _cancel_on_exit(events, stream):
+    """Server-sent events; when the client disconnects (the generator is closed early) the request is cancelled."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        if stream.finish_reason is None:
+            stream.cancel()

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Serve Gemma-3 over the OpenAI chat-completions protocol (needs the [serve] extra: pip install -e ".[serve]").
+
+    python scripts/serve.py --model path/to/gemma-3-4b-it --port 8000
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'
+
+Without --model it serves the default model (the real Gemma-3 270M, a base model: /v1/completions). The server
+compiles its first steps before /health answers; it listens on 127.0.0.1 unless --host says otherwise. A bad
+flag prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="checkpoint directory or .gguf file (default: the real Gemma-3 270M)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--served-model-name", help="the model id clients name (default: the checkpoint's name)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
+    p.add_argument("--chunk-tokens", type=int, default=512, help="prompt tokens per prefill chunk (default: 512)")
+    p.add_argument("--cache-length", type=int, help="KV cache positions per request (default: 4096, or the "
+                   "model's positions if fewer)")
+    p.add_argument("--dtype", help="bfloat16 or float32 (default: bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: none)")
+    p.add_argument("--allowed-local-media", metavar="DIR", help="image paths are read only under DIR "
+                   "(default: local paths refused; data: URLs always work, remote URLs never)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 (default: 256)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        import uvicorn
+
+        from gemma3_jax.server.app import build_app
+    except ImportError as e:
+        print(f"error: the server needs the [serve] extra (pip install -e '.[serve]'): {e}", file=sys.stderr)
+        return 2
+    from gemma3_jax.runtime.service import Service
+
+    try:
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+        media = None
+        if args.allowed_local_media is not None:
+            media = Path(args.allowed_local_media)
+            if not media.is_dir():
+                raise ValueError(f"--allowed-local-media {media} is not a directory")
+        service = Service.from_pretrained(args.model, dtype=args.dtype, max_batch=args.max_batch,
+                                          cache_length=args.cache_length, chunk_tokens=args.chunk_tokens,
+                                          verbose=True)
+    except (ValueError, TypeError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or (Path(args.model).name if args.model else "gemma-3-270m")
+    print("compiling the first steps ...", file=sys.stderr, flush=True)
+    service.warm_up()
+    app = build_app(service, model_name=name, api_key=args.api_key, media_dir=media, max_queue=args.max_queue)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+
+    original = server.startup
+
+    async def startup(sockets=None):
+        await original(sockets)
+        port = server.servers[0].sockets[0].getsockname()[1] if server.servers else args.port
+        print(f"serving {name} at http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
+
+    server.startup = startup
+    # uvicorn handles SIGTERM / Ctrl-C (stop accepting, let running requests finish, bounded), then raises the
+    # signal again for the handler it found: this one, so a clean stop exits 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    service.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

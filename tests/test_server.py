@@ -1,0 +1,175 @@
+"""scripts/serve.py as users run it: a subprocess on 127.0.0.1 (torch and transformers not importable there), driven
+by the official ``openai`` client and by raw HTTP, on a checkpoint with Hugging Face's file layout."""
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from fixtures import real_layout as rl
+
+ROOT = Path(__file__).parents[1]
+KEY = "sk-test-key"
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("server")
+    rng = np.random.default_rng(1)
+    images = [root / "a.png", root / "b.png"]
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(images[0])
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images[1])
+    return dict(it=rl.write_checkpoint(root / "gemma-3-4b-it", "it"), images=images, root=root)
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]),
+               JAX_PLATFORMS="cpu", GEMMA3_JAX_COMPILATION_CACHE="0", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(files["it"]), "--port", "0",
+         "--dtype", "float32", "--cache-length", "256", "--max-batch", "4", "--chunk-tokens", "32",
+         "--api-key", KEY, "--served-model-name", "tiny-it"],
+        env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    url, lines = None, []
+    deadline = time.time() + 300
+    while url is None and time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        m = re.search(r"serving tiny-it at (http://127\.0\.0\.1:\d+)/v1", line)
+        url = m and m.group(1)
+    assert url, "".join(lines)[-3000:]
+    yield url
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0
+    rest = proc.stderr.read()
+    assert "Traceback" not in "".join(lines) + rest, rest[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def generator(files):
+    from gemma3_jax.runtime.generator import Generator
+
+    return Generator.from_pretrained(files["it"], dtype="float32", cache_length=256, progress=False,
+                                     compilation_cache=False)
+
+
+def data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def image_chat(files, text="Compare these."):
+    return [{"role": "user", "content": [
+        *({"type": "image_url", "image_url": {"url": data_url(p)}} for p in files["images"]),
+        {"type": "text", "text": text}]}]
+
+
+def test_chat_with_two_base64_images(client, files, generator):
+    out = client.chat.completions.create(model="tiny-it", messages=image_chat(files), max_tokens=NEW, temperature=0)
+    want = generator.generate("Compare these.", images=[files["images"]], max_new_tokens=NEW, temperature=0)
+    assert out.choices[0].message.content == want.texts[0]
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.prompt_tokens == want.prompt_tokens[0]
+    assert out.usage.completion_tokens == len(want.token_ids[0])
+
+
+def test_streaming_equals_the_whole_answer(client, files):
+    kw = dict(model="tiny-it", messages=image_chat(files, "Stream it."), max_tokens=NEW, temperature=0)
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_completions_and_models(client, generator):
+    out = client.completions.create(model="tiny-it", prompt="Once upon a time", max_tokens=NEW, temperature=0)
+    want = generator.generate("Once upon a time", max_new_tokens=NEW, temperature=0, chat=False)
+    assert out.choices[0].text == want.texts[0]
+    assert [m.id for m in client.models.list().data] == ["tiny-it"]
+
+
+def test_cancelled_stream_then_a_request_completes(server, client):
+    with httpx.stream("POST", f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"prompt": "Tell me a long story", "max_tokens": 200, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+    out = client.completions.create(model="tiny-it", prompt="Hello", max_tokens=3, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def post(server, path, body=None, raw=None, key=KEY):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        headers["Content-Type"] = "application/json"
+        return httpx.post(f"{server}{path}", content=raw, headers=headers, timeout=60)
+    return httpx.post(f"{server}{path}", json=body, headers=headers, timeout=60)
+
+
+CHAT = "/v1/chat/completions"
+TEXT = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("path, body, status, match", [
+    pytest.param(CHAT, b"{not json", 400, "not valid JSON", id="malformed_json"),
+    pytest.param(CHAT, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, 400, "not valid base64",
+        id="bad_base64"),
+    pytest.param(CHAT, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"nope").decode()}}]}]},
+        400, "not a readable image", id="unreadable_image"),
+    pytest.param(CHAT, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}, 400, "not fetched",
+        id="remote_url"),
+    pytest.param(CHAT, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, 400, "local image paths are off",
+        id="local_path"),
+    pytest.param(CHAT, {"messages": TEXT, "n": 2}, 400, "'n' must be 1", id="n_2"),
+    pytest.param(CHAT, {"messages": TEXT, "max_tokens": 5000}, 400, "exceeds the cache length", id="beyond_cache"),
+    pytest.param(CHAT, {"messages": TEXT, "temperature": "hot"}, 400, "'temperature' must be a number",
+                 id="bad_temperature"),
+    pytest.param(CHAT, {"messages": TEXT, "frobnicate": 1}, 400, "unknown field 'frobnicate'", id="unknown_field"),
+    pytest.param(CHAT, {"messages": []}, 400, "non-empty list", id="no_messages"),
+    pytest.param(CHAT, {"messages": TEXT, "model": "gpt-4"}, 404, "does not exist", id="unknown_model"),
+    pytest.param("/v1/nothing", {}, 404, "Not Found", id="unknown_route"),
+    pytest.param("/v1/completions", {"prompt": {"a": 1}}, 400, "'prompt' must be", id="bad_prompt"),
+])
+def test_errors_are_openai_json_and_the_server_stays_up(server, path, body, status, match):
+    r = post(server, path, raw=body) if isinstance(body, bytes) else post(server, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert re.search(match, err["message"]), err
+    assert httpx.get(f"{server}/health", timeout=10).json()["status"] == "ok"
+
+
+def test_api_key_is_required(server):
+    assert post(server, CHAT, {"messages": TEXT}, key=None).status_code == 401
+    r = post(server, CHAT, {"messages": TEXT}, key="wrong")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_body_over_the_limit_is_413(server):
+    huge = {"messages": [{"role": "user", "content": "x" * (33 << 20)}]}
+    r = post(server, CHAT, raw=json.dumps(huge).encode())
+    assert r.status_code == 413 and "over the" in r.json()["error"]["message"]
