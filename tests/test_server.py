@@ -173,3 +173,21 @@ def test_body_over_the_limit_is_413(server):
     huge = {"messages": [{"role": "user", "content": "x" * (33 << 20)}]}
     r = post(server, CHAT, raw=json.dumps(huge).encode())
     assert r.status_code == 413 and "over the" in r.json()["error"]["message"]
+
+
+def test_metrics_count_what_was_served(server, client):
+    def scrape():
+        text = httpx.get(f"{server}/metrics", timeout=10).text
+        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
+    before = scrape()
+    client.completions.create(model="tiny-it", prompt="Count me", max_tokens=4, temperature=0)
+    after = scrape()
+    key = 'gemma3_requests_total{route="/v1/completions",status="200"}'
+    assert after[key] == before.get(key, 0) + 1
+    assert after['gemma3_tokens_total{kind="completion"}'] - before['gemma3_tokens_total{kind="completion"}'] >= 1
+    assert after["gemma3_time_to_first_token_seconds_count"] == before["gemma3_time_to_first_token_seconds_count"] + 1
+    assert after["gemma3_max_slots"] == 4 and "gemma3_queued_requests" in after
+    assert after['gemma3_time_to_first_token_seconds_bucket{le="+Inf"}'] == after[
+        "gemma3_time_to_first_token_seconds_count"]

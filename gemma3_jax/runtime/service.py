@@ -61,6 +61,11 @@ class TextStream:
         s = self._stream
         return None if s.first_token_at is None else s.first_token_at - s.submitted
 
+    def inter_token_s(self) -> list[float]:
+        """Seconds between tokens after the first (tokens delivered together share their delivery's gap)."""
+        arrivals = self._stream.arrivals
+        return [(t - prev) / n for (prev, _), (t, n) in zip(arrivals, arrivals[1:]) for _ in range(n)]
+
     def cancel(self) -> None:
         self._stream.cancel()
 

@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over a ``Service`` (FastAPI + uvicorn, the ``[serve]`` extra).
 
 Routes: ``POST /v1/chat/completions`` (text and ``image_url`` parts), ``POST /v1/completions`` (raw prompts, for
-base models), ``GET /v1/models``, ``GET /health``. Streaming answers are server-sent events ending in
+base models), ``GET /v1/models``, ``GET /health`` and Prometheus text at ``GET /metrics``. Streaming answers are server-sent events ending in
 ``data: [DONE]``. Every error is OpenAI's error JSON with its HTTP status, and the server stays up after it.
 """
 
@@ -15,11 +15,13 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gemma3_jax.runtime.service import Service
 from gemma3_jax.server import protocol as p
+
+KNOWN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 
 
 def build_app(service: Service, *, model_name: str, api_key: str | None = None, media_dir: Path | None = None,
@@ -30,6 +32,15 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
     app = FastAPI(title="gemma3-jax", docs_url=None, redoc_url=None)
     media_dir = None if media_dir is None else Path(media_dir).resolve()
     started = time.time()
+
+    metrics = Metrics()
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        route = request.url.path if request.url.path in KNOWN_ROUTES else "other"
+        metrics.count(route, response.status_code)
+        return response
 
     def error(e: p.APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
@@ -88,6 +99,10 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
     async def health():
         return {"status": "ok", "model": model_name, "uptime_s": time.time() - started}
 
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(service.engine.stats()), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
@@ -105,6 +120,7 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
         cid = p.completion_id("chatcmpl")
         if not body.get("stream"):
             text = await _collect(request, stream)
+            metrics.served(stream)
             return p.chat_response(cid, model_name, text, stream.finish_reason, stream.prompt_tokens,
                                    len(stream.token_ids))
 
@@ -114,6 +130,7 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
                 if delta.text:
                     yield _sse(p.chat_chunk(cid, model_name, {"content": delta.text}))
             yield _sse(p.chat_chunk(cid, model_name, {}, stream.finish_reason))
+            metrics.served(stream)
             if (body.get("stream_options") or {}).get("include_usage"):
                 yield _sse({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
                             "model": model_name, "choices": [],
@@ -139,6 +156,7 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
         cid = p.completion_id("cmpl")
         if not body.get("stream"):
             text = await _collect(request, stream)
+            metrics.served(stream)
             return p.completion_response(cid, model_name, text, stream.finish_reason, stream.prompt_tokens,
                                          len(stream.token_ids))
 
@@ -147,6 +165,7 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
                 if delta.text:
                     yield _sse(p.completion_response(cid, model_name, delta.text, None, 0, chunk=True))
             yield _sse(p.completion_response(cid, model_name, "", stream.finish_reason, 0, chunk=True))
+            metrics.served(stream)
             if (body.get("stream_options") or {}).get("include_usage"):
                 yield _sse({"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_name,
                             "choices": [], "usage": p.usage(stream.prompt_tokens, len(stream.token_ids))})
@@ -155,6 +174,54 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
         return StreamingResponse(_cancel_on_exit(events(), stream), media_type="text/event-stream")
 
     return app
+
+
+class Metrics:
+    """Prometheus text-format counters and histograms of what the server served."""
+
+    TTFT = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+    ITL = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+    def __init__(self):
+        self.requests: dict[tuple[str, int], int] = {}
+        self.tokens = {"prompt": 0, "completion": 0}
+        self.hist = {"ttft": [0] * (len(self.TTFT) + 1), "itl": [0] * (len(self.ITL) + 1)}
+        self.sums = {"ttft": 0.0, "itl": 0.0}
+
+    def count(self, route: str, status: int) -> None:
+        self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+
+    def _observe(self, name: str, bounds, value: float) -> None:
+        self.hist[name][next((i for i, b in enumerate(bounds) if value <= b), len(bounds))] += 1
+        self.sums[name] += value
+
+    def served(self, stream) -> None:
+        """A finished request's tokens, time to first token and inter-token gaps."""
+        self.tokens["prompt"] += stream.prompt_tokens
+        self.tokens["completion"] += len(stream.token_ids)
+        if stream.ttft_s is not None:
+            self._observe("ttft", self.TTFT, stream.ttft_s)
+        for gap in stream.inter_token_s():
+            self._observe("itl", self.ITL, gap)
+
+    def render(self, stats: dict) -> str:
+        out = ["# TYPE gemma3_requests_total counter"]
+        out += [f'gemma3_requests_total{{route="{r}",status="{c}"}} {n}' for (r, c), n in sorted(self.requests.items())]
+        out.append("# TYPE gemma3_tokens_total counter")
+        out += [f'gemma3_tokens_total{{kind="{k}"}} {n}' for k, n in self.tokens.items()]
+        for name, value in (("queued_requests", stats["queued"]), ("active_slots", stats["active_slots"]),
+                            ("max_slots", stats["max_batch"]), ("decode_tokens_per_second", stats["decode_tok_per_s"]),
+                            ("cache_positions_held", stats["cache_positions_held"])):
+            out += [f"# TYPE gemma3_{name} gauge", f"gemma3_{name} {value}"]
+        for name, bounds, what in (("ttft", self.TTFT, "time_to_first_token_seconds"),
+                                   ("itl", self.ITL, "inter_token_seconds")):
+            out.append(f"# TYPE gemma3_{what} histogram")
+            total = 0
+            for b, n in zip([*bounds, "+Inf"], self.hist[name]):
+                total += n
+                out.append(f'gemma3_{what}_bucket{{le="{b}"}} {total}')
+            out += [f"gemma3_{what}_sum {self.sums[name]}", f"gemma3_{what}_count {total}"]
+        return "\n".join(out) + "\n"
 
 
 def _sse(obj: dict) -> str:
