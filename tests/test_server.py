@@ -191,3 +191,53 @@ def test_metrics_count_what_was_served(server, client):
     assert after["gemma3_max_slots"] == 4 and "gemma3_queued_requests" in after
     assert after['gemma3_time_to_first_token_seconds_bucket{le="+Inf"}'] == after[
         "gemma3_time_to_first_token_seconds_count"]
+
+
+def start_server(model: Path, *flags: str):
+    """scripts/serve.py on 127.0.0.1 in a torch-free subprocess: (process, base URL)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]),
+               JAX_PLATFORMS="cpu", GEMMA3_JAX_COMPILATION_CACHE="0", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(model), "--port", "0",
+                             "--dtype", "float32", *flags], env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    lines, deadline = [], time.time() + 300
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        m = re.search(r"serving \S+ at (http://127\.0\.0\.1:\d+)/v1", line)
+        if m:
+            return proc, m.group(1)
+    proc.kill()
+    raise AssertionError("".join(lines)[-3000:])
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("real_270m")  # one worker converts the real model
+def test_eight_concurrent_clients_on_the_real_270m(real_270m):
+    """Eight clients at once on four slots: each gets exactly the greedy text the offline Generator gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    from gemma3_jax.runtime.generator import Generator
+
+    path = real_270m[0]
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
+               "The quick brown fox", "import numpy as np\n", "Water boils at", "My favourite colour is"]
+    gen = Generator.from_pretrained(path, dtype="float32", cache_length=128, progress=False, compilation_cache=False)
+    want = [gen.generate(p, max_new_tokens=12, temperature=0, chat=False).texts[0] for p in prompts]
+    proc, url = start_server(path, "--cache-length", "128", "--max-batch", "4", "--chunk-tokens", "8")
+    try:
+        client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
+
+        def ask(prompt):
+            return client.completions.create(model=path.name, prompt=prompt, max_tokens=12, temperature=0)
+
+        with ThreadPoolExecutor(8) as pool:
+            got = [r.choices[0].text for r in pool.map(ask, prompts)]
+        assert got == want
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
