@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allowed-local-media", metavar="DIR", help="image paths are read only under DIR "
                    "(default: local paths refused; data: URLs always work, remote URLs never)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 (default: 256)")
+    p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get a 413 "
+                   "(default: 32 MiB)")
+    p.add_argument("--max-image-bytes", type=int, default=16 << 20, help="larger images get a 413 (default: 16 MiB)")
     return p.parse_args(argv)
 
 
@@ -58,6 +61,9 @@ def main(argv=None) -> int:
     try:
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+        for flag in ("max_queue", "max_body_bytes", "max_image_bytes"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
         media = None
         if args.allowed_local_media is not None:
             media = Path(args.allowed_local_media)
@@ -72,7 +78,8 @@ def main(argv=None) -> int:
     name = args.served_model_name or (Path(args.model).name if args.model else "gemma-3-270m")
     print("compiling the first steps ...", file=sys.stderr, flush=True)
     service.warm_up()
-    app = build_app(service, model_name=name, api_key=args.api_key, media_dir=media, max_queue=args.max_queue)
+    app = build_app(service, model_name=name, api_key=args.api_key, media_dir=media, max_queue=args.max_queue,
+                    max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)
 

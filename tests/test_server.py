@@ -40,7 +40,8 @@ def server(files):
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(files["it"]), "--port", "0",
          "--dtype", "float32", "--cache-length", "256", "--max-batch", "4", "--chunk-tokens", "32",
-         "--api-key", KEY, "--served-model-name", "tiny-it"],
+         "--api-key", KEY, "--served-model-name", "tiny-it", "--max-body-bytes", str(4 << 20),
+         "--max-image-bytes", "100000"],
         env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     url, lines = None, []
     deadline = time.time() + 300
@@ -154,6 +155,10 @@ TEXT = [{"role": "user", "content": "hi"}]
     pytest.param(CHAT, {"messages": TEXT, "model": "gpt-4"}, 404, "does not exist", id="unknown_model"),
     pytest.param("/v1/nothing", {}, 404, "Not Found", id="unknown_route"),
     pytest.param("/v1/completions", {"prompt": {"a": 1}}, 400, "'prompt' must be", id="bad_prompt"),
+    pytest.param("/v1/completions", {"prompt": "<start_of_image> what is it?"}, 400, "image", id="marker_no_image"),
+    pytest.param(CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + base64.b64encode(bytes(200_000)).decode()}}]}]}, 413, "over the",
+        id="image_over_limit"),
 ])
 def test_errors_are_openai_json_and_the_server_stays_up(server, path, body, status, match):
     r = post(server, path, raw=body) if isinstance(body, bytes) else post(server, path, body)
@@ -170,7 +175,7 @@ def test_api_key_is_required(server):
 
 
 def test_body_over_the_limit_is_413(server):
-    huge = {"messages": [{"role": "user", "content": "x" * (33 << 20)}]}
+    huge = {"messages": [{"role": "user", "content": "x" * (5 << 20)}]}
     r = post(server, CHAT, raw=json.dumps(huge).encode())
     assert r.status_code == 413 and "over the" in r.json()["error"]["message"]
 
