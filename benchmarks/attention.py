@@ -11,7 +11,7 @@ error > 2e-2 (or NaN) marks the row FAILED.
     python -m benchmarks.attention [--out PATH] [--sizes 2048,8192] [--configs 128x64w8s2E,...]
                                    [--peers cudnn,xla,flex,tokamax_triton,tokamax_mosaic]
 
-Writes --out, else $OUT/bench_attention.json, else ./bench_attention.json (kept as docs/bench_attention_h100.json).
+Writes --out, else $OUT/bench_attention.json, else ./bench_attention.json (kept as docs/bench_attention_<gpu>.json).
 """
 
 from __future__ import annotations

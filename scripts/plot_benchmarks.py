@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Plot docs/bench_attention_h100.json: effective TFLOP/s vs sequence length, full mask and window 1024.
+"""Plot docs/bench_attention_h200.json: effective TFLOP/s vs sequence length, full mask and window 1024.
 
     python scripts/plot_benchmarks.py                 # writes docs/attention_bench.png
     python scripts/plot_benchmarks.py --json other.json --out /tmp/bench.png
@@ -28,7 +28,7 @@ STYLE = {
 }
 
 
-def load(path=ROOT / "docs" / "bench_attention_h100.json") -> dict:
+def load(path=ROOT / "docs" / "bench_attention_h200.json") -> dict:
     return json.loads(Path(path).read_text())
 
 
@@ -67,7 +67,7 @@ def plot_benchmarks(bench: dict | str | Path | None = None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--json", default=str(ROOT / "docs" / "bench_attention_h100.json"))
+    p.add_argument("--json", default=str(ROOT / "docs" / "bench_attention_h200.json"))
     p.add_argument("--out", default=str(ROOT / "docs" / "attention_bench.png"))
     args = p.parse_args(argv)
     plt.switch_backend("Agg")  # headless; importers (the notebook) keep their own backend
