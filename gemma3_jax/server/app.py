@@ -95,6 +95,25 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
         except (ValueError, TypeError) as e:
             raise p.bad(str(e).splitlines()[0]) from None
 
+    def streamed(stream, body: dict, cid: str, kind: str, *, first, piece, last) -> StreamingResponse:
+        """Server-sent events: ``first`` (or none), a ``piece(text)`` per delta, ``last(finish_reason)``, the usage
+        when the client asked for it (``stream_options.include_usage``), then ``[DONE]``."""
+
+        async def events():
+            if first is not None:
+                yield _sse(first)
+            async for delta in stream:
+                if delta.text:
+                    yield _sse(piece(delta.text))
+            yield _sse(last(stream.finish_reason))
+            metrics.served(stream)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield _sse({"id": cid, "object": kind, "created": int(time.time()), "model": model_name,
+                            "choices": [], "usage": p.usage(stream.prompt_tokens, len(stream.token_ids))})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(_cancel_on_exit(events(), stream), media_type="text/event-stream")
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "uptime_s": time.time() - started}
@@ -124,20 +143,10 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
             return p.chat_response(cid, model_name, text, stream.finish_reason, stream.prompt_tokens,
                                    len(stream.token_ids))
 
-        async def events():
-            yield _sse(p.chat_chunk(cid, model_name, {"role": "assistant", "content": ""}))
-            async for delta in stream:
-                if delta.text:
-                    yield _sse(p.chat_chunk(cid, model_name, {"content": delta.text}))
-            yield _sse(p.chat_chunk(cid, model_name, {}, stream.finish_reason))
-            metrics.served(stream)
-            if (body.get("stream_options") or {}).get("include_usage"):
-                yield _sse({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                            "model": model_name, "choices": [],
-                            "usage": p.usage(stream.prompt_tokens, len(stream.token_ids))})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(_cancel_on_exit(events(), stream), media_type="text/event-stream")
+        return streamed(stream, body, cid, "chat.completion.chunk",
+                        first=p.chat_chunk(cid, model_name, {"role": "assistant", "content": ""}),
+                        piece=lambda text: p.chat_chunk(cid, model_name, {"content": text}),
+                        last=lambda reason: p.chat_chunk(cid, model_name, {}, reason))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -160,18 +169,9 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
             return p.completion_response(cid, model_name, text, stream.finish_reason, stream.prompt_tokens,
                                          len(stream.token_ids))
 
-        async def events():
-            async for delta in stream:
-                if delta.text:
-                    yield _sse(p.completion_response(cid, model_name, delta.text, None, 0, chunk=True))
-            yield _sse(p.completion_response(cid, model_name, "", stream.finish_reason, 0, chunk=True))
-            metrics.served(stream)
-            if (body.get("stream_options") or {}).get("include_usage"):
-                yield _sse({"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                            "choices": [], "usage": p.usage(stream.prompt_tokens, len(stream.token_ids))})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(_cancel_on_exit(events(), stream), media_type="text/event-stream")
+        return streamed(stream, body, cid, "text_completion", first=None,
+                        piece=lambda text: p.completion_response(cid, model_name, text, None, 0, chunk=True),
+                        last=lambda reason: p.completion_response(cid, model_name, "", reason, 0, chunk=True))
 
     return app
 
