@@ -32,7 +32,7 @@ from flax import nnx
 
 from gemma3_jax.model import kv_cache as kvc
 from gemma3_jax.model.gemma3 import Gemma3, check_inputs
-from gemma3_jax.runtime.engine import StepWeights, VisionStep, default_compiler_options
+from gemma3_jax.runtime.engine import StepWeights, VisionStep, compiled_step
 from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams
 from gemma3_jax.runtime.slots import RowSettings, SlotState, SlotSteps
 
@@ -250,15 +250,14 @@ class BatchEngine:
 
     # ---- compiled steps ------------------------------------------------------------------------
     def _compile(self, name: str, fn, args, static, donate=()):
-        shapes = tuple((x.shape, x.dtype) if hasattr(x, "shape") else x for x in jax.tree.leaves(args[1:]))
-        key = (name, static, shapes)
-        if key not in self._compiled:
-            opts = default_compiler_options("prefill" if name == "embed" else name, self.platform) \
-                if self.compiler_options is None else self.compiler_options
-            jitted = jax.jit(fn, donate_argnums=donate if self._donate else ())
-            self._compiled[key] = jitted.lower(*args).compile(opts or None)
+        # the embedding call is a prefill step for XLA's options
+        compiled, new = compiled_step(self._compiled, "prefill" if name == "embed" else name, lambda: fn,
+                                      (name, static), args, platform=self.platform,
+                                      compiler_options=self.compiler_options,
+                                      donate=donate if self._donate else ())
+        if new:
             self.counters[f"compiles_{name}"] += 1
-        return self._compiled[key]
+        return compiled
 
     def _encode(self, images: list[np.ndarray]) -> list[jax.Array]:
         """Features [T, D] of each image, in one vision call padded to a power of two of images."""
@@ -396,7 +395,7 @@ class BatchEngine:
         chunk = kvc.PromptChunk(jnp.asarray(slot), jnp.asarray(start), jnp.asarray(length), jnp.asarray(seg))
         row = RowSettings(jnp.asarray(last), jnp.asarray(max_new), jnp.asarray(seeds),
                           jnp.asarray(stops), jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p))
-        greedy_only = bool((temp < 1e-6).all())
+        greedy_only = all(s.request.params.greedy for s, _, _ in rows)
         steps, tw = self._steps, self._text
 
         def embed(weights, ids, feats):

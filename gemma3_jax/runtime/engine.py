@@ -53,6 +53,20 @@ def default_compiler_options(step: str, platform: str) -> dict[str, bool | str |
     return opts
 
 
+def compiled_step(cache: dict, name: str, make, static_key, args, *, platform: str,
+                  compiler_options: dict | None, donate=()) -> tuple[jax.stages.Compiled, bool]:
+    """``make()`` jit-compiled for ``args`` (the step's options: ``default_compiler_options(name)`` unless
+    ``compiler_options``), kept in ``cache`` by name, static settings and argument shapes; (compiled, whether it
+    was compiled now). args[0] is the model's weights, fixed for a cache, so its shapes are not part of the key."""
+    shapes = tuple((x.shape, x.dtype) if hasattr(x, "shape") else x for x in jax.tree.leaves(args[1:]))
+    key = (name, static_key, shapes)
+    if key in cache:
+        return cache[key], False
+    opts = default_compiler_options(name, platform) if compiler_options is None else compiler_options
+    cache[key] = jax.jit(make(), donate_argnums=donate).lower(*args).compile(opts or None)
+    return cache[key], True
+
+
 def _key(k):
     """The name or index a pytree path entry stands for (DictKey.key, SequenceKey.idx, GetAttrKey.name)."""
     return getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
@@ -275,17 +289,12 @@ class Engine:
 
     def _compiled_fn(self, name: str, make, static_key, args, timings: Timings, donate=()):
         """The compiled step for these static settings and argument shapes (compiled once, then reused)."""
-        shapes = tuple(
-            (x.shape, x.dtype) if hasattr(x, "shape") else x for x in jax.tree.leaves(args[1:])
-        )  # args[0] is (most of) the model's weights: fixed for this engine
-        key = (name, static_key, shapes)
-        if key not in self._compiled:
-            t = time.perf_counter()
-            fn = jax.jit(make(), donate_argnums=donate if self._donate else ())
-            opts = default_compiler_options(name, self.platform) if self.compiler_options is None else self.compiler_options
-            self._compiled[key] = fn.lower(*args).compile(opts or None)
+        t = time.perf_counter()
+        fn, new = compiled_step(self._compiled, name, make, static_key, args, platform=self.platform,
+                                compiler_options=self.compiler_options, donate=donate if self._donate else ())
+        if new:
             timings.compile_s += time.perf_counter() - t
-        return self._compiled[key]
+        return fn
 
     def _limit(self, steps: int) -> jax.Array:
         """The decode call's step limit as a device scalar, made once per value (no transfer per chunk)."""

@@ -202,7 +202,7 @@ class Generator:
                 dec = decoders[row]
                 dec.push(tokens[row][start:])
                 text = dec.text + dec.pending  # everything so far; ``pending`` may end in a split character
-                cut = _first_stop(text, stop)
+                cut = first_stop(text, stop)
                 if cut is not None:
                     text, finished[row] = text[:cut], True
                 show(row, text if finished[row] else dec.text)
@@ -211,7 +211,7 @@ class Generator:
         texts = []
         for row in range(len(ids)):
             text = self._text(tokens[row])
-            cut = _first_stop(text, stop)
+            cut = first_stop(text, stop)
             if cut is not None:
                 text, tokens[row] = text[:cut], self._through_stop(tokens[row], cut, stop)
             texts.append(text)
@@ -224,7 +224,7 @@ class Generator:
         lo, hi = 1, len(ids)
         while lo < hi:
             mid = (lo + hi) // 2
-            if _first_stop(self._text(ids[:mid]), stops) == cut:
+            if first_stop(self._text(ids[:mid]), stops) == cut:
                 hi = mid
             else:
                 lo = mid + 1
@@ -234,6 +234,7 @@ class Generator:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest of ``stops`` starts in ``text`` (None: none does)."""
     hits = [text.find(s) for s in stops if s and s in text]
     return min(hits) if hits else None

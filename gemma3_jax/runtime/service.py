@@ -29,7 +29,7 @@ from gemma3_jax.checkpoints.loading import load_pretrained
 from gemma3_jax.preprocessing.tokenizer import StreamDecoder
 from gemma3_jax.runtime.batching import BatchEngine, Request, Stream
 from gemma3_jax.runtime.compile_cache import enable_compilation_cache
-from gemma3_jax.runtime.generator import resolve_dtype
+from gemma3_jax.runtime.generator import first_stop, resolve_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +96,7 @@ class TextStream:
         dec = self._decoder
         dec.push(tokens)
         text = dec.text + dec.pending
-        cut = _first_stop(text, self._stop)
+        cut = first_stop(text, self._stop)
         if cut is not None:
             self._stream.cancel()  # frees the slot now
             return self._end("stop", text[:cut])
@@ -114,11 +114,6 @@ class TextStream:
 
     def _full_text(self, ids: list[int]) -> str:
         return self._service.checkpoint.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s in text]
-    return min(hits) if hits else None
 
 
 class Service:
