@@ -70,7 +70,8 @@ def serve(engine: BatchEngine, requests: list[Request]) -> dict:
 
 def occupancy(engine: BatchEngine) -> dict:
     c = engine.counters
-    return dict(mean_decoding_slots=c["decoding_slots"] / max(c["decode_calls"], 1), decode_calls=c["decode_calls"],
+    return dict(mean_decoding_slots=c["decode_tokens"] / max(c["decode_steps"], 1), decode_calls=c["decode_calls"],
+                mixed_calls=c["mixed_calls"], prefill_calls=c["prefill_calls"],
                 compiles={k: v for k, v in c.items() if k.startswith("compiles_")})
 
 
@@ -100,7 +101,7 @@ def summary(streams, wall: float) -> dict:
 def make_engine(model, args, cache_length: int) -> BatchEngine:
     return BatchEngine(model, max_batch=args.max_batch, cache_length=cache_length, chunk_tokens=args.chunk_tokens,
                        prefill_rows=args.prefill_rows, decode_steps=args.decode_steps,
-                       interleave_steps=args.interleave_steps, verbose=True)
+                       step_tokens=args.step_tokens, verbose=True)
 
 
 def section_offline(model, cfg, args, res, rng):
@@ -110,6 +111,7 @@ def section_offline(model, cfg, args, res, rng):
     t = time.perf_counter()
     serve(eng, reqs[: 2 * args.max_batch])  # compiles the shapes the workload uses
     res["offline_warmup_s"] = time.perf_counter() - t
+    res["offline_warmup_compiles"] = {k: v for k, v in eng.counters.items() if k.startswith("compiles_")}
     eng.counters.clear()
     r = serve(eng, reqs)
     r["cache_length"], r["cache_gib"] = length, eng.cache_bytes / 2**30
@@ -217,7 +219,7 @@ def main() -> int:
     ap.add_argument("--chunk-tokens", type=int, default=2048)
     ap.add_argument("--prefill-rows", type=int, default=4)
     ap.add_argument("--decode-steps", type=int, default=32)
-    ap.add_argument("--interleave-steps", type=int, default=4)
+    ap.add_argument("--step-tokens", type=int, default=256)
     args = ap.parse_args()
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     if sections - set(SECTIONS):

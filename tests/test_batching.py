@@ -43,7 +43,7 @@ REQUESTS = [  # different lengths and image counts
 
 def engine(model, **kw):
     return BatchEngine(model, **{**dict(max_batch=3, cache_length=CACHE, chunk_tokens=10, decode_steps=4,
-                                        interleave_steps=2), **kw})
+                                        step_tokens=6), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,7 @@ def test_batched_equals_alone_and_the_static_engine(model, solo):
     stats = eng.stats()
     assert stats["active_slots"] == 0 and stats["queued"] == 0
     assert stats["length"] == 5 and stats["cancelled"] == 1
+    assert stats["mixed_calls"] > 0 and stats["decode_calls"] > 0  # chunks rode on decode steps and ran alone
 
 
 def test_cancel_in_queue_and_mid_prefill_frees_the_slot(model, solo):
@@ -201,7 +202,7 @@ def test_real_270m_batched_equals_alone(real_270m):
     static = Engine(model, cache_length=128, chunk=8)
     want = [np.concatenate(list(static.generate_ids([p], max_new_tokens=10, stop_ids=())), axis=1)[0].tolist()
             for p in prompts]
-    eng = BatchEngine(model, max_batch=4, cache_length=128, chunk_tokens=6, decode_steps=4, interleave_steps=2)
+    eng = BatchEngine(model, max_batch=4, cache_length=128, chunk_tokens=6, decode_steps=4, step_tokens=4)
     streams = [eng.submit(Request(p, max_new_tokens=10, stop_ids=())) for p in prompts]
     eng.run()
     assert [s.tokens for s in streams] == want

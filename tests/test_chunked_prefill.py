@@ -142,3 +142,42 @@ def test_chunk_end():
     assert kvc.chunk_end(mask, 5, 100) == 8
     with pytest.raises(ValueError, match="budget"):
         kvc.chunk_end(mask, 0, 0)
+
+
+@pytest.mark.parametrize("decode", ["reference", "pallas"])
+def test_mixed_step_equals_decode_then_chunk(model, steps, decode):
+    """A decode token of every slot and a prompt chunk (with an image, past the window) in one pass equal the
+    decode step and the chunk run apart: the serving engine's mixed call changes no number."""
+    from gemma3_jax.model.kernels import Kernels, with_kernels
+
+    features, chunk_call, _ = steps
+    text = with_kernels(model.text, Kernels(prefill="pallas", decode=decode, interpret=True, platform="cpu"))
+    cfg = model.cfg
+    cache = kvc.init_cache(cfg.text, SLOTS, CACHE, jnp.float32)
+    for slot, pieces in ((0, [6, "img", 9]), (2, [14])):  # two slots hold prompts and decode
+        ids, px = prompt(pieces, seed=slot)
+        feats = features(jnp.asarray(px)) if len(px) else None
+        chunk = kvc.PromptChunk(jnp.asarray([slot]), jnp.asarray([0]), jnp.asarray([len(ids)]),
+                                jnp.asarray(kvc_segments(ids == IMAGE_TOKEN))[None])
+        cache = chunk_call(cache, jnp.asarray(ids[None]), feats, chunk)[1]
+    ids, px = prompt([20, "img", 3], seed=5)  # slot 1: its second chunk, crossing the window, holds the image
+    head, tail = ids[:21], ids[21:]
+    chunk = kvc.PromptChunk(jnp.asarray([1]), jnp.asarray([0]), jnp.asarray([len(head)]),
+                            jnp.full((1, len(head)), -1, jnp.int32))
+    cache = chunk_call(cache, jnp.asarray(head[None]), None, chunk)[1]
+    tail_emb = embed_with_features(cfg, text, jnp.asarray(tail[None]), features(jnp.asarray(px)))
+    chunk = kvc.PromptChunk(jnp.asarray([1]), jnp.asarray([len(head)]), jnp.asarray([len(tail)]),
+                            jnp.asarray(kvc_segments(tail == IMAGE_TOKEN))[None])
+    tokens = text.embed_tokens(jnp.asarray([[7], [0], [9]]))
+    advance = jnp.asarray([True, False, True])
+
+    hd, hc, mixed = jax.jit(text.mixed_step)(tokens, tail_emb, cache, chunk, advance)
+    want_d, apart = jax.jit(text.decode_step)(tokens, cache)
+    apart = apart._replace(lengths=jnp.where(advance, apart.lengths, cache.lengths))
+    want_c, apart = jax.jit(text.prefill_chunk)(tail_emb, apart, chunk)
+    scale = float(np.abs(np.asarray(want_c)).max())
+    for got, want in ((hd[::2], want_d[::2]), (hc, want_c)):
+        assert np.abs(np.asarray(got) - np.asarray(want)).max() <= CHUNK_TOL * scale
+    np.testing.assert_array_equal(np.asarray(mixed.lengths), [cache.lengths[0] + 1, len(ids), cache.lengths[2] + 1])
+    for got, want in zip(mixed.k + mixed.v, apart.k + apart.v):
+        assert np.abs(np.asarray(got) - np.asarray(want)).max() <= CHUNK_TOL * scale

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from gemma3_jax.model import kv_cache as kvc
 from gemma3_jax.model.config import GLOBAL, SLIDING, TextConfig
@@ -36,8 +36,11 @@ class Attention(nnx.Module):
 
     def project(self, x: Float[Array, "B T D"], cos: Array, sin: Array):
         """Queries and keys (normed, rotated) [B, T, N|K, H] and values [B, T, K, H] of ``x``."""
+        return self.heads(jnp.einsum("BTD,MHD->BTMH", x, self.qkv_proj[...]), cos, sin)  # M = N + 2K
+
+    def heads(self, qkv: Float[Array, "B T M H"], cos: Array, sin: Array):
+        """``project`` from the raw q|k|v products."""
         n, k = self.num_heads, self.num_kv_heads
-        qkv = jnp.einsum("BTD,MHD->BTMH", x, self.qkv_proj[...])  # M = N + 2K
         q = apply_rope(self.q_norm(qkv[:, :, :n]), cos, sin)
         keys = apply_rope(self.k_norm(qkv[:, :, n : n + k]), cos, sin)
         return q, keys, qkv[:, :, n + k :]
@@ -52,34 +55,52 @@ class Attention(nnx.Module):
     def step(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"], gemv_b1: bool = False):
         """One token per row at position ``pos``: writes its key/value into the cache, attends over it.
         ``gemv_b1``: the q|k|v product through the matrix-vector kernel (``Kernels.gemv``)."""
-        ring = self.sliding_window is not None
         b, m, h, d = x.shape[0], *self.qkv_proj.shape
-        kernels = self.kernels
-        if kernels.fused_step(h):
-            qkv = kernels.qkv_product(x[:, 0], self.qkv_proj[...].reshape(m * h, d), gemv_b1).reshape(b, m, h)
-            out, k_buf, v_buf = kernels.decode_step_attention(
-                qkv, self.q_norm.weight[...], self.k_norm.weight[...], self.q_norm.eps, cos[:, 0], sin[:, 0],
-                k_buf, v_buf, pos, ring=ring, scale=self.scale)
-        else:
-            q, k, v = self.project(x, cos, sin)
-            k_buf = kvc.write_step(k_buf, k[:, 0], pos, ring)
-            v_buf = kvc.write_step(v_buf, v[:, 0], pos, ring)
-            out = kernels.cached_attention(q[:, 0], k_buf, v_buf, pos, scale=self.scale)
+        qkv = self.kernels.qkv_product(x[:, 0], self.qkv_proj[...].reshape(m * h, d), gemv_b1).reshape(b, m, h)
+        out, k_buf, v_buf = self.step_heads(qkv, cos, sin, k_buf, v_buf, pos)
         return jnp.einsum("BNH,DNH->BD", out, self.o_proj[...])[:, None], k_buf, v_buf
 
+    def step_heads(self, qkv: Float[Array, "B M H"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"]):
+        """``step`` from the raw q|k|v products up to the attention output [B, N, H]."""
+        ring = self.sliding_window is not None
+        kernels = self.kernels
+        if kernels.fused_step(qkv.shape[-1]):
+            return kernels.decode_step_attention(
+                qkv, self.q_norm.weight[...], self.k_norm.weight[...], self.q_norm.eps, cos[:, 0], sin[:, 0],
+                k_buf, v_buf, pos, ring=ring, scale=self.scale)
+        q, k, v = self.heads(qkv[:, None], cos, sin)
+        k_buf = kvc.write_step(k_buf, k[:, 0], pos, ring)
+        v_buf = kvc.write_step(v_buf, v[:, 0], pos, ring)
+        return kernels.cached_attention(q[:, 0], k_buf, v_buf, pos, scale=self.scale), k_buf, v_buf
 
     def chunk(self, x: Float[Array, "B T D"], cos, sin, k_buf, v_buf, chunk: kvc.PromptChunk):
         """A prompt chunk of each row after the positions its cache row already holds: attends over those and
         its own keys, and writes its keys and values into the row."""
+        out, k_buf, v_buf = self.chunk_heads(*self.project(x, cos, sin), k_buf, v_buf, chunk)
+        return jnp.einsum("BTNH,DNH->BTD", out, self.o_proj[...]), k_buf, v_buf
+
+    def chunk_heads(self, q, k, v, k_buf, v_buf, chunk: kvc.PromptChunk):
+        """``chunk`` from its queries, keys and values up to the attention output [B, T, N, H]."""
         ring = self.sliding_window is not None
-        q, k, v = self.project(x, cos, sin)
         keys, q_offset, kv_start, kv_lengths = kvc.chunk_context(k_buf, k, chunk, ring)
         values = kvc.chunk_context(v_buf, v, chunk, ring)[0]
         seg = kvc.chunk_segment_ids(chunk, keys.shape[1], ring)
         batch = AttentionBatch(chunk.positions, seg, kv_lengths, q_offset, kv_start)
         out = self.kernels.attention(q, keys, values, batch, sliding_window=self.sliding_window, scale=self.scale)
-        k_buf, v_buf = kvc.write_chunk(k_buf, k, chunk, ring), kvc.write_chunk(v_buf, v, chunk, ring)
-        return jnp.einsum("BTNH,DNH->BTD", out, self.o_proj[...]), k_buf, v_buf
+        return out, kvc.write_chunk(k_buf, k, chunk, ring), kvc.write_chunk(v_buf, v, chunk, ring)
+
+    def mixed(self, x: Float[Array, "R D"], decode_rope, chunk_rope, k_buf, v_buf, pos: Int[Array, "S"],
+              chunk: kvc.PromptChunk):
+        """A decode token of each of the cache's S rows (the first S of ``x``) and prompt chunks [B, T] (the rest,
+        flattened): one q|k|v and one output product for all R = S + B*T tokens, so the weights are read once.
+        The decode rows write first; a chunk's row overwrites what its decode row wrote at the chunk's start."""
+        s, (b, t) = pos.shape[0], chunk.segment_ids.shape
+        qkv = jnp.einsum("RD,MHD->RMH", x, self.qkv_proj[...])
+        out_d, k_buf, v_buf = self.step_heads(qkv[:s], *decode_rope, k_buf, v_buf, pos)
+        q, k, v = self.heads(qkv[s:].reshape(b, t, *qkv.shape[1:]), *chunk_rope)
+        out_c, k_buf, v_buf = self.chunk_heads(q, k, v, k_buf, v_buf, chunk)
+        out = jnp.concatenate([out_d, out_c.reshape(b * t, *out_c.shape[2:])])
+        return jnp.einsum("RNH,DNH->RD", out, self.o_proj[...]), k_buf, v_buf
 
 
 class DecoderLayer(nnx.Module):
@@ -101,6 +122,11 @@ class DecoderLayer(nnx.Module):
         """``__call__`` for a prompt chunk after the positions its cache row holds (``Attention.chunk``)."""
         h, k_buf, v_buf = self.attn.chunk(self.input_norm(x), cos, sin, k_buf, v_buf, chunk)
         return self.feed_forward(x + self.post_attn_norm(h)), k_buf, v_buf
+
+    def mixed(self, x: Float[Array, "R D"], decode_rope, chunk_rope, k_buf, v_buf, pos, chunk: kvc.PromptChunk):
+        """``__call__`` for decode tokens and prompt chunks together (``Attention.mixed``)."""
+        h, k_buf, v_buf = self.attn.mixed(self.input_norm(x), decode_rope, chunk_rope, k_buf, v_buf, pos, chunk)
+        return self.feed_forward((x + self.post_attn_norm(h))[None])[0], k_buf, v_buf
 
     def feed_forward(self, x):
         return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
@@ -185,3 +211,24 @@ class TextModel(nnx.Module):
             ks.append(k_buf)
             vs.append(v_buf)
         return xn, kvc.KVCache(tuple(ks), tuple(vs), pos + 1)
+
+    def mixed_step(
+        self, decode_embeddings: Float[Array, "S 1 D"], chunk_embeddings: Float[Array, "B T D"], cache: kvc.KVCache,
+        chunk: kvc.PromptChunk, advance: Bool[Array, "S"],
+    ) -> tuple[Float[Array, "S 1 D"], Float[Array, "B T D"], kvc.KVCache]:
+        """``decode_step`` for every cache row and ``prefill_chunk`` for the chunks' rows in one pass, each weight
+        read once for both (a serving engine's decode step that also carries prompt chunks). A row's length
+        moves past its decode token where ``advance`` is set, past its chunk where it has one (a chunk's row must
+        not be advancing). Returns hidden states after the final norm, decode rows then chunks."""
+        s, (b, t), d = decode_embeddings.shape[0], chunk.segment_ids.shape, decode_embeddings.shape[-1]
+        pos = cache.lengths
+        dec, chk = self.rope_tables(pos[:, None]), self.rope_tables(chunk.positions)
+        x = jnp.concatenate([decode_embeddings[:, 0], chunk_embeddings.reshape(b * t, d)])
+        ks, vs = [], []
+        for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v):
+            x, k_buf, v_buf = layer.mixed(x, dec[layer.layer_type], chk[layer.layer_type], k_buf, v_buf, pos, chunk)
+            ks.append(k_buf)
+            vs.append(v_buf)
+        x = self.final_norm(x)
+        lengths = jnp.where(advance, pos + 1, pos).at[chunk.slot].set(chunk.start + chunk.length, mode="drop")
+        return x[:s, None], x[s:].reshape(b, t, d), kvc.KVCache(tuple(ks), tuple(vs), lengths)

@@ -7,12 +7,14 @@ and leave their slot the moment they finish or are cancelled.
         ...
     stream.finish_reason   # "stop", "length" or "cancelled"
 
-One ``step`` admits queued requests into free slots (their images are encoded then, once per distinct image),
-runs one prefill call (chunks of up to ``chunk_tokens`` tokens over up to ``prefill_rows`` prompts; a chunk never
-ends inside an image), then a decode call over every slot: ``decode_steps`` steps, or ``interleave_steps`` while
-prompts are waiting for prefill, so a long prompt does not stall the streams already decoding, or, while requests
-queue for a slot, until the first slot reaches its token limit. ``start()`` runs
-steps on a background thread instead of in the reader's.
+One ``step`` admits queued requests into free slots and dispatches one compiled call: while prompts wait for
+prefill, their next chunks (a chunk never ends inside an image; a request's images are encoded when it is
+admitted, once per distinct image, batched across the requests admitted together) together with one decode step of every decoding slot, in one pass over the weights, so
+prompt chunks ride on the decode steps instead of stalling them; otherwise a run of up to ``decode_steps`` decode
+steps, cut short when a slot frees while requests queue. Chunks carry up to ``step_tokens`` prompt tokens while
+other slots decode, ``chunk_tokens`` when none does. A call's tokens are read after the next call is dispatched,
+so the host's work overlaps the device's. ``start()`` runs steps on a background thread instead of in the
+reader's.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ class Stream:
         self.arrivals: list[tuple[float, int]] = []  # (time.perf_counter(), tokens) per delivery: latency stats
         self._image_mask = image_mask
         self._image_starts = np.flatnonzero(image_mask & ~np.r_[False, image_mask[:-1]])
-        self._feats: list[jax.Array] = []  # one [T, D] per image, held until the prompt is prefilled
+        images = [] if request.pixel_values is None else np.asarray(request.pixel_values, np.float32)
+        self._image_keys = [FeatureCache.key(im) for im in images]  # hashed here, in the submitter's thread
+        self._feats: list[jax.Array] = []  # one [T, D] per image from admission until the prompt is prefilled
         self._slot: int | None = None
         self._prefilled = 0  # prompt positions already in the slot
 
@@ -132,6 +136,17 @@ class FeatureCache:
             self.nbytes -= old.size * old.dtype.itemsize
 
 
+@dataclasses.dataclass
+class _Call:
+    """A dispatched call's outputs (device arrays, read when delivered) and whom they go to."""
+
+    decoding: list[tuple[Stream, int]]  # (stream, slot) of every slot that was decoding
+    tokens: jax.Array | None  # [S, steps] decode tokens
+    produced: jax.Array | None  # [S] tokens each slot produced
+    rows: list[tuple[Stream, bool]] = dataclasses.field(default_factory=list)  # prefill rows, whether the prompt ended
+    first: jax.Array | None = None  # [B] each prefill row's first token
+
+
 def _pow2(n: int, least: int = 1) -> int:
     return max(least, 1 << (max(n, 1) - 1).bit_length())
 
@@ -142,10 +157,11 @@ class BatchEngine:
 
     def __init__(self, model: Gemma3, *, max_batch: int = 8, cache_length: int | None = 4096,
                  memory_budget: int | None = None, chunk_tokens: int = 512, prefill_rows: int = 4,
-                 decode_steps: int = 32, interleave_steps: int = 4, feature_cache_bytes: int = 256 << 20,
+                 decode_steps: int = 32, step_tokens: int | None = None, feature_cache_bytes: int = 256 << 20,
                  compiler_options: dict | None = None, verbose: bool = False):
         for name, v in (("max_batch", max_batch), ("chunk_tokens", chunk_tokens), ("prefill_rows", prefill_rows),
-                        ("decode_steps", decode_steps), ("interleave_steps", interleave_steps)):
+                        ("decode_steps", decode_steps),
+                        ("step_tokens", chunk_tokens if step_tokens is None else step_tokens)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         self.cfg, self.dtype = model.cfg, model.dtype
@@ -157,7 +173,8 @@ class BatchEngine:
             raise ValueError(f"cache_length must be an int >= 1, got {cache_length!r}")
         self.max_batch, self.cache_length = max_batch, cache_length
         self.chunk_tokens, self.prefill_rows = chunk_tokens, min(prefill_rows, max_batch)
-        self.decode_steps, self.interleave_steps = decode_steps, min(interleave_steps, decode_steps)
+        self.decode_steps = decode_steps
+        self.step_tokens = min(chunk_tokens, 256 if step_tokens is None else step_tokens)
         self.platform = model.kernels.platform
         self.compiler_options = compiler_options
         self._text = StepWeights.of(model.text)
@@ -175,6 +192,7 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._cancelled: list[Stream] = []
+        self._pending: _Call | None = None  # the last dispatched call, its tokens not yet read
         self.counters = collections.Counter()
         self._window: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)  # (time, decode tokens)
         if verbose:
@@ -250,8 +268,9 @@ class BatchEngine:
 
     # ---- compiled steps ------------------------------------------------------------------------
     def _compile(self, name: str, fn, args, static, donate=()):
-        # the embedding call is a prefill step for XLA's options
-        compiled, new = compiled_step(self._compiled, "prefill" if name == "embed" else name, lambda: fn,
+        # the embedding and mixed calls are prefill steps for XLA's options (cuBLAS for their GEMMs)
+        kind = "prefill" if name in ("embed", "mixed") else name
+        compiled, new = compiled_step(self._compiled, kind, lambda: fn,
                                       (name, static), args, platform=self.platform,
                                       compiler_options=self.compiler_options,
                                       donate=donate if self._donate else ())
@@ -274,17 +293,36 @@ class BatchEngine:
         feats = self._compile("vision", vision, args, None)(*args)
         return [feats[i] for i in range(n)]
 
-    def _chunk_bucket(self, n: int) -> int:
-        """A prefill call's padded length: a sixteenth, a quarter or all of ``chunk_tokens`` (multiples of 32), so
-        each shape compiles once; an image longer than the budget gets a power of two."""
-        for b in sorted({-(-max(self.chunk_tokens // d, 1) // 32) * 32 for d in (16, 4, 1)}):
-            if n <= b:
-                return b
-        return _pow2(n)
+    def _chunk_bucket(self, n: int, budget: int) -> int:
+        """A prefill call's padded length for a longest chunk of ``n`` tokens under ``budget``: a sixteenth, a
+        quarter or all of ``chunk_tokens`` (a quarter or all of ``step_tokens`` beside decoding slots), multiples of
+        32, so each shape compiles once; an image longer than the budget gets a power of two."""
+        parts = (4, 1) if budget == self.step_tokens and budget != self.chunk_tokens else (16, 4, 1)
+        buckets = sorted({-(-max(budget // d, 1) // 32) * 32 for d in parts})
+        return next((b for b in buckets if n <= b), _pow2(n))
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> bool:
-        """Admit, prefill one chunk call, decode; returns whether there was any work."""
+        """Admit, dispatch one call, read the previous call's tokens; returns whether there was any work."""
+        prefilling, decoding, queued = self._schedule()
+        if not prefilling and self._pending is not None:
+            # a run of decode steps is sized by what the last call finished: read it first
+            self._deliver(self._pending)
+            self._pending = None
+            prefilling, decoding, queued = self._schedule()
+        self._encode_admitted([s for s in prefilling if s._prefilled == 0 and s._image_keys and not s._feats])
+        call = None
+        if prefilling:
+            call = self._prefill(prefilling, decoding)
+        elif decoding:
+            call = self._decode(decoding, until_free=queued)
+        pending, self._pending = self._pending, call
+        if pending is not None:
+            self._deliver(pending)
+        return call is not None or pending is not None
+
+    def _schedule(self) -> tuple[list[Stream], list[Stream], bool]:
+        """Drop cancelled streams, admit queued ones into free slots; (prefilling, decoding, anything queued)."""
         with self._cond:
             for stream in self._cancelled:
                 if not stream.done:
@@ -294,83 +332,68 @@ class BatchEngine:
             if self._cancelled:
                 self._cancelled.clear()
                 self._cond.notify_all()  # readers of a cancelled stream wait for its end
-            admitted = self._admit()
-            prefilling = [s for s in self._slots if s is not None and s._prefilled < len(s.request.prompt)]
-            decoding = [s for s in self._slots if s is not None and s._prefilled == len(s.request.prompt)
-                        and not s.done]
-        if admitted:
-            self._encode_images(admitted)
-        if not prefilling and not decoding:
-            return False
-        if prefilling:
-            self._prefill(prefilling)
-        with self._cond:
-            decoding = [s for s in self._slots if s is not None and s._prefilled == len(s.request.prompt)]
-            limit = self.decode_steps
-            if any(s is not None and s._prefilled < len(s.request.prompt) for s in self._slots):
-                limit = self.interleave_steps  # a prompt is waiting for its next chunk
-            elif self._queue and decoding:  # stop when the first slot frees, so the queue moves at once
-                limit = min(limit, min(s.request.max_new_tokens - len(s.tokens) for s in decoding))
-        if decoding:
-            self._decode(decoding, max(limit, 1))
-        return True
+            for slot in range(self.max_batch):
+                if not self._queue:
+                    break
+                if self._slots[slot] is None:
+                    stream = self._queue.popleft()
+                    stream._slot = slot
+                    self._slots[slot] = stream
+            held = [s for s in self._slots if s is not None]
+            prefilling = [s for s in held if s._prefilled < len(s.request.prompt)]
+            decoding = [s for s in held if s._prefilled == len(s.request.prompt)]
+            return prefilling, decoding, bool(self._queue)
 
-    def _admit(self) -> list[Stream]:
-        admitted = []
-        for slot in range(self.max_batch):
-            if not self._queue:
-                break
-            if self._slots[slot] is None:
-                stream = self._queue.popleft()
-                stream._slot = slot
-                self._slots[slot] = stream
-                admitted.append(stream)
-        return admitted
-
-    def _encode_images(self, streams: list[Stream]) -> None:
-        """Every admitted request's image features: from the cache, else encoded together in one call."""
-        found: dict[bytes, jax.Array] = {}
+    def _encode_admitted(self, streams: list[Stream]) -> None:
+        """The images of newly admitted requests: from the feature cache, the rest encoded together in one call."""
         todo: dict[bytes, np.ndarray] = {}
-        keys = []
+        found: dict[bytes, jax.Array] = {}
         for s in streams:
-            images = [] if s.request.pixel_values is None else list(np.asarray(s.request.pixel_values, np.float32))
-            keys.append([FeatureCache.key(im) for im in images])
-            for k, im in zip(keys[-1], images):
+            for i, k in enumerate(s._image_keys):
                 if k in found or k in todo:
                     continue
                 feats = self.features.get(k)
                 if feats is None:
-                    todo[k] = im
+                    todo[k] = np.asarray(s.request.pixel_values[i], np.float32)
                 else:
                     found[k] = feats
         if todo:
             for k, feats in zip(todo, self._encode(list(todo.values()))):
                 self.features.put(k, feats)
                 found[k] = feats
-        for s, ks in zip(streams, keys):
-            s._feats = [found[k] for k in ks]
+        for s in streams:
+            s._feats = [found[k] for k in s._image_keys]
 
-    def _prefill(self, prefilling: list[Stream]) -> None:
-        budget, rows = self.chunk_tokens, []
+    def _rows(self, prefilling: list[Stream], budget: int) -> list[tuple[Stream, int, int]]:
+        """The prompts' next chunks in one call: up to ``prefill_rows`` rows and ``budget`` tokens, and no more
+        padded tokens (rows x bucket) than the budget's own bucket or the first row's."""
+        rows: list[tuple[Stream, int, int]] = []
+        full = budget
+        cap = self._chunk_bucket(budget, full)
         for s in prefilling:
             if len(rows) == self.prefill_rows or budget <= 0:
                 break
             start = s._prefilled
             end = kvc.chunk_end(s._image_mask, start, budget)
-            if rows and end - start > budget:  # an image longer than what is left: first in the next call
-                continue
+            longest = max([end - start] + [e - st for _, st, e in rows])
+            if rows and (end - start > budget or _pow2(len(rows) + 1) * self._chunk_bucket(longest, full) > cap):
+                continue  # in a later call
             rows.append((s, start, end))
+            cap = max(cap, self._chunk_bucket(end - start, full))
             budget -= end - start
-        b = _pow2(len(rows)) if len(rows) <= self.prefill_rows else len(rows)
-        b = min(b, self.max_batch)
-        t = self._chunk_bucket(max(e - st for _, st, e in rows))
+        return rows
+
+    def _prefill(self, prefilling: list[Stream], decoding: list[Stream]) -> _Call:
+        """Dispatch the next chunks, with a decode step of every slot (``SlotSteps.mixed``) when any decodes."""
+        budget = self.step_tokens if decoding else self.chunk_tokens
+        rows = self._rows(prefilling, budget)
+        b = min(_pow2(len(rows)), self.max_batch)
+        t = self._chunk_bucket(max(e - st for _, st, e in rows), budget)
         ids = np.full((b, t), self.cfg.text.pad_token_id, np.int32)
         seg = np.full((b, t), -1, np.int32)
         slot = np.full((b,), self.max_batch, np.int32)
-        start = np.zeros((b,), np.int32)
-        length = np.zeros((b,), np.int32)
-        last = np.zeros((b,), bool)
-        max_new = np.ones((b,), np.int32)
+        start, length = np.zeros((b,), np.int32), np.zeros((b,), np.int32)
+        last, max_new = np.zeros((b,), bool), np.ones((b,), np.int32)
         stops = np.full((b, MAX_STOP_IDS), -1, np.int32)
         temp, top_k, top_p = np.zeros((b,), np.float32), np.zeros((b,), np.int32), np.ones((b,), np.float32)
         seeds = np.zeros((b,), np.uint32)
@@ -386,64 +409,81 @@ class BatchEngine:
             stops[r, : len(req.stop_ids)] = req.stop_ids
             temp[r], top_k[r], top_p[r] = req.params.temperature, req.params.top_k, req.params.top_p
             seeds[r] = req.seed & 0xFFFFFFFF
-            first = int(np.searchsorted(s._image_starts, st))
-            feats += s._feats[first: int(np.searchsorted(s._image_starts, e))]
+            feats += s._feats[np.searchsorted(s._image_starts, st): np.searchsorted(s._image_starts, e)]
         feat_arg = None
         if feats:
-            n_img = _pow2(len(feats))
-            feat_arg = jnp.stack(feats + [jnp.zeros_like(feats[0])] * (n_img - len(feats)))
+            feat_arg = jnp.stack(feats + [jnp.zeros_like(feats[0])] * (_pow2(len(feats)) - len(feats)))
         chunk = kvc.PromptChunk(jnp.asarray(slot), jnp.asarray(start), jnp.asarray(length), jnp.asarray(seg))
         row = RowSettings(jnp.asarray(last), jnp.asarray(max_new), jnp.asarray(seeds),
                           jnp.asarray(stops), jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p))
-        greedy_only = all(s.request.params.greedy for s, _, _ in rows)
+        streams = [s for s, _, _ in rows] + decoding
+        greedy_only = all(s.request.params.greedy for s in streams)
         steps, tw = self._steps, self._text
 
         def embed(weights, ids, feats):
             return steps.embed(tw.merge_flat(weights), ids, feats)
 
-        def prefill(weights, cache, state, embeddings, chunk, row):
-            return steps.prefill(tw.merge_flat(weights), cache, state, embeddings, chunk, row, greedy_only)
-
         args = (tw.flat, jnp.asarray(ids), feat_arg)
         embeddings = self._compile("embed", embed, args, None)(*args)
         args = (tw.flat, self.cache, self.state, embeddings, chunk, row)
-        fn = self._compile("prefill", prefill, args, greedy_only, donate=(1, 2))
-        self.cache, self.state, token = fn(*args)
-        token = np.asarray(token)
+        if decoding:
+            def mixed(weights, cache, state, embeddings, chunk, row):
+                return steps.mixed(tw.merge_flat(weights), cache, state, embeddings, chunk, row, greedy_only)
+
+            fn = self._compile("mixed", mixed, args, greedy_only, donate=(1, 2))
+            self.cache, self.state, tokens, produced, first = fn(*args)
+            tokens, produced = tokens[:, None], produced.astype(jnp.int32)
+        else:
+            def prefill(weights, cache, state, embeddings, chunk, row):
+                return steps.prefill(tw.merge_flat(weights), cache, state, embeddings, chunk, row, greedy_only)
+
+            fn = self._compile("prefill", prefill, args, greedy_only, donate=(1, 2))
+            self.cache, self.state, first = fn(*args)
+            tokens = produced = None
+        with self._cond:
+            for s, st, e in rows:
+                s._prefilled = e
+                if e == len(s.request.prompt):
+                    s._feats = []
+                self.counters["prefill_tokens"] += e - st
+            self.counters["mixed_calls" if decoding else "prefill_calls"] += 1
+        return _Call([(s, s._slot) for s in decoding], tokens, produced, [(s, bool(f)) for (s, _, _), f in
+                                                                            zip(rows, last)], first)
+
+    def _decode(self, decoding: list[Stream], until_free: bool) -> _Call:
+        steps, tw, n = self._steps, self._text, self.decode_steps
+        greedy_only = all(s.request.params.greedy for s in decoding)
+
+        def decode(weights, cache, state, limit, until_free):
+            return steps.decode(tw.merge_flat(weights), cache, state, limit, until_free, n, greedy_only)
+
+        args = (tw.flat, self.cache, self.state, jnp.int32(n), jnp.bool_(until_free))
+        fn = self._compile("decode", decode, args, greedy_only, donate=(1, 2))
+        self.cache, self.state, tokens, produced = fn(*args)
+        with self._cond:
+            self.counters["decode_calls"] += 1
+        return _Call([(s, s._slot) for s in decoding], tokens, produced)
+
+    def _deliver(self, call: _Call) -> None:
+        """Read a dispatched call's tokens (waiting for it) and hand them to their streams."""
+        first = None if call.first is None else np.asarray(call.first)
+        tokens = None if call.tokens is None else np.asarray(call.tokens)
+        produced = None if call.produced is None else np.asarray(call.produced)
         now = time.perf_counter()
         with self._cond:
-            for r, (s, st, e) in enumerate(rows):
-                s._prefilled = e
-                self.counters["prefill_tokens"] += e - st
-                if last[r]:
-                    s._feats = []
+            for r, (s, last) in enumerate(call.rows):
+                if last and not s.done:
                     s.first_token_at = now
-                    self._push(s, [int(token[r])])
-            self._cond.notify_all()
-
-    def _decode(self, decoding: list[Stream], limit: int) -> None:
-        steps, tw, n = self._steps, self._text, self.decode_steps
-        greedy_only = all(s.request.params.greedy for s in self._slots if s is not None)
-
-        def decode(weights, cache, state, limit):
-            return steps.decode(tw.merge_flat(weights), cache, state, limit, n, greedy_only)
-
-        args = (tw.flat, self.cache, self.state, jnp.int32(limit))
-        fn = self._compile("decode", decode, args, greedy_only, donate=(1, 2))
-        self.cache, self.state, out, produced = fn(*args)
-        out, produced = np.asarray(out), np.asarray(produced)
-        with self._cond:
-            total = 0
-            for s in decoding:
-                if s.done or s._slot is None:
-                    continue
-                k = int(produced[s._slot])
-                total += k
-                self._push(s, out[s._slot, :k].tolist())
-            self.counters["decode_tokens"] += total
-            self.counters["decode_calls"] += 1
-            self.counters["decoding_slots"] += len(decoding)  # / decode_calls: mean slot occupancy
-            self._window.append((time.perf_counter(), total))
+                    self._push(s, [int(first[r])])
+            if tokens is not None:
+                total = 0
+                for s, slot in call.decoding:
+                    k = int(produced[slot])
+                    total += k
+                    self._push(s, tokens[slot, :k].tolist())
+                self.counters["decode_tokens"] += total
+                self.counters["decode_steps"] += int(produced.max(initial=0))
+                self._window.append((time.perf_counter(), total))
             self._cond.notify_all()
 
     def _push(self, stream: Stream, tokens: list[int]) -> None:

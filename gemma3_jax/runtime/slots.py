@@ -2,11 +2,13 @@
 
 Each slot holds one request. Its decode state lives on the device beside the cache (``SlotState``), so a prefill
 chunk that completes a prompt writes the slot's first token and sampling settings there and decode can start
-without a trip through the host. Two compiled steps, each compiled once per shape:
+without a trip through the host. Three compiled steps, each compiled once per shape:
 
 - ``prefill``: the next chunk of up to ``rows`` prompts (padded to a bucket), each into its own slot after the
   positions the slot holds (``TextModel.prefill_chunk``); a row whose prompt ends in this chunk samples its
-  first token and becomes active.
+  first token and becomes active;
+- ``mixed``: ``prefill`` and one decode step of every slot in one pass over the weights, so prompt chunks ride
+  on the decode steps of the slots already decoding (whose weight reads they share) instead of stalling them;
 - ``decode``: up to ``limit`` steps of every slot in one ``lax.while_loop`` (the CUDA-graph loop of the static
   engine); inactive slots compute along (fixed shapes) but their lengths do not move and their tokens are
   ignored, so a slot can be reused at once.
@@ -85,14 +87,33 @@ class SlotSteps:
                 chunk: kvc.PromptChunk, row: RowSettings, greedy_only: bool):
         """One chunk per row into its slot. Returns (cache, state, first token [B]: meaningful where ``last``)."""
         hidden, cache = text.prefill_chunk(embeddings, cache, chunk)
-        b, t = embeddings.shape[:2]
+        state, token = self._first_tokens(text, hidden, state, chunk, row, greedy_only)
+        return cache, state, token
+
+    def mixed(self, text, cache: kvc.KVCache, state: SlotState, embeddings: Float[Array, "B T D"],
+              chunk: kvc.PromptChunk, row: RowSettings, greedy_only: bool):
+        """One decode step of every active slot and one chunk per row into its slot, in one pass over the weights
+        (``TextModel.mixed_step``). Returns (cache, state, decode tokens [S] (pad where a slot produced none),
+        whether each slot produced one [S], first tokens [B] as ``prefill``'s)."""
+        held = cache.lengths
+        decode_in = text.embed_tokens(state.token[:, None])
+        hidden_d, hidden_c, cache = text.mixed_step(decode_in, embeddings, cache, chunk, state.active)
+        produced = state.active
+        state, token = self._advance(text.logits(hidden_d)[:, 0], state, held, greedy_only)
+        state, first = self._first_tokens(text, hidden_c, state, chunk, row, greedy_only)
+        return cache, state, token, produced, first
+
+    def _first_tokens(self, text, hidden: Float[Array, "B T D"], state: SlotState, chunk: kvc.PromptChunk,
+                      row: RowSettings, greedy_only: bool):
+        """Sample each row's token after its chunk; a row whose prompt ends there (``last``) starts decoding."""
+        b, t = hidden.shape[:2]
         at = jnp.clip(chunk.length - 1, 0, t - 1)
         logits = text.logits(hidden[jnp.arange(b), at][:, None])[:, 0]
         end = chunk.start + chunk.length
         keys = jax.vmap(jax.random.key)(row.seed)
         token = _draw(logits, keys, end - 1, row.temperature, row.top_k, row.top_p, greedy_only)
         done = (token[:, None] == row.stops).any(-1) | (row.max_new <= 1)
-        slot = jnp.where(row.last, chunk.slot, cache.lengths.shape[0])  # only finished prompts touch the state
+        slot = jnp.where(row.last, chunk.slot, state.token.shape[0])  # only finished prompts touch the state
         put = lambda a, v: a.at[slot].set(v, mode="drop")  # noqa: E731
         state = SlotState(
             token=put(state.token, token), active=put(state.active, ~done),
@@ -100,34 +121,40 @@ class SlotSteps:
             stops=put(state.stops, row.stops), temperature=put(state.temperature, row.temperature),
             top_k=put(state.top_k, row.top_k), top_p=put(state.top_p, row.top_p),
         )
-        return cache, state, token
+        return state, token
 
-    def decode(self, text, cache: kvc.KVCache, state: SlotState, limit: Int[Array, ""], steps: int,
-               greedy_only: bool):
-        """Up to ``limit`` (<= ``steps``, static) steps of every active slot, fewer once none is active.
-        Returns (cache, state, tokens [S, steps] (pad where a slot produced none), produced [S])."""
-        pad = self.pad_id
+    def _advance(self, logits: Float[Array, "S V"], st: SlotState, held: Int[Array, "S"], greedy_only: bool):
+        """Every active slot's next token (drawn at position ``held``); returns the state and tokens (pad where
+        inactive)."""
+        nxt = _draw(logits, st.key, held, st.temperature, st.top_k, st.top_p, greedy_only)
+        nxt = jnp.where(st.active, nxt, self.pad_id)
+        remaining = st.remaining - st.active.astype(jnp.int32)
+        active = st.active & ~(nxt[:, None] == st.stops).any(-1) & (remaining > 0)
+        return st._replace(token=jnp.where(st.active, nxt, st.token), active=active, remaining=remaining), nxt
+
+    def decode(self, text, cache: kvc.KVCache, state: SlotState, limit: Int[Array, ""], until_free: Bool[Array, ""],
+               steps: int, greedy_only: bool):
+        """Up to ``limit`` (<= ``steps``, static) steps of every active slot, fewer once none is active or, with
+        ``until_free``, once a slot finishes (so a queued request can take it). Returns (cache, state, tokens
+        [S, steps] (pad where a slot produced none), produced [S])."""
         slots = state.token.shape[0]
+        started = state.active
 
         def body(carry):
             cache, st, out, produced, i = carry
             held = cache.lengths
             hidden, cache = text.decode_step(text.embed_tokens(st.token[:, None]), cache)
             cache = cache._replace(lengths=jnp.where(st.active, cache.lengths, held))
-            logits = text.logits(hidden)[:, 0]
-            nxt = _draw(logits, st.key, held, st.temperature, st.top_k, st.top_p, greedy_only)
-            nxt = jnp.where(st.active, nxt, pad)
-            out = out.at[:, i].set(nxt)
             produced = produced + st.active.astype(jnp.int32)
-            remaining = st.remaining - st.active.astype(jnp.int32)
-            active = st.active & ~(nxt[:, None] == st.stops).any(-1) & (remaining > 0)
-            st = st._replace(token=jnp.where(st.active, nxt, st.token), active=active, remaining=remaining)
-            return cache, st, out, produced, i + 1
+            st, nxt = self._advance(text.logits(hidden)[:, 0], st, held, greedy_only)
+            return cache, st, out.at[:, i].set(nxt), produced, i + 1
 
         def cond(carry):
-            return (carry[-1] < limit) & jnp.any(carry[1].active)
+            active = carry[1].active
+            freed = jnp.any(started & ~active)
+            return (carry[-1] < limit) & jnp.any(active) & ~(until_free & freed)
 
-        out = jnp.full((slots, steps), pad, jnp.int32)
+        out = jnp.full((slots, steps), self.pad_id, jnp.int32)
         carry = (cache, state, out, jnp.zeros((slots,), jnp.int32), jnp.int32(0))
         cache, state, out, produced, _ = jax.lax.while_loop(cond, body, carry)
         return cache, state, out, produced
