@@ -71,14 +71,14 @@ def main(argv=None) -> int:
                 raise ValueError(f"--allowed-local-media {media} is not a directory")
         service = Service.from_pretrained(args.model, dtype=args.dtype, max_batch=args.max_batch,
                                           cache_length=args.cache_length, chunk_tokens=args.chunk_tokens,
-                                          verbose=True)
+                                          max_queue=args.max_queue, verbose=True)
     except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.served_model_name or (Path(args.model).name if args.model else "gemma-3-270m")
     print("compiling the first steps ...", file=sys.stderr, flush=True)
     service.warm_up()
-    app = build_app(service, model_name=name, api_key=args.api_key, media_dir=media, max_queue=args.max_queue,
+    app = build_app(service, model_name=name, api_key=args.api_key, media_dir=media,
                     max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)

@@ -11,7 +11,7 @@ import pytest
 
 import gemma3_jax
 from fixtures.hf_checkpoints import IMAGE_TOKEN, MM_TOKENS, _row
-from gemma3_jax.runtime.batching import BatchEngine, Request
+from gemma3_jax.runtime.batching import BatchEngine, QueueFull, Request
 from gemma3_jax.runtime.engine import Engine
 from gemma3_jax.runtime.sampling import SamplingParams
 
@@ -156,6 +156,11 @@ def test_refused_at_submission(model):
     with pytest.raises(ValueError, match="max_batch"):
         BatchEngine(model, max_batch=0)
     assert eng.stats()["queued"] == 0
+    bounded = engine(model, max_queue=1)
+    bounded.submit(request([3], 1))
+    with pytest.raises(QueueFull, match="1 requests are already waiting"):
+        bounded.submit(request([3], 2))
+    assert bounded.stats()["queued"] == 1 and bounded.stats()["refused"] == 1
 
 
 def test_memory_budget_sizes_the_cache(model, capsys):

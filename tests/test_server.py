@@ -246,3 +246,57 @@ def test_eight_concurrent_clients_on_the_real_270m(real_270m):
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+
+
+def test_more_image_markers_than_images_is_400(server, files):
+    """A text part that writes the image marker itself asks for more images than the message carries."""
+    parts = [{"type": "image_url", "image_url": {"url": data_url(files["images"][0])}},
+             {"type": "text", "text": "and this one: <start_of_image>"}]
+    r = post(server, CHAT, {"messages": [{"role": "user", "content": parts}], "max_tokens": 2})
+    assert r.status_code == 400 and "image" in r.json()["error"]["message"], r.text
+    assert httpx.get(f"{server}/health", timeout=10).json()["status"] == "ok"
+
+
+def test_full_queue_is_503_with_retry_after(files):
+    """One slot, one waiting request: the rest of a burst is refused at once with Retry-After, and every accepted
+    request completes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    proc, url = start_server(files["it"], "--max-batch", "1", "--max-queue", "1", "--cache-length", "256",
+                             "--chunk-tokens", "32")
+    try:
+        def one(i):
+            return post(url, "/v1/completions", {"prompt": f"story {i}", "max_tokens": 200, "temperature": 0},
+                        key=None)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, range(8)))
+        busy = [r for r in answers if r.status_code == 503]
+        done = [r for r in answers if r.status_code == 200]
+        assert busy and len(busy) + len(done) == 8, [r.status_code for r in answers]
+        assert all(r.headers.get("retry-after") == "1" and "busy" in r.json()["error"]["message"] for r in busy)
+        assert all(r.json()["choices"][0]["finish_reason"] in ("stop", "length") for r in done)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+
+
+def test_sigterm_lets_a_running_stream_finish_then_exits_0(files):
+    proc, url = start_server(files["it"], "--cache-length", "256", "--chunk-tokens", "32")
+    try:
+        events = []
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "A long story", "max_tokens": 120,
+                                                                 "temperature": 0, "stream": True}, timeout=120) as r:
+            lines = r.iter_lines()
+            events.append(next(line for line in lines if line.startswith("data: ")))
+            proc.terminate()  # SIGTERM while the stream runs
+            events += [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        finish = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]]
+        assert finish[-1] == "length", finish[-3:]
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(httpx.ConnectError):  # no longer admitting
+            httpx.get(f"{url}/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

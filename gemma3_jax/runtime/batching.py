@@ -41,6 +41,10 @@ from gemma3_jax.runtime.slots import RowSettings, SlotState, SlotSteps
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 
+class QueueFull(RuntimeError):
+    """``submit`` while ``max_queue`` requests already wait for a slot: try again later."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """One prompt as token ids (image tokens included) and its images [I, C, S, S] in the processor's float range."""
@@ -158,7 +162,7 @@ class BatchEngine:
     def __init__(self, model: Gemma3, *, max_batch: int = 8, cache_length: int | None = 4096,
                  memory_budget: int | None = None, chunk_tokens: int = 512, prefill_rows: int = 4,
                  decode_steps: int = 32, step_tokens: int | None = None, feature_cache_bytes: int = 256 << 20,
-                 compiler_options: dict | None = None, verbose: bool = False):
+                 max_queue: int | None = None, compiler_options: dict | None = None, verbose: bool = False):
         for name, v in (("max_batch", max_batch), ("chunk_tokens", chunk_tokens), ("prefill_rows", prefill_rows),
                         ("decode_steps", decode_steps),
                         ("step_tokens", chunk_tokens if step_tokens is None else step_tokens)):
@@ -174,6 +178,9 @@ class BatchEngine:
         self.max_batch, self.cache_length = max_batch, cache_length
         self.chunk_tokens, self.prefill_rows = chunk_tokens, min(prefill_rows, max_batch)
         self.decode_steps = decode_steps
+        if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1):
+            raise ValueError(f"max_queue must be None or an int >= 1, got {max_queue!r}")
+        self.max_queue = max_queue
         self.step_tokens = min(chunk_tokens, 256 if step_tokens is None else step_tokens)
         self.platform = model.kernels.platform
         self.compiler_options = compiler_options
@@ -221,7 +228,8 @@ class BatchEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def submit(self, request: Request) -> Stream:
-        """Queue a request; it is refused here (ValueError/TypeError) if it can never be served."""
+        """Queue a request; it is refused here (ValueError/TypeError) if it can never be served, and with
+        ``QueueFull`` while ``max_queue`` requests wait."""
         if not isinstance(request, Request):
             raise TypeError(f"submit takes a Request, got {type(request).__name__}")
         prompt = np.asarray(request.prompt)
@@ -239,8 +247,12 @@ class BatchEngine:
         kvc.check_fits(len(prompt), n, self.cache_length)
         ids, px, _ = check_inputs(self.cfg, prompt[None], request.pixel_values)  # token range, image count
         image_mask = np.asarray(ids)[0] == self.cfg.image_token_id
+        stream = Stream(self, -1, request, image_mask)
         with self._cond:
-            stream = Stream(self, next(self._ids), request, image_mask)
+            if self.max_queue is not None and len(self._queue) >= self.max_queue:
+                self.counters["refused"] += 1
+                raise QueueFull(f"{len(self._queue)} requests are already waiting for a slot (max_queue)")
+            stream.id = next(self._ids)
             self._queue.append(stream)
             self.counters["submitted"] += 1
             self._cond.notify_all()

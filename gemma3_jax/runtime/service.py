@@ -128,7 +128,8 @@ class Service:
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, *, dtype: str | None = None, max_batch: int = 8,
                         cache_length: int | None = None, memory_budget: int | None = None,
-                        chunk_tokens: int = 512, attention: str = "auto", progress: bool = True,
+                        chunk_tokens: int = 512, max_queue: int | None = None, attention: str = "auto",
+                        progress: bool = True,
                         compilation_cache: bool = True, verbose: bool = False) -> Service:
         """``model``: a checkpoint directory, a .gguf file, or None for the default 270M (as ``Generator``)."""
         checkpoint = Checkpoint.open(model, progress=progress)
@@ -139,7 +140,7 @@ class Service:
             enable_compilation_cache()
         net = load_pretrained(checkpoint.path, dtype=dtype, attention=attention, progress=progress)
         engine = BatchEngine(net, max_batch=max_batch, cache_length=cache_length, memory_budget=memory_budget,
-                             chunk_tokens=chunk_tokens, verbose=verbose)
+                             chunk_tokens=chunk_tokens, max_queue=max_queue, verbose=verbose)
         return cls(engine, checkpoint)
 
     def submit(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
@@ -175,9 +176,14 @@ class Service:
         return TextStream(self.engine.submit(request), self, stop, len(ids))
 
     def warm_up(self) -> None:
-        """Compile the shortest prompt's prefill and the decode step now, so the first request does not wait."""
+        """Compile the shortest prompt's prefill, a chunk beside a decoding slot (a mixed step) and the decode
+        steps now, so the first requests do not wait (longer chunks compile when first used)."""
         bos = self.checkpoint.tokenizer.bos_id
-        self.engine.submit(Request([bos, bos], max_new_tokens=2, stop_ids=())).result()
+        first = self.engine.submit(Request([bos, bos], max_new_tokens=8, stop_ids=()))
+        next(iter(first))  # decoding
+        second = self.engine.submit(Request([bos, bos], max_new_tokens=2, stop_ids=()))
+        first.result()
+        second.result()
 
     def stats(self) -> dict:
         return dict(self.engine.stats(), model=self.checkpoint.name, uptime_s=time.time() - self.started)

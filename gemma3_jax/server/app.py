@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from gemma3_jax.runtime.batching import QueueFull
 from gemma3_jax.runtime.service import Service
 from gemma3_jax.server import protocol as p
 
@@ -25,10 +26,10 @@ KNOWN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/healt
 
 
 def build_app(service: Service, *, model_name: str, api_key: str | None = None, media_dir: Path | None = None,
-              max_body_bytes: int = 32 << 20, max_image_bytes: int = 16 << 20, max_queue: int = 256):
+              max_body_bytes: int = 32 << 20, max_image_bytes: int = 16 << 20):
     """The ASGI app. ``api_key``: every /v1 route wants ``Authorization: Bearer <key>``. ``media_dir``: local image
-    paths are read only under it. Bodies over ``max_body_bytes`` are a 413; more than ``max_queue`` waiting
-    requests a 503 with Retry-After."""
+    paths are read only under it. Bodies over ``max_body_bytes`` are a 413; a request the engine refuses because its
+    queue is full (``BatchEngine(max_queue=...)``) a 503 with Retry-After."""
     app = FastAPI(title="gemma3-jax", docs_url=None, redoc_url=None)
     media_dir = None if media_dir is None else Path(media_dir).resolve()
     started = time.time()
@@ -84,14 +85,13 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
         if model is not None and model != model_name:
             raise p.APIError(404, f"model {model!r} does not exist; this server serves {model_name!r}",
                              "not_found_error", "model", "model_not_found")
-        if service.engine.stats()["queued"] >= max_queue:
-            raise p.APIError(503, "the server is busy: too many requests are waiting", "server_error",
-                             headers={"Retry-After": "1"})
         return body
 
     def submit(**kwargs):
         try:
             return service.submit(**kwargs)
+        except QueueFull as e:
+            raise p.APIError(503, f"the server is busy: {e}", "server_error", headers={"Retry-After": "1"}) from None
         except (ValueError, TypeError) as e:
             raise p.bad(str(e).splitlines()[0]) from None
 
