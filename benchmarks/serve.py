@@ -1,0 +1,246 @@
+"""The OpenAI-compatible server under load: ``scripts/serve.py`` serving the Gemma-3-4B architecture (random bf16
+weights written as a Hugging Face checkpoint, the real Gemma-3 tokenizer), driven by streaming HTTP clients.
+
+Sections (``--only``):
+
+- ``rates``: for each of ``--rates`` (requests/s), ``--requests`` requests of the continuous-batching mix (half text
+  of 200-2,000 tokens through /v1/completions, half chats with 1-2 images and 64-600 words; 128-512 new tokens)
+  arriving as a Poisson process, streamed: output tok/s, TTFT, time per output token (TPOT) and inter-chunk
+  latency p50/p99, measured by the clients.
+- ``burst``: the same requests sent at once, through HTTP, then (the server stopped) through ``Service`` in this
+  process with the same settings: output tok/s of each, and HTTP over in-process (target >= 0.9).
+
+The text prompts are words of the tokenizer's vocabulary, so the token counts are about the word counts; the
+server's ``usage`` gives the exact ones. Random weights rarely sample an end-of-turn token, so answers run to
+``max_tokens``.
+
+    python -m benchmarks.serve [--small] [--only rates,burst] [--rates 2,4,8] [--requests 64] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import attempt, log, out_path, print_errors, save_json
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("rates", "burst")
+
+
+def write_model(root: Path, small: bool) -> Path:
+    from fixtures import real_layout as rl
+
+    t = time.perf_counter()
+    path = rl.write_checkpoint(root / "gemma-3-4b-random", "it", sizes=rl.TINY if small else rl.GEMMA3_4B,
+                               fast=not small)
+    log(f"wrote {path.name} in {time.perf_counter() - t:.1f} s")
+    return path
+
+
+def image_url(rng, side: int) -> str:
+    """A random PNG (smooth colours plus noise) as a data URL."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    base = np.stack([xx, yy, (xx + yy) / 2], -1) * rng.uniform(100, 255, 3)
+    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def workload(model: Path, n: int, rng, small: bool) -> list[dict]:
+    """``n`` requests as (route, body) for the server; ``Service.submit`` keywords are derived from the same."""
+    from gemma3_jax.checkpoints.checkpoint import Checkpoint
+
+    tok = Checkpoint.open(model, progress=False).tokenizer
+    words = [w for w in (tok.decode([i]).strip() for i in range(1000, 40000)) if w.isalpha() and w.isascii()]
+    scale = 10 if small else 1
+    out = []
+    for i in range(n):
+        new = int(rng.integers(128, 513)) // scale
+        if i % 2 == 0:
+            text = " ".join(rng.choice(words, int(rng.integers(200, 2001)) // scale))
+            out.append(dict(route="/v1/completions", body=dict(prompt=text, max_tokens=new)))
+        else:
+            k = int(rng.integers(1, 3))
+            text = " ".join(rng.choice(words, int(rng.integers(64, 601)) // scale))
+            parts = [{"type": "image_url", "image_url": {"url": image_url(rng, 64 if small else 512)}}
+                     for _ in range(k)]
+            messages = [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+            out.append(dict(route="/v1/chat/completions", body=dict(messages=messages, max_tokens=new)))
+    for r in out:
+        r["body"].update(temperature=1.0, seed=0, stream=True, stream_options={"include_usage": True})
+    return out
+
+
+def start_server(model: Path, args) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(model), "--port", "0",
+           "--max-batch", str(args.max_batch), "--chunk-tokens", str(args.chunk_tokens),
+           "--cache-length", str(args.cache_length), "--max-queue", "100000", "--served-model-name", "bench"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    while True:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            raise RuntimeError("the server exited:\n" + "".join(lines)[-3000:])
+        lines.append(line)
+        m = re.search(r"serving bench at (http://127\.0\.0\.1:\d+)/v1", line)
+        if m:
+            return proc, m.group(1)
+
+
+async def one(client, url: str, req: dict, delay: float) -> dict:
+    """Send one streamed request after ``delay`` s; client-side times of its chunks."""
+    await asyncio.sleep(delay)
+    t0 = time.perf_counter()
+    chunks, usage = [], None
+    async with client.stream("POST", url + req["route"], json=req["body"]) as r:
+        if r.status_code != 200:
+            return dict(error=f"{r.status_code} {(await r.aread())[:200]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            choice = (event.get("choices") or [{}])[0]
+            if choice.get("delta", {}).get("content") or choice.get("text"):
+                chunks.append(time.perf_counter())
+    return dict(start=t0, chunks=chunks, end=time.perf_counter(), tokens=usage["completion_tokens"],
+                prompt_tokens=usage["prompt_tokens"])
+
+
+def drive(url: str, reqs: list[dict], rate: float | None, rng) -> dict:
+    """Every request, Poisson arrivals at ``rate`` per second (None: all at once); client-side figures."""
+    import httpx
+
+    delays = np.zeros(len(reqs)) if rate is None else np.cumsum(rng.exponential(1 / rate, len(reqs)))
+
+    async def main():
+        limits = httpx.Limits(max_connections=len(reqs), max_keepalive_connections=len(reqs))
+        async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+            t0 = time.perf_counter()
+            got = await asyncio.gather(*(one(client, url, r, d) for r, d in zip(reqs, delays)))
+            return got, time.perf_counter() - t0
+
+    got, wall = asyncio.run(main())
+    errors = [g["error"] for g in got if "error" in g]
+    ok = [g for g in got if "error" not in g]
+    tokens = sum(g["tokens"] for g in ok)
+    ttft = [g["chunks"][0] - g["start"] for g in ok if g["chunks"]]
+    tpot = [(g["end"] - g["chunks"][0]) / (g["tokens"] - 1) for g in ok if g["chunks"] and g["tokens"] > 1]
+    itl = [b - a for g in ok for a, b in zip(g["chunks"], g["chunks"][1:])]
+    pct = lambda xs, q: float(np.percentile(xs, q)) * 1e3 if xs else float("nan")  # noqa: E731
+    return dict(rate=rate, requests=len(reqs), errors=errors[:5], failed=len(errors), output_tokens=tokens,
+                prompt_tokens=sum(g["prompt_tokens"] for g in ok), wall_s=wall, tok_per_s=tokens / wall,
+                ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), tpot_p50_ms=pct(tpot, 50),
+                tpot_p99_ms=pct(tpot, 99), itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99))
+
+
+def offline(model: Path, reqs: list[dict], args) -> dict:
+    """The same requests through ``Service`` in this process, submitted at once."""
+    from gemma3_jax.runtime.service import Service
+
+    def kwargs(r):
+        b = r["body"]
+        if r["route"] == "/v1/completions":
+            return dict(prompt=b["prompt"])
+        parts = b["messages"][0]["content"]
+        content = [{"type": "text", "text": p["text"]} if p["type"] == "text" else
+                   {"type": "image", "image": _decode(p["image_url"]["url"])} for p in parts]
+        return dict(messages=[{"role": "user", "content": content}])
+
+    prepared = [(kwargs(r), r["body"]["max_tokens"]) for r in reqs]
+    with Service.from_pretrained(model, max_batch=args.max_batch, chunk_tokens=args.chunk_tokens,
+                                 cache_length=args.cache_length, progress=False) as service:
+        service.warm_up()
+        for warm in (True, False):
+            t0 = time.perf_counter()
+            streams = [service.submit(**kw, max_new_tokens=n, temperature=1.0, seed=0) for kw, n in prepared]
+            for s in streams:
+                s.result()
+            tokens = sum(len(s.token_ids) for s in streams)
+            wall = time.perf_counter() - t0
+    return dict(requests=len(reqs), output_tokens=tokens, wall_s=wall, tok_per_s=tokens / wall)
+
+
+def _decode(url: str):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="the tiny checkpoint (CPU check of every code path)")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_serve.json)")
+    ap.add_argument("--rates", default="2,4,8", help="Poisson arrival rates, requests/s")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--burst", type=int, default=128, help="requests sent at once in the burst section")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--chunk-tokens", type=int, default=2048)
+    ap.add_argument("--cache-length", type=int, default=4096)
+    args = ap.parse_args()
+    sections = {s.strip() for s in args.only.split(",") if s.strip()}
+    if sections - set(SECTIONS):
+        ap.error(f"unknown sections {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")
+    if args.small:
+        args.max_batch, args.chunk_tokens, args.cache_length = 4, 64, 512
+        args.requests, args.burst = min(args.requests, 8), min(args.burst, 8)
+    path = out_path("bench_serve.json", args.out)
+    rng = np.random.default_rng(0)
+    res: dict = dict(small=args.small, args=vars(args))
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_model(Path(tmp), args.small)
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
+        reqs = workload(model, max(args.requests, args.burst), rng, args.small)
+        proc, url = start_server(model, args)
+        log(f"server up at {url}")
+        try:
+            drive(url, reqs[: min(len(reqs), 2 * args.max_batch)], None, rng)  # compiles the shapes the mix uses
+            if "rates" in sections:
+                for rate in rates:
+                    with attempt(res, f"rate {rate}"):
+                        r = drive(url, reqs[: args.requests], rate, rng)
+                        res.setdefault("rates", []).append(r)
+                        log(f"{rate:g} req/s: {r['tok_per_s']:.0f} tok/s, TTFT p50/p99 {r['ttft_p50_ms']:.0f}/"
+                            f"{r['ttft_p99_ms']:.0f} ms, TPOT p50/p99 {r['tpot_p50_ms']:.2f}/{r['tpot_p99_ms']:.2f} "
+                            f"ms, chunk gaps p50/p99 {r['itl_p50_ms']:.2f}/{r['itl_p99_ms']:.2f} ms, "
+                            f"{r['failed']} failed")
+                    save_json(path, res)
+            if "burst" in sections:
+                with attempt(res, "burst http"):
+                    res["burst_http"] = drive(url, reqs[: args.burst], None, rng)
+                    log(f"burst of {args.burst} through HTTP: {res['burst_http']['tok_per_s']:.0f} tok/s")
+        finally:
+            proc.terminate()
+            res["server_exit"] = proc.wait(timeout=120)
+        if "burst" in sections:
+            with attempt(res, "burst offline"):
+                res["burst_offline"] = offline(model, reqs[: args.burst], args)
+                res["http_over_offline"] = res["burst_http"]["tok_per_s"] / res["burst_offline"]["tok_per_s"]
+                log(f"the same in-process: {res['burst_offline']['tok_per_s']:.0f} tok/s; HTTP / in-process "
+                    f"{res['http_over_offline']:.2f}")
+    save_json(path, res)
+    print_errors(res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
