@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--served-model-name", help="the model id clients name (default: the checkpoint's name)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
     p.add_argument("--chunk-tokens", type=int, default=512, help="prompt tokens per prefill chunk (default: 512)")
+    p.add_argument("--step-tokens", type=int, help="prompt tokens a step carries beside decoding requests "
+                   "(default: 256, or --chunk-tokens if fewer)")
     p.add_argument("--cache-length", type=int, help="KV cache positions per request (default: 4096, or the "
                    "model's positions if fewer)")
     p.add_argument("--dtype", help="bfloat16 or float32 (default: bfloat16 on a GPU, float32 on a CPU)")
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
                 raise ValueError(f"--allowed-local-media {media} is not a directory")
         service = Service.from_pretrained(args.model, dtype=args.dtype, max_batch=args.max_batch,
                                           cache_length=args.cache_length, chunk_tokens=args.chunk_tokens,
-                                          max_queue=args.max_queue, verbose=True)
+                                          step_tokens=args.step_tokens, max_queue=args.max_queue, verbose=True)
     except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -128,7 +128,8 @@ class Service:
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, *, dtype: str | None = None, max_batch: int = 8,
                         cache_length: int | None = None, memory_budget: int | None = None,
-                        chunk_tokens: int = 512, max_queue: int | None = None, attention: str = "auto",
+                        chunk_tokens: int = 512, step_tokens: int | None = None, max_queue: int | None = None,
+                        attention: str = "auto",
                         progress: bool = True,
                         compilation_cache: bool = True, verbose: bool = False) -> Service:
         """``model``: a checkpoint directory, a .gguf file, or None for the default 270M (as ``Generator``)."""
@@ -140,7 +141,8 @@ class Service:
             enable_compilation_cache()
         net = load_pretrained(checkpoint.path, dtype=dtype, attention=attention, progress=progress)
         engine = BatchEngine(net, max_batch=max_batch, cache_length=cache_length, memory_budget=memory_budget,
-                             chunk_tokens=chunk_tokens, max_queue=max_queue, verbose=verbose)
+                             chunk_tokens=chunk_tokens, step_tokens=step_tokens, max_queue=max_queue,
+                             verbose=verbose)
         return cls(engine, checkpoint)
 
     def submit(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
