@@ -20,6 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.attention import image_span_attention, packed_self_attention
@@ -73,19 +75,37 @@ class Kernels:
     ``prefill``: attention over a prompt (text and vision). ``decode``: a decode step's attention over the cache,
     its residual adds with their norms and, at batch 1, its matrix-vector products. ``fuse_decode``: with
     "pallas" decode, q/k norms, RoPE, the cache write and the attention as one kernel where the head dim allows
-    (off: XLA does the first three, the decode attention kernel the last)."""
+    (off: XLA does the first three, the decode attention kernel the last). ``mesh``: tensor parallelism over its
+    one axis (``model.sharding``): each op runs per device under ``shard_map`` on that device's heads."""
 
     prefill: str = "pallas"
     decode: str = "pallas"
     interpret: bool = False
     fuse_decode: bool = True
     platform: str = "gpu"
+    mesh: Mesh | None = None
 
     def __post_init__(self):
         for name in ("prefill", "decode"):
             value = getattr(self, name)
             if value not in IMPLEMENTATIONS:
                 raise ValueError(f"Kernels.{name} must be one of {', '.join(IMPLEMENTATIONS)}, got {value!r}")
+
+    @property
+    def shards(self) -> int:
+        """Devices the heads are split over (1 without a mesh)."""
+        return 1 if self.mesh is None else self.mesh.size
+
+    def _per_shard(self, fn, in_specs, out_specs):
+        """``fn`` on each device's part (``in_specs``/``out_specs`` name where the mesh axis splits each array; the
+        rest is replicated), or ``fn`` itself without a mesh."""
+        if self.mesh is None:
+            return fn
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+    def _heads(self, axis: int, ndim: int) -> P:
+        """The spec of an array split over the mesh axis at ``axis`` (a heads axis)."""
+        return P(*(self.mesh.axis_names[0] if i == axis else None for i in range(ndim)))
 
     @classmethod
     def resolve(cls, attention: str | Kernels = "auto") -> Kernels:
@@ -112,11 +132,16 @@ class Kernels:
         scale: float,
     ) -> Float[Array, "B L N H"]:
         """Causal attention with the image-span mask (the mask rule of ``pallas_kernels.reference``)."""
-        kw = dict(sliding_window=sliding_window, kv_lengths=batch.kv_lengths, scale=scale, q_offset=batch.q_offset,
-                  kv_start=batch.kv_start)
-        if self.prefill == "reference":
-            return reference_attention(q, k, v, batch.segment_ids, **kw)
-        return image_span_attention(q, k, v, batch.segment_ids, interpret=self.interpret, **kw)
+
+        def run(q, k, v, batch):
+            kw = dict(sliding_window=sliding_window, kv_lengths=batch.kv_lengths, scale=scale,
+                      q_offset=batch.q_offset, kv_start=batch.kv_start)
+            if self.prefill == "reference":
+                return reference_attention(q, k, v, batch.segment_ids, **kw)
+            return image_span_attention(q, k, v, batch.segment_ids, interpret=self.interpret, **kw)
+
+        heads = None if self.mesh is None else self._heads(2, 4)
+        return self._per_shard(run, (heads, heads, heads, P()), heads)(q, k, v, batch)
 
     def ones_column(self, head_dim: int, padded: int) -> bool:
         """Whether vision attention wants v's first padded column set to 1 (the kernel reads its softmax
@@ -126,13 +151,18 @@ class Kernels:
     def vision_attention(self, qkv: Float[Array, "I P 3 N Hp"], *, head_dim: int, scale: float,
                          ones_column: bool) -> Float[Array, "I P N Hp"]:
         """Unmasked self-attention over each image's patches, q|k|v packed with the head dim padded to Hp; the
-        output keeps the padded columns (zeros past the head dim in the reference)."""
-        if self.prefill == "reference":
-            q, k, v = (qkv[:, :, i, :, :head_dim] for i in range(3))
-            out = reference_attention(q, k, v, None, scale=scale, causal=False)
-            return jnp.pad(out, ((0, 0), (0, 0), (0, 0), (0, qkv.shape[-1] - head_dim)))
-        return packed_self_attention(qkv, head_dim=head_dim, scale=scale, interpret=self.interpret,
-                                     ones_column=ones_column)
+        output keeps the padded columns (zeros past the head dim in the reference). The vision tower is replicated
+        under tensor parallelism: every device runs it whole."""
+
+        def run(qkv):
+            if self.prefill == "reference":
+                q, k, v = (qkv[:, :, i, :, :head_dim] for i in range(3))
+                out = reference_attention(q, k, v, None, scale=scale, causal=False)
+                return jnp.pad(out, ((0, 0), (0, 0), (0, 0), (0, qkv.shape[-1] - head_dim)))
+            return packed_self_attention(qkv, head_dim=head_dim, scale=scale, interpret=self.interpret,
+                                         ones_column=ones_column)
+
+        return self._per_shard(run, P(), P())(qkv)
 
     # ---- a decode step -------------------------------------------------------------------------
     def fused_step(self, head_dim: int) -> bool:
@@ -142,8 +172,9 @@ class Kernels:
 
     def gemv(self, batch: int, hidden: int, intermediate: int) -> bool:
         """Whether a decode step's q|k|v and MLP products run as the Pallas matrix-vector kernels: batch 1 only
-        (larger batches are matrix products, XLA's), and widths the kernels split in 16-wide pieces."""
-        return self.decode == "pallas" and batch == 1 and hidden % 16 == 0 and intermediate % 16 == 0
+        (larger batches are matrix products, XLA's), and widths the kernels split in 16-wide pieces; not under
+        tensor parallelism (XLA splits the products there)."""
+        return self.decode == "pallas" and self.mesh is None and batch == 1 and hidden % 16 == 0 and intermediate % 16 == 0
 
     def qkv_product(self, x: Float[Array, "B D"], w: Float[Array, "M D"], gemv_b1: bool) -> Float[Array, "B M"]:
         if not gemv_b1:
@@ -154,18 +185,34 @@ class Kernels:
     def decode_step_attention(self, qkv, q_norm, k_norm, eps, cos, sin, k_buf, v_buf, pos, *, ring: bool,
                               scale: float):
         """q/k RMSNorm + RoPE, the cache write and attention in one kernel: qkv [B, N + 2K, H] raw projections,
-        cos/sin [B, H] -> (out [B, N, H], k_buf, v_buf). Only where ``fused_step`` holds."""
-        return decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, pos, ring=ring, scale=scale,
-                                      eps=eps, interpret=self.interpret)
+        cos/sin [B, H] -> (out [B, N, H], k_buf, v_buf). Only where ``fused_step`` holds. Under tensor parallelism
+        each device's part of ``qkv`` is its group of heads, laid out as a whole model's (``model.sharding``)."""
+
+        def run(qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, pos):
+            return decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, pos, ring=ring, scale=scale,
+                                          eps=eps, interpret=self.interpret)
+
+        if self.mesh is None:
+            return run(qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, pos)
+        heads, buf = self._heads(1, 3), self._heads(2, 4)
+        return self._per_shard(run, (heads, P(), P(), P(), P(), buf, buf, P()), (heads, buf, buf))(
+            qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, pos)
 
     def cached_attention(self, q: Float[Array, "B N H"], k_buf, v_buf, pos: Int[Array, "B"], *,
                          scale: float) -> Float[Array, "B N H"]:
         """One query per row over its cache after the token at ``pos`` was written. No slot order is needed: a
         buffer of S slots holds exactly the slots s < min(pos + 1, S), ring (sliding layers) or not."""
         lengths = jnp.minimum(pos + 1, k_buf.shape[1])
-        if self.decode == "reference":
-            return decode_attention_reference(q, k_buf, v_buf, lengths, scale=scale)
-        return decode_attention(q, k_buf, v_buf, lengths, scale=scale, interpret=self.interpret)
+
+        def run(q, k_buf, v_buf, lengths):
+            if self.decode == "reference":
+                return decode_attention_reference(q, k_buf, v_buf, lengths, scale=scale)
+            return decode_attention(q, k_buf, v_buf, lengths, scale=scale, interpret=self.interpret)
+
+        if self.mesh is None:
+            return run(q, k_buf, v_buf, lengths)
+        heads, buf = self._heads(1, 3), self._heads(2, 4)
+        return self._per_shard(run, (heads, buf, buf, P()), heads)(q, k_buf, v_buf, lengths)
 
     def decode_mlp(self, mlp, x: Float[Array, "B 1 D"], gemv_b1: bool):
         """The MLP of a decode step: ``mlp(x)`` [B, 1, D], or at batch 1 through the matrix-vector kernels (gate|up
@@ -186,7 +233,12 @@ class Kernels:
         if self.decode == "reference":
             x = x + post(delta)
             return x, following(x)
-        return residual_norm(x, delta, post.weight[...], following.weight[...], eps=post.eps, interpret=self.interpret)
+
+        def run(x, delta, post_w, following_w):  # on replicated activations: each device runs it whole
+            return residual_norm(x, delta, post_w, following_w, eps=post.eps, interpret=self.interpret)
+
+        return self._per_shard(run, (P(), P(), P(), P()), (P(), P()))(x, delta, post.weight[...],
+                                                                      following.weight[...])
 
 
 def with_kernels(module: nnx.Module, attention: str | Kernels) -> nnx.Module:

@@ -59,14 +59,17 @@ class LayerNorm(nnx.Module):
 class GeGLU(nnx.Module):
     """Gemma MLP: ``down(gelu_tanh(gate(x)) * up(x))``."""
 
-    def __init__(self, dim: int, hidden: int, dtype):
-        self.gate_up = param((2 * hidden, dim), dtype)  # [2F, D]: gate rows then up rows, [out, in]
+    def __init__(self, dim: int, hidden: int, dtype, groups: int = 1):
+        # [2F, D], [out, in]: gate rows then up rows, in ``groups`` groups (one per tensor-parallel device, each
+        # with its gate rows then its up rows)
+        self.gate_up = param((2 * hidden, dim), dtype)
         self.down = param((dim, hidden), dtype)  # [D, F]
-        self.hidden = hidden
+        self.hidden, self.groups = hidden, groups
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         h = jnp.einsum("BTD,FD->BTF", x, self.gate_up[...])  # one product for both halves
-        gate, up = h[..., : self.hidden], h[..., self.hidden :]
+        h = h.reshape(*h.shape[:-1], self.groups, 2, self.hidden // self.groups)
+        gate, up = (h[..., i, :].reshape(*h.shape[:-3], self.hidden) for i in (0, 1))
         return jnp.einsum("BTF,DF->BTD", gelu_tanh(gate) * up, self.down[...])
 
 

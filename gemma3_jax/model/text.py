@@ -33,6 +33,9 @@ class Attention(nnx.Module):
         self.sliding_window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.scale = cfg.attn_scale
         self.kernels = kernels
+        # q|k|v rows in one group per tensor-parallel device (model.sharding): its query heads, then the key and
+        # value heads they read; one group (q, then k, then v) on one device
+        self.groups = kernels.shards
 
     def project(self, x: Float[Array, "B T D"], cos: Array, sin: Array):
         """Queries and keys (normed, rotated) [B, T, N|K, H] and values [B, T, K, H] of ``x``."""
@@ -40,10 +43,12 @@ class Attention(nnx.Module):
 
     def heads(self, qkv: Float[Array, "B T M H"], cos: Array, sin: Array):
         """``project`` from the raw q|k|v products."""
-        n, k = self.num_heads, self.num_kv_heads
-        q = apply_rope(self.q_norm(qkv[:, :, :n]), cos, sin)
-        keys = apply_rope(self.k_norm(qkv[:, :, n : n + k]), cos, sin)
-        return q, keys, qkv[:, :, n + k :]
+        g, (b, t, _, h) = self.groups, qkv.shape
+        n, k = self.num_heads // g, self.num_kv_heads // g  # per group
+        qkv = qkv.reshape(b, t, g, n + 2 * k, h)
+        q = apply_rope(self.q_norm(qkv[:, :, :, :n].reshape(b, t, g * n, h)), cos, sin)
+        keys = apply_rope(self.k_norm(qkv[:, :, :, n : n + k].reshape(b, t, g * k, h)), cos, sin)
+        return q, keys, qkv[:, :, :, n + k :].reshape(b, t, g * k, h)
 
     def __call__(self, x: Float[Array, "B T D"], cos: Array, sin: Array,
                  batch: AttentionBatch) -> tuple[Float[Array, "B T D"], tuple[Array, Array]]:
@@ -110,7 +115,7 @@ class DecoderLayer(nnx.Module):
         self.attn = Attention(cfg, layer, dtype, kernels)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps, dtype)
         self.pre_ffw_norm = RMSNorm(cfg.hidden_size, eps, dtype)
-        self.mlp = GeGLU(cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.mlp = GeGLU(cfg.hidden_size, cfg.intermediate_size, dtype, groups=kernels.shards)
         self.post_ffw_norm = RMSNorm(cfg.hidden_size, eps, dtype)
         self.layer_type = SLIDING if cfg.is_sliding(layer) else GLOBAL
 

@@ -1,0 +1,127 @@
+"""Tensor parallelism: a model's text decoder split over the one axis of a device mesh, with ``jax.sharding``.
+
+Over N devices, each layer's query heads split into N equal groups, one per device, and each group gets the key
+and value heads its queries read: its share of them when N divides the KV heads, else a copy of the one it reads
+(N > KV heads: the model then holds N KV heads, its config says so, and the KV cache splits over them too). The
+q|k|v rows are laid out group after group, so splitting that weight's first axis in N gives each device its
+heads; gate|up likewise (each group's gate rows, then its up rows). The output and down products contract over
+the split axis, so XLA sums their partial products across devices (one all-reduce per block half). The tied
+embedding / lm_head splits over the vocabulary. Norm weights and the vision tower are replicated. Pallas kernels
+run per device under ``shard_map`` (``Kernels.mesh``) on that device's heads, which are laid out as a whole
+smaller model's.
+
+    model = tensor_parallel(load_pretrained(path), 4)   # or a Mesh with one axis
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gemma3_jax.model import kv_cache as kvc
+from gemma3_jax.model.config import Gemma3Config
+from gemma3_jax.model.gemma3 import Gemma3
+
+AXIS = "tp"
+
+
+def make_mesh(n: int, devices=None) -> Mesh:
+    """A one-axis mesh over the first ``n`` devices (of ``devices``, default all of this process's backend)."""
+    devices = jax.devices() if devices is None else list(devices)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"tensor_parallel must be an int >= 1, got {n!r}")
+    if n > len(devices):
+        raise ValueError(f"tensor_parallel={n} needs {n} devices, but {len(devices)} are present "
+                         f"({devices[0].platform})")
+    return Mesh(np.array(devices[:n]), (AXIS,))
+
+
+def check_splits(cfg: Gemma3Config, n: int) -> None:
+    """Refuse a device count the model's heads, MLP or vocabulary do not split into."""
+    t = cfg.text
+    if t.num_heads % n:
+        raise ValueError(f"tensor_parallel={n} does not divide the {t.num_heads} query heads")
+    if t.num_kv_heads % n and n % t.num_kv_heads:
+        raise ValueError(f"tensor_parallel={n} and the {t.num_kv_heads} KV heads: one must divide the other")
+    for what, size in (("MLP width", t.intermediate_size), ("vocabulary", t.vocab_size)):
+        if size % n:
+            raise ValueError(f"tensor_parallel={n} does not divide the {what} {size}")
+
+
+def sharded_config(cfg: Gemma3Config, n: int) -> Gemma3Config:
+    """The config the split model runs with: KV heads copied up to one per device where there are fewer."""
+    check_splits(cfg, n)
+    return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_kv_heads=max(cfg.text.num_kv_heads, n)))
+
+
+def group_qkv(w, heads: int, kv_heads: int, n: int):
+    """q|k|v rows [N + 2K, ...] (q, then k, then v) -> N groups of (its queries, their keys, their values)."""
+    q, k, v = w[:heads], w[heads : heads + kv_heads], w[heads + kv_heads :]
+    if kv_heads < n:  # each KV head copied to the groups whose queries read it
+        k, v = (jnp.repeat(x, n // kv_heads, axis=0) for x in (k, v))
+    split = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])  # noqa: E731
+    return jnp.concatenate([split(q), split(k), split(v)], axis=1).reshape(-1, *w.shape[1:])
+
+
+def group_gate_up(w, n: int):
+    """gate|up rows [2F, D] -> N groups of (its gate rows, its up rows)."""
+    f = w.shape[0] // 2
+    return jnp.stack([w[:f], w[f:]]).reshape(2, n, f // n, -1).transpose(1, 0, 2, 3).reshape(2 * f, -1)
+
+
+def _spec(path: str, ndim: int) -> P:
+    """Where a text weight splits: q|k|v and gate|up over their rows (groups), o and down over their inputs, the
+    embedding over the vocabulary; the rest (norms, the vision tower) is replicated."""
+    axis = None
+    if path.startswith("text.layers."):
+        if path.endswith(("attn.qkv_proj", "mlp.gate_up")):
+            axis = 0
+        elif path.endswith(("attn.o_proj", "mlp.down")):
+            axis = 1
+    elif path == "text.embed":
+        axis = 0
+    return P(*(AXIS if i == axis else None for i in range(ndim)))
+
+
+def tensor_parallel(model: Gemma3, mesh: Mesh | int) -> Gemma3:
+    """``model`` split over ``mesh`` (or a mesh of the first N devices): a new model; ``model`` is unchanged."""
+    mesh = make_mesh(mesh) if isinstance(mesh, int) else mesh
+    if not isinstance(mesh, Mesh) or len(mesh.axis_names) != 1:
+        raise ValueError(f"tensor_parallel takes a device count or a Mesh with one axis, got {mesh!r}")
+    n = mesh.size
+    cfg = sharded_config(model.cfg, n)
+    kernels = dataclasses.replace(model.kernels, mesh=mesh)
+    split = nnx.eval_shape(lambda: Gemma3(cfg, model.dtype, kernels))
+    t = model.cfg.text
+    source = {".".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
+    for path, node in nnx.iter_graph(split):
+        if not isinstance(node, nnx.Param):
+            continue
+        name = ".".join(map(str, path))
+        value = source[name][...]
+        if name.endswith("attn.qkv_proj") and name.startswith("text."):
+            value = group_qkv(value, t.num_heads, t.num_kv_heads, n)
+        elif name.endswith("mlp.gate_up") and name.startswith("text."):
+            value = group_gate_up(value, n)
+        node.set_value(jax.device_put(value, NamedSharding(mesh, _spec(name, value.ndim))))
+    return split
+
+
+def cache_sharding(mesh: Mesh) -> NamedSharding:
+    """KV buffers [B, C, K, H] split over their KV heads."""
+    return NamedSharding(mesh, P(None, None, AXIS, None))
+
+
+def shard_cache(cache: kvc.KVCache, mesh: Mesh | None) -> kvc.KVCache:
+    """``cache`` placed as a split model reads it (unchanged without a mesh)."""
+    if mesh is None:
+        return cache
+    buf = cache_sharding(mesh)
+    return kvc.KVCache(tuple(jax.device_put(k, buf) for k in cache.k), tuple(jax.device_put(v, buf) for v in cache.v),
+                       jax.device_put(cache.lengths, NamedSharding(mesh, P())))

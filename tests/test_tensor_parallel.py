@@ -1,0 +1,162 @@
+"""Tensor parallelism on 8 CPU devices: the model split over N = 2, 4, 8 gives what N = 1 gives.
+
+JAX fixes its device count when it starts, so the checks run in a subprocess started with
+``--xla_force_host_platform_device_count=8`` (this file is also that subprocess's script). The model: the tiny
+multimodal config with 8 query heads over 1 or 2 KV heads (N > KV heads: copies), a window of 16 that the prompts
+cross, two images, float32, random weights.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+TOL = 1e-5  # relative to the largest logit (float32; only the order of the partial sums changes)
+
+
+def run_worker(check: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, __file__, check], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_logits_equal_one_device():
+    """Prefill logits with images and past the window, and decode steps over the split KV cache (ring buffers
+    wrapping), for N = 2, 4, 8 and 1 or 2 KV heads."""
+    errs = run_worker("logits")
+    assert len(errs) == 12, errs
+    for case, err in errs.items():
+        assert err <= TOL, (case, err)
+
+
+def test_greedy_generation_and_batching_are_token_identical():
+    got = run_worker("generate")
+    assert got["engine"] and got["batch"], got
+
+
+def test_bad_splits_are_refused():
+    got = run_worker("errors")
+    assert "does not divide the 8 query heads" in got["heads"]
+    assert "needs 16 devices, but 8 are present" in got["devices"]
+    assert "one must divide the other" in got["kv"]
+
+
+# ---- the subprocess ---------------------------------------------------------------------------------------
+def _model(kv_heads: int, heads: int = 8):
+    import jax.numpy as jnp
+
+    from benchmarks.common import small_config
+    from benchmarks.random_init import random_model
+
+    cfg = small_config()
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_heads=heads, num_kv_heads=kv_heads,
+                                                                 head_dim=16))
+    return random_model(cfg, jnp.float32)
+
+
+def _inputs(cfg, seed=0, tokens=60):
+    import numpy as np
+
+    from benchmarks.common import make_pixels, make_prompt
+
+    rng = np.random.default_rng(seed)
+    return np.array([make_prompt(cfg, tokens, 2, rng)], np.int32), make_pixels(cfg, 2, rng)
+
+
+def _logits() -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gemma3_jax.model import kv_cache as kvc
+    from gemma3_jax.model.sharding import shard_cache, tensor_parallel
+
+    def run(m, ids, px):
+        """Prefill logits, then 24 decode steps' logits (the window of 16 wraps) over a cache of the prompt."""
+        hidden, kvs = m.forward(ids, px)
+        logits = [m.text.logits(hidden)[0]]
+        cache = kvc.init_cache(m.cfg.text, 1, 128, jnp.float32)
+        n = jnp.asarray([ids.shape[1]])
+        cache = kvc.KVCache(tuple(kvc.fill_layer(b, k, n, m.cfg.text.is_sliding(i)) for i, (b, (k, _)) in
+                                  enumerate(zip(cache.k, kvs))),
+                            tuple(kvc.fill_layer(b, v, n, m.cfg.text.is_sliding(i)) for i, (b, (_, v)) in
+                                  enumerate(zip(cache.v, kvs))), n)
+        cache = shard_cache(cache, m.kernels.mesh)
+        token = jnp.argmax(logits[0][-1])[None]
+        for _ in range(24):
+            h, cache = m.text.decode_step(m.text.embed_tokens(token[:, None]), cache)
+            step = m.text.logits(h)[0, 0]
+            logits.append(step[None])
+            token = jnp.argmax(step)[None]
+        return jnp.concatenate(logits)
+
+    errs = {}
+    for kv in (1, 2):
+        model = _model(kv)
+        ids, px = _inputs(model.cfg)
+        want = np.asarray(jax.jit(run)(model, jnp.asarray(ids), jnp.asarray(px)))
+        for n in (2, 4, 8):
+            got = np.asarray(jax.jit(run)(tensor_parallel(model, n), jnp.asarray(ids), jnp.asarray(px)))
+            errs[f"kv{kv}_n{n}_prefill"] = float(np.abs(got[:ids.shape[1]] - want[:ids.shape[1]]).max()
+                                                 / np.abs(want).max())
+            errs[f"kv{kv}_n{n}_decode"] = float(np.abs(got[ids.shape[1]:] - want[ids.shape[1]:]).max()
+                                                / np.abs(want).max())
+    return errs
+
+
+def _generate() -> dict:
+    import numpy as np
+
+    from gemma3_jax.model.sharding import tensor_parallel
+    from gemma3_jax.runtime.batching import BatchEngine, Request
+    from gemma3_jax.runtime.engine import Engine
+
+    model = _model(2)
+    prompts = [_inputs(model.cfg, seed, tokens) for seed, tokens in ((1, 40), (2, 55), (3, 30))]
+
+    def engine_tokens(m):
+        out = []
+        for ids, px in prompts:
+            chunks = Engine(m, cache_length=128, chunk=8).generate_ids([list(ids[0])], px, max_new_tokens=20,
+                                                                      stop_ids=())
+            out.append(np.concatenate(list(chunks), axis=1)[0].tolist())
+        return out
+
+    def batch_tokens(m):
+        eng = BatchEngine(m, max_batch=2, cache_length=128, chunk_tokens=16, step_tokens=8, decode_steps=4)
+        streams = [eng.submit(Request(list(ids[0]), px, max_new_tokens=20, stop_ids=())) for ids, px in prompts]
+        eng.run()
+        return [s.tokens for s in streams]
+
+    split = tensor_parallel(model, 4)
+    alone = engine_tokens(model)
+    return dict(engine=engine_tokens(split) == alone, batch=batch_tokens(split) == alone == batch_tokens(model))
+
+
+def _errors() -> dict:
+    from gemma3_jax.model.sharding import tensor_parallel
+
+    out = {}
+    model = _model(2)
+    for name, n in (("heads", 3), ("devices", 16)):
+        try:
+            tensor_parallel(model, n)
+        except ValueError as e:
+            out[name] = str(e)
+    try:
+        tensor_parallel(_model(4, heads=12), 6)  # 6 divides the 12 query heads, not the 4 KV heads, nor 4 it
+    except ValueError as e:
+        out["kv"] = str(e)
+    return out
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    print(json.dumps({"logits": _logits, "generate": _generate, "errors": _errors}[sys.argv[1]]()))
