@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-length", type=int, metavar="N", help="KV cache length: prompt + new tokens must fit; "
                    "checked against the model's positions and the device's memory before loading (default: 4096, "
                    "or the model's positions if fewer)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="split the text decoder over N "
+                   "devices (default: 1)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (not printed); repeat for several (default: none; generation "
                    "always stops at the end-of-turn and end-of-text tokens)")
@@ -131,7 +133,8 @@ def main(argv=None) -> int:
         # The prompt is built and checked against the cache before the weights load.
         ids, pixels = ckpt.build_inputs([prompt], [args.image], chat=chat, system=args.system)
         check_fits(len(ids[0]), args.max_new_tokens, cache_length)
-        gen = Generator.from_checkpoint(ckpt, dtype=args.dtype, cache_length=cache_length)
+        gen = Generator.from_checkpoint(ckpt, dtype=args.dtype, cache_length=cache_length,
+                                        tensor_parallel=args.tensor_parallel)
         print(f"loaded in {gen.load_s:.1f} s", file=sys.stderr)
 
         def stream(row: int, delta: str) -> None:

@@ -48,6 +48,32 @@ def test_bad_splits_are_refused():
     assert "one must divide the other" in got["kv"]
 
 
+def test_cli_tensor_parallel(tmp_path):
+    """scripts/generate.py --tensor-parallel N on a checkpoint in Hugging Face's layout (4 query heads over 2 KV
+    heads), torch-free: the same greedy text for N = 1, 2, 4; one-line errors for N = 3 and more devices than
+    there are."""
+    from fixtures import real_layout as rl
+
+    model = rl.write_checkpoint(tmp_path / "it", "it")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]),
+               GEMMA3_JAX_COMPILATION_CACHE="0")
+
+    def cli(n):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--model", str(model),
+                               "--prompt", "Describe the sea.", "--max-new-tokens", "8", "--temperature", "0",
+                               "--tensor-parallel", str(n)], env=env, capture_output=True, text=True, timeout=600)
+
+    runs = {n: cli(n) for n in (1, 2, 4)}
+    for n, r in runs.items():
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (n, r.stderr[-2000:])
+    assert runs[1].stdout.strip() and runs[2].stdout == runs[1].stdout == runs[4].stdout
+    for n, match in ((3, "does not divide the 4 query heads"), (16, "needs 16 devices, but 8 are present")):
+        r = cli(n)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and match in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+
+
 # ---- the subprocess ---------------------------------------------------------------------------------------
 def _model(kv_heads: int, heads: int = 8):
     import jax.numpy as jnp

@@ -20,11 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from gemma3_jax.model.config import CheckpointError, TextConfig, load_config
 from gemma3_jax.model.gemma3 import Gemma3
 from gemma3_jax.model.kernels import Kernels
+from gemma3_jax.model.sharding import check_splits, make_mesh
+from gemma3_jax.model.sharding import tensor_parallel as shard_model
 from gemma3_jax.checkpoints.weight_files import iter_tensors, open_weight_files
 
 __all__ = ["CheckpointError", "checkpoint_files", "load_pretrained"]
@@ -192,10 +195,17 @@ def _params_by_path(model: nnx.Module) -> dict[str, nnx.Param]:
 
 
 def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kernels = "auto",
-                    progress: bool = True) -> Gemma3:
+                    progress: bool = True, tensor_parallel: int | Mesh = 1) -> Gemma3:
     """Read a checkpoint directory (config.json + safetensors) into a ``Gemma3`` with weights in ``dtype``;
-    ``attention`` as for ``Gemma3``."""
+    ``attention`` as for ``Gemma3``. ``tensor_parallel``: split the text decoder over that many devices (or a
+    one-axis ``Mesh``; ``model.sharding``), checked against the config before the weights load."""
     kernels = Kernels.resolve(attention)
+    if isinstance(tensor_parallel, int) and not isinstance(tensor_parallel, bool):
+        mesh = None if tensor_parallel == 1 else make_mesh(tensor_parallel)
+    elif isinstance(tensor_parallel, Mesh):
+        mesh = tensor_parallel
+    else:
+        raise TypeError(f"tensor_parallel must be an int or a jax.sharding.Mesh, got {tensor_parallel!r}")
     path = Path(path)
     if not path.is_dir():
         if path.exists():
@@ -210,6 +220,8 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
     if dtype not in (jnp.bfloat16, jnp.float32):
         raise ValueError(f"dtype must be bfloat16 or float32, got {dtype}")
     raw, cfg = load_config(path)
+    if mesh is not None:
+        check_splits(cfg, mesh.size)
     files = open_weight_files(path)
     model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, kernels))
     params = _params_by_path(model)
@@ -273,7 +285,7 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"missing tensor(s) in {path}: {', '.join(missing[:5])}{more}")
-    return model
+    return model if mesh is None else shard_model(model, mesh)
 
 
 def _is_tied(d: dict) -> bool:

@@ -87,20 +87,23 @@ class Generator:
         progress: bool = True,
         chunk: int = 32,
         compilation_cache: bool = True,
+        tensor_parallel: int = 1,
     ) -> Generator:
         """``model``: a checkpoint directory, a .gguf file, or None for the default 270M. ``dtype=None``: float32 on
         a CPU, bfloat16 on an accelerator. ``cache_length=None``: 4096, or the model's positions if fewer; it is
         checked against the config and the device's memory before the weights load. ``compilation_cache``: JAX's
-        persistent compilation cache (``gemma3_jax.runtime.compile_cache``)."""
+        persistent compilation cache (``gemma3_jax.runtime.compile_cache``). ``tensor_parallel``: the text decoder
+        split over that many devices (``gemma3_jax.model.sharding``)."""
         t = time.perf_counter()
         return cls.from_checkpoint(Checkpoint.open(model, progress=progress), dtype=dtype, cache_length=cache_length,
                                    attention=attention, progress=progress, chunk=chunk,
-                                   compilation_cache=compilation_cache, started=t)
+                                   compilation_cache=compilation_cache, started=t, tensor_parallel=tensor_parallel)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, *, dtype: str | None = None, cache_length: int | None = None,
                         attention: str | Kernels = "auto", progress: bool = True, chunk: int = 32,
-                        compilation_cache: bool = True, started: float | None = None) -> Generator:
+                        compilation_cache: bool = True, started: float | None = None,
+                        tensor_parallel: int = 1) -> Generator:
         """The weights of an opened checkpoint loaded: what from_pretrained does after opening it."""
         t = time.perf_counter() if started is None else started
         dtype = resolve_dtype(dtype)
@@ -108,7 +111,8 @@ class Generator:
         cache_length = checkpoint.cache_length(cache_length, dtype)
         if compilation_cache:
             enable_compilation_cache()
-        net = load_pretrained(checkpoint.path, dtype=dtype, attention=attention, progress=progress)
+        net = load_pretrained(checkpoint.path, dtype=dtype, attention=attention, progress=progress,
+                              tensor_parallel=tensor_parallel)
         gen = cls(net, checkpoint, cache_length=cache_length, chunk=chunk)
         gen.load_s = time.perf_counter() - t
         return gen

@@ -129,7 +129,7 @@ class Service:
     def from_pretrained(cls, model: str | Path | None = None, *, dtype: str | None = None, max_batch: int = 8,
                         cache_length: int | None = None, memory_budget: int | None = None,
                         chunk_tokens: int = 512, step_tokens: int | None = None, max_queue: int | None = None,
-                        attention: str = "auto",
+                        attention: str = "auto", tensor_parallel: int = 1,
                         progress: bool = True,
                         compilation_cache: bool = True, verbose: bool = False) -> Service:
         """``model``: a checkpoint directory, a .gguf file, or None for the default 270M (as ``Generator``)."""
@@ -139,7 +139,8 @@ class Service:
             cache_length = checkpoint.cache_length(cache_length, dtype, batch=max_batch)
         if compilation_cache:
             enable_compilation_cache()
-        net = load_pretrained(checkpoint.path, dtype=dtype, attention=attention, progress=progress)
+        net = load_pretrained(checkpoint.path, dtype=dtype, attention=attention, progress=progress,
+                              tensor_parallel=tensor_parallel)
         engine = BatchEngine(net, max_batch=max_batch, cache_length=cache_length, memory_budget=memory_budget,
                              chunk_tokens=chunk_tokens, step_tokens=step_tokens, max_queue=max_queue,
                              verbose=verbose)
