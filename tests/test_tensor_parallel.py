@@ -68,6 +68,7 @@ def test_cli_tensor_parallel(tmp_path):
     for n, r in runs.items():
         assert r.returncode == 0 and "Traceback" not in r.stderr, (n, r.stderr[-2000:])
     assert runs[1].stdout.strip() and runs[2].stdout == runs[1].stdout == runs[4].stdout
+    assert "per device (2): weights" in runs[2].stderr and "per device" not in runs[1].stderr
     for n, match in ((3, "does not divide the 4 query heads"), (16, "needs 16 devices, but 8 are present")):
         r = cli(n)
         assert r.returncode == 2 and r.stderr.startswith("error:") and match in r.stderr, r.stderr[-2000:]
@@ -105,7 +106,7 @@ def _logits() -> dict:
     from gemma3_jax.model.sharding import shard_cache, tensor_parallel
 
     def run(m, ids, px):
-        """Prefill logits, then 24 decode steps' logits (the window of 16 wraps) over a cache of the prompt."""
+        """Prefill logits, then 12 decode steps' logits (the window of 16 wraps) over a cache of the prompt."""
         hidden, kvs = m.forward(ids, px)
         logits = [m.text.logits(hidden)[0]]
         cache = kvc.init_cache(m.cfg.text, 1, 128, jnp.float32)
@@ -116,7 +117,7 @@ def _logits() -> dict:
                                   enumerate(zip(cache.v, kvs))), n)
         cache = shard_cache(cache, m.kernels.mesh)
         token = jnp.argmax(logits[0][-1])[None]
-        for _ in range(24):
+        for _ in range(12):
             h, cache = m.text.decode_step(m.text.embed_tokens(token[:, None]), cache)
             step = m.text.logits(h)[0, 0]
             logits.append(step[None])

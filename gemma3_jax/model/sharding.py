@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gemma3_jax.model import kv_cache as kvc
-from gemma3_jax.model.config import Gemma3Config
+from gemma3_jax.model.config import Gemma3Config, param_bytes
 from gemma3_jax.model.gemma3 import Gemma3
 
 AXIS = "tp"
@@ -125,3 +125,25 @@ def shard_cache(cache: kvc.KVCache, mesh: Mesh | None) -> kvc.KVCache:
     buf = cache_sharding(mesh)
     return kvc.KVCache(tuple(jax.device_put(k, buf) for k in cache.k), tuple(jax.device_put(v, buf) for v in cache.v),
                        jax.device_put(cache.lengths, NamedSharding(mesh, P())))
+
+
+def memory_plan(cfg: Gemma3Config, dtype, n: int, batch: int, cache_length: int) -> dict[str, float]:
+    """Bytes each of ``n`` devices holds: the split text weights' share, the replicated rest (norms, the vision
+    tower and projector), and the KV cache's share (KV heads counted with their copies); activations and compiled
+    code come on top."""
+    split_cfg = sharded_config(cfg, n) if n > 1 else cfg
+    t = split_cfg.text
+    d, hd = t.hidden_size, t.head_dim
+    split = t.vocab_size * d + t.num_layers * ((t.num_heads + 2 * t.num_kv_heads) * hd * d + d * t.num_heads * hd
+                                               + 3 * t.intermediate_size * d)
+    size = jnp.dtype(dtype).itemsize
+    total = param_bytes(split_cfg, dtype)
+    cache = kvc.cache_nbytes(t, batch, cache_length, dtype)
+    return dict(weights=split * size / n + (total - split * size), kv_cache=cache / n,
+                total=split * size / n + (total - split * size) + cache / n)
+
+
+def describe_plan(plan: dict[str, float], n: int) -> str:
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    return (f"per device ({n}): weights {gib(plan['weights'])} + KV cache {gib(plan['kv_cache'])} = "
+            f"{gib(plan['total'])}")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from gemma3_jax.runtime.engine import Engine, Timings
 from gemma3_jax.checkpoints.loading import load_pretrained
 from gemma3_jax.model.gemma3 import Gemma3
 from gemma3_jax.model.kernels import Kernels, platform
+from gemma3_jax.model.sharding import describe_plan, make_mesh, memory_plan
 from gemma3_jax.preprocessing.tokenizer import StreamDecoder
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -111,6 +113,12 @@ class Generator:
         cache_length = checkpoint.cache_length(cache_length, dtype)
         if compilation_cache:
             enable_compilation_cache()
+        if tensor_parallel != 1:  # the devices, then the split's memory, before the weights load
+            mesh = make_mesh(tensor_parallel) if isinstance(tensor_parallel, int) else tensor_parallel
+            plan = memory_plan(checkpoint.cfg, dtype, mesh.size, 1, cache_length)
+            if progress:
+                print(describe_plan(plan, mesh.size), file=sys.stderr)
+            tensor_parallel = mesh
         net = load_pretrained(checkpoint.path, dtype=dtype, attention=attention, progress=progress,
                               tensor_parallel=tensor_parallel)
         gen = cls(net, checkpoint, cache_length=cache_length, chunk=chunk)
