@@ -48,6 +48,36 @@ def test_bad_splits_are_refused():
     assert "one must divide the other" in got["kv"]
 
 
+def test_two_processes_give_one_process_logits(tmp_path):
+    """Several hosts: 2 processes x 2 CPU devices on 127.0.0.1 (``initialize_distributed``, gloo collectives), the
+    model split over all 4, give the logits of 1 process with 4 devices; both processes see the same."""
+    import socket
+
+    import numpy as np
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    def start(pid, nproc):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // nproc}",
+                   JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+        return subprocess.Popen([sys.executable, __file__, "distributed", str(pid), str(nproc), str(port),
+                                 str(tmp_path / f"logits_{nproc}_{pid}.npy")], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    procs = [start(0, 2), start(1, 2)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    one = start(0, 1)
+    assert one.wait(timeout=600) == 0, one.stderr.read()[-3000:]
+    want = np.load(tmp_path / "logits_1_0.npy")
+    for pid in (0, 1):
+        got = np.load(tmp_path / f"logits_2_{pid}.npy")
+        assert np.abs(got - want).max() <= TOL * np.abs(want).max()
+
+
 def test_cli_tensor_parallel(tmp_path):
     """scripts/generate.py --tensor-parallel N on a checkpoint in Hugging Face's layout (4 query heads over 2 KV
     heads), torch-free: the same greedy text for N = 1, 2, 4; one-line errors for N = 3 and more devices than
@@ -184,6 +214,25 @@ def _errors() -> dict:
     return out
 
 
+def _distributed(pid: str, nproc: str, port: str, out: str) -> dict:
+    """Logits of the model split over 4 devices, in one of ``nproc`` processes; saved whole by each."""
+    import numpy as np
+
+    from gemma3_jax.model.sharding import initialize_distributed, tensor_parallel
+
+    if int(nproc) > 1:
+        initialize_distributed(f"127.0.0.1:{port}", int(nproc), int(pid))
+    import jax
+    from jax.experimental import multihost_utils
+
+    model = _model(2)
+    ids, px = _inputs(model.cfg)
+    logits = jax.jit(lambda m, ids, px: m.text.logits(m.forward(ids, px)[0]))(tensor_parallel(model, 4), ids, px)
+    np.save(out, np.asarray(multihost_utils.process_allgather(logits, tiled=True)))
+    return {"devices": jax.device_count(), "processes": jax.process_count()}
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    print(json.dumps({"logits": _logits, "generate": _generate, "errors": _errors}[sys.argv[1]]()))
+    checks = {"logits": _logits, "generate": _generate, "errors": _errors, "distributed": _distributed}
+    print(json.dumps(checks[sys.argv[1]](*sys.argv[2:])))

@@ -109,8 +109,30 @@ def tensor_parallel(model: Gemma3, mesh: Mesh | int) -> Gemma3:
             value = group_qkv(value, t.num_heads, t.num_kv_heads, n)
         elif name.endswith("mlp.gate_up") and name.startswith("text."):
             value = group_gate_up(value, n)
-        node.set_value(jax.device_put(value, NamedSharding(mesh, _spec(name, value.ndim))))
+        node.set_value(_place(value, NamedSharding(mesh, _spec(name, value.ndim))))
     return split
+
+
+def _place(x, sharding: NamedSharding) -> jax.Array:
+    """``x`` placed as ``sharding`` says. A mesh that spans several processes (``jax.distributed``) is not
+    addressable from one: each device of this process gets its slice of a host copy."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int) -> None:
+    """Join a job of several processes (hosts), each with its local devices, so one mesh spans them all: every
+    process runs the same program (``jax.distributed.initialize``). On CPUs the collectives go through gloo."""
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
+    if isinstance(process_id, bool) or not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id!r}")
+    if jax.config.jax_platforms in (None, "", "cpu") or str(jax.config.jax_platforms).startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
 
 
 def cache_sharding(mesh: Mesh) -> NamedSharding:
@@ -123,8 +145,8 @@ def shard_cache(cache: kvc.KVCache, mesh: Mesh | None) -> kvc.KVCache:
     if mesh is None:
         return cache
     buf = cache_sharding(mesh)
-    return kvc.KVCache(tuple(jax.device_put(k, buf) for k in cache.k), tuple(jax.device_put(v, buf) for v in cache.v),
-                       jax.device_put(cache.lengths, NamedSharding(mesh, P())))
+    return kvc.KVCache(tuple(_place(k, buf) for k in cache.k), tuple(_place(v, buf) for v in cache.v),
+                       _place(cache.lengths, NamedSharding(mesh, P())))
 
 
 def memory_plan(cfg: Gemma3Config, dtype, n: int, batch: int, cache_length: int) -> dict[str, float]:
