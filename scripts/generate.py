@@ -58,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "or the model's positions if fewer)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="split the text decoder over N "
                    "devices (default: 1)")
+    dist = p.add_argument_group("several hosts (each runs the same command; see docs/tensor_parallel.md)")
+    dist.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address (jax.distributed)")
+    dist.add_argument("--num-processes", type=int, metavar="N", help="processes (hosts) in the job")
+    dist.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (not printed); repeat for several (default: none; generation "
                    "always stops at the end-of-turn and end-of-text tokens)")
@@ -120,6 +124,13 @@ def main(argv=None) -> int:
 
     enable_compilation_cache()  # before anything compiles: JAX reads the setting once
     try:
+        distributed = (args.coordinator_address, args.num_processes, args.process_id)
+        if any(v is not None for v in distributed):
+            if any(v is None for v in distributed):
+                raise ValueError("--coordinator-address, --num-processes and --process-id go together")
+            from gemma3_jax.model.sharding import initialize_distributed
+
+            initialize_distributed(*distributed)  # before JAX touches a device
         dtype = resolve_dtype(args.dtype)
         check_generation_args(args.max_new_tokens, args.seed, args.stop)
         prompt = read_prompt(args)

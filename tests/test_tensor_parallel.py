@@ -89,10 +89,12 @@ def test_cli_tensor_parallel(tmp_path):
                PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]),
                GEMMA3_JAX_COMPILATION_CACHE="0")
 
-    def cli(n):
-        return subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--model", str(model),
-                               "--prompt", "Describe the sea.", "--max-new-tokens", "8", "--temperature", "0",
-                               "--tensor-parallel", str(n)], env=env, capture_output=True, text=True, timeout=600)
+    def command(n, *more):
+        return [sys.executable, str(ROOT / "scripts" / "generate.py"), "--model", str(model), "--prompt",
+                "Describe the sea.", "--max-new-tokens", "8", "--temperature", "0", "--tensor-parallel", str(n), *more]
+
+    def cli(n, *more):
+        return subprocess.run(command(n, *more), env=env, capture_output=True, text=True, timeout=600)
 
     runs = {n: cli(n) for n in (1, 2, 4)}
     for n, r in runs.items():
@@ -103,6 +105,24 @@ def test_cli_tensor_parallel(tmp_path):
         r = cli(n)
         assert r.returncode == 2 and r.stderr.startswith("error:") and match in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
+
+    # two hosts of 2 devices each (the same command with --coordinator-address ...) print the same text
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [subprocess.Popen(command(4, "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                                      "--process-id", str(i)), env=two, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in (0, 1)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+        text = [line for line in out.splitlines() if not line.startswith("[Gloo]")]  # gloo's own connection log
+        assert "\n".join(text).strip() == runs[4].stdout.strip(), (out, runs[4].stdout)
+    r = cli(2, "--num-processes", "2")
+    assert r.returncode == 2 and "go together" in r.stderr, r.stderr[-2000:]
 
 
 # ---- the subprocess ---------------------------------------------------------------------------------------
