@@ -466,10 +466,10 @@ class BatchEngine:
         steps, tw, n = self._steps, self._text, self.decode_steps
         greedy_only = all(s.request.params.greedy for s in decoding)
 
-        def decode(weights, cache, state, limit, until_free):
-            return steps.decode(tw.merge_flat(weights), cache, state, limit, until_free, n, greedy_only)
+        def decode(weights, cache, state, until_free):
+            return steps.decode(tw.merge_flat(weights), cache, state, until_free, n, greedy_only)
 
-        args = (tw.flat, self.cache, self.state, jnp.int32(n), jnp.bool_(until_free))
+        args = (tw.flat, self.cache, self.state, jnp.bool_(until_free))
         fn = self._compile("decode", decode, args, greedy_only, donate=(1, 2))
         self.cache, self.state, tokens, produced = fn(*args)
         with self._cond:

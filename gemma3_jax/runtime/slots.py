@@ -9,7 +9,7 @@ without a trip through the host. Three compiled steps, each compiled once per sh
   first token and becomes active;
 - ``mixed``: ``prefill`` and one decode step of every slot in one pass over the weights, so prompt chunks ride
   on the decode steps of the slots already decoding (whose weight reads they share) instead of stalling them;
-- ``decode``: up to ``limit`` steps of every slot in one ``lax.while_loop`` (the CUDA-graph loop of the static
+- ``decode``: up to ``steps`` steps of every slot in one ``lax.while_loop`` (the CUDA-graph loop of the static
   engine); inactive slots compute along (fixed shapes) but their lengths do not move and their tokens are
   ignored, so a slot can be reused at once.
 
@@ -132,11 +132,11 @@ class SlotSteps:
         active = st.active & ~(nxt[:, None] == st.stops).any(-1) & (remaining > 0)
         return st._replace(token=jnp.where(st.active, nxt, st.token), active=active, remaining=remaining), nxt
 
-    def decode(self, text, cache: kvc.KVCache, state: SlotState, limit: Int[Array, ""], until_free: Bool[Array, ""],
-               steps: int, greedy_only: bool):
-        """Up to ``limit`` (<= ``steps``, static) steps of every active slot, fewer once none is active or, with
-        ``until_free``, once a slot finishes (so a queued request can take it). Returns (cache, state, tokens
-        [S, steps] (pad where a slot produced none), produced [S])."""
+    def decode(self, text, cache: kvc.KVCache, state: SlotState, until_free: Bool[Array, ""], steps: int,
+               greedy_only: bool):
+        """Up to ``steps`` steps of every active slot, fewer once none is active or, with ``until_free``, once a
+        slot finishes (so a queued request can take it). Returns (cache, state, tokens [S, steps] (pad where a
+        slot produced none), produced [S])."""
         slots = state.token.shape[0]
         started = state.active
 
@@ -152,7 +152,7 @@ class SlotSteps:
         def cond(carry):
             active = carry[1].active
             freed = jnp.any(started & ~active)
-            return (carry[-1] < limit) & jnp.any(active) & ~(until_free & freed)
+            return (carry[-1] < steps) & jnp.any(active) & ~(until_free & freed)
 
         out = jnp.full((slots, steps), self.pad_id, jnp.int32)
         carry = (cache, state, out, jnp.zeros((slots,), jnp.int32), jnp.int32(0))
