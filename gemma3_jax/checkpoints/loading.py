@@ -26,8 +26,7 @@ from tqdm.auto import tqdm
 from gemma3_jax.model.config import CheckpointError, TextConfig, load_config
 from gemma3_jax.model.gemma3 import Gemma3
 from gemma3_jax.model.kernels import Kernels
-from gemma3_jax.model.sharding import check_splits, make_mesh
-from gemma3_jax.model.sharding import tensor_parallel as shard_model
+from gemma3_jax.model.sharding import check_splits, make_mesh, shard_weight, split_model
 from gemma3_jax.checkpoints.weight_files import iter_tensors, open_weight_files
 
 __all__ = ["CheckpointError", "checkpoint_files", "load_pretrained"]
@@ -198,7 +197,8 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
                     progress: bool = True, tensor_parallel: int | Mesh = 1) -> Gemma3:
     """Read a checkpoint directory (config.json + safetensors) into a ``Gemma3`` with weights in ``dtype``;
     ``attention`` as for ``Gemma3``. ``tensor_parallel``: split the text decoder over that many devices (or a
-    one-axis ``Mesh``; ``model.sharding``), checked against the config before the weights load."""
+    one-axis ``Mesh``; ``model.sharding``), checked against the config before the weights load; each weight goes
+    to its shards as it is read, so no device holds more than one whole weight at a time."""
     kernels = Kernels.resolve(attention)
     if isinstance(tensor_parallel, int) and not isinstance(tensor_parallel, bool):
         mesh = None if tensor_parallel == 1 else make_mesh(tensor_parallel)
@@ -223,8 +223,10 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
     if mesh is not None:
         check_splits(cfg, mesh.size)
     files = open_weight_files(path)
-    model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, kernels))
+    model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, kernels))  # the unsplit layout: names and shapes to check
     params = _params_by_path(model)
+    split = None if mesh is None else split_model(cfg, dtype, kernels, mesh)
+    targets = params if split is None else _params_by_path(split)
     loaded: set[str] = set()
     pending: dict[str, dict[str, jax.Array]] = {}  # fused weights: pieces read so far
     tied = _is_tied(raw)
@@ -271,7 +273,7 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
                 continue
             value = jnp.concatenate([got[k] for k in order], axis=axis)
             del pending[name]
-        p.set_value(value)
+        targets[name].set_value(value if split is None else shard_weight(cfg, name, value, mesh))
         loaded.add(name)
     ok = np.asarray(jnp.stack([f for *_, f in finite])) if finite else np.ones(0, bool)
     if not ok.all():
@@ -285,7 +287,7 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"missing tensor(s) in {path}: {', '.join(missing[:5])}{more}")
-    return model if mesh is None else shard_model(model, mesh)
+    return model if split is None else split
 
 
 def _is_tied(d: dict) -> bool:

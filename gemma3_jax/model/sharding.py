@@ -89,27 +89,34 @@ def _spec(path: str, ndim: int) -> P:
     return P(*(AXIS if i == axis else None for i in range(ndim)))
 
 
+def split_model(cfg: Gemma3Config, dtype, kernels, mesh: Mesh) -> Gemma3:
+    """An abstract (unfilled) model split over ``mesh``: fill each weight with ``shard_weight``."""
+    split_cfg = sharded_config(cfg, mesh.size)
+    return nnx.eval_shape(lambda: Gemma3(split_cfg, dtype, dataclasses.replace(kernels, mesh=mesh)))
+
+
+def shard_weight(cfg: Gemma3Config, name: str, value, mesh: Mesh) -> jax.Array:
+    """One weight of the unsplit model (``name``: its path, e.g. 'text.layers.0.attn.qkv_proj') regrouped and
+    placed on ``mesh`` as the split model holds it."""
+    t, n = cfg.text, mesh.size
+    if name.startswith("text.") and name.endswith("attn.qkv_proj"):
+        value = group_qkv(value, t.num_heads, t.num_kv_heads, n)
+    elif name.startswith("text.") and name.endswith("mlp.gate_up"):
+        value = group_gate_up(value, n)
+    return _place(value, NamedSharding(mesh, _spec(name, value.ndim)))
+
+
 def tensor_parallel(model: Gemma3, mesh: Mesh | int) -> Gemma3:
     """``model`` split over ``mesh`` (or a mesh of the first N devices): a new model; ``model`` is unchanged."""
     mesh = make_mesh(mesh) if isinstance(mesh, int) else mesh
     if not isinstance(mesh, Mesh) or len(mesh.axis_names) != 1:
         raise ValueError(f"tensor_parallel takes a device count or a Mesh with one axis, got {mesh!r}")
-    n = mesh.size
-    cfg = sharded_config(model.cfg, n)
-    kernels = dataclasses.replace(model.kernels, mesh=mesh)
-    split = nnx.eval_shape(lambda: Gemma3(cfg, model.dtype, kernels))
-    t = model.cfg.text
+    split = split_model(model.cfg, model.dtype, model.kernels, mesh)
     source = {".".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
     for path, node in nnx.iter_graph(split):
-        if not isinstance(node, nnx.Param):
-            continue
-        name = ".".join(map(str, path))
-        value = source[name][...]
-        if name.endswith("attn.qkv_proj") and name.startswith("text."):
-            value = group_qkv(value, t.num_heads, t.num_kv_heads, n)
-        elif name.endswith("mlp.gate_up") and name.startswith("text."):
-            value = group_gate_up(value, n)
-        node.set_value(_place(value, NamedSharding(mesh, _spec(name, value.ndim))))
+        if isinstance(node, nnx.Param):
+            name = ".".join(map(str, path))
+            node.set_value(shard_weight(model.cfg, name, source[name][...], mesh))
     return split
 
 
