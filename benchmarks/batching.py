@@ -10,6 +10,9 @@ Gemma-3-4B shapes, random bf16 weights. Sections (``--only``):
 - ``long``: ``max_batch - 1`` streams decoding when a ~32K-token prompt arrives: their inter-token p50 before it
   and p99 while it is prefilled, and its TTFT.
 - ``ttft``: a lone 1-image prompt (323 tokens) on an idle engine: submit to first token.
+- ``profile``: ``max_batch - 1`` streams decoding while a 2,000-token prompt is prefilled beside them: wall time
+  per engine step, and the GPU kernels of a few steps from a profiler trace (per mixed call, per decode step), at
+  each ``--profile-step-tokens``; the HLO copies of cache-sized buffers in the compiled mixed call.
 - ``peer``: transformers' continuous batching (``generate_batch``) on text-only requests of the same kind, against
   ours on the same requests.
 
@@ -23,8 +26,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
+import math
+import os
+import re
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -32,14 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import attempt, log, make_pixels, make_prompt, out_path, print_errors, round_up, save_json
+from benchmarks.common import attempt, kernel_table, log, make_pixels, make_prompt, out_path, print_errors, round_up, save_json
 from benchmarks.common import spec_of
 from benchmarks.generate import time_decode
 from benchmarks.random_init import random_model
 from gemma3_jax.runtime.batching import BatchEngine, Request
 from gemma3_jax.runtime.engine import Engine
 
-SECTIONS = ("static", "offline", "long", "ttft", "peer")
+SECTIONS = ("static", "offline", "long", "ttft", "profile", "peer")
 
 
 def workload(cfg, n: int, rng, small: bool) -> list[Request]:
@@ -173,6 +181,73 @@ def section_ttft(model, cfg, args, res, rng, spec):
     log(f"lone {n}-token 1-image prompt: TTFT {res['ttft']['ttft_ms']:.2f} ms (first, compiling: {times[0]:.1f} s)")
 
 
+def big_copies(hlo: str, min_bytes: int = 1 << 20) -> list[str]:
+    """The copy instructions of an optimized HLO text that move at least ``min_bytes`` (shape and count)."""
+    found: dict[str, int] = {}
+    for m in re.finditer(r"= (bf16|f32|s32|f16)\[([0-9,]+)\]\{[^}]*\} copy\(", hlo):
+        size = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4}[m.group(1)] * math.prod(int(d) for d in m.group(2).split(","))
+        if size >= min_bytes:
+            key = f"{m.group(1)}[{m.group(2)}]"
+            found[key] = found.get(key, 0) + 1
+    return [f"{n} x {k}" for k, n in sorted(found.items(), key=lambda kv: -kv[1])]
+
+
+def section_profile(model, cfg, args, res, rng):
+    """Steady mixed calls (decoding streams + one prompt's chunks) and steady decode calls: wall per step, GPU
+    kernels per call from a trace."""
+    streams_n, short = args.max_batch - 1, 512 // (10 if args.small else 1)
+    new = 300 if args.small else 2000
+    out = res.setdefault("profile", {})
+    for step_tokens in args.profile_step_tokens:
+        prompt_n = 12 * step_tokens  # enough chunks for the calls timed and traced
+        eng = BatchEngine(model, max_batch=args.max_batch, cache_length=round_up(max(short + new, prompt_n + 2)),
+                          chunk_tokens=args.chunk_tokens, prefill_rows=args.prefill_rows,
+                          decode_steps=args.decode_steps, step_tokens=step_tokens)
+        streams = [eng.submit(Request(make_prompt(cfg, short, 0, rng), max_new_tokens=new, stop_ids=()))
+                   for _ in range(streams_n)]
+        while not all(s.tokens for s in streams):
+            eng.step()
+        r = {}
+        for phase in ("decode", "mixed"):
+            if phase == "mixed":
+                eng.submit(Request(make_prompt(cfg, prompt_n, 0, rng), max_new_tokens=2, stop_ids=()))
+            counter = "mixed_calls" if phase == "mixed" else "decode_calls"
+            eng.step()  # compiles
+            walls = []
+            for _ in range(4):
+                before = eng.counters[counter]
+                t = time.perf_counter()
+                eng.step()
+                if eng.counters[counter] > before:
+                    walls.append(time.perf_counter() - t)
+            with tempfile.TemporaryDirectory() as logdir:
+                before = eng.counters[counter]
+                with jax.profiler.trace(logdir, create_perfetto_trace=True):
+                    for _ in range(3):
+                        eng.step()
+                    jax.block_until_ready(eng.cache)
+                calls = eng.counters[counter] - before
+                table = kernel_table(logdir, max(calls, 1), top=30)
+            r[phase] = dict(wall_ms=[w * 1e3 for w in walls], traced_calls=calls, kernels=table)
+            log(f"profile step_tokens {step_tokens} {phase}: wall/step {[round(w * 1e3, 2) for w in walls]} ms; "
+                f"kernels {table.get('total_us_per_step', 0) / 1e3:.2f} ms, span "
+                f"{table.get('span_us_per_step', 0) / 1e3:.2f} ms per call ({calls} calls traced)")
+            for row in table.get("top", [])[:12]:
+                log(f"    {row['us_per_step']:9.1f} us x{row['calls_per_step']:.0f}  {row['name'][:100]}")
+        for name, c in eng.compiled_steps():
+            if name == "mixed":
+                hlo = c.as_text()
+                r["mixed_big_copies"] = big_copies(hlo)
+                if out_path("x") is not None and step_tokens == args.profile_step_tokens[0]:
+                    os.makedirs(os.path.dirname(out_path("x")), exist_ok=True)
+                    with gzip.open(out_path(f"mixed_{step_tokens}.hlo.gz"), "wt") as fh:
+                        fh.write(hlo)
+                log(f"    mixed call's copies of >= 1 MiB: {r['mixed_big_copies'][:8]}")
+        out[str(step_tokens)] = r
+        del eng
+        gc.collect()
+
+
 def section_peer(model, cfg, args, res, rng):
     """transformers' generate_batch on text-only requests, and ours on the same."""
     import torch
@@ -220,6 +295,7 @@ def main() -> int:
     ap.add_argument("--prefill-rows", type=int, default=4)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--step-tokens", type=int, default=256)
+    ap.add_argument("--profile-step-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[256, 1024])
     args = ap.parse_args()
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     if sections - set(SECTIONS):
@@ -247,6 +323,7 @@ def main() -> int:
     for name, fn in (("offline", lambda: section_offline(model, cfg, args, res, rng)),
                      ("long", lambda: section_long(model, cfg, args, res, rng)),
                      ("ttft", lambda: section_ttft(model, cfg, args, res, rng, spec)),
+                     ("profile", lambda: section_profile(model, cfg, args, res, rng)),
                      ("peer", lambda: section_peer(model, cfg, args, res, rng))):
         if name in sections:
             with attempt(res, name):

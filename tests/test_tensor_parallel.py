@@ -19,10 +19,10 @@ ROOT = Path(__file__).parents[1]
 TOL = 1e-5  # relative to the largest logit (float32; only the order of the partial sums changes)
 
 
-def run_worker(check: str) -> dict:
+def run_worker(check: str, *more: str) -> dict:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, __file__, check], env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, __file__, check, *more], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -46,6 +46,17 @@ def test_bad_splits_are_refused():
     assert "does not divide the 8 query heads" in got["heads"]
     assert "needs 16 devices, but 8 are present" in got["devices"]
     assert "one must divide the other" in got["kv"]
+
+
+def test_loading_streams_each_text_weight_to_its_shards(tmp_path):
+    """load_pretrained(tensor_parallel=N) on a Hugging Face layout: every weight equals the one-device load split
+    afterwards (bf16 and float32, N = 2 and 4: KV heads copied), no text weight is ever made one array (host or
+    device) whole, and a NaN in one piece of a fused weight (a k_proj) is named."""
+    got = run_worker("loading", str(tmp_path))
+    assert got["mismatched"] == [], got["mismatched"]
+    assert got["compared"] >= 4 * 60, got["compared"]
+    assert got["whole_text_arrays"] == [], got["whole_text_arrays"]
+    assert "layers.1.self_attn.k_proj.weight" in got["nan"] and "NaN or Inf" in got["nan"], got["nan"]
 
 
 def test_two_processes_give_one_process_logits(tmp_path):
@@ -234,6 +245,66 @@ def _errors() -> dict:
     return out
 
 
+def _loading(tmp: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from safetensors.numpy import load_file, save_file
+
+    from fixtures import real_layout as rl
+    from gemma3_jax.checkpoints import loading
+    from gemma3_jax.model.config import CheckpointError
+    from gemma3_jax.model.sharding import tensor_parallel
+
+    path = rl.write_checkpoint(Path(tmp) / "it", "it")
+    text_sizes = {int(np.prod(x.shape)) for k, x in rl.random_weights("it").items() if "language_model" in k
+                  and x.ndim == 2}
+    whole = []
+    real_array, real_put = jnp.array, jax.device_put
+
+    def spy(fn):
+        def wrapped(x, *a, **k):
+            if getattr(x, "ndim", 0) == 2 and int(np.prod(x.shape)) in text_sizes and tracing[0]:
+                whole.append(list(x.shape))
+            return fn(x, *a, **k)
+        return wrapped
+
+    tracing = [False]
+    jnp.array, jax.device_put = spy(real_array), spy(real_put)  # what a whole-weight copy would go through
+    mismatched, compared = [], 0
+    try:
+        for dtype in (jnp.bfloat16, jnp.float32):
+            one = loading.load_pretrained(path, dtype, progress=False)
+            for n in (2, 4):
+                want = nnx.state(tensor_parallel(one, n), nnx.Param)
+                tracing[0] = True
+                got = nnx.state(loading.load_pretrained(path, dtype, progress=False, tensor_parallel=n), nnx.Param)
+                tracing[0] = False
+                for (p, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                                          jax.tree_util.tree_flatten_with_path(want)[0]):
+                    compared += 1
+                    if a.dtype != b.dtype or a.sharding != b.sharding or not np.array_equal(np.asarray(a), np.asarray(b)):
+                        mismatched.append(jax.tree_util.keystr(p))
+    finally:
+        jnp.array, jax.device_put = real_array, real_put
+    # a NaN in one piece of a fused weight, the file rewritten
+    shard = next(f for f in sorted(path.glob("*.safetensors"))
+                 if any(k.endswith("layers.1.self_attn.k_proj.weight") for k in load_file(str(f))))
+    tensors = load_file(str(shard))
+    key = next(k for k in tensors if k.endswith("layers.1.self_attn.k_proj.weight"))
+    bad = tensors[key].copy()
+    bad.reshape(-1)[7] = np.nan
+    tensors[key] = bad
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    try:
+        loading.load_pretrained(path, progress=False, tensor_parallel=2)
+        nan = "loaded"
+    except CheckpointError as e:
+        nan = str(e)
+    return dict(mismatched=mismatched, compared=compared, whole_text_arrays=whole, nan=nan)
+
+
 def _distributed(pid: str, nproc: str, port: str, out: str) -> dict:
     """Logits of the model split over 4 devices, in one of ``nproc`` processes; saved whole by each."""
     import numpy as np
@@ -254,5 +325,6 @@ def _distributed(pid: str, nproc: str, port: str, out: str) -> dict:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    checks = {"logits": _logits, "generate": _generate, "errors": _errors, "distributed": _distributed}
+    checks = {"logits": _logits, "generate": _generate, "errors": _errors, "distributed": _distributed,
+              "loading": _loading}
     print(json.dumps(checks[sys.argv[1]](*sys.argv[2:])))

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from gemma3_jax.model.config import CheckpointError, TextConfig, load_config
 from gemma3_jax.model.gemma3 import Gemma3
 from gemma3_jax.model.kernels import Kernels
-from gemma3_jax.model.sharding import check_splits, make_mesh, shard_weight, split_model
-from gemma3_jax.checkpoints.weight_files import iter_tensors, open_weight_files
+from gemma3_jax.model.sharding import check_splits, make_mesh, shard_from_host, shard_weight, split_model
+from gemma3_jax.checkpoints.weight_files import all_finite, iter_tensors, open_weight_files
 
 __all__ = ["CheckpointError", "checkpoint_files", "load_pretrained"]
 
@@ -255,30 +255,44 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
         expect = tuple(vision_nh if e == _NH else e for e in hf_shape_of(want))
         if len(expect) != len(hf_shape) or any(e not in (-1, h) for e, h in zip(expect, hf_shape)):
             raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, expected {list(expect)} for {name!r}")
+        streamed = split is not None and name.startswith("text.")  # host slices straight to each device
         try:
-            host = jnp.array(file.read(key, check_finite=False))  # a copy: never aliases the map
-            finite.append((file.path, key, jnp.isfinite(host).all()))  # on the device, read once at the end
-            value = convert(host, want).astype(dtype)
+            view = file.read(key, check_finite=False)  # over the file's map: no copy yet
+            if streamed:
+                value = convert(view, want)  # the text conversions are reshapes: still a view
+            else:
+                host = jnp.array(view)  # a copy: never aliases the map
+                finite.append(([(file.path, key, view)], jnp.isfinite(host).all()))  # on the device, read at the end
+                value = convert(host, want).astype(dtype)
         except CheckpointError:
             raise
         except (TypeError, ValueError) as e:  # a reshape that cannot fit: name the tensor, not numpy's message
             raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, which does not fit {full!r} {want}") from e
         if value.shape != want:
             raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, which does not fit {full!r} {want}")
+        sources = [(file.path, key, view)]
         if piece is not None:
             got = pending.setdefault(name, {})
-            got[piece] = value
+            got[piece] = (value, sources[0])
             order = [k for k, _ in sizes]
             if set(got) != set(order):
                 continue
-            value = jnp.concatenate([got[k] for k in order], axis=axis)
+            parts = [got[k] for k in order]
             del pending[name]
-        targets[name].set_value(value if split is None else shard_weight(cfg, name, value, mesh))
+            sources = [src for _, src in parts]
+            # streamed text pieces stack along axis 0, which shard_from_host gathers from: no concatenated copy
+            value = [v for v, _ in parts] if streamed else jnp.concatenate([v for v, _ in parts], axis=axis)
+        if streamed:
+            value = shard_from_host(cfg, name, value if isinstance(value, list) else [value], mesh, dtype)
+            finite.append((sources, jnp.isfinite(value).all()))
+        elif split is not None:
+            value = shard_weight(cfg, name, value, mesh)
+        targets[name].set_value(value)
         loaded.add(name)
-    ok = np.asarray(jnp.stack([f for *_, f in finite])) if finite else np.ones(0, bool)
-    if not ok.all():
-        file, key, _ = finite[int(np.argmin(ok))]
-        raise CheckpointError(f"{file}: tensor {key!r} holds NaN or Inf values; refusing a damaged weight")
+    for sources, flag in finite:  # each flag was computed where its weight went; read once everything is queued
+        if not np.asarray(flag.addressable_data(0)):
+            file, key = next(((f, k) for f, k, view in sources if not all_finite(view)), sources[0][:2])
+            raise CheckpointError(f"{file}: tensor {key!r} holds NaN or Inf values; refusing a damaged weight")
     missing = []
     for n in sorted(set(params) - loaded):
         fused = pieces_of(n, cfg.text)

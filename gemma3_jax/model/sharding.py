@@ -60,19 +60,30 @@ def sharded_config(cfg: Gemma3Config, n: int) -> Gemma3Config:
     return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_kv_heads=max(cfg.text.num_kv_heads, n)))
 
 
-def group_qkv(w, heads: int, kv_heads: int, n: int):
-    """q|k|v rows [N + 2K, ...] (q, then k, then v) -> N groups of (its queries, their keys, their values)."""
-    q, k, v = w[:heads], w[heads : heads + kv_heads], w[heads + kv_heads :]
+def qkv_rows(heads: int, kv_heads: int, n: int) -> np.ndarray:
+    """Source rows (of q|k|v stacked: q, then k, then v) of the N groups (its queries, their keys, their values)
+    the split q|k|v weight holds, in order; a KV head appears in each group whose queries read it."""
+    q, k = np.arange(heads), heads + np.arange(kv_heads)
+    v = k + kv_heads
     if kv_heads < n:  # each KV head copied to the groups whose queries read it
-        k, v = (jnp.repeat(x, n // kv_heads, axis=0) for x in (k, v))
-    split = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])  # noqa: E731
-    return jnp.concatenate([split(q), split(k), split(v)], axis=1).reshape(-1, *w.shape[1:])
+        k, v = np.repeat(k, n // kv_heads), np.repeat(v, n // kv_heads)
+    split = lambda x: x.reshape(n, -1)  # noqa: E731
+    return np.concatenate([split(q), split(k), split(v)], axis=1).reshape(-1)
 
 
-def group_gate_up(w, n: int):
-    """gate|up rows [2F, D] -> N groups of (its gate rows, its up rows)."""
-    f = w.shape[0] // 2
-    return jnp.stack([w[:f], w[f:]]).reshape(2, n, f // n, -1).transpose(1, 0, 2, 3).reshape(2 * f, -1)
+def gate_up_rows(hidden: int, n: int) -> np.ndarray:
+    """Source rows (of gate|up stacked) of the N groups (its gate rows, its up rows), in order."""
+    return np.arange(2 * hidden).reshape(2, n, hidden // n).transpose(1, 0, 2).reshape(-1)
+
+
+def weight_rows(cfg: Gemma3Config, name: str, n: int) -> np.ndarray | None:
+    """The regrouped row order of a fused text weight split over ``n`` devices (None: rows as they are)."""
+    t = cfg.text
+    if name.startswith("text.") and name.endswith("attn.qkv_proj"):
+        return qkv_rows(t.num_heads, t.num_kv_heads, n)
+    if name.startswith("text.") and name.endswith("mlp.gate_up"):
+        return gate_up_rows(t.intermediate_size, n)
+    return None
 
 
 def _spec(path: str, ndim: int) -> P:
@@ -98,12 +109,38 @@ def split_model(cfg: Gemma3Config, dtype, kernels, mesh: Mesh) -> Gemma3:
 def shard_weight(cfg: Gemma3Config, name: str, value, mesh: Mesh) -> jax.Array:
     """One weight of the unsplit model (``name``: its path, e.g. 'text.layers.0.attn.qkv_proj') regrouped and
     placed on ``mesh`` as the split model holds it."""
-    t, n = cfg.text, mesh.size
-    if name.startswith("text.") and name.endswith("attn.qkv_proj"):
-        value = group_qkv(value, t.num_heads, t.num_kv_heads, n)
-    elif name.startswith("text.") and name.endswith("mlp.gate_up"):
-        value = group_gate_up(value, n)
+    rows = weight_rows(cfg, name, mesh.size)
+    if rows is not None:
+        value = jnp.take(value, rows, axis=0)
     return _place(value, NamedSharding(mesh, _spec(name, value.ndim)))
+
+
+def shard_from_host(cfg: Gemma3Config, name: str, pieces: list[np.ndarray], mesh: Mesh, dtype) -> jax.Array:
+    """A weight of the unsplit model given as host arrays (e.g. views of a memory-mapped file) stacked along their
+    first axis (a fused weight's pieces: q, k, v or gate, up), regrouped and placed on ``mesh``: each device's
+    slice is gathered from the pieces, converted to ``dtype`` and copied to it alone, so neither a device nor the
+    host ever holds the whole weight in one array."""
+    sizes = [p.shape[0] for p in pieces]
+    rest = pieces[0].shape[1:]
+    if any(p.shape[1:] != rest for p in pieces):
+        raise ValueError(f"{name}: pieces of shapes {[p.shape for p in pieces]} do not stack along their first axis")
+    rows = weight_rows(cfg, name, mesh.size)
+    if rows is None:
+        rows = np.arange(sum(sizes))
+    starts = np.cumsum([0] + sizes)
+    shape = (len(rows), *rest)
+
+    def shard(index) -> np.ndarray:
+        want = rows[index[0]]
+        out = np.empty((len(want), *(len(range(*ix.indices(d))) for ix, d in zip(index[1:], rest))), np.dtype(dtype))
+        for i, piece in enumerate(pieces):
+            hit = np.flatnonzero((want >= starts[i]) & (want < starts[i + 1]))
+            if hit.size:  # the other axes' slices first: a view, so only this device's share is read
+                out[hit] = piece[(slice(None), *index[1:])][want[hit] - starts[i]]
+        return out
+
+    sharding = NamedSharding(mesh, _spec(name, len(shape)))
+    return jax.make_array_from_callback(shape, sharding, shard)
 
 
 def tensor_parallel(model: Gemma3, mesh: Mesh | int) -> Gemma3:

@@ -279,6 +279,10 @@ class BatchEngine:
         self.counters[reason] += 1
 
     # ---- compiled steps ------------------------------------------------------------------------
+    def compiled_steps(self) -> list[tuple[str, jax.stages.Compiled]]:
+        """(name, compiled call) of every shape compiled so far (for profiling: ``as_text()`` is its HLO)."""
+        return [(key[1][0], c) for key, c in self._compiled.items()]
+
     def _compile(self, name: str, fn, args, static, donate=()):
         # the embedding and mixed calls are prefill steps for XLA's options (cuBLAS for their GEMMs)
         kind = "prefill" if name in ("embed", "mixed") else name
