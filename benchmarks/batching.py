@@ -168,7 +168,7 @@ def section_ttft(model, cfg, args, res, rng, spec):
     n, imgs = spec.short
     eng = make_engine(model, args, round_up(n + spec.new))
     req = Request(make_prompt(cfg, n, imgs, rng), make_pixels(cfg, imgs, rng), max_new_tokens=2, stop_ids=())
-    times = []
+    times, first = [], []
     for i in range(6):
         eng.features = type(eng.features)(eng.features.max_bytes)  # a new image each time: encoded, not cached
         t = time.perf_counter()
@@ -176,9 +176,26 @@ def section_ttft(model, cfg, args, res, rng, spec):
         while not s.tokens:
             eng.step()
         times.append(time.perf_counter() - t)
+        first.append(s.first_token_at - s.submitted)
         eng.run()
-    res["ttft"] = dict(tokens=n, images=imgs, ttft_ms=statistics.median(times[1:]) * 1e3, first_ms=times[0] * 1e3)
-    log(f"lone {n}-token 1-image prompt: TTFT {res['ttft']['ttft_ms']:.2f} ms (first, compiling: {times[0]:.1f} s)")
+    res["ttft"] = dict(tokens=n, images=imgs, ttft_ms=statistics.median(times[1:]) * 1e3,
+                       first_token_at_ms=statistics.median(first[1:]) * 1e3, first_ms=times[0] * 1e3)
+    with tempfile.TemporaryDirectory() as logdir:  # where the time goes: the GPU's kernels over one request
+        eng.features = type(eng.features)(eng.features.max_bytes)
+        with jax.profiler.trace(logdir, create_perfetto_trace=True):
+            t = time.perf_counter()
+            s = eng.submit(req)
+            while not s.tokens:
+                eng.step()
+            wall = time.perf_counter() - t
+        res["ttft"]["traced"] = dict(wall_ms=wall * 1e3, kernels=kernel_table(logdir, 1, top=20))
+        eng.run()
+    k = res["ttft"]["traced"]["kernels"]
+    log(f"lone {n}-token 1-image prompt: TTFT {res['ttft']['ttft_ms']:.2f} ms (first token delivered at "
+        f"{res['ttft']['first_token_at_ms']:.2f} ms; first, compiling: {times[0]:.1f} s); traced: kernels "
+        f"{k.get('total_us_per_step', 0) / 1e3:.2f} ms over a span of {k.get('span_us_per_step', 0) / 1e3:.2f} ms")
+    for row in k.get("top", [])[:10]:
+        log(f"    {row['us_per_step']:9.1f} us x{row['calls_per_step']:.0f}  {row['name'][:100]}")
 
 
 def big_copies(hlo: str, min_bytes: int = 1 << 20) -> list[str]:

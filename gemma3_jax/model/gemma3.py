@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, Int
 
 from gemma3_jax.model.config import Gemma3Config
 from gemma3_jax.model.kernels import AttentionBatch, Kernels
-from gemma3_jax.model.text import TextModel
+from gemma3_jax.model.text import TextModel, embed_lookup
 from gemma3_jax.model.vision import Projector, VisionTower
 
 
@@ -41,7 +41,7 @@ class Gemma3(nnx.Module):
     def embed(self, input_ids: Int[Array, "B L"], pixel_values=None) -> Float[Array, "B L D"]:
         """Token embeddings with image features scattered, in order, into the image-token positions."""
         feats = None if pixel_values is None else self.image_features(pixel_values)
-        return embed_with_features(self.cfg, self.text, input_ids, feats)
+        return embed_with_features(self.cfg, self.text.embed[...], input_ids, feats)
 
     def forward(
         self,
@@ -122,14 +122,15 @@ NUMERICS_OPTIONS = {"xla_allow_excess_precision": False}
 
 
 def embed_with_features(
-    cfg: Gemma3Config, text: TextModel, input_ids: Int[Array, "B L"], feats: Float[Array, "I T D"] | None
+    cfg: Gemma3Config, table: Float[Array, "V D"], input_ids: Int[Array, "B L"], feats: Float[Array, "I T D"] | None
 ) -> Float[Array, "B L D"]:
-    """Token embeddings with ``feats`` (image_features, or None) scattered, in order, into the image tokens."""
+    """Token embeddings (``table``: the text model's embedding) with ``feats`` (image_features, or None)
+    scattered, in order, into the image tokens."""
     is_image = input_ids == cfg.image_token_id
     ids = input_ids
     if cfg.image_token_id >= cfg.text.vocab_size:  # out-of-vocabulary placeholder, as HF
         ids = jnp.where(is_image, 0, input_ids)
-    x = text.embed_tokens(ids)
+    x = embed_lookup(table, ids)
     if feats is None:
         return x
     feats = feats.reshape(-1, feats.shape[-1]).astype(x.dtype)  # [I*T, D] in prompt order
@@ -144,7 +145,7 @@ def decoder_forward(
 ) -> tuple[Float[Array, "B L D"], list]:
     """The text decoder over the prompt with the images' features already computed: final hidden states and each
     layer's (keys, values). Needs only the text weights (the Engine runs the vision tower as a call of its own)."""
-    x = embed_with_features(cfg, text, input_ids, feats)
+    x = embed_with_features(cfg, text.embed[...], input_ids, feats)
     return text(x, AttentionBatch.for_prompt(input_ids == cfg.image_token_id, kv_lengths))
 
 

@@ -16,6 +16,13 @@ from gemma3_jax.model.kernels import AttentionBatch, Kernels
 from gemma3_jax.model.layers import GeGLU, RMSNorm, apply_rope, param, rope_cos_sin
 
 
+def embed_lookup(table: Float[Array, "V D"], input_ids: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+    """Token embeddings from the embedding table alone (a step that needs nothing else takes just the table)."""
+    # sqrt(hidden) is rounded in the weight dtype, as transformers does (55.4256 -> 55.5 in bf16).
+    scale = jnp.asarray(np.sqrt(table.shape[-1]), table.dtype)
+    return jnp.take(table, input_ids, axis=0) * scale
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with q/k RMSNorm before RoPE and the image-span mask.
 
@@ -149,9 +156,7 @@ class TextModel(nnx.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def embed_tokens(self, input_ids: Int[Array, "B T"]) -> Float[Array, "B T D"]:
-        # sqrt(hidden) is rounded in the weight dtype, as transformers does (55.4256 -> 55.5 in bf16).
-        scale = jnp.asarray(np.sqrt(self.cfg.hidden_size), self.dtype)
-        return jnp.take(self.embed[...], input_ids, axis=0) * scale
+        return embed_lookup(self.embed[...], input_ids)
 
     def rope_tables(self, positions: Int[Array, "B T"]) -> dict[str, tuple[Array, Array]]:
         h = self.cfg.head_dim
