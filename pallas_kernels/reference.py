@@ -167,17 +167,20 @@ def decode_attention_fused_reference(qkv, q_norm, k_norm, cos, sin, k_cache, v_c
 
 # ---- batch-1 matrix-vector products and the residual add with its norms -------------------------------------
 
-def gemv_reference(x, w):
-    """f32 products of the inputs, [B, N] f32."""
-    return jnp.einsum("BK,NK->BN", x.astype(jnp.float32), w.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
+def gemv_reference(x, w, scale=None):
+    """f32 products of the inputs, [B, N] f32; with ``scale`` [N], w (int8 / float8_e4m3fn) is dequantized to
+    f32 ``w * scale[:, None]`` first."""
+    wf = w.astype(jnp.float32)
+    if scale is not None:
+        wf = wf * scale.astype(jnp.float32)[:, None]
+    return jnp.einsum("BK,NK->BN", x.astype(jnp.float32), wf, precision=jax.lax.Precision.HIGHEST)
 
 
-def gemv_geglu_reference(x, w_gate_up):
-    """The same roundings as ``gemv_geglu`` around f32 products."""
+def gemv_geglu_reference(x, w_gate_up, scale=None):
+    """The same roundings as ``gemv_geglu`` around f32 products (of the dequantized weight with ``scale``)."""
     dt, f32 = x.dtype, jnp.float32
     f = w_gate_up.shape[0] // 2
-    y = gemv_reference(x, w_gate_up).astype(dt).astype(f32)
+    y = gemv_reference(x, w_gate_up, scale).astype(dt).astype(f32)
     act = gelu_tanh_f32(y[:, :f]).astype(dt).astype(f32)
     return (act * y[:, f:]).astype(dt)
 

@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "or the model's positions if fewer)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="split the text decoder over N "
                    "devices (default: 1)")
+    p.add_argument("--quantize", metavar="MODE", help="int8 or fp8: the text decoder's weights in 8 bits with a scale "
+                   "per output channel, half the bytes a decode step reads (default: the --dtype weights)")
     dist = p.add_argument_group("several hosts (each runs the same command; see docs/tensor_parallel.md)")
     dist.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address (jax.distributed)")
     dist.add_argument("--num-processes", type=int, metavar="N", help="processes (hosts) in the job")
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
         ids, pixels = ckpt.build_inputs([prompt], [args.image], chat=chat, system=args.system)
         check_fits(len(ids[0]), args.max_new_tokens, cache_length)
         gen = Generator.from_checkpoint(ckpt, dtype=args.dtype, cache_length=cache_length,
-                                        tensor_parallel=args.tensor_parallel)
+                                        tensor_parallel=args.tensor_parallel, quantize=args.quantize)
         print(f"loaded in {gen.load_s:.1f} s", file=sys.stderr)
 
         def stream(row: int, delta: str) -> None:

@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", help="bfloat16 or float32 (default: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="split the text decoder over N "
                    "devices (default: 1)")
+    p.add_argument("--quantize", metavar="MODE", help="int8 or fp8: the text decoder's weights in 8 bits with a scale "
+                   "per output channel, half the bytes a decode step reads (default: the --dtype weights)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: none)")
     p.add_argument("--allowed-local-media", metavar="DIR", help="image paths are read only under DIR "
                    "(default: local paths refused; data: URLs always work, remote URLs never)")
@@ -76,7 +78,8 @@ def main(argv=None) -> int:
         service = Service.from_pretrained(args.model, dtype=args.dtype, max_batch=args.max_batch,
                                           cache_length=args.cache_length, chunk_tokens=args.chunk_tokens,
                                           step_tokens=args.step_tokens, max_queue=args.max_queue,
-                                          tensor_parallel=args.tensor_parallel, verbose=True)
+                                          tensor_parallel=args.tensor_parallel, quantize=args.quantize,
+                                          verbose=True)
     except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from gemma3_jax.model import quant
 from gemma3_jax.model.config import CheckpointError, TextConfig, load_config
 from gemma3_jax.model.gemma3 import Gemma3
 from gemma3_jax.model.kernels import Kernels
@@ -194,12 +195,15 @@ def _params_by_path(model: nnx.Module) -> dict[str, nnx.Param]:
 
 
 def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kernels = "auto",
-                    progress: bool = True, tensor_parallel: int | Mesh = 1) -> Gemma3:
+                    progress: bool = True, tensor_parallel: int | Mesh = 1, quantize: str | None = None) -> Gemma3:
     """Read a checkpoint directory (config.json + safetensors) into a ``Gemma3`` with weights in ``dtype``;
     ``attention`` as for ``Gemma3``. ``tensor_parallel``: split the text decoder over that many devices (or a
     one-axis ``Mesh``; ``model.sharding``), checked against the config before the weights load; each weight goes
-    to its shards as it is read, so no device holds more than one whole weight at a time."""
+    to its shards as it is read, so no device holds more than one whole weight at a time. ``quantize``: the text
+    decoder's product weights quantized as they load (``model.quant``: "int8" or "fp8"), each from its weight
+    rounded to ``dtype``."""
     kernels = Kernels.resolve(attention)
+    quant.check_mode(quantize)
     if isinstance(tensor_parallel, int) and not isinstance(tensor_parallel, bool):
         mesh = None if tensor_parallel == 1 else make_mesh(tensor_parallel)
     elif isinstance(tensor_parallel, Mesh):
@@ -223,9 +227,10 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
     if mesh is not None:
         check_splits(cfg, mesh.size)
     files = open_weight_files(path)
-    model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, kernels))  # the unsplit layout: names and shapes to check
+    # the unsplit layout: names and shapes to check
+    model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, kernels, quantize))
     params = _params_by_path(model)
-    split = None if mesh is None else split_model(cfg, dtype, kernels, mesh)
+    split = None if mesh is None else split_model(cfg, dtype, kernels, mesh, quantize)
     targets = params if split is None else _params_by_path(split)
     loaded: set[str] = set()
     pending: dict[str, dict[str, jax.Array]] = {}  # fused weights: pieces read so far
@@ -282,13 +287,24 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
             sources = [src for _, src in parts]
             # streamed text pieces stack along axis 0, which shard_from_host gathers from: no concatenated copy
             value = [v for v, _ in parts] if streamed else jnp.concatenate([v for v, _ in parts], axis=axis)
+        rule = quant.rule(name) if quantize else None
+        scale = None
         if streamed:
-            value = shard_from_host(cfg, name, value if isinstance(value, list) else [value], mesh, dtype)
-            finite.append((sources, jnp.isfinite(value).all()))
-        elif split is not None:
-            value = shard_weight(cfg, name, value, mesh)
+            placed = shard_from_host(cfg, name, value if isinstance(value, list) else [value], mesh, dtype,
+                                     quantize if rule else None)
+            value, scale = placed if rule else (placed, None)
+            finite.append((sources, jnp.isfinite(value if scale is None else scale).all()))
+        else:
+            if rule:
+                value, scale = quant.quantize(value, quantize, rule[1])
+            if split is not None:
+                value = shard_weight(cfg, name, value, mesh)
+                scale = None if scale is None else shard_weight(cfg, rule[0], scale, mesh)
         targets[name].set_value(value)
         loaded.add(name)
+        if rule:
+            targets[rule[0]].set_value(scale)
+            loaded.add(rule[0])
     for sources, flag in finite:  # each flag was computed where its weight went; read once everything is queued
         if not np.asarray(flag.addressable_data(0)):
             file, key = next(((f, k) for f, k, view in sources if not all_finite(view)), sources[0][:2])

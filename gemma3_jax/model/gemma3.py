@@ -16,19 +16,22 @@ from jaxtyping import Array, Float, Int
 
 from gemma3_jax.model.config import Gemma3Config
 from gemma3_jax.model.kernels import AttentionBatch, Kernels
-from gemma3_jax.model.text import TextModel, embed_lookup
+from gemma3_jax.model.text import Embedding, TextModel, embed_lookup
 from gemma3_jax.model.vision import Projector, VisionTower
 
 
 class Gemma3(nnx.Module):
     """``attention``: which kernels run each op, one of ``kernels.CHOICES`` ("auto", "pallas", "reference") or a
-    ``Kernels``; resolved once, here (``self.kernels``)."""
+    ``Kernels``; resolved once, here (``self.kernels``). ``quantize``: the text decoder's product weights in 8 bits
+    (``quant.MODES``: "int8", "fp8"), or None."""
 
-    def __init__(self, cfg: Gemma3Config, dtype=jnp.bfloat16, attention: str | Kernels = "auto"):
+    def __init__(self, cfg: Gemma3Config, dtype=jnp.bfloat16, attention: str | Kernels = "auto",
+                 quantize: str | None = None):
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
         self.kernels = Kernels.resolve(attention)
-        self.text = TextModel(cfg.text, self.dtype, self.kernels)
+        self.quantize = quantize
+        self.text = TextModel(cfg.text, self.dtype, self.kernels, quantize)
         if cfg.is_multimodal:
             self.vision = VisionTower(cfg.vision, self.dtype, self.kernels)
             self.projector = Projector(cfg, self.dtype)
@@ -41,7 +44,7 @@ class Gemma3(nnx.Module):
     def embed(self, input_ids: Int[Array, "B L"], pixel_values=None) -> Float[Array, "B L D"]:
         """Token embeddings with image features scattered, in order, into the image-token positions."""
         feats = None if pixel_values is None else self.image_features(pixel_values)
-        return embed_with_features(self.cfg, self.text.embed[...], input_ids, feats)
+        return embed_with_features(self.cfg, self.text.embedding(), input_ids, feats)
 
     def forward(
         self,
@@ -122,15 +125,15 @@ NUMERICS_OPTIONS = {"xla_allow_excess_precision": False}
 
 
 def embed_with_features(
-    cfg: Gemma3Config, table: Float[Array, "V D"], input_ids: Int[Array, "B L"], feats: Float[Array, "I T D"] | None
+    cfg: Gemma3Config, embedding: Embedding, input_ids: Int[Array, "B L"], feats: Float[Array, "I T D"] | None
 ) -> Float[Array, "B L D"]:
-    """Token embeddings (``table``: the text model's embedding) with ``feats`` (image_features, or None)
-    scattered, in order, into the image tokens."""
+    """Token embeddings (``embedding``: the text model's table, ``TextModel.embedding``) with ``feats``
+    (image_features, or None) scattered, in order, into the image tokens."""
     is_image = input_ids == cfg.image_token_id
     ids = input_ids
     if cfg.image_token_id >= cfg.text.vocab_size:  # out-of-vocabulary placeholder, as HF
         ids = jnp.where(is_image, 0, input_ids)
-    x = embed_lookup(table, ids)
+    x = embed_lookup(embedding.table, ids, embedding.scale, embedding.dtype)
     if feats is None:
         return x
     feats = feats.reshape(-1, feats.shape[-1]).astype(x.dtype)  # [I*T, D] in prompt order
@@ -145,7 +148,7 @@ def decoder_forward(
 ) -> tuple[Float[Array, "B L D"], list]:
     """The text decoder over the prompt with the images' features already computed: final hidden states and each
     layer's (keys, values). Needs only the text weights (the Engine runs the vision tower as a call of its own)."""
-    x = embed_with_features(cfg, text.embed[...], input_ids, feats)
+    x = embed_with_features(cfg, text.embedding(), input_ids, feats)
     return text(x, AttentionBatch.for_prompt(input_ids == cfg.image_token_id, kv_lengths))
 
 

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
+from gemma3_jax.model import quant
 from pallas_kernels.attention import image_span_attention, packed_self_attention
 from pallas_kernels.attention import padded_head_dim as _padded_head_dim
 from pallas_kernels.decode_attention import decode_attention
@@ -176,11 +177,13 @@ class Kernels:
         tensor parallelism (XLA splits the products there)."""
         return self.decode == "pallas" and self.mesh is None and batch == 1 and hidden % 16 == 0 and intermediate % 16 == 0
 
-    def qkv_product(self, x: Float[Array, "B D"], w: Float[Array, "M D"], gemv_b1: bool) -> Float[Array, "B M"]:
+    def qkv_product(self, x: Float[Array, "B D"], w: Float[Array, "M D"], gemv_b1: bool,
+                    scale: Float[Array, "M"] | None = None) -> Float[Array, "B M"]:
+        """x @ w^T (``scale``: w quantized per row, ``model.quant``)."""
         if not gemv_b1:
-            return jnp.einsum("BD,MD->BM", x, w)
+            return quant.einsum("BD,MD->BM", x, w, scale)
         g = gemv_qkv_config()
-        return gemv(x, w, block_n=g.block_n, splits=g.splits, num_warps=g.num_warps, interpret=self.interpret)
+        return gemv(x, w, scale, block_n=g.block_n, splits=g.splits, num_warps=g.num_warps, interpret=self.interpret)
 
     def decode_step_attention(self, qkv, q_norm, k_norm, eps, cos, sin, k_buf, v_buf, pos, *, ring: bool,
                               scale: float):
@@ -222,8 +225,10 @@ class Kernels:
             return mlp(x)
         d, f = mlp.down.shape
         up, down = gemv_mlp_configs(d, f)
-        h = gemv_geglu(x[:, 0], mlp.gate_up[...], block_n=up.block_n, num_warps=up.num_warps, interpret=self.interpret)
-        out = gemv(h, mlp.down[...], block_n=down.block_n, splits=down.splits, num_warps=down.num_warps,
+        scales = [None if s is None else s[...] for s in (mlp.gate_up_scale, mlp.down_scale)]
+        h = gemv_geglu(x[:, 0], mlp.gate_up[...], scales[0], block_n=up.block_n, num_warps=up.num_warps,
+                       interpret=self.interpret)
+        out = gemv(h, mlp.down[...], scales[1], block_n=down.block_n, splits=down.splits, num_warps=down.num_warps,
                    interpret=self.interpret)
         return out[:, :, None]
 

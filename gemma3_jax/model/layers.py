@@ -11,11 +11,17 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from gemma3_jax.model import quant
 from gemma3_jax.model.config import RopeConfig
 
 
 def param(shape: tuple[int, ...], dtype) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, dtype))
+
+
+def value(p: nnx.Param | None) -> Array | None:
+    """A parameter's array, or None for an absent one (an unquantized weight's scale)."""
+    return None if p is None else p[...]
 
 
 def gelu_tanh(x: Array) -> Array:
@@ -59,18 +65,18 @@ class LayerNorm(nnx.Module):
 class GeGLU(nnx.Module):
     """Gemma MLP: ``down(gelu_tanh(gate(x)) * up(x))``."""
 
-    def __init__(self, dim: int, hidden: int, dtype, groups: int = 1):
+    def __init__(self, dim: int, hidden: int, dtype, groups: int = 1, quantize: str | None = None):
         # [2F, D], [out, in]: gate rows then up rows, in ``groups`` groups (one per tensor-parallel device, each
-        # with its gate rows then its up rows)
-        self.gate_up = param((2 * hidden, dim), dtype)
-        self.down = param((dim, hidden), dtype)  # [D, F]
+        # with its gate rows then its up rows); scales per output channel when quantized (``quant``)
+        self.gate_up, self.gate_up_scale = quant.weight((2 * hidden, dim), dtype, quantize, 1)
+        self.down, self.down_scale = quant.weight((dim, hidden), dtype, quantize, 1)  # [D, F]
         self.hidden, self.groups = hidden, groups
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        h = jnp.einsum("BTD,FD->BTF", x, self.gate_up[...])  # one product for both halves
+        h = quant.einsum("BTD,FD->BTF", x, self.gate_up[...], value(self.gate_up_scale))  # both halves at once
         h = h.reshape(*h.shape[:-1], self.groups, 2, self.hidden // self.groups)
         gate, up = (h[..., i, :].reshape(*h.shape[:-3], self.hidden) for i in (0, 1))
-        return jnp.einsum("BTF,DF->BTD", gelu_tanh(gate) * up, self.down[...])
+        return quant.einsum("BTF,DF->BTD", gelu_tanh(gate) * up, self.down[...], value(self.down_scale))
 
 
 def rope_cos_sin(

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gemma3_jax.model import kv_cache as kvc
+from gemma3_jax.model import quant
 from gemma3_jax.model.config import Gemma3Config, param_bytes
 from gemma3_jax.model.gemma3 import Gemma3
 
@@ -77,33 +78,35 @@ def gate_up_rows(hidden: int, n: int) -> np.ndarray:
 
 
 def weight_rows(cfg: Gemma3Config, name: str, n: int) -> np.ndarray | None:
-    """The regrouped row order of a fused text weight split over ``n`` devices (None: rows as they are)."""
+    """The regrouped row order of a fused text weight (or its quantization scales) split over ``n`` devices (None:
+    rows as they are)."""
     t = cfg.text
-    if name.startswith("text.") and name.endswith("attn.qkv_proj"):
+    if name.startswith("text.") and name.endswith(("attn.qkv_proj", "attn.qkv_scale")):
         return qkv_rows(t.num_heads, t.num_kv_heads, n)
-    if name.startswith("text.") and name.endswith("mlp.gate_up"):
+    if name.startswith("text.") and name.endswith(("mlp.gate_up", "mlp.gate_up_scale")):
         return gate_up_rows(t.intermediate_size, n)
     return None
 
 
 def _spec(path: str, ndim: int) -> P:
     """Where a text weight splits: q|k|v and gate|up over their rows (groups), o and down over their inputs, the
-    embedding over the vocabulary; the rest (norms, the vision tower) is replicated."""
+    embedding over the vocabulary; quantization scales as their weight's output channels (o's and down's are
+    whole on each device); the rest (norms, the vision tower) is replicated."""
     axis = None
     if path.startswith("text.layers."):
-        if path.endswith(("attn.qkv_proj", "mlp.gate_up")):
+        if path.endswith(("attn.qkv_proj", "mlp.gate_up", "attn.qkv_scale", "mlp.gate_up_scale")):
             axis = 0
         elif path.endswith(("attn.o_proj", "mlp.down")):
             axis = 1
-    elif path == "text.embed":
+    elif path in ("text.embed", "text.embed_scale"):
         axis = 0
     return P(*(AXIS if i == axis else None for i in range(ndim)))
 
 
-def split_model(cfg: Gemma3Config, dtype, kernels, mesh: Mesh) -> Gemma3:
+def split_model(cfg: Gemma3Config, dtype, kernels, mesh: Mesh, quantize: str | None = None) -> Gemma3:
     """An abstract (unfilled) model split over ``mesh``: fill each weight with ``shard_weight``."""
     split_cfg = sharded_config(cfg, mesh.size)
-    return nnx.eval_shape(lambda: Gemma3(split_cfg, dtype, dataclasses.replace(kernels, mesh=mesh)))
+    return nnx.eval_shape(lambda: Gemma3(split_cfg, dtype, dataclasses.replace(kernels, mesh=mesh), quantize))
 
 
 def shard_weight(cfg: Gemma3Config, name: str, value, mesh: Mesh) -> jax.Array:
@@ -115,11 +118,14 @@ def shard_weight(cfg: Gemma3Config, name: str, value, mesh: Mesh) -> jax.Array:
     return _place(value, NamedSharding(mesh, _spec(name, value.ndim)))
 
 
-def shard_from_host(cfg: Gemma3Config, name: str, pieces: list[np.ndarray], mesh: Mesh, dtype) -> jax.Array:
+def shard_from_host(cfg: Gemma3Config, name: str, pieces: list[np.ndarray], mesh: Mesh, dtype,
+                    quantize: str | None = None):
     """A weight of the unsplit model given as host arrays (e.g. views of a memory-mapped file) stacked along their
     first axis (a fused weight's pieces: q, k, v or gate, up), regrouped and placed on ``mesh``: each device's
     slice is gathered from the pieces, converted to ``dtype`` and copied to it alone, so neither a device nor the
-    host ever holds the whole weight in one array."""
+    host ever holds the whole weight in one array. ``quantize``: returns (weight, scales) quantized as
+    ``quant.quantize`` does on one device (the scales from one pass over the rows first, since o's and down's
+    rows are split across devices)."""
     sizes = [p.shape[0] for p in pieces]
     rest = pieces[0].shape[1:]
     if any(p.shape[1:] != rest for p in pieces):
@@ -129,6 +135,12 @@ def shard_from_host(cfg: Gemma3Config, name: str, pieces: list[np.ndarray], mesh
         rows = np.arange(sum(sizes))
     starts = np.cumsum([0] + sizes)
     shape = (len(rows), *rest)
+    scales = None
+    if quantize is not None:
+        scale_name, contract = quant.rule(name)
+        # per source row, from the weight rounded to the model dtype (as one device quantizes it)
+        scales = np.concatenate([quant.quantize_host(p[i: i + 1024].astype(dtype), quantize, contract)[1]
+                                 for p in pieces for i in range(0, p.shape[0], 1024)])
 
     def shard(index) -> np.ndarray:
         want = rows[index[0]]
@@ -137,10 +149,21 @@ def shard_from_host(cfg: Gemma3Config, name: str, pieces: list[np.ndarray], mesh
             hit = np.flatnonzero((want >= starts[i]) & (want < starts[i + 1]))
             if hit.size:  # the other axes' slices first: a view, so only this device's share is read
                 out[hit] = piece[(slice(None), *index[1:])][want[hit] - starts[i]]
-        return out
+        if scales is None:
+            return out
+        s = scales[want][(slice(None), *index[1: len(shape) - contract])]  # this slice's output channels
+        s = s.reshape(*s.shape, *(1,) * contract)
+        x = out.astype(np.float32) / s
+        if quantize == "int8":
+            x = np.round(x)
+        return np.clip(x, -quant.LIMIT[quantize], quant.LIMIT[quantize]).astype(np.dtype(quant.STORAGE[quantize]))
 
     sharding = NamedSharding(mesh, _spec(name, len(shape)))
-    return jax.make_array_from_callback(shape, sharding, shard)
+    value = jax.make_array_from_callback(shape, sharding, shard)
+    if scales is None:
+        return value
+    scale_rows = scales[rows].reshape(shape[: len(shape) - contract])
+    return value, _place(scale_rows, NamedSharding(mesh, _spec(scale_name, scale_rows.ndim)))
 
 
 def tensor_parallel(model: Gemma3, mesh: Mesh | int) -> Gemma3:
@@ -148,7 +171,7 @@ def tensor_parallel(model: Gemma3, mesh: Mesh | int) -> Gemma3:
     mesh = make_mesh(mesh) if isinstance(mesh, int) else mesh
     if not isinstance(mesh, Mesh) or len(mesh.axis_names) != 1:
         raise ValueError(f"tensor_parallel takes a device count or a Mesh with one axis, got {mesh!r}")
-    split = split_model(model.cfg, model.dtype, model.kernels, mesh)
+    split = split_model(model.cfg, model.dtype, model.kernels, mesh, model.quantize)
     source = {".".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
     for path, node in nnx.iter_graph(split):
         if isinstance(node, nnx.Param):
@@ -193,10 +216,12 @@ def shard_cache(cache: kvc.KVCache, mesh: Mesh | None) -> kvc.KVCache:
                        _place(cache.lengths, NamedSharding(mesh, P())))
 
 
-def memory_plan(cfg: Gemma3Config, dtype, n: int, batch: int, cache_length: int) -> dict[str, float]:
-    """Bytes each of ``n`` devices holds: the split text weights' share, the replicated rest (norms, the vision
-    tower and projector), and the KV cache's share (KV heads counted with their copies); activations and compiled
-    code come on top."""
+def memory_plan(cfg: Gemma3Config, dtype, n: int, batch: int, cache_length: int,
+                quantize: str | None = None) -> dict[str, float]:
+    """Bytes each of ``n`` devices holds: the split text weights' share (one byte each when quantized, plus their
+    float32 scales; o's and down's scales whole on each device), the replicated rest (norms, the vision tower and
+    projector), and the KV cache's share (KV heads counted with their copies); activations and compiled code
+    come on top."""
     split_cfg = sharded_config(cfg, n) if n > 1 else cfg
     t = split_cfg.text
     d, hd = t.hidden_size, t.head_dim
@@ -204,9 +229,13 @@ def memory_plan(cfg: Gemma3Config, dtype, n: int, batch: int, cache_length: int)
                                                + 3 * t.intermediate_size * d)
     size = jnp.dtype(dtype).itemsize
     total = param_bytes(split_cfg, dtype)
+    rest = total - split * size
+    mine = split * size / n
+    if quantize is not None:
+        scales = t.vocab_size + t.num_layers * ((t.num_heads + 2 * t.num_kv_heads) * hd + 2 * t.intermediate_size)
+        mine = split / n + 4 * (scales / n + t.num_layers * 2 * d)
     cache = kvc.cache_nbytes(t, batch, cache_length, dtype)
-    return dict(weights=split * size / n + (total - split * size), kv_cache=cache / n,
-                total=split * size / n + (total - split * size) + cache / n)
+    return dict(weights=mine + rest, kv_cache=cache / n, total=mine + rest + cache / n)
 
 
 def describe_plan(plan: dict[str, float], n: int) -> str:

@@ -5,22 +5,41 @@ Shapes: B batch, T tokens, D hidden, N query heads, K key/value heads, H head di
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from gemma3_jax.model import kv_cache as kvc
+from gemma3_jax.model import quant
 from gemma3_jax.model.config import GLOBAL, SLIDING, TextConfig
 from gemma3_jax.model.kernels import AttentionBatch, Kernels
-from gemma3_jax.model.layers import GeGLU, RMSNorm, apply_rope, param, rope_cos_sin
+from gemma3_jax.model.layers import GeGLU, RMSNorm, apply_rope, rope_cos_sin, value
 
 
-def embed_lookup(table: Float[Array, "V D"], input_ids: Int[Array, "B T"]) -> Float[Array, "B T D"]:
-    """Token embeddings from the embedding table alone (a step that needs nothing else takes just the table)."""
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["table", "scale"], meta_fields=["dtype"])
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+    """The embedding table as a step that needs only it takes it (``TextModel.embedding``): a pytree whose dtype
+    (the model's, which a quantized table does not show) is static."""
+
+    table: Array
+    scale: Array | None
+    dtype: Any
+
+
+def embed_lookup(table: Float[Array, "V D"], input_ids: Int[Array, "B T"], scale: Array | None = None,
+                 dtype=None) -> Float[Array, "B T D"]:
+    """Token embeddings from the embedding table alone (a step that needs nothing else takes just the table);
+    ``scale``/``dtype``: a quantized table's row scales and the model dtype (``quant``)."""
+    rows = quant.take_rows(table, scale, input_ids, table.dtype if dtype is None else dtype)
     # sqrt(hidden) is rounded in the weight dtype, as transformers does (55.4256 -> 55.5 in bf16).
-    scale = jnp.asarray(np.sqrt(table.shape[-1]), table.dtype)
-    return jnp.take(table, input_ids, axis=0) * scale
+    return rows * jnp.asarray(np.sqrt(table.shape[-1]), rows.dtype)
 
 
 class Attention(nnx.Module):
@@ -29,11 +48,12 @@ class Attention(nnx.Module):
     Weights are [out, in] (transformers' layout): every product contracts the contiguous last axis, which is
     what batch-1 decode's matrix-vector products want (XLA streams them faster than [in, out] weights)."""
 
-    def __init__(self, cfg: TextConfig, layer: int, dtype, kernels: Kernels):
+    def __init__(self, cfg: TextConfig, layer: int, dtype, kernels: Kernels, quantize: str | None = None):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        # q, k and v heads stacked in one weight [N + 2K, H, D]: one product per layer, no run-time concatenation
-        self.qkv_proj = param((n + 2 * k, h, d), dtype)
-        self.o_proj = param((d, n, h), dtype)
+        # q, k and v heads stacked in one weight [N + 2K, H, D]: one product per layer, no run-time concatenation;
+        # scales per output channel when quantized (``quant``)
+        self.qkv_proj, self.qkv_scale = quant.weight((n + 2 * k, h, d), dtype, quantize, 1)
+        self.o_proj, self.o_scale = quant.weight((d, n, h), dtype, quantize, 2)
         self.num_heads, self.num_kv_heads = n, k
         self.q_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
@@ -46,7 +66,7 @@ class Attention(nnx.Module):
 
     def project(self, x: Float[Array, "B T D"], cos: Array, sin: Array):
         """Queries and keys (normed, rotated) [B, T, N|K, H] and values [B, T, K, H] of ``x``."""
-        return self.heads(jnp.einsum("BTD,MHD->BTMH", x, self.qkv_proj[...]), cos, sin)  # M = N + 2K
+        return self.heads(quant.einsum("BTD,MHD->BTMH", x, self.qkv_proj[...], value(self.qkv_scale)), cos, sin)
 
     def heads(self, qkv: Float[Array, "B T M H"], cos: Array, sin: Array):
         """``project`` from the raw q|k|v products."""
@@ -62,15 +82,21 @@ class Attention(nnx.Module):
         """Output and this layer's (keys, values) [B, T, K, H] for a KV cache."""
         q, k, v = self.project(x, cos, sin)
         out = self.kernels.attention(q, k, v, batch, sliding_window=self.sliding_window, scale=self.scale)
-        return jnp.einsum("BTNH,DNH->BTD", out, self.o_proj[...]), (k, v)
+        return self.output(out), (k, v)
+
+    def output(self, out: Float[Array, "... N H"]) -> Float[Array, "... D"]:
+        """The output product over the heads (any leading axes)."""
+        return quant.einsum("...NH,DNH->...D", out, self.o_proj[...], value(self.o_scale))
 
     def step(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"], gemv_b1: bool = False):
         """One token per row at position ``pos``: writes its key/value into the cache, attends over it.
         ``gemv_b1``: the q|k|v product through the matrix-vector kernel (``Kernels.gemv``)."""
         b, m, h, d = x.shape[0], *self.qkv_proj.shape
-        qkv = self.kernels.qkv_product(x[:, 0], self.qkv_proj[...].reshape(m * h, d), gemv_b1).reshape(b, m, h)
+        scale = value(self.qkv_scale)
+        qkv = self.kernels.qkv_product(x[:, 0], self.qkv_proj[...].reshape(m * h, d), gemv_b1,
+                                       None if scale is None else scale.reshape(m * h)).reshape(b, m, h)
         out, k_buf, v_buf = self.step_heads(qkv, cos, sin, k_buf, v_buf, pos)
-        return jnp.einsum("BNH,DNH->BD", out, self.o_proj[...])[:, None], k_buf, v_buf
+        return self.output(out)[:, None], k_buf, v_buf
 
     def step_heads(self, qkv: Float[Array, "B M H"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"]):
         """``step`` from the raw q|k|v products up to the attention output [B, N, H]."""
@@ -89,7 +115,7 @@ class Attention(nnx.Module):
         """A prompt chunk of each row after the positions its cache row already holds: attends over those and
         its own keys, and writes its keys and values into the row."""
         out, k_buf, v_buf = self.chunk_heads(*self.project(x, cos, sin), k_buf, v_buf, chunk)
-        return jnp.einsum("BTNH,DNH->BTD", out, self.o_proj[...]), k_buf, v_buf
+        return self.output(out), k_buf, v_buf
 
     def chunk_heads(self, q, k, v, k_buf, v_buf, chunk: kvc.PromptChunk):
         """``chunk`` from its queries, keys and values up to the attention output [B, T, N, H]."""
@@ -107,22 +133,22 @@ class Attention(nnx.Module):
         flattened): one q|k|v and one output product for all R = S + B*T tokens, so the weights are read once.
         The decode rows write first; a chunk's row overwrites what its decode row wrote at the chunk's start."""
         s, (b, t) = pos.shape[0], chunk.segment_ids.shape
-        qkv = jnp.einsum("RD,MHD->RMH", x, self.qkv_proj[...])
+        qkv = quant.einsum("RD,MHD->RMH", x, self.qkv_proj[...], value(self.qkv_scale))
         out_d, k_buf, v_buf = self.step_heads(qkv[:s], *decode_rope, k_buf, v_buf, pos)
         q, k, v = self.heads(qkv[s:].reshape(b, t, *qkv.shape[1:]), *chunk_rope)
         out_c, k_buf, v_buf = self.chunk_heads(q, k, v, k_buf, v_buf, chunk)
         out = jnp.concatenate([out_d, out_c.reshape(b * t, *out_c.shape[2:])])
-        return jnp.einsum("RNH,DNH->RD", out, self.o_proj[...]), k_buf, v_buf
+        return self.output(out), k_buf, v_buf
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, layer: int, dtype, kernels: Kernels):
+    def __init__(self, cfg: TextConfig, layer: int, dtype, kernels: Kernels, quantize: str | None = None):
         eps = cfg.rms_norm_eps
         self.input_norm = RMSNorm(cfg.hidden_size, eps, dtype)
-        self.attn = Attention(cfg, layer, dtype, kernels)
+        self.attn = Attention(cfg, layer, dtype, kernels, quantize)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps, dtype)
         self.pre_ffw_norm = RMSNorm(cfg.hidden_size, eps, dtype)
-        self.mlp = GeGLU(cfg.hidden_size, cfg.intermediate_size, dtype, groups=kernels.shards)
+        self.mlp = GeGLU(cfg.hidden_size, cfg.intermediate_size, dtype, groups=kernels.shards, quantize=quantize)
         self.post_ffw_norm = RMSNorm(cfg.hidden_size, eps, dtype)
         self.layer_type = SLIDING if cfg.is_sliding(layer) else GLOBAL
 
@@ -145,18 +171,24 @@ class DecoderLayer(nnx.Module):
 
 
 class TextModel(nnx.Module):
-    """Embedding, decoder layers, final norm and the tied lm_head."""
+    """Embedding, decoder layers, final norm and the tied lm_head. ``quantize``: the products' weights held in
+    8 bits (``quant.MODES``), or None."""
 
-    def __init__(self, cfg: TextConfig, dtype, kernels: Kernels):
+    def __init__(self, cfg: TextConfig, dtype, kernels: Kernels, quantize: str | None = None):
         self.cfg = cfg
         self.dtype = dtype
         self.kernels = kernels
-        self.embed = param((cfg.vocab_size, cfg.hidden_size), dtype)  # [V, D], also the lm_head
-        self.layers = nnx.List([DecoderLayer(cfg, i, dtype, kernels) for i in range(cfg.num_layers)])
+        self.quantize = quant.check_mode(quantize)
+        self.embed, self.embed_scale = quant.weight((cfg.vocab_size, cfg.hidden_size), dtype, quantize, 1)  # [V, D],
+        # also the lm_head
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype, kernels, quantize) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
+    def embedding(self) -> Embedding:
+        return Embedding(self.embed[...], value(self.embed_scale), self.dtype)
+
     def embed_tokens(self, input_ids: Int[Array, "B T"]) -> Float[Array, "B T D"]:
-        return embed_lookup(self.embed[...], input_ids)
+        return embed_lookup(self.embed[...], input_ids, value(self.embed_scale), self.dtype)
 
     def rope_tables(self, positions: Int[Array, "B T"]) -> dict[str, tuple[Array, Array]]:
         h = self.cfg.head_dim
@@ -166,7 +198,7 @@ class TextModel(nnx.Module):
         }
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-        logits = jnp.einsum("BTD,VD->BTV", hidden, self.embed[...])
+        logits = quant.einsum("BTD,VD->BTV", hidden, self.embed[...], value(self.embed_scale))
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap

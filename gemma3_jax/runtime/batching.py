@@ -185,7 +185,7 @@ class BatchEngine:
         self.platform = model.kernels.platform
         self.compiler_options = compiler_options
         self._text = StepWeights.of(model.text)
-        self._embed_table = model.text.embed.get_value()
+        self._embedding = model.text.embedding()
         self._vision = StepWeights.of(VisionStep(model.vision, model.projector)) if self.cfg.is_multimodal else None
         self._steps = SlotSteps(self.cfg, self.cfg.text.pad_token_id)
         self._compiled: dict = {}
@@ -437,7 +437,7 @@ class BatchEngine:
         greedy_only = all(s.request.params.greedy for s in streams)
         steps, tw = self._steps, self._text
 
-        args = (self._embed_table, jnp.asarray(ids), feat_arg)
+        args = (self._embedding, jnp.asarray(ids), feat_arg)
         embeddings = self._compile("embed", steps.embed, args, None)(*args)
         args = (tw.flat, self.cache, self.state, embeddings, chunk, row)
         if decoding:

@@ -25,6 +25,7 @@ from gemma3_jax.runtime.engine import Engine, Timings
 from gemma3_jax.checkpoints.loading import load_pretrained
 from gemma3_jax.model.gemma3 import Gemma3
 from gemma3_jax.model.kernels import Kernels, platform
+from gemma3_jax.model.quant import check_mode
 from gemma3_jax.model.sharding import describe_plan, make_mesh, memory_plan
 from gemma3_jax.preprocessing.tokenizer import StreamDecoder
 
@@ -55,6 +56,26 @@ def resolve_dtype(name: str | None):
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def print_plan(cfg, dtype, tensor_parallel, batch: int, cache_length: int, quantize: str | None, show: bool):
+    """Check the devices and the quantization mode, then print the per-device memory plan (split or quantized
+    weights) before the weights load; returns the mesh to load onto (or 1)."""
+    check_mode(quantize)
+    if tensor_parallel == 1 and quantize is None:
+        return tensor_parallel
+    mesh = None
+    if tensor_parallel != 1:
+        mesh = make_mesh(tensor_parallel) if isinstance(tensor_parallel, int) else tensor_parallel
+    n = 1 if mesh is None else mesh.size
+    if show:
+        plan = memory_plan(cfg, dtype, n, batch, cache_length, quantize)
+        note = ""
+        if quantize is not None:
+            whole = memory_plan(cfg, dtype, n, batch, cache_length)["weights"]
+            note = f" ({quantize} weights; {jnp.dtype(dtype).name} would be {whole / 2**30:.2f} GiB)"
+        print(describe_plan(plan, n) + note, file=sys.stderr)
+    return 1 if mesh is None else mesh
 
 
 class Generator:
@@ -90,22 +111,25 @@ class Generator:
         chunk: int = 32,
         compilation_cache: bool = True,
         tensor_parallel: int = 1,
+        quantize: str | None = None,
     ) -> Generator:
         """``model``: a checkpoint directory, a .gguf file, or None for the default 270M. ``dtype=None``: float32 on
         a CPU, bfloat16 on an accelerator. ``cache_length=None``: 4096, or the model's positions if fewer; it is
         checked against the config and the device's memory before the weights load. ``compilation_cache``: JAX's
         persistent compilation cache (``gemma3_jax.runtime.compile_cache``). ``tensor_parallel``: the text decoder
-        split over that many devices (``gemma3_jax.model.sharding``)."""
+        split over that many devices (``gemma3_jax.model.sharding``). ``quantize``: "int8" or "fp8" weights for
+        the text decoder's products (``gemma3_jax.model.quant``), None for the model dtype."""
         t = time.perf_counter()
         return cls.from_checkpoint(Checkpoint.open(model, progress=progress), dtype=dtype, cache_length=cache_length,
                                    attention=attention, progress=progress, chunk=chunk,
-                                   compilation_cache=compilation_cache, started=t, tensor_parallel=tensor_parallel)
+                                   compilation_cache=compilation_cache, started=t, tensor_parallel=tensor_parallel,
+                                   quantize=quantize)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, *, dtype: str | None = None, cache_length: int | None = None,
                         attention: str | Kernels = "auto", progress: bool = True, chunk: int = 32,
                         compilation_cache: bool = True, started: float | None = None,
-                        tensor_parallel: int = 1) -> Generator:
+                        tensor_parallel: int = 1, quantize: str | None = None) -> Generator:
         """The weights of an opened checkpoint loaded: what from_pretrained does after opening it."""
         t = time.perf_counter() if started is None else started
         dtype = resolve_dtype(dtype)
@@ -113,14 +137,9 @@ class Generator:
         cache_length = checkpoint.cache_length(cache_length, dtype)
         if compilation_cache:
             enable_compilation_cache()
-        if tensor_parallel != 1:  # the devices, then the split's memory, before the weights load
-            mesh = make_mesh(tensor_parallel) if isinstance(tensor_parallel, int) else tensor_parallel
-            plan = memory_plan(checkpoint.cfg, dtype, mesh.size, 1, cache_length)
-            if progress:
-                print(describe_plan(plan, mesh.size), file=sys.stderr)
-            tensor_parallel = mesh
+        tensor_parallel = print_plan(checkpoint.cfg, dtype, tensor_parallel, 1, cache_length, quantize, progress)
         net = load_pretrained(checkpoint.path, dtype=dtype, attention=attention, progress=progress,
-                              tensor_parallel=tensor_parallel)
+                              tensor_parallel=tensor_parallel, quantize=quantize)
         gen = cls(net, checkpoint, cache_length=cache_length, chunk=chunk)
         gen.load_s = time.perf_counter() - t
         return gen

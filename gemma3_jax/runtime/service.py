@@ -29,7 +29,7 @@ from gemma3_jax.checkpoints.loading import load_pretrained
 from gemma3_jax.preprocessing.tokenizer import StreamDecoder
 from gemma3_jax.runtime.batching import BatchEngine, Request, Stream
 from gemma3_jax.runtime.compile_cache import enable_compilation_cache
-from gemma3_jax.runtime.generator import first_stop, resolve_dtype
+from gemma3_jax.runtime.generator import first_stop, print_plan, resolve_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,18 +129,21 @@ class Service:
     def from_pretrained(cls, model: str | Path | None = None, *, dtype: str | None = None, max_batch: int = 8,
                         cache_length: int | None = None, memory_budget: int | None = None,
                         chunk_tokens: int = 512, step_tokens: int | None = None, max_queue: int | None = None,
-                        attention: str = "auto", tensor_parallel: int = 1,
+                        attention: str = "auto", tensor_parallel: int = 1, quantize: str | None = None,
                         progress: bool = True,
                         compilation_cache: bool = True, verbose: bool = False) -> Service:
-        """``model``: a checkpoint directory, a .gguf file, or None for the default 270M (as ``Generator``)."""
+        """``model``: a checkpoint directory, a .gguf file, or None for the default 270M; ``tensor_parallel`` and
+        ``quantize`` as ``Generator.from_pretrained``."""
         checkpoint = Checkpoint.open(model, progress=progress)
         dtype = resolve_dtype(dtype)
         if memory_budget is None:
             cache_length = checkpoint.cache_length(cache_length, dtype, batch=max_batch)
         if compilation_cache:
             enable_compilation_cache()
+        tensor_parallel = print_plan(checkpoint.cfg, dtype, tensor_parallel, max_batch,
+                                     cache_length or 0, quantize, progress)
         net = load_pretrained(checkpoint.path, dtype=dtype, attention=attention, progress=progress,
-                              tensor_parallel=tensor_parallel)
+                              tensor_parallel=tensor_parallel, quantize=quantize)
         engine = BatchEngine(net, max_batch=max_batch, cache_length=cache_length, memory_budget=memory_budget,
                              chunk_tokens=chunk_tokens, step_tokens=step_tokens, max_queue=max_queue,
                              verbose=verbose)

@@ -28,6 +28,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from gemma3_jax.model import kv_cache as kvc
 from gemma3_jax.model.gemma3 import embed_with_features
+from gemma3_jax.model.text import Embedding
 from gemma3_jax.runtime.sampling import MAX_STOP_IDS, sample_rows
 
 
@@ -78,12 +79,12 @@ class SlotSteps:
     cfg: object  # Gemma3Config
     pad_id: int
 
-    def embed(self, table: Float[Array, "V D"], ids: Int[Array, "B T"],
+    def embed(self, embedding: Embedding, ids: Int[Array, "B T"],
               feats: Float[Array, "I Ti D"] | None) -> Float[Array, "B T D"]:
         """A prefill call's input: the chunks' token embeddings with their images' features in place. A call of
         its own, so the image count does not multiply the prefill call's compiled shapes; it takes the embedding
-        table alone, because each array argument of a call costs host time."""
-        return embed_with_features(self.cfg, table, ids, feats)
+        table alone (``TextModel.embedding``), because each array argument of a call costs host time."""
+        return embed_with_features(self.cfg, embedding, ids, feats)
 
     def prefill(self, text, cache: kvc.KVCache, state: SlotState, embeddings: Float[Array, "B T D"],
                 chunk: kvc.PromptChunk, row: RowSettings, greedy_only: bool):

@@ -1,0 +1,136 @@
+"""Weight-only quantization of the text decoder's products: 8-bit weights with one float32 scale per output channel.
+
+Decode reads every text weight once per step, so its speed is the weights' bytes over the memory bandwidth:
+1-byte weights halve them. A quantized weight ``q`` (int8, or float8 e4m3) and its scale ``s`` (the output
+channel's largest |w| over the format's largest value) stand for ``w ~= q * s``; products run on ``q`` converted
+to the activation dtype (exact: every int8 and e4m3 value is a bfloat16) with float32 accumulation, and scale the
+sum. Quantized: q|k|v, o, gate|up, down, and the tied embedding / lm_head (its rows are both the lookup's rows and
+the lm_head's output channels, so one scale per row serves both). Norms and the vision tower keep the model dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float
+
+MODES = ("int8", "fp8")
+STORAGE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+LIMIT = {"int8": 127.0, "fp8": 448.0}  # the largest magnitude each format holds (e4m3fn: 448)
+
+# The quantized weights by their path's end: (their scale's path end, how many trailing axes the product
+# contracts, i.e. the input axes; the rest are output channels, one scale each).
+QUANTIZED = {
+    "attn.qkv_proj": ("attn.qkv_scale", 1),  # [N + 2K, H, D]
+    "attn.o_proj": ("attn.o_scale", 2),  # [D, N, H]
+    "mlp.gate_up": ("mlp.gate_up_scale", 1),  # [2F, D]
+    "mlp.down": ("mlp.down_scale", 1),  # [D, F]
+    "text.embed": ("text.embed_scale", 1),  # [V, D]
+}
+
+
+def check_mode(mode: str | None) -> str | None:
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"quantize must be None or one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def rule(name: str) -> tuple[str, int] | None:
+    """(scale path, contracted axes) of a quantized text weight's path (e.g. 'text.layers.0.mlp.down'); None for
+    any other parameter."""
+    if not name.startswith("text."):
+        return None
+    for end, (scale_end, contract) in QUANTIZED.items():
+        if name == end or name.endswith("." + end):
+            return name[: len(name) - len(end)] + scale_end, contract
+    return None
+
+
+def _recip(mode: str) -> np.float32:
+    # a product, not a division: XLA turns a division by a constant into this product, numpy does not, and the
+    # host twin (quantize_host) must give the same scales bit for bit
+    return np.float32(1.0 / LIMIT[mode])
+
+
+def quantize(w: Array, mode: str, contract: int) -> tuple[Array, Float[Array, "..."]]:
+    """(q, scale): ``w`` with its last ``contract`` axes the product's input, symmetric per output channel."""
+    wf = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(wf), axis=tuple(range(w.ndim - contract, w.ndim)))
+    scale = jnp.where(amax > 0, amax * _recip(mode), 1.0)
+    x = wf / scale.reshape(*scale.shape, *(1,) * contract)
+    if mode == "int8":
+        x = jnp.round(x)
+    return jnp.clip(x, -LIMIT[mode], LIMIT[mode]).astype(STORAGE[mode]), scale
+
+
+def quantize_host(w: np.ndarray, mode: str, contract: int) -> tuple[np.ndarray, np.ndarray]:
+    """``quantize`` in numpy (the same arithmetic), for slices on their way from a file to one device."""
+    wf = np.asarray(w, np.float32)
+    amax = np.max(np.abs(wf), axis=tuple(range(w.ndim - contract, w.ndim)))
+    scale = np.where(amax > 0, amax * _recip(mode), np.float32(1.0)).astype(np.float32)
+    x = wf / scale.reshape(*scale.shape, *(1,) * contract)
+    if mode == "int8":
+        x = np.round(x)
+    return np.clip(x, -LIMIT[mode], LIMIT[mode]).astype(np.dtype(STORAGE[mode])), scale
+
+
+def dequantize(q: Array, scale: Array, contract: int, dtype=jnp.float32) -> Array:
+    """The weight ``q`` and ``scale`` stand for (the reference the quantized paths are tested against)."""
+    return (q.astype(jnp.float32) * scale.reshape(*scale.shape, *(1,) * contract)).astype(dtype)
+
+
+def weight(shape: tuple[int, ...], dtype, mode: str | None, contract: int) -> tuple[nnx.Param, nnx.Param | None]:
+    """A product's weight parameter and its scale (None unquantized), zero-filled like ``layers.param``."""
+    if mode is None:
+        return nnx.Param(jnp.zeros(shape, dtype)), None
+    return nnx.Param(jnp.zeros(shape, STORAGE[mode])), nnx.Param(jnp.ones(shape[: len(shape) - contract], jnp.float32))
+
+
+def einsum(eq: str, x: Array, w: Array, scale: Array | None) -> Array:
+    """``jnp.einsum(eq, x, w)`` in x's dtype; with a scale, over the quantized ``w`` (its output channels must be
+    the result's trailing axes) with float32 accumulation, scaled before the one rounding to x's dtype."""
+    if scale is None:
+        return jnp.einsum(eq, x, w)
+    y = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return (y * scale).astype(x.dtype)
+
+
+def take_rows(table: Array, scale: Array | None, ids: Array, dtype) -> Array:
+    """Rows ``ids`` of an embedding table in ``dtype`` (dequantized with their scales)."""
+    rows = jnp.take(table, ids, axis=0)
+    if scale is None:
+        return rows
+    return (rows.astype(jnp.float32) * jnp.take(scale, ids, axis=0)[..., None]).astype(dtype)
+
+
+def quantize_model(model: nnx.Module, mode: str) -> nnx.Module:
+    """A new model (a ``Gemma3``) with the text decoder's product weights quantized, each weight placed as the
+    original's (e.g. a random-weight model for a benchmark); ``model`` is unchanged."""
+    check_mode(mode)
+    new = nnx.eval_shape(lambda: type(model)(model.cfg, model.dtype, model.kernels, mode))
+    source = _params(model)
+    scales = {}
+    for name, p in _params(new).items():
+        if name not in source:
+            continue
+        r = rule(name)
+        if r is None:
+            p.set_value(source[name][...])
+        else:
+            q, scales[r[0]] = quantize(source[name][...], mode, r[1])
+            p.set_value(q)
+    for name, p in _params(new).items():
+        if name in scales:
+            p.set_value(scales[name])
+    return new
+
+
+def _params(model: nnx.Module) -> dict[str, nnx.Param]:
+    return {".".join(map(str, path)): n for path, n in nnx.iter_graph(model) if isinstance(n, nnx.Param)}
+
+
+def weight_bytes(model: nnx.Module) -> int:
+    """Bytes of every parameter as held (quantized weights at one byte, their scales included)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
