@@ -54,7 +54,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint (default: the Gemma-3 270M GGUF)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--modes", default="none,int8,fp8")
+    ap.add_argument("--modes", default="none,int8,fp8,bfloat16",
+                    help="quantize modes, 'none', and 'bfloat16' (unquantized in bfloat16: for scale, how much "
+                    "bfloat16 rounding alone moves the top-1 token against a float32 run)")
     ap.add_argument("--tokens", type=int, default=768)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -72,7 +74,10 @@ def main() -> int:
     log(f"jax {jax.__version__} on {res['device']}, {len(seqs)} texts x {args.tokens} tokens, compute {args.dtype}")
     base: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for mode in modes:
-        model = load_pretrained(ckpt.path, dtype=dtype, progress=False, quantize=None if mode == "none" else mode)
+        if mode == "bfloat16":
+            model = load_pretrained(ckpt.path, dtype=jnp.bfloat16, progress=False)
+        else:
+            model = load_pretrained(ckpt.path, dtype=dtype, progress=False, quantize=None if mode == "none" else mode)
         got = {name: predictions(model, ids) for name, ids in seqs.items()}
         if mode == "none" or not base:
             base = got
