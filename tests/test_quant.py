@@ -77,6 +77,11 @@ def test_quantize_round_trip(mode):
             amax.squeeze(), rel=1e-6)  # the largest value of a channel is exact
         hq, hs = quant.quantize_host(w, mode, contract)  # the numpy twin (sharded loading) gives the same bits
         assert np.array_equal(np.asarray(q).view(np.uint8), hq.view(np.uint8)) and np.array_equal(np.asarray(s), hs)
+    # bfloat16 weights put many values exactly half-way between two int8 steps: host and device round them alike
+    w = np.asarray(jnp.asarray(rng.standard_normal((2048, 256)), jnp.bfloat16).astype(jnp.float32))
+    q, s = quant.quantize(jnp.asarray(w), mode, 1)
+    hq, hs = quant.quantize_host(w, mode, 1)
+    assert np.array_equal(np.asarray(q).view(np.uint8), hq.view(np.uint8)) and np.array_equal(np.asarray(s), hs)
     with pytest.raises(ValueError, match="quantize must be"):
         quant.check_mode("int4")
 

@@ -50,11 +50,12 @@ def test_bad_splits_are_refused():
 
 def test_loading_streams_each_text_weight_to_its_shards(tmp_path):
     """load_pretrained(tensor_parallel=N) on a Hugging Face layout: every weight equals the one-device load split
-    afterwards (bf16 and float32, N = 2 and 4: KV heads copied), no text weight is ever made one array (host or
-    device) whole, and a NaN in one piece of a fused weight (a k_proj) is named."""
+    afterwards (bf16 and float32, unquantized and 8-bit: the quantized bytes and scales too; N = 2 and 4: KV heads
+    copied), no text weight is ever made one array (host or device) whole, and a NaN in one piece of a fused
+    weight (a k_proj) is named."""
     got = run_worker("loading", str(tmp_path))
     assert got["mismatched"] == [], got["mismatched"]
-    assert got["compared"] >= 4 * 60, got["compared"]
+    assert got["compared"] >= 8 * 60, got["compared"]
     assert got["whole_text_arrays"] == [], got["whole_text_arrays"]
     assert "layers.1.self_attn.k_proj.weight" in got["nan"] and "NaN or Inf" in got["nan"], got["nan"]
 
@@ -274,12 +275,13 @@ def _loading(tmp: str) -> dict:
     jnp.array, jax.device_put = spy(real_array), spy(real_put)  # what a whole-weight copy would go through
     mismatched, compared = [], 0
     try:
-        for dtype in (jnp.bfloat16, jnp.float32):
-            one = loading.load_pretrained(path, dtype, progress=False)
+        for dtype, mode in ((jnp.bfloat16, None), (jnp.float32, None), (jnp.bfloat16, "int8"), (jnp.float32, "fp8")):
+            one = loading.load_pretrained(path, dtype, progress=False, quantize=mode)
             for n in (2, 4):
                 want = nnx.state(tensor_parallel(one, n), nnx.Param)
                 tracing[0] = True
-                got = nnx.state(loading.load_pretrained(path, dtype, progress=False, tensor_parallel=n), nnx.Param)
+                got = nnx.state(loading.load_pretrained(path, dtype, progress=False, tensor_parallel=n,
+                                                        quantize=mode), nnx.Param)
                 tracing[0] = False
                 for (p, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(got)[0],
                                           jax.tree_util.tree_flatten_with_path(want)[0]):

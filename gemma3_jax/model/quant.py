@@ -59,7 +59,7 @@ def quantize(w: Array, mode: str, contract: int) -> tuple[Array, Float[Array, ".
     wf = w.astype(jnp.float32)
     amax = jnp.max(jnp.abs(wf), axis=tuple(range(w.ndim - contract, w.ndim)))
     scale = jnp.where(amax > 0, amax * _recip(mode), 1.0)
-    x = wf / scale.reshape(*scale.shape, *(1,) * contract)
+    x = wf * (1.0 / scale).reshape(*scale.shape, *(1,) * contract)  # see quantize_host_with
     if mode == "int8":
         x = jnp.round(x)
     return jnp.clip(x, -LIMIT[mode], LIMIT[mode]).astype(STORAGE[mode]), scale
@@ -70,10 +70,17 @@ def quantize_host(w: np.ndarray, mode: str, contract: int) -> tuple[np.ndarray, 
     wf = np.asarray(w, np.float32)
     amax = np.max(np.abs(wf), axis=tuple(range(w.ndim - contract, w.ndim)))
     scale = np.where(amax > 0, amax * _recip(mode), np.float32(1.0)).astype(np.float32)
-    x = wf / scale.reshape(*scale.shape, *(1,) * contract)
+    return quantize_host_with(wf, scale, mode, contract), scale
+
+
+def quantize_host_with(w: np.ndarray, scale: np.ndarray, mode: str, contract: int) -> np.ndarray:
+    """``w`` quantized with given scales (its output channels' scales, e.g. of a slice of a larger weight).
+    A product with the reciprocal, not a division: XLA turns ``w / broadcast(scale)`` into that product, and
+    quantizing on the host and on a device must round each value (ties at .5 are common) the same way."""
+    x = np.asarray(w, np.float32) * (np.float32(1.0) / scale).reshape(*scale.shape, *(1,) * contract)
     if mode == "int8":
         x = np.round(x)
-    return np.clip(x, -LIMIT[mode], LIMIT[mode]).astype(np.dtype(STORAGE[mode])), scale
+    return np.clip(x, -LIMIT[mode], LIMIT[mode]).astype(np.dtype(STORAGE[mode]))
 
 
 def dequantize(q: Array, scale: Array, contract: int, dtype=jnp.float32) -> Array:

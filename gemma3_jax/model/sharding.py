@@ -152,11 +152,7 @@ def shard_from_host(cfg: Gemma3Config, name: str, pieces: list[np.ndarray], mesh
         if scales is None:
             return out
         s = scales[want][(slice(None), *index[1: len(shape) - contract])]  # this slice's output channels
-        s = s.reshape(*s.shape, *(1,) * contract)
-        x = out.astype(np.float32) / s
-        if quantize == "int8":
-            x = np.round(x)
-        return np.clip(x, -quant.LIMIT[quantize], quant.LIMIT[quantize]).astype(np.dtype(quant.STORAGE[quantize]))
+        return quant.quantize_host_with(out, s, quantize, contract)
 
     sharding = NamedSharding(mesh, _spec(name, len(shape)))
     value = jax.make_array_from_callback(shape, sharding, shard)
