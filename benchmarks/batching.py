@@ -45,7 +45,7 @@ from benchmarks.common import spec_of
 from benchmarks.generate import time_decode
 from benchmarks.random_init import random_model
 from gemma3_jax.runtime.batching import BatchEngine, Request
-from gemma3_jax.runtime.engine import Engine
+from gemma3_jax.runtime.engine import DECODE_COMMAND_BUFFERS, Engine, default_compiler_options
 
 SECTIONS = ("static", "offline", "long", "ttft", "profile", "peer")
 
@@ -215,11 +215,15 @@ def section_profile(model, cfg, args, res, rng):
     streams_n, short = args.max_batch - 1, 512 // (10 if args.small else 1)
     new = 300 if args.small else 2000
     out = res.setdefault("profile", {})
-    for step_tokens in args.profile_step_tokens:
+    variants = [(st, opt) for st in args.profile_step_tokens for opt in args.profile_options]
+    for step_tokens, option in variants:
         prompt_n = 12 * step_tokens  # enough chunks for the calls timed and traced
+        options = None
+        if option == "graphs":  # every call as one CUDA graph, the prefill options otherwise (mixed calls)
+            options = {**default_compiler_options("prefill", model.kernels.platform), **DECODE_COMMAND_BUFFERS}
         eng = BatchEngine(model, max_batch=args.max_batch, cache_length=round_up(max(short + new, prompt_n + 2)),
                           chunk_tokens=args.chunk_tokens, prefill_rows=args.prefill_rows,
-                          decode_steps=args.decode_steps, step_tokens=step_tokens)
+                          decode_steps=args.decode_steps, step_tokens=step_tokens, compiler_options=options)
         streams = [eng.submit(Request(make_prompt(cfg, short, 0, rng), max_new_tokens=new, stop_ids=()))
                    for _ in range(streams_n)]
         while not all(s.tokens for s in streams):
@@ -246,7 +250,7 @@ def section_profile(model, cfg, args, res, rng):
                 calls = eng.counters[counter] - before
                 table = kernel_table(logdir, max(calls, 1), top=30)
             r[phase] = dict(wall_ms=[w * 1e3 for w in walls], traced_calls=calls, kernels=table)
-            log(f"profile step_tokens {step_tokens} {phase}: wall/step {[round(w * 1e3, 2) for w in walls]} ms; "
+            log(f"profile step_tokens {step_tokens} options {option} {phase}: wall/step {[round(w * 1e3, 2) for w in walls]} ms; "
                 f"kernels {table.get('total_us_per_step', 0) / 1e3:.2f} ms, span "
                 f"{table.get('span_us_per_step', 0) / 1e3:.2f} ms per call ({calls} calls traced)")
             for row in table.get("top", [])[:12]:
@@ -255,12 +259,12 @@ def section_profile(model, cfg, args, res, rng):
             if name == "mixed":
                 hlo = c.as_text()
                 r["mixed_big_copies"] = big_copies(hlo)
-                if out_path("x") is not None and step_tokens == args.profile_step_tokens[0]:
+                if out_path("x") is not None and (step_tokens, option) == variants[0]:
                     os.makedirs(os.path.dirname(out_path("x")), exist_ok=True)
                     with gzip.open(out_path(f"mixed_{step_tokens}.hlo.gz"), "wt") as fh:
                         fh.write(hlo)
                 log(f"    mixed call's copies of >= 1 MiB: {r['mixed_big_copies'][:8]}")
-        out[str(step_tokens)] = r
+        out[f"{step_tokens}_{option}"] = r
         del eng
         gc.collect()
 
@@ -313,6 +317,8 @@ def main() -> int:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--step-tokens", type=int, default=256)
     ap.add_argument("--profile-step-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[256, 1024])
+    ap.add_argument("--profile-options", type=lambda v: v.split(","), default=["default"],
+                    help="compiler options of the profiled engine: default, graphs (every call one CUDA graph)")
     args = ap.parse_args()
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     if sections - set(SECTIONS):
