@@ -33,7 +33,7 @@ def steps(model):
 
     @jax.jit
     def chunk_call(cache, ids, feats, chunk):
-        hidden, cache = text.prefill_chunk(embed_with_features(cfg, text.embed[...], ids, feats), cache, chunk)
+        hidden, cache = text.prefill_chunk(embed_with_features(cfg, text.embedding(), ids, feats), cache, chunk)
         return text.logits(hidden), cache
 
     @jax.jit
@@ -165,7 +165,7 @@ def test_mixed_step_equals_decode_then_chunk(model, steps, decode):
     chunk = kvc.PromptChunk(jnp.asarray([1]), jnp.asarray([0]), jnp.asarray([len(head)]),
                             jnp.full((1, len(head)), -1, jnp.int32))
     cache = chunk_call(cache, jnp.asarray(head[None]), None, chunk)[1]
-    tail_emb = embed_with_features(cfg, text.embed[...], jnp.asarray(tail[None]), features(jnp.asarray(px)))
+    tail_emb = embed_with_features(cfg, text.embedding(), jnp.asarray(tail[None]), features(jnp.asarray(px)))
     chunk = kvc.PromptChunk(jnp.asarray([1]), jnp.asarray([len(head)]), jnp.asarray([len(tail)]),
                             jnp.asarray(kvc_segments(tail == IMAGE_TOKEN))[None])
     tokens = text.embed_tokens(jnp.asarray([[7], [0], [9]]))

@@ -267,7 +267,7 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
                 value = convert(view, want)  # the text conversions are reshapes: still a view
             else:
                 host = jnp.array(view)  # a copy: never aliases the map
-                finite.append(([(file.path, key, view)], jnp.isfinite(host).all()))  # on the device, read at the end
+                finite.append(([(file.path, key, view)], [jnp.isfinite(host).all()]))  # on the device, read at the end
                 value = convert(host, want).astype(dtype)
         except CheckpointError:
             raise
@@ -293,7 +293,10 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
             placed = shard_from_host(cfg, name, value if isinstance(value, list) else [value], mesh, dtype,
                                      quantize if rule else None)
             value, scale = placed if rule else (placed, None)
-            finite.append((sources, jnp.isfinite(value if scale is None else scale).all()))
+            # each device checks its own slices (a check over the whole array would be a collective across
+            # processes, and collectives dispatched while others run can pair up differently on each process)
+            finite.append((sources, [jnp.isfinite(s.data).all()
+                                     for s in (value if scale is None else scale).addressable_shards]))
         else:
             if rule:
                 value, scale = quant.quantize(value, quantize, rule[1])
@@ -305,8 +308,8 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
         if rule:
             targets[rule[0]].set_value(scale)
             loaded.add(rule[0])
-    for sources, flag in finite:  # each flag was computed where its weight went; read once everything is queued
-        if not np.asarray(flag.addressable_data(0)):
+    for sources, flags in finite:  # each flag was computed where its weight went; read once everything is queued
+        if not all(bool(f) for f in flags):
             file, key = next(((f, k) for f, k, view in sources if not all_finite(view)), sources[0][:2])
             raise CheckpointError(f"{file}: tensor {key!r} holds NaN or Inf values; refusing a damaged weight")
     missing = []

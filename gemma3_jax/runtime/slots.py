@@ -67,6 +67,12 @@ class RowSettings(NamedTuple):
     top_p: Float[Array, "B"]
 
 
+def _last_rows(hidden: Float[Array, "B T D"], chunk: kvc.PromptChunk) -> Float[Array, "B D"]:
+    """Each chunk row's hidden state at its last valid position."""
+    b, t = hidden.shape[:2]
+    return hidden[jnp.arange(b), jnp.clip(chunk.length - 1, 0, t - 1)]
+
+
 def _draw(logits, keys, positions, temperature, top_k, top_p, greedy_only: bool):
     step_keys = jax.vmap(jax.random.fold_in)(keys, positions)
     return sample_rows(logits, step_keys, temperature, top_k, top_p, greedy_only=greedy_only)
@@ -90,7 +96,8 @@ class SlotSteps:
                 chunk: kvc.PromptChunk, row: RowSettings, greedy_only: bool):
         """One chunk per row into its slot. Returns (cache, state, first token [B]: meaningful where ``last``)."""
         hidden, cache = text.prefill_chunk(embeddings, cache, chunk)
-        state, token = self._first_tokens(text, hidden, state, chunk, row, greedy_only)
+        logits = text.logits(_last_rows(hidden, chunk)[None])[0]
+        state, token = self._first_tokens(logits, state, chunk, row, greedy_only)
         return cache, state, token
 
     def mixed(self, text, cache: kvc.KVCache, state: SlotState, embeddings: Float[Array, "B T D"],
@@ -102,16 +109,17 @@ class SlotSteps:
         decode_in = text.embed_tokens(state.token[:, None])
         hidden_d, hidden_c, cache = text.mixed_step(decode_in, embeddings, cache, chunk, state.active)
         produced = state.active
-        state, token = self._advance(text.logits(hidden_d)[:, 0], state, held, greedy_only)
-        state, first = self._first_tokens(text, hidden_c, state, chunk, row, greedy_only)
+        s = hidden_d.shape[0]
+        # one lm_head product for the decode rows and the chunks' last rows: the table is read once
+        logits = text.logits(jnp.concatenate([hidden_d[:, 0], _last_rows(hidden_c, chunk)])[None])[0]
+        state, token = self._advance(logits[:s], state, held, greedy_only)
+        state, first = self._first_tokens(logits[s:], state, chunk, row, greedy_only)
         return cache, state, token, produced, first
 
-    def _first_tokens(self, text, hidden: Float[Array, "B T D"], state: SlotState, chunk: kvc.PromptChunk,
+    def _first_tokens(self, logits: Float[Array, "B V"], state: SlotState, chunk: kvc.PromptChunk,
                       row: RowSettings, greedy_only: bool):
-        """Sample each row's token after its chunk; a row whose prompt ends there (``last``) starts decoding."""
-        b, t = hidden.shape[:2]
-        at = jnp.clip(chunk.length - 1, 0, t - 1)
-        logits = text.logits(hidden[jnp.arange(b), at][:, None])[:, 0]
+        """Sample each row's token after its chunk (``logits`` at its last position); a row whose prompt ends there
+        (``last``) starts decoding."""
         end = chunk.start + chunk.length
         keys = jax.vmap(jax.random.key)(row.seed)
         token = _draw(logits, keys, end - 1, row.temperature, row.top_k, row.top_p, greedy_only)
