@@ -12,6 +12,7 @@ tok/s go to stderr. A bad input prints one line on stderr and exits with status 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -132,6 +133,11 @@ def main(argv=None) -> int:
                 raise ValueError("--coordinator-address, --num-processes and --process-id go together")
             from gemma3_jax.model.sharding import initialize_distributed
 
+            # native code prints to file descriptor 1 (gloo, the CPUs' collectives, logs its connections there):
+            # point it at stderr and keep the real stdout for the text alone
+            sys.stdout.flush()
+            sys.stdout = os.fdopen(os.dup(1), "w", encoding=sys.stdout.encoding, errors=sys.stdout.errors)
+            os.dup2(2, 1)
             initialize_distributed(*distributed)  # before JAX touches a device
         dtype = resolve_dtype(args.dtype)
         check_generation_args(args.max_new_tokens, args.seed, args.stop)
