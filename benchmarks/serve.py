@@ -9,6 +9,8 @@ Sections (``--only``):
   latency p50/p99, measured by the clients.
 - ``burst``: the same requests sent at once, through HTTP, then (the server stopped) through ``Service`` in this
   process with the same settings: output tok/s of each, and HTTP over in-process (target >= 0.9).
+- ``peer``: ``transformers serve`` (continuous batching, bf16 on the GPU) on the same checkpoint, the text
+  requests of the mix sent at once, and ours on the same requests: output tok/s and TTFT of each, and the ratio.
 
 The text prompts are words of the tokenizer's vocabulary, so the token counts are about the word counts; the
 server's ``usage`` gives the exact ones. Random weights rarely sample an end-of-turn token, so answers run to
@@ -37,7 +39,7 @@ import numpy as np
 from benchmarks.common import attempt, log, out_path, print_errors, save_json
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("rates", "burst")
+SECTIONS = ("rates", "burst", "peer")
 
 
 def write_model(root: Path, small: bool) -> Path:
@@ -85,6 +87,65 @@ def workload(model: Path, n: int, rng, small: bool) -> list[dict]:
     for r in out:
         r["body"].update(temperature=1.0, seed=0, stream=True, stream_options={"include_usage": True})
     return out
+
+
+def start_peer(model: Path, args) -> tuple[subprocess.Popen, str]:
+    """``transformers serve`` on ``model`` (continuous batching), on a free port; returns when /health answers."""
+    import shutil
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
+    cmd = [exe, "serve", str(model), "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32" if args.small else "bfloat16", "--log-level", "warning"]
+    log_file = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + args.peer_start_timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            log_file.seek(0)
+            raise RuntimeError("transformers serve exited:\n" + log_file.read()[-3000:])
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    log_file.seek(0)
+    raise RuntimeError(f"transformers serve did not answer /health in {args.peer_start_timeout} s:\n"
+                       + log_file.read()[-3000:])
+
+
+def peer_section(model: Path, reqs: list[dict], args, rng, res: dict) -> None:
+    """The mix's text requests (/v1/completions) at once: transformers serve, then our server."""
+    text = [dict(route=r["route"], body=dict(r["body"], model=str(model), temperature=0.0))
+            for r in reqs if r["route"] == "/v1/completions"][: args.peer_requests]
+    proc, url = start_peer(model, args)
+    try:
+        drive(url, text[:2], None, rng)  # loads and warms up
+        res["peer"] = drive(url, text, None, rng)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    ours = [dict(r, body={k: v for k, v in r["body"].items() if k != "model"}) for r in text]  # ours serves "bench"
+    proc, url = start_server(model, args)
+    try:
+        drive(url, ours[: 2 * args.max_batch], None, rng)
+        res["peer_ours"] = drive(url, ours, None, rng)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    res["ours_over_peer"] = res["peer_ours"]["tok_per_s"] / res["peer"]["tok_per_s"]
+    log(f"transformers serve, {len(text)} text requests at once: {res['peer']['tok_per_s']:.0f} tok/s (TTFT p50 "
+        f"{res['peer']['ttft_p50_ms']:.0f} ms, {res['peer']['failed']} failed); ours "
+        f"{res['peer_ours']['tok_per_s']:.0f} tok/s ({res['ours_over_peer']:.1f}x)")
 
 
 def start_server(model: Path, args) -> tuple[subprocess.Popen, str]:
@@ -196,13 +257,15 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--chunk-tokens", type=int, default=2048)
     ap.add_argument("--cache-length", type=int, default=4096)
+    ap.add_argument("--peer-requests", type=int, default=32, help="text requests sent to both servers (peer)")
+    ap.add_argument("--peer-start-timeout", type=int, default=600)
     args = ap.parse_args()
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     if sections - set(SECTIONS):
         ap.error(f"unknown sections {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")
     if args.small:
         args.max_batch, args.chunk_tokens, args.cache_length = 4, 64, 512
-        args.requests, args.burst = min(args.requests, 8), min(args.burst, 8)
+        args.requests, args.burst, args.peer_requests = min(args.requests, 8), min(args.burst, 8), 4
     path = out_path("bench_serve.json", args.out)
     rng = np.random.default_rng(0)
     res: dict = dict(small=args.small, args=vars(args))
@@ -210,6 +273,14 @@ def main() -> int:
         model = write_model(Path(tmp), args.small)
         rates = [float(r) for r in args.rates.split(",") if r.strip()]
         reqs = workload(model, max(args.requests, args.burst), rng, args.small)
+        if "peer" in sections:
+            with attempt(res, "peer"):
+                peer_section(model, reqs, args, rng, res)
+            save_json(path, res)
+        if not sections & {"rates", "burst"}:
+            save_json(path, res)
+            print_errors(res)
+            return 0
         proc, url = start_server(model, args)
         log(f"server up at {url}")
         try:
