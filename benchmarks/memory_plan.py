@@ -3,7 +3,9 @@ from the configs: bf16 weights + KV cache per device at 8K / 32K / 128K tokens, 
 80 GB (H100) and a 141 GB (H200) GPU with a tenth kept free for activations and compiled code. Prints the
 markdown table of docs/tensor_parallel.md.
 
-    python -m benchmarks.memory_plan [--batch 1]
+With ``--quantize int8`` (or fp8) the text weights count one byte each plus their float32 scales.
+
+    python -m benchmarks.memory_plan [--batch 1] [--quantize int8]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ GPUS = (("H100 80 GB", 80e9), ("H200 141 GB", 141e9))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=1, help="sequences held in the KV cache")
+    ap.add_argument("--quantize", default=None, help="int8 or fp8 text weights (gemma3_jax.model.quant)")
     args = ap.parse_args()
     print(f"| model | context | " + " | ".join(f"N={n} (GiB/device)" for n in DEVICES) + " | " +
           " | ".join(f"smallest N, {g}" for g, _ in GPUS) + " |")
@@ -31,7 +34,7 @@ def main() -> None:
     for name in SIZES:
         cfg = preset(name)
         for ctx in CONTEXTS:
-            plans = {n: memory_plan(cfg, jnp.bfloat16, n, args.batch, ctx) for n in DEVICES}
+            plans = {n: memory_plan(cfg, jnp.bfloat16, n, args.batch, ctx, args.quantize) for n in DEVICES}
             cells = [f"{p['weights'] / 2**30:.1f} + {p['kv_cache'] / 2**30:.1f}" for p in plans.values()]
             fits = [next((str(n) for n, p in plans.items() if p["total"] <= 0.9 * cap), "> 8") for _, cap in GPUS]
             print(f"| {name[7:].upper()} | {ctx // 1024}K | " + " | ".join(cells) + " | " + " | ".join(fits) + " |")

@@ -180,3 +180,17 @@ def test_cli_quantize_torch_free(tmp_path):
         assert f"({mode} weights; float32 would be" in r.stderr and r.stdout.strip(), r.stderr[-2000:]
     r = cli("--quantize", "int4")
     assert r.returncode == 2 and r.stderr.startswith("error:") and "int4" in r.stderr, r.stderr[-2000:]
+
+
+def test_memory_plan_counts_the_quantized_bytes(pair):
+    """The plan printed before loading (sharding.memory_plan) is what the quantized model holds, and
+    quant.quantize_model (used by benchmarks on random weights) builds the model load_pretrained builds."""
+    from gemma3_jax.model.sharding import memory_plan
+
+    mode, qmodel, ref = pair
+    plan = memory_plan(qmodel.cfg, qmodel.dtype, 1, 1, 128, mode)
+    assert plan["weights"] == quant.weight_bytes(qmodel)
+    again = params(quant.quantize_model(ref, mode))
+    for name, p in params(qmodel).items():
+        if quant.rule(name):  # requantizing the dequantized weights gives the same bytes and scales
+            assert np.array_equal(np.asarray(again[name][...]).view(np.uint8), np.asarray(p[...]).view(np.uint8)), name
