@@ -27,6 +27,7 @@ from gemma3_jax.model import quant
 from gemma3_jax.model.config import CheckpointError, TextConfig, load_config
 from gemma3_jax.model.gemma3 import Gemma3
 from gemma3_jax.model.kernels import Kernels
+from gemma3_jax.model.layers import params_by_path
 from gemma3_jax.model.sharding import check_splits, make_mesh, shard_from_host, shard_weight, split_model
 from gemma3_jax.checkpoints.weight_files import all_finite, iter_tensors, open_weight_files
 
@@ -186,14 +187,6 @@ def checkpoint_files(path: Path) -> list[Path]:
     return [f.path for f in open_weight_files(Path(path))]
 
 
-def _params_by_path(model: nnx.Module) -> dict[str, nnx.Param]:
-    out = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Param):
-            out[".".join(str(p) for p in path)] = node
-    return out
-
-
 def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kernels = "auto",
                     progress: bool = True, tensor_parallel: int | Mesh = 1, quantize: str | None = None) -> Gemma3:
     """Read a checkpoint directory (config.json + safetensors) into a ``Gemma3`` with weights in ``dtype``;
@@ -229,9 +222,9 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
     files = open_weight_files(path)
     # the unsplit layout: names and shapes to check
     model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, kernels, quantize))
-    params = _params_by_path(model)
+    params = params_by_path(model)
     split = None if mesh is None else split_model(cfg, dtype, kernels, mesh, quantize)
-    targets = params if split is None else _params_by_path(split)
+    targets = params if split is None else params_by_path(split)
     loaded: set[str] = set()
     pending: dict[str, dict[str, jax.Array]] = {}  # fused weights: pieces read so far
     tied = _is_tied(raw)

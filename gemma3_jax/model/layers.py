@@ -19,6 +19,11 @@ def param(shape: tuple[int, ...], dtype) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, dtype))
 
 
+def params_by_path(module: nnx.Module) -> dict[str, nnx.Param]:
+    """Every parameter of ``module`` by its dotted path (e.g. 'text.layers.0.mlp.down')."""
+    return {".".join(map(str, path)): n for path, n in nnx.iter_graph(module) if isinstance(n, nnx.Param)}
+
+
 def value(p: nnx.Param | None) -> Array | None:
     """A parameter's array, or None for an absent one (an unquantized weight's scale)."""
     return None if p is None else p[...]

@@ -67,10 +67,14 @@ def quantize(w: Array, mode: str, contract: int) -> tuple[Array, Float[Array, ".
 
 def quantize_host(w: np.ndarray, mode: str, contract: int) -> tuple[np.ndarray, np.ndarray]:
     """``quantize`` in numpy (the same arithmetic), for slices on their way from a file to one device."""
-    wf = np.asarray(w, np.float32)
-    amax = np.max(np.abs(wf), axis=tuple(range(w.ndim - contract, w.ndim)))
-    scale = np.where(amax > 0, amax * _recip(mode), np.float32(1.0)).astype(np.float32)
-    return quantize_host_with(wf, scale, mode, contract), scale
+    scale = scales_host(w, mode, contract)
+    return quantize_host_with(w, scale, mode, contract), scale
+
+
+def scales_host(w: np.ndarray, mode: str, contract: int) -> np.ndarray:
+    """``quantize_host``'s scales alone."""
+    amax = np.max(np.abs(np.asarray(w, np.float32)), axis=tuple(range(w.ndim - contract, w.ndim)))
+    return np.where(amax > 0, amax * _recip(mode), np.float32(1.0)).astype(np.float32)
 
 
 def quantize_host_with(w: np.ndarray, scale: np.ndarray, mode: str, contract: int) -> np.ndarray:
@@ -115,11 +119,13 @@ def take_rows(table: Array, scale: Array | None, ids: Array, dtype) -> Array:
 def quantize_model(model: nnx.Module, mode: str) -> nnx.Module:
     """A new model (a ``Gemma3``) with the text decoder's product weights quantized, each weight placed as the
     original's (e.g. a random-weight model for a benchmark); ``model`` is unchanged."""
+    from gemma3_jax.model.layers import params_by_path  # layers builds on this module
+
     check_mode(mode)
     new = nnx.eval_shape(lambda: type(model)(model.cfg, model.dtype, model.kernels, mode))
-    source = _params(model)
+    source = params_by_path(model)
     scales = {}
-    for name, p in _params(new).items():
+    for name, p in params_by_path(new).items():
         if name not in source:
             continue
         r = rule(name)
@@ -128,14 +134,10 @@ def quantize_model(model: nnx.Module, mode: str) -> nnx.Module:
         else:
             q, scales[r[0]] = quantize(source[name][...], mode, r[1])
             p.set_value(q)
-    for name, p in _params(new).items():
+    for name, p in params_by_path(new).items():
         if name in scales:
             p.set_value(scales[name])
     return new
-
-
-def _params(model: nnx.Module) -> dict[str, nnx.Param]:
-    return {".".join(map(str, path)): n for path, n in nnx.iter_graph(model) if isinstance(n, nnx.Param)}
 
 
 def weight_bytes(model: nnx.Module) -> int:

@@ -28,6 +28,7 @@ from gemma3_jax.model import kv_cache as kvc
 from gemma3_jax.model import quant
 from gemma3_jax.model.config import Gemma3Config, param_bytes
 from gemma3_jax.model.gemma3 import Gemma3
+from gemma3_jax.model.layers import params_by_path
 
 AXIS = "tp"
 
@@ -139,7 +140,7 @@ def shard_from_host(cfg: Gemma3Config, name: str, pieces: list[np.ndarray], mesh
     if quantize is not None:
         scale_name, contract = quant.rule(name)
         # per source row, from the weight rounded to the model dtype (as one device quantizes it)
-        scales = np.concatenate([quant.quantize_host(p[i: i + 1024].astype(dtype), quantize, contract)[1]
+        scales = np.concatenate([quant.scales_host(p[i: i + 1024].astype(dtype), quantize, contract)
                                  for p in pieces for i in range(0, p.shape[0], 1024)])
 
     def shard(index) -> np.ndarray:
@@ -168,11 +169,9 @@ def tensor_parallel(model: Gemma3, mesh: Mesh | int) -> Gemma3:
     if not isinstance(mesh, Mesh) or len(mesh.axis_names) != 1:
         raise ValueError(f"tensor_parallel takes a device count or a Mesh with one axis, got {mesh!r}")
     split = split_model(model.cfg, model.dtype, model.kernels, mesh, model.quantize)
-    source = {".".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
-    for path, node in nnx.iter_graph(split):
-        if isinstance(node, nnx.Param):
-            name = ".".join(map(str, path))
-            node.set_value(shard_weight(model.cfg, name, source[name][...], mesh))
+    source = params_by_path(model)
+    for name, node in params_by_path(split).items():
+        node.set_value(shard_weight(model.cfg, name, source[name][...], mesh))
     return split
 
 
