@@ -133,7 +133,7 @@ def embed_with_features(
     ids = input_ids
     if cfg.image_token_id >= cfg.text.vocab_size:  # out-of-vocabulary placeholder, as HF
         ids = jnp.where(is_image, 0, input_ids)
-    x = embed_lookup(embedding.table, ids, embedding.scale, embedding.dtype)
+    x = embed_lookup(embedding, ids)
     if feats is None:
         return x
     feats = feats.reshape(-1, feats.shape[-1]).astype(x.dtype)  # [I*T, D] in prompt order

@@ -123,20 +123,15 @@ def quantize_model(model: nnx.Module, mode: str) -> nnx.Module:
 
     check_mode(mode)
     new = nnx.eval_shape(lambda: type(model)(model.cfg, model.dtype, model.kernels, mode))
-    source = params_by_path(model)
-    scales = {}
-    for name, p in params_by_path(new).items():
-        if name not in source:
-            continue
+    targets = params_by_path(new)
+    for name, p in params_by_path(model).items():
         r = rule(name)
         if r is None:
-            p.set_value(source[name][...])
+            targets[name].set_value(p[...])
         else:
-            q, scales[r[0]] = quantize(source[name][...], mode, r[1])
-            p.set_value(q)
-    for name, p in params_by_path(new).items():
-        if name in scales:
-            p.set_value(scales[name])
+            q, scale = quantize(p[...], mode, r[1])
+            targets[name].set_value(q)
+            targets[r[0]].set_value(scale)
     return new
 
 

@@ -33,13 +33,11 @@ class Embedding:
     dtype: Any
 
 
-def embed_lookup(table: Float[Array, "V D"], input_ids: Int[Array, "B T"], scale: Array | None = None,
-                 dtype=None) -> Float[Array, "B T D"]:
-    """Token embeddings from the embedding table alone (a step that needs nothing else takes just the table);
-    ``scale``/``dtype``: a quantized table's row scales and the model dtype (``quant``)."""
-    rows = quant.take_rows(table, scale, input_ids, table.dtype if dtype is None else dtype)
+def embed_lookup(embedding: Embedding, input_ids: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+    """Token embeddings from the embedding table alone (a step that needs nothing else takes just the table)."""
+    rows = quant.take_rows(embedding.table, embedding.scale, input_ids, embedding.dtype)
     # sqrt(hidden) is rounded in the weight dtype, as transformers does (55.4256 -> 55.5 in bf16).
-    return rows * jnp.asarray(np.sqrt(table.shape[-1]), rows.dtype)
+    return rows * jnp.asarray(np.sqrt(embedding.table.shape[-1]), rows.dtype)
 
 
 class Attention(nnx.Module):
@@ -188,7 +186,7 @@ class TextModel(nnx.Module):
         return Embedding(self.embed[...], value(self.embed_scale), self.dtype)
 
     def embed_tokens(self, input_ids: Int[Array, "B T"]) -> Float[Array, "B T D"]:
-        return embed_lookup(self.embed[...], input_ids, value(self.embed_scale), self.dtype)
+        return embed_lookup(self.embedding(), input_ids)
 
     def rope_tables(self, positions: Int[Array, "B T"]) -> dict[str, tuple[Array, Array]]:
         h = self.cfg.head_dim
