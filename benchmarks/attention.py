@@ -120,6 +120,40 @@ def bench_ours(doc, case, cfg_txt):
         row(doc["results"], name, case, None, None, note=f"ERROR {run.error}")
 
 
+def bench_chunks(doc, specs: str, configs: str) -> None:
+    """Prompt chunks as the batching engine runs them: Sq queries at the end of Sk keys (B rows, text and images
+    in the usual layout), each config; TFLOP/s over the allowed pairs, error against the float32 reference."""
+    interp = interpret_mode()
+    for spec in specs.split(","):
+        sq, sk, b, wtxt = spec.split(":")
+        sq, sk, b = int(sq), int(sk), int(b)
+        window = None if wtxt == "none" else int(wtxt)
+        kq, kk, kv = jax.random.split(jax.random.PRNGKey(sq + sk), 3)
+        q = jax.random.normal(kq, (b, sq, HQ, D), jnp.bfloat16)
+        k = jax.random.normal(kk, (b, sk, HKV, D), jnp.bfloat16)
+        v = jax.random.normal(kv, (b, sk, HKV, D), jnp.bfloat16)
+        seg = jnp.broadcast_to(layout(sk), (b, sk))
+        ks, ke = key_intervals(seg, q_len=sq, sliding_window=window)
+        flops = 4 * D * HQ * count_allowed_pairs(ks, ke)
+        ref = np.asarray(reference_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                             seg, sliding_window=window))
+        for cfg_txt in configs.split(","):
+            cfg = parse_config(cfg_txt) if cfg_txt != "default" else {}
+            fn = jax.jit(lambda q, k, v, seg: image_span_attention(q, k, v, seg, sliding_window=window,
+                                                                 interpret=interp, **cfg))
+            name = f"chunk {sq}x{sk} B={b} w={window} ours[{cfg_txt}]"
+            with attempt(doc, name) as run:
+                out = np.asarray(fn(q, k, v, seg), np.float32)
+                err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+                ms = time_jax(fn, q, k, v, seg, min_rep_ms=MIN_REP_MS)
+                tf = flops / (ms * 1e-3) / 1e12
+                doc["chunks"].append(dict(sq=sq, sk=sk, b=b, window=window, config=cfg_txt, ms=ms, tflops=tf,
+                                          err=err, status="ok" if err <= FAIL_ERR else "FAILED"))
+                print(f"{name:60s} {ms * 1e3:8.1f} us {tf:6.1f} TFLOP/s err={err:.1e}", flush=True)
+            if run.error:
+                doc["chunks"].append(dict(sq=sq, sk=sk, b=b, window=window, config=cfg_txt, error=run.error))
+
+
 def causal_pairs(s, window):
     i = np.arange(s)
     lo = np.zeros(s) if window is None else np.maximum(i - window + 1, 0)
@@ -237,6 +271,8 @@ def main():
     ap.add_argument("--checks", action="store_true", help="compiled correctness on other shapes/dtypes")
     ap.add_argument("--check-flags", default="", help="comma list of kernel flag sets for --checks, e.g. LE,L")
     ap.add_argument("--xla-max", type=int, default=8192)
+    ap.add_argument("--chunks", default="", help="only prompt-chunk cases Sq:Sk:B:window, comma-separated, e.g. "
+                    "256:1280:1:1024,256:3072:1:none (each of --configs; no peers)")
     args = ap.parse_args()
 
     info = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
@@ -253,6 +289,11 @@ def main():
     doc = {"info": info, "meta_bytes_128k": mb, "results": results}  # the JSON; attempt adds "errors"
     state: dict = {}
     peers = [p for p in args.peers.split(",") if p]
+    if args.chunks:
+        doc["chunks"] = []
+        bench_chunks(doc, args.chunks, args.configs)
+        save_json(args.out, doc)
+        return 1 if any(c.get("status") == "FAILED" for c in doc["chunks"]) else 0
     if args.checks:
         for flags in args.check_flags.split(","):
             extra_checks(doc, flags)

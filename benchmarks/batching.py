@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import gzip
+import json
 import math
 import os
 import re
@@ -44,6 +45,7 @@ from benchmarks.common import attempt, kernel_table, log, make_pixels, make_prom
 from benchmarks.common import spec_of
 from benchmarks.generate import time_decode
 from benchmarks.random_init import random_model
+from gemma3_jax.model.quant import weight_bytes
 from gemma3_jax.runtime.batching import BatchEngine, Request
 from gemma3_jax.runtime.engine import DECODE_COMMAND_BUFFERS, Engine, default_compiler_options
 
@@ -67,13 +69,35 @@ def workload(cfg, n: int, rng, small: bool) -> list[Request]:
     return out
 
 
-def serve(engine: BatchEngine, requests: list[Request]) -> dict:
-    """Submit every request at once, run to completion; throughput and latency figures."""
+def serve(engine: BatchEngine, requests: list[Request], trace: tuple[int, int] | None = None) -> dict:
+    """Submit every request at once, run to completion; throughput and latency figures. ``trace`` = (first
+    step, steps): the GPU's kernels over those engine steps (how busy the GPU was)."""
     t0 = time.perf_counter()
     streams = [engine.submit(r) for r in requests]
-    engine.run()
+    submit_s = time.perf_counter() - t0
+    traced = None
+    if trace is None:
+        engine.run()
+    else:
+        with tempfile.TemporaryDirectory() as logdir:
+            i, more = 0, True
+            while more:
+                if i == trace[0]:
+                    jax.profiler.start_trace(logdir, create_perfetto_trace=True)
+                    t_trace = time.perf_counter()
+                more = engine.step()
+                i += 1
+                if traced is None and i > trace[0] and (i == trace[0] + trace[1] or not more):
+                    jax.block_until_ready(engine.cache)
+                    wall_trace = time.perf_counter() - t_trace
+                    jax.profiler.stop_trace()
+                    traced = dict(steps=i - trace[0], wall_ms=wall_trace * 1e3,
+                                  kernels=kernel_table(logdir, i - trace[0], top=12))
     wall = time.perf_counter() - t0
-    return dict(summary(streams, wall), **occupancy(engine))
+    out = dict(summary(streams, wall), submit_s=submit_s, **occupancy(engine))
+    if traced is not None:
+        out["traced"] = traced
+    return out
 
 
 def occupancy(engine: BatchEngine) -> dict:
@@ -106,27 +130,117 @@ def summary(streams, wall: float) -> dict:
                 itl_p50_ms=pct(itl, 50) * 1e3, itl_p99_ms=pct(itl, 99) * 1e3)
 
 
-def make_engine(model, args, cache_length: int) -> BatchEngine:
+def make_engine(model, args, cache_length: int, record_calls: bool = False) -> BatchEngine:
     return BatchEngine(model, max_batch=args.max_batch, cache_length=cache_length, chunk_tokens=args.chunk_tokens,
                        prefill_rows=args.prefill_rows, decode_steps=args.decode_steps,
-                       step_tokens=args.step_tokens, verbose=True)
+                       step_tokens=args.step_tokens, record_calls=record_calls, verbose=True)
+
+
+def call_breakdown(calls: list[dict]) -> dict:
+    """Where a run's wall time went, from ``BatchEngine.calls``: per kind and shape of call, how many, the host's
+    dispatch time, and the device time estimated as (this call ready) - (previous call ready or this call
+    dispatched, whichever is later) - exact while the host waits on every call, an upper bound otherwise."""
+    calls = [c for c in calls if "ready" in c]
+    out: dict = {}
+    prev_ready = None
+    for c in calls:
+        dispatched = c["start"] + c["dispatch_ms"] / 1e3
+        begin = dispatched if prev_ready is None else max(prev_ready, dispatched)
+        key = f"{c['kind']} {'x'.join(map(str, c['shape']))}".strip() + (" +vision" if c["images"] else "")
+        e = out.setdefault(key, dict(calls=0, steps=0, images=0, dispatch_ms=0.0, wait_ms=0.0, device_ms=0.0,
+                                     idle_before_ms=0.0))
+        e["calls"] += 1
+        e["steps"] += c["steps"]
+        e["images"] += c["images"]
+        e["dispatch_ms"] += c["dispatch_ms"]
+        e["wait_ms"] += c["wait_ms"]
+        e["device_ms"] += (c["ready"] - begin) * 1e3
+        if prev_ready is not None:  # the device had nothing queued between the previous call and this one
+            e["idle_before_ms"] += max(0.0, c["start"] - prev_ready) * 1e3
+        prev_ready = c["ready"]
+    for e in out.values():
+        e["device_ms_per_call"] = e["device_ms"] / e["calls"]
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["device_ms"]))
+
+
+def workload_ceiling(cfg, requests: list[Request], slots: int, weights: int, static_context: int,
+                     static_new: int) -> dict:
+    """What the KV cache alone costs this workload: bytes a decode step reads (text weights + each slot's keys
+    and values at its context) averaged over the workload's tokens with ``slots`` slots full, against the static
+    batch's step (contexts ``static_context`` .. + ``static_new``). Their ratio bounds offline / static before any
+    prefill work, if both steps ran at the same bandwidth."""
+    from gemma3_jax.model.kv_cache import cache_nbytes
+
+    t = cfg.text
+    per_pos = cache_nbytes(t, 1, 1, jnp.bfloat16) / t.num_layers  # one position of one layer, K and V
+    n_slide = sum(1 for i in range(t.num_layers) if t.is_sliding(i))
+    n_glob = t.num_layers - n_slide
+
+    def kv(ctx):
+        ctx = np.asarray(ctx, np.float64)
+        return per_pos * (n_slide * np.minimum(ctx, t.sliding_window) + n_glob * ctx)
+
+    tokens = sum(r.max_new_tokens for r in requests)
+    kv_total = sum(float(kv(len(r.prompt) + np.arange(r.max_new_tokens)).sum()) for r in requests)
+    static_step = weights + float(kv(static_context + np.arange(static_new)).mean()) * slots
+    step = weights + slots * kv_total / tokens
+    return dict(weight_bytes=weights, static_step_bytes=static_step, workload_step_bytes=step,
+                offline_over_static_cap=static_step / step, output_tokens=tokens,
+                prompt_tokens=sum(len(r.prompt) for r in requests))
 
 
 def section_offline(model, cfg, args, res, rng):
     reqs = workload(cfg, args.requests, rng, args.small)
     length = round_up(max(len(r.prompt) + r.max_new_tokens for r in reqs))
-    eng = make_engine(model, args, length)
+    eng = make_engine(model, args, length, record_calls=True)
     t = time.perf_counter()
     serve(eng, reqs[: 2 * args.max_batch])  # compiles the shapes the workload uses
     res["offline_warmup_s"] = time.perf_counter() - t
     res["offline_warmup_compiles"] = {k: v for k, v in eng.counters.items() if k.startswith("compiles_")}
     eng.counters.clear()
-    r = serve(eng, reqs)
+    eng.calls.clear()
+    profiler = None
+    if args.host_profile:  # where the host's time goes (Python functions; a compiled call is one builtin)
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
+    # a profiler trace slows every later call of the process (mixed calls 10 -> 19 ms on the H100), so it is
+    # opt-in, and the run's throughput is then not the figure to report
+    r = serve(eng, reqs, trace=(300, 60) if args.offline_trace and not args.small else None)
+    if profiler is not None:
+        import io
+        import pstats
+        profiler.disable()
+        for order in ("tottime", "cumulative"):
+            buf = io.StringIO()
+            pstats.Stats(profiler, stream=buf).sort_stats(order).print_stats(30)
+            log(f"host profile by {order}:\n" + buf.getvalue()[-9000:])
     r["cache_length"], r["cache_gib"] = length, eng.cache_bytes / 2**30
+    r["calls"] = call_breakdown(eng.calls)
+    if out_path("x") is not None:  # every call's record, for a timeline
+        os.makedirs(os.path.dirname(out_path("x")), exist_ok=True)
+        with gzip.open(out_path("offline_calls.json.gz"), "wt") as fh:
+            json.dump(eng.calls, fh)
+    n, imgs = spec_of(args.small).short
+    r["ceiling"] = workload_ceiling(cfg, reqs, args.max_batch, weight_bytes(model.text), n, spec_of(args.small).new)
     res["offline"] = r
     log(f"offline {r['requests']} requests: {r['tok_per_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, "
         f"inter-token p50/p99 {r['itl_p50_ms']:.2f}/{r['itl_p99_ms']:.2f} ms, "
-        f"{r['mean_decoding_slots']:.1f} of {args.max_batch} slots decoding")
+        f"{r['mean_decoding_slots']:.1f} of {args.max_batch} slots decoding; a full decode step reads "
+        f"{r['ceiling']['workload_step_bytes'] / 1e9:.2f} GB here vs {r['ceiling']['static_step_bytes'] / 1e9:.2f} GB "
+        f"in the static batch: offline/static <= {r['ceiling']['offline_over_static_cap']:.2f} before prefill work")
+    host = sum(e["dispatch_ms"] for e in r["calls"].values())
+    log(f"    wall {r['wall_s']:.1f} s (submitting {r['submit_s']:.2f} s); host dispatch {host / 1e3:.1f} s; per kind "
+        f"of call (device time estimated):")
+    if "traced" in r:
+        k = r["traced"]["kernels"]
+        log(f"    traced {r['traced']['steps']} engine steps: wall {r['traced']['wall_ms'] / r['traced']['steps']:.2f} ms, "
+            f"GPU kernels {k.get('total_us_per_step', 0) / 1e3:.2f} ms, span {k.get('span_us_per_step', 0) / 1e3:.2f} ms "
+            f"a step")
+    for key, e in r["calls"].items():
+        log(f"    {key:28s} x{e['calls']:5d}  device {e['device_ms'] / 1e3:6.2f} s ({e['device_ms_per_call']:7.2f} ms a "
+            f"call, {e['steps']} steps, {e['images']} images)  dispatch {e['dispatch_ms']:8.1f} ms  "
+            f"idle before {e['idle_before_ms']:7.1f} ms")
     return eng
 
 
@@ -166,20 +280,29 @@ def section_long(model, cfg, args, res, rng):
 
 def section_ttft(model, cfg, args, res, rng, spec):
     n, imgs = spec.short
-    eng = make_engine(model, args, round_up(n + spec.new))
+    eng = make_engine(model, args, round_up(n + spec.new), record_calls=True)
     req = Request(make_prompt(cfg, n, imgs, rng), make_pixels(cfg, imgs, rng), max_new_tokens=2, stop_ids=())
     times, first = [], []
     for i in range(6):
         eng.features = type(eng.features)(eng.features.max_bytes)  # a new image each time: encoded, not cached
+        eng.calls.clear()
         t = time.perf_counter()
         s = eng.submit(req)
+        submitted = time.perf_counter()
         while not s.tokens:
             eng.step()
         times.append(time.perf_counter() - t)
         first.append(s.first_token_at - s.submitted)
         eng.run()
+    calls = [dict(kind=c["kind"], shape=c["shape"], images=c["images"], at_ms=(c["start"] - t) * 1e3,
+                  dispatch_ms=c["dispatch_ms"], wait_ms=c.get("wait_ms"), ready_ms=(c.get("ready", t) - t) * 1e3)
+             for c in eng.calls]
     res["ttft"] = dict(tokens=n, images=imgs, ttft_ms=statistics.median(times[1:]) * 1e3,
-                       first_token_at_ms=statistics.median(first[1:]) * 1e3, first_ms=times[0] * 1e3)
+                       first_token_at_ms=statistics.median(first[1:]) * 1e3, first_ms=times[0] * 1e3,
+                       last_submit_ms=(submitted - t) * 1e3, last_calls=calls)
+    log(f"    last request: submit {res['ttft']['last_submit_ms']:.2f} ms; calls (ms from submit): " + "; ".join(
+        f"{c['kind']} {c['shape']} at {c['at_ms']:.2f} dispatch {c['dispatch_ms']:.2f} ready {c['ready_ms']:.2f}"
+        for c in calls))
     with tempfile.TemporaryDirectory() as logdir:  # where the time goes: the GPU's kernels over one request
         eng.features = type(eng.features)(eng.features.max_bytes)
         with jax.profiler.trace(logdir, create_perfetto_trace=True):
@@ -316,6 +439,8 @@ def main() -> int:
     ap.add_argument("--prefill-rows", type=int, default=4)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--step-tokens", type=int, default=256)
+    ap.add_argument("--offline-trace", action="store_true", help="offline: GPU trace of steps 300-360 (slows the run)")
+    ap.add_argument("--host-profile", action="store_true", help="offline: cProfile the timed run (no GPU trace)")
     ap.add_argument("--profile-step-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[256, 1024])
     ap.add_argument("--profile-options", type=lambda v: v.split(","), default=["default"],
                     help="compiler options of the profiled engine: default, graphs (every call one CUDA graph)")

@@ -5,13 +5,14 @@ small so prompts cross several chunks and decode interleaves with prefill; fewer
 freed and reused while others run.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import gemma3_jax
 from fixtures.hf_checkpoints import IMAGE_TOKEN, MM_TOKENS, _row
-from gemma3_jax.runtime.batching import BatchEngine, QueueFull, Request
+from gemma3_jax.runtime.batching import BatchEngine, FeatureCache, QueueFull, Request
 from gemma3_jax.runtime.engine import Engine
 from gemma3_jax.runtime.sampling import SamplingParams
 
@@ -141,6 +142,44 @@ def test_images_are_encoded_once(model, solo):
     got = eng.submit(again).result()
     assert eng.features.encodes == 1 and eng.features.hits >= 1
     assert got == alone(solo, again)
+
+
+def test_image_key_is_the_content():
+    """The feature cache's key hashes pieces of the image on several threads: equal for equal content and shape
+    (whatever the array), different for one changed value, another shape of the same bytes or another dtype."""
+    cache = FeatureCache(1 << 20, hash_threads=3)
+    image = np.random.default_rng(0).random((3, 448, 448), np.float32)  # 2.4 MB: split into 3 pieces
+    changed = image.copy()
+    changed[2, -1, -1] += 1e-3
+    key = cache.key(image)
+    assert key == cache.key(np.asfortranarray(image)) == FeatureCache(1 << 20, hash_threads=1).key(image.copy())
+    assert len({key, cache.key(changed), cache.key(image.reshape(3, -1)), cache.key(image.astype(np.float64)),
+                cache.key(image[:1])}) == 5
+
+
+def test_row_inputs_travel_as_one_array():
+    """pack_rows / unpack_rows: a call's per-row inputs in one int32 array come back bit for bit (the uint32 seed
+    above 2**31, float settings by their bits)."""
+    from gemma3_jax.runtime.sampling import MAX_STOP_IDS
+    from gemma3_jax.runtime.slots import pack_rows, unpack_rows
+
+    rng = np.random.default_rng(1)
+    b, t = 3, 5
+    given = dict(slot=np.array([2, 0, 8], np.int32), start=np.array([0, 17, 3], np.int32),
+                 length=np.array([5, 2, 0], np.int32), last=np.array([True, False, True]),
+                 max_new=np.array([1, 64, 9], np.int32), seed=np.array([0, 2**32 - 1, 2**31 + 5], np.uint32),
+                 stops=rng.integers(-1, 300, (b, MAX_STOP_IDS)).astype(np.int32),
+                 temperature=np.array([0.0, 0.7, 1e-3], np.float32), top_k=np.array([0, 40, 1], np.int32),
+                 top_p=np.array([1.0, 0.9, 0.25], np.float32))
+    ids, seg = rng.integers(0, 1000, (b, t)).astype(np.int32), rng.integers(-1, 2, (b, t)).astype(np.int32)
+    got_ids, chunk, row = jax.jit(unpack_rows)(jnp.asarray(pack_rows(ids, seg, **given)))
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(chunk.segment_ids, seg)
+    for name in ("slot", "start", "length"):
+        np.testing.assert_array_equal(getattr(chunk, name), given[name])
+    for name in ("last", "max_new", "seed", "stops", "temperature", "top_k", "top_p"):
+        np.testing.assert_array_equal(getattr(row, name), given[name])
+        assert getattr(row, name).dtype == jnp.asarray(given[name]).dtype, name
 
 
 def test_refused_at_submission(model):

@@ -68,8 +68,9 @@ class Gemma3(nnx.Module):
         return check_inputs(self.cfg, input_ids, pixel_values, attention_mask)
 
 
-def check_inputs(cfg: Gemma3Config, input_ids, pixel_values=None, attention_mask=None):
-    """Gemma3.check_inputs without a model instance (the Engine holds only its config and state)."""
+def check_inputs(cfg: Gemma3Config, input_ids, pixel_values=None, attention_mask=None, *, to_device: bool = True):
+    """Gemma3.check_inputs without a model instance (the Engine holds only its config and state); with
+    ``to_device=False`` the checked inputs stay host (numpy) arrays."""
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must be a [B, L] integer array, got shape {ids.shape} dtype {ids.dtype}")
@@ -99,7 +100,8 @@ def check_inputs(cfg: Gemma3Config, input_ids, pixel_values=None, attention_mask
             )
         # Sent in their own float dtype; the vision tower casts them to the model's dtype on the device, because a
         # host (numpy) cast costs more than the transfer itself.
-        pixel_values = jnp.asarray(pixel_values)
+        if to_device:
+            pixel_values = jnp.asarray(pixel_values)
     elif n_image_tokens:
         raise ValueError(f"input_ids hold {n_image_tokens} image tokens (id {cfg.image_token_id}) but no pixel_values")
     kv_lengths = None
@@ -115,7 +117,9 @@ def check_inputs(cfg: Gemma3Config, input_ids, pixel_values=None, attention_mask
             row = int(np.nonzero((prefix != mask.astype(bool)).any(axis=1))[0][0])
             raise ValueError(f"attention_mask row {row} is not right-padded (ones, then zeros)")
         if not (lengths == ids.shape[1]).all():
-            kv_lengths = jnp.asarray(lengths)
+            kv_lengths = jnp.asarray(lengths) if to_device else lengths
+    if not to_device:
+        return ids.astype(np.int32), pixel_values, kv_lengths
     return jnp.asarray(ids, jnp.int32), pixel_values, kv_lengths
 
 

@@ -20,9 +20,11 @@ reader's.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import itertools
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -36,7 +38,7 @@ from gemma3_jax.model import kv_cache as kvc
 from gemma3_jax.model.gemma3 import Gemma3, check_inputs
 from gemma3_jax.runtime.engine import StepWeights, VisionStep, compiled_step
 from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams
-from gemma3_jax.runtime.slots import RowSettings, SlotState, SlotSteps
+from gemma3_jax.runtime.slots import SlotState, SlotSteps, pack_rows, unpack_rows
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -70,8 +72,8 @@ class Stream:
         self.arrivals: list[tuple[float, int]] = []  # (time.perf_counter(), tokens) per delivery: latency stats
         self._image_mask = image_mask
         self._image_starts = np.flatnonzero(image_mask & ~np.r_[False, image_mask[:-1]])
-        images = [] if request.pixel_values is None else np.asarray(request.pixel_values, np.float32)
-        self._image_keys = [FeatureCache.key(im) for im in images]  # hashed here, in the submitter's thread
+        self._images = [] if request.pixel_values is None else np.asarray(request.pixel_values, np.float32)
+        self._image_keys = [engine.features.key(im) for im in self._images]  # hashed here, in the submitter's thread
         self._feats: list[jax.Array] = []  # one [T, D] per image from admission until the prompt is prefilled
         self._slot: int | None = None
         self._prefilled = 0  # prompt positions already in the slot
@@ -107,19 +109,34 @@ class Stream:
         return self.tokens
 
 
+_HASH_PIECE = 1 << 20  # bytes of an image hashed as one piece
+
+
 class FeatureCache:
     """Image features by content hash, least recently used first out, at most ``max_bytes`` held."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, hash_threads: int | None = None):
         self.max_bytes = int(max_bytes)
         self._items: collections.OrderedDict[bytes, jax.Array] = collections.OrderedDict()
         self.nbytes = 0
         self.hits = self.encodes = 0
+        self._threads = hash_threads or min(4, os.cpu_count() or 1)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    @staticmethod
-    def key(image: np.ndarray) -> bytes:
+    def key(self, image: np.ndarray) -> bytes:
+        """SHA-256 over the shape, dtype and SHA-256 digests of a few slices of the bytes, hashed on as many
+        threads (hashlib lets go of the GIL): an 896x896 float32 image is ~5 ms on one thread, on a request's
+        critical path to its first token. The key does not depend on the number of threads."""
         image = np.ascontiguousarray(image)
-        return hashlib.sha256(str((image.shape, image.dtype.str)).encode() + image.tobytes()).digest()
+        data = memoryview(image).cast("B") if image.size else memoryview(b"")
+        parts = [data[i: i + _HASH_PIECE] for i in range(0, len(data), _HASH_PIECE)] or [data]
+        if len(parts) > 1 and self._threads > 1:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, "gemma3-image-hash")
+            digests = list(self._pool.map(lambda part: hashlib.sha256(part).digest(), parts))
+        else:
+            digests = [hashlib.sha256(part).digest() for part in parts]
+        return hashlib.sha256(str((image.shape, image.dtype.str)).encode() + b"".join(digests)).digest()
 
     def get(self, key: bytes) -> jax.Array | None:
         feats = self._items.get(key)
@@ -147,8 +164,11 @@ class _Call:
     decoding: list[tuple[Stream, int]]  # (stream, slot) of every slot that was decoding
     tokens: jax.Array | None  # [S, steps] decode tokens
     produced: jax.Array | None  # [S] tokens each slot produced
+    kind: str = "decode"  # decode, mixed or prefill
+    shape: tuple[int, ...] = ()  # (rows, padded tokens) of a prefill or mixed call
     rows: list[tuple[Stream, bool]] = dataclasses.field(default_factory=list)  # prefill rows, whether the prompt ended
     first: jax.Array | None = None  # [B] each prefill row's first token
+    record: dict | None = None  # this call's entry in ``BatchEngine.calls`` when calls are recorded
 
 
 def _pow2(n: int, least: int = 1) -> int:
@@ -162,7 +182,8 @@ class BatchEngine:
     def __init__(self, model: Gemma3, *, max_batch: int = 8, cache_length: int | None = 4096,
                  memory_budget: int | None = None, chunk_tokens: int = 512, prefill_rows: int = 4,
                  decode_steps: int = 32, step_tokens: int | None = None, feature_cache_bytes: int = 256 << 20,
-                 max_queue: int | None = None, compiler_options: dict | None = None, verbose: bool = False):
+                 max_queue: int | None = None, compiler_options: dict | None = None, record_calls: bool = False,
+                 verbose: bool = False):
         for name, v in (("max_batch", max_batch), ("chunk_tokens", chunk_tokens), ("prefill_rows", prefill_rows),
                         ("decode_steps", decode_steps),
                         ("step_tokens", chunk_tokens if step_tokens is None else step_tokens)):
@@ -203,6 +224,8 @@ class BatchEngine:
         self._pending: _Call | None = None  # the last dispatched call, its tokens not yet read
         self.counters = collections.Counter()
         self._window: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)  # (time, decode tokens)
+        # with record_calls, one dict per dispatched call (kind, shape, host times): where a benchmark's time went
+        self.calls: list[dict] | None = [] if record_calls else None
         if verbose:
             print(self.memory_plan())
 
@@ -246,8 +269,9 @@ class BatchEngine:
         if isinstance(request.seed, bool) or not isinstance(request.seed, int):
             raise TypeError(f"seed must be an int, got {request.seed!r}")
         kvc.check_fits(len(prompt), n, self.cache_length)
-        ids, px, _ = check_inputs(self.cfg, prompt[None], request.pixel_values)  # token range, image count
-        image_mask = np.asarray(ids)[0] == self.cfg.image_token_id
+        # token range, image count; nothing goes to the device here (the images do when their request is admitted)
+        ids, _, _ = check_inputs(self.cfg, prompt[None], request.pixel_values, to_device=False)
+        image_mask = ids[0] == self.cfg.image_token_id
         stream = Stream(self, -1, request, image_mask)
         with self._cond:
             if self.max_queue is not None and len(self._queue) >= self.max_queue:
@@ -273,7 +297,7 @@ class BatchEngine:
 
     def _finish(self, stream: Stream, reason: str) -> None:
         stream.finish_reason = reason
-        stream._feats = []
+        stream._feats, stream._images = [], []
         if stream._slot is not None:
             self._slots[stream._slot] = None
             stream._slot = None
@@ -299,8 +323,8 @@ class BatchEngine:
         """Features [T, D] of each image, in one vision call padded to a power of two of images."""
         vw = self._vision
         n = len(images)
-        px = np.zeros((_pow2(n), *images[0].shape), np.float32)
-        px[:n] = np.stack(images)
+        pad = [np.zeros_like(images[0])] * (_pow2(n) - n)
+        px = images[0][None] if n == 1 else np.stack(images + pad)  # one copy of the pixels at most
 
         def vision(rest, groups, pixel_values):
             step = vw.merge(rest, groups)
@@ -311,11 +335,16 @@ class BatchEngine:
         return [feats[i] for i in range(n)]
 
     def _chunk_bucket(self, n: int, budget: int) -> int:
-        """A prefill call's padded length for a longest chunk of ``n`` tokens under ``budget``: a sixteenth, a
-        quarter or all of ``chunk_tokens`` (a quarter or all of ``step_tokens`` beside decoding slots), multiples of
-        32, so each shape compiles once; an image longer than the budget gets a power of two."""
-        parts = (4, 1) if budget == self.step_tokens and budget != self.chunk_tokens else (16, 4, 1)
-        buckets = sorted({-(-max(budget // d, 1) // 32) * 32 for d in parts})
+        """A prefill call's padded length for a longest chunk of ``n`` tokens under ``budget``, from a few lengths
+        so each shape compiles once: beside decoding slots a quarter or all of ``step_tokens``; otherwise every
+        sixteenth of ``chunk_tokens`` up to a quarter (a lone short prompt's first token waits on this call), half
+        and all of it; multiples of 32. An image longer than the budget gets a power of two."""
+        up = lambda v: -(-max(v, 1) // 32) * 32
+        if budget == self.step_tokens and budget != self.chunk_tokens:
+            buckets = sorted({up(budget // 4), up(budget)})
+        else:
+            small = up(budget // 16)
+            buckets = sorted({*range(small, up(budget // 4) + 1, small), up(budget // 2), up(budget)})
         return next((b for b in buckets if n <= b), _pow2(n))
 
     # ---- one step ------------------------------------------------------------------------------
@@ -327,12 +356,19 @@ class BatchEngine:
             self._deliver(self._pending)
             self._pending = None
             prefilling, decoding, queued = self._schedule()
+        t0 = time.perf_counter()
+        encodes = self.features.encodes
         self._encode_admitted([s for s in prefilling if s._prefilled == 0 and s._image_keys and not s._feats])
         call = None
         if prefilling:
             call = self._prefill(prefilling, decoding)
         elif decoding:
             call = self._decode(decoding, until_free=queued)
+        if call is not None and self.calls is not None:
+            call.record = dict(kind=call.kind, shape=call.shape, decoding=len(call.decoding),
+                               images=self.features.encodes - encodes, start=t0,
+                               dispatch_ms=(time.perf_counter() - t0) * 1e3)
+            self.calls.append(call.record)
         pending, self._pending = self._pending, call
         if pending is not None:
             self._deliver(pending)
@@ -371,7 +407,7 @@ class BatchEngine:
                     continue
                 feats = self.features.get(k)
                 if feats is None:
-                    todo[k] = np.asarray(s.request.pixel_values[i], np.float32)
+                    todo[k] = s._images[i]
                 else:
                     found[k] = feats
         if todo:
@@ -430,25 +466,26 @@ class BatchEngine:
         feat_arg = None
         if feats:
             feat_arg = jnp.stack(feats + [jnp.zeros_like(feats[0])] * (_pow2(len(feats)) - len(feats)))
-        chunk = kvc.PromptChunk(jnp.asarray(slot), jnp.asarray(start), jnp.asarray(length), jnp.asarray(seg))
-        row = RowSettings(jnp.asarray(last), jnp.asarray(max_new), jnp.asarray(seeds),
-                          jnp.asarray(stops), jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p))
+        packed = jnp.asarray(pack_rows(ids, seg, slot=slot, start=start, length=length, last=last, max_new=max_new,
+                                       seed=seeds, stops=stops, temperature=temp, top_k=top_k, top_p=top_p))
         streams = [s for s, _, _ in rows] + decoding
         greedy_only = all(s.request.params.greedy for s in streams)
         steps, tw = self._steps, self._text
 
-        args = (self._embedding, jnp.asarray(ids), feat_arg)
+        args = (self._embedding, packed, feat_arg)
         embeddings = self._compile("embed", steps.embed, args, None)(*args)
-        args = (tw.flat, self.cache, self.state, embeddings, chunk, row)
+        args = (tw.flat, self.cache, self.state, embeddings, packed)
         if decoding:
-            def mixed(weights, cache, state, embeddings, chunk, row):
+            def mixed(weights, cache, state, embeddings, packed):
+                _, chunk, row = unpack_rows(packed)
                 return steps.mixed(tw.merge_flat(weights), cache, state, embeddings, chunk, row, greedy_only)
 
             fn = self._compile("mixed", mixed, args, greedy_only, donate=(1, 2))
             self.cache, self.state, tokens, produced, first = fn(*args)
             tokens, produced = tokens[:, None], produced.astype(jnp.int32)
         else:
-            def prefill(weights, cache, state, embeddings, chunk, row):
+            def prefill(weights, cache, state, embeddings, packed):
+                _, chunk, row = unpack_rows(packed)
                 return steps.prefill(tw.merge_flat(weights), cache, state, embeddings, chunk, row, greedy_only)
 
             fn = self._compile("prefill", prefill, args, greedy_only, donate=(1, 2))
@@ -461,8 +498,8 @@ class BatchEngine:
                     s._feats = []
                 self.counters["prefill_tokens"] += e - st
             self.counters["mixed_calls" if decoding else "prefill_calls"] += 1
-        return _Call([(s, s._slot) for s in decoding], tokens, produced, [(s, bool(f)) for (s, _, _), f in
-                                                                            zip(rows, last)], first)
+        return _Call([(s, s._slot) for s in decoding], tokens, produced, "mixed" if decoding else "prefill", (b, t),
+                     [(s, bool(f)) for (s, _, _), f in zip(rows, last)], first)
 
     def _decode(self, decoding: list[Stream], until_free: bool) -> _Call:
         steps, tw, n = self._steps, self._text, self.decode_steps
@@ -480,10 +517,14 @@ class BatchEngine:
 
     def _deliver(self, call: _Call) -> None:
         """Read a dispatched call's tokens (waiting for it) and hand them to their streams."""
+        t0 = time.perf_counter()
         first = None if call.first is None else np.asarray(call.first)
         tokens = None if call.tokens is None else np.asarray(call.tokens)
         produced = None if call.produced is None else np.asarray(call.produced)
         now = time.perf_counter()
+        if call.record is not None:  # the host waited wait_ms for the device to finish this call, until ready
+            call.record.update(wait_ms=(now - t0) * 1e3, ready=now,
+                               steps=0 if produced is None else int(produced.max(initial=0)))
         with self._cond:
             for r, (s, last) in enumerate(call.rows):
                 if last and not s.done:

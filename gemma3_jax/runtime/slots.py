@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from gemma3_jax.model import kv_cache as kvc
@@ -66,6 +67,35 @@ class RowSettings(NamedTuple):
     top_k: Int[Array, "B"]
     top_p: Float[Array, "B"]
 
+# A prefill or mixed call's per-row inputs travel as one int32 array [B, 2T + 9 + MAX_STOP_IDS] (floats and the
+# uint32 seed as their bits): every host array given to a call is a separate transfer, ~0.2 ms of host time each
+# on a GPU host, which a one-step mixed call cannot hide.
+_ROW_INTS = ("slot", "start", "length", "last", "max_new", "seed", "top_k", "temperature", "top_p")
+
+
+def pack_rows(ids, segment_ids, *, slot, start, length, last, max_new, seed, stops, temperature, top_k, top_p):
+    """Host (numpy) arrays of a call's rows -> one int32 array for ``unpack_rows``: ids and segment ids [B, T],
+    stops [B, M], the rest [B]."""
+    cols = dict(slot=slot, start=start, length=length, last=last, max_new=max_new, top_k=top_k,
+                seed=np.asarray(seed, np.uint32).view(np.int32),
+                temperature=np.asarray(temperature, np.float32).view(np.int32),
+                top_p=np.asarray(top_p, np.float32).view(np.int32))
+    return np.concatenate([np.asarray(ids, np.int32), np.asarray(segment_ids, np.int32),
+                           np.stack([np.asarray(cols[k]).astype(np.int32) for k in _ROW_INTS], axis=1),
+                           np.asarray(stops, np.int32)], axis=1)
+
+
+def unpack_rows(packed: Int[Array, "B N"]) -> tuple[Int[Array, "B T"], kvc.PromptChunk, RowSettings]:
+    """``pack_rows``'s array, inside a compiled call -> (ids, chunk, row settings)."""
+    t = (packed.shape[1] - len(_ROW_INTS) - MAX_STOP_IDS) // 2
+    ids, seg = packed[:, :t], packed[:, t: 2 * t]
+    c = {k: packed[:, 2 * t + i] for i, k in enumerate(_ROW_INTS)}
+    f32 = lambda x: jax.lax.bitcast_convert_type(x, jnp.float32)
+    chunk = kvc.PromptChunk(c["slot"], c["start"], c["length"], seg)
+    row = RowSettings(c["last"] != 0, c["max_new"], jax.lax.bitcast_convert_type(c["seed"], jnp.uint32),
+                      packed[:, 2 * t + len(_ROW_INTS):], f32(c["temperature"]), c["top_k"], f32(c["top_p"]))
+    return ids, chunk, row
+
 
 def _last_rows(hidden: Float[Array, "B T D"], chunk: kvc.PromptChunk) -> Float[Array, "B D"]:
     """Each chunk row's hidden state at its last valid position."""
@@ -85,12 +115,13 @@ class SlotSteps:
     cfg: object  # Gemma3Config
     pad_id: int
 
-    def embed(self, embedding: Embedding, ids: Int[Array, "B T"],
+    def embed(self, embedding: Embedding, packed: Int[Array, "B N"],
               feats: Float[Array, "I Ti D"] | None) -> Float[Array, "B T D"]:
-        """A prefill call's input: the chunks' token embeddings with their images' features in place. A call of
-        its own, so the image count does not multiply the prefill call's compiled shapes; it takes the embedding
-        table alone (``TextModel.embedding``), because each array argument of a call costs host time."""
-        return embed_with_features(self.cfg, embedding, ids, feats)
+        """A prefill call's input: the chunks' token embeddings (ids from ``pack_rows``'s array) with their
+        images' features in place. A call of its own, so the image count does not multiply the prefill call's
+        compiled shapes; it takes the embedding table alone (``TextModel.embedding``), because each array
+        argument of a call costs host time."""
+        return embed_with_features(self.cfg, embedding, unpack_rows(packed)[0], feats)
 
     def prefill(self, text, cache: kvc.KVCache, state: SlotState, embeddings: Float[Array, "B T D"],
                 chunk: kvc.PromptChunk, row: RowSettings, greedy_only: bool):
