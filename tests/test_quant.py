@@ -1,4 +1,4 @@
-"""8-bit weights (``gemma3_jax.model.quant``): a quantized model computes what a float model holding the
+"""8-bit and 4-bit weights (``gemma3_jax.model.quant``): a quantized model computes what a float model holding the
 dequantized weights computes, through every path (prefill kernels, the batch-1 GEMV decode kernels, XLA's
 products at larger batches, the batching engine), and loading quantizes what the checkpoint holds.
 
@@ -25,6 +25,7 @@ from gemma3_jax.runtime.engine import Engine
 ROOT = Path(__file__).parents[1]
 TOL = 1e-5  # float32: only the order of the float32 sums differs
 MODES = quant.MODES
+PER_CHANNEL = [m for m in MODES if not quant.grouped(m)]
 
 
 def params(model) -> dict[str, nnx.Param]:
@@ -60,7 +61,7 @@ def rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", PER_CHANNEL)
 def test_quantize_round_trip(mode):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((6, 3, 40)).astype(np.float32) * np.logspace(-3, 2, 6)[:, None, None]  # rows of any scale
@@ -83,7 +84,28 @@ def test_quantize_round_trip(mode):
     hq, hs = quant.quantize_host(w, mode, 1)
     assert np.array_equal(np.asarray(q).view(np.uint8), hq.view(np.uint8)) and np.array_equal(np.asarray(s), hs)
     with pytest.raises(ValueError, match="quantize must be"):
-        quant.check_mode("int4")
+        quant.check_mode("int2")
+
+
+def test_int4_round_trip():
+    """int4: one scale per 32 inputs along the last axis (o's [D, N, H] too: groups within a head), levels -7..7;
+    each value within half a step of its group, each group's largest value exact, an all-zero group scale 1."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 3, 64)).astype(np.float32) * np.logspace(-3, 2, 64)[None, None, :]  # groups of any scale
+    w[1, 2, 32:] = 0.0
+    for contract in (1, 2):
+        q, s = quant.quantize(jnp.asarray(w), "int4", contract)
+        assert q.dtype == jnp.int4 and q.shape == w.shape and s.shape == (6, 3, 2) and s.dtype == jnp.float32
+        assert s[1, 2, 1] == 1.0
+        back = np.asarray(quant.dequantize(q, s, contract)).reshape(6, 3, 2, 32)
+        groups = w.reshape(6, 3, 2, 32)
+        amax = np.abs(groups).max(axis=-1, keepdims=True)
+        assert (np.abs(back - groups) <= amax / 7 / 2 * (1 + 1e-6)).all()
+        assert np.allclose(np.abs(back).max(axis=-1, keepdims=True), amax, rtol=1e-6)
+        assert set(np.unique(np.asarray(q, np.int8))) <= set(range(-7, 8))
+    with pytest.raises(ValueError, match="groups 32 inputs"):
+        quant.quantize(jnp.ones((4, 40)), "int4", 1)
+    assert quant.bytes_per_weight("int4") == 0.625 and quant.bytes_per_weight("int8") == 1.0
 
 
 def test_weights_are_held_in_one_byte(pair):
@@ -111,8 +133,8 @@ def test_prefill_logits_equal_the_dequantized_model(pair):
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_decode_equals_the_dequantized_model(pair, batch):
-    """Greedy decode through the Pallas decode kernels (batch 1: the quantized GEMV kernels; batch 2: XLA's
-    products over the quantized weights) gives the dequantized model's tokens; its logits agree step by step."""
+    """Greedy decode through the Pallas decode kernels (batch 1: the quantized GEMV kernels, XLA's product for
+    int4; batch 2: XLA's products over the quantized weights) gives the dequantized model's tokens."""
     mode, qmodel, ref = pair
     kernels = Kernels(prefill="pallas", decode="pallas", interpret=True, platform="cpu")
     prompts = [prompt(s) for s in range(batch)]
@@ -157,7 +179,9 @@ def test_loading_quantizes_the_checkpoint_weights(tiny_mm):
             assert np.array_equal(np.asarray(got[name][...]), np.asarray(q)), name
             assert np.array_equal(np.asarray(got[rule[0]][...]), np.asarray(s)), name
     with pytest.raises(ValueError, match="quantize must be"):
-        gemma3_jax.load_pretrained(tiny_mm[0], progress=False, quantize="int4")
+        gemma3_jax.load_pretrained(tiny_mm[0], progress=False, quantize="int2")
+    with pytest.raises(ValueError, match="does not run under tensor parallelism"):
+        gemma3_jax.load_pretrained(tiny_mm[0], progress=False, quantize="int4", tensor_parallel=2)
 
 
 def test_cli_quantize_torch_free(tmp_path):
@@ -178,8 +202,10 @@ def test_cli_quantize_torch_free(tmp_path):
         r = cli("--quantize", mode)
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert f"({mode} weights; float32 would be" in r.stderr and r.stdout.strip(), r.stderr[-2000:]
-    r = cli("--quantize", "int4")
-    assert r.returncode == 2 and r.stderr.startswith("error:") and "int4" in r.stderr, r.stderr[-2000:]
+    r = cli("--quantize", "int2")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "int2" in r.stderr, r.stderr[-2000:]
+    r = cli("--quantize", "int4", "--tensor-parallel", "2")  # refused before any device is looked at
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "tensor parallelism" in r.stderr, r.stderr[-2000:]
 
 
 def test_memory_plan_counts_the_quantized_bytes(pair):

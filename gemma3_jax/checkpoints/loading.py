@@ -193,10 +193,12 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
     ``attention`` as for ``Gemma3``. ``tensor_parallel``: split the text decoder over that many devices (or a
     one-axis ``Mesh``; ``model.sharding``), checked against the config before the weights load; each weight goes
     to its shards as it is read, so no device holds more than one whole weight at a time. ``quantize``: the text
-    decoder's product weights quantized as they load (``model.quant``: "int8" or "fp8"), each from its weight
+    decoder's product weights quantized as they load (``model.quant``: "int8", "fp8" or "int4"), each from its weight
     rounded to ``dtype``."""
     kernels = Kernels.resolve(attention)
     quant.check_mode(quantize)
+    if tensor_parallel is not None and not (isinstance(tensor_parallel, int) and tensor_parallel == 1):
+        quant.check_split(quantize)
     if isinstance(tensor_parallel, int) and not isinstance(tensor_parallel, bool):
         mesh = None if tensor_parallel == 1 else make_mesh(tensor_parallel)
     elif isinstance(tensor_parallel, Mesh):

@@ -1,4 +1,5 @@
-"""Weight-only quantization of the text decoder's products: 8-bit weights with one float32 scale per output channel.
+"""Weight-only quantization of the text decoder's products: 8-bit weights with one float32 scale per output channel,
+or 4-bit weights with one float32 scale per group of 32 inputs.
 
 Decode reads every text weight once per step, so its speed is the weights' bytes over the memory bandwidth:
 1-byte weights halve them. A quantized weight ``q`` (int8, or float8 e4m3) and its scale ``s`` (the output
@@ -6,6 +7,11 @@ channel's largest |w| over the format's largest value) stand for ``w ~= q * s``;
 to the activation dtype (exact: every int8 and e4m3 value is a bfloat16) with float32 accumulation, and scale the
 sum. Quantized: q|k|v, o, gate|up, down, and the tied embedding / lm_head (its rows are both the lookup's rows and
 the lm_head's output channels, so one scale per row serves both). Norms and the vision tower keep the model dtype.
+
+``int4`` (symmetric, levels -7..7) keeps one scale per ``GROUP`` consecutive weights along the last input axis, as
+GGUF's Q4_0 does: a 4-bit grid per output channel would be too coarse. Its scales vary along the contraction, so its
+products dequantize the weight (to the activation dtype) before the product instead of scaling the sum; no Pallas
+matrix-vector kernel reads it yet (batch-1 decode runs XLA's product), and tensor parallelism does not take it.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
-MODES = ("int8", "fp8")
-STORAGE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
-LIMIT = {"int8": 127.0, "fp8": 448.0}  # the largest magnitude each format holds (e4m3fn: 448)
+MODES = ("int8", "fp8", "int4")
+STORAGE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn, "int4": jnp.int4}
+LIMIT = {"int8": 127.0, "fp8": 448.0, "int4": 7.0}  # the largest magnitude each format holds (e4m3fn: 448)
+GROUP = {"int4": 32}  # modes with a scale per group of this many inputs (the others: per output channel)
+BITS = {"int8": 8, "fp8": 8, "int4": 4}
 
 # The quantized weights by their path's end: (their scale's path end, how many trailing axes the product
 # contracts, i.e. the input axes; the rest are output channels, one scale each).
@@ -35,6 +43,33 @@ def check_mode(mode: str | None) -> str | None:
     if mode is not None and mode not in MODES:
         raise ValueError(f"quantize must be None or one of {', '.join(MODES)}, got {mode!r}")
     return mode
+
+
+def check_split(mode: str | None) -> None:
+    """Refuse a mode that tensor parallelism does not take (``grouped`` scales are not split with their weights)."""
+    if grouped(mode):
+        raise ValueError(f"quantize={mode!r} does not run under tensor parallelism yet: use int8 or fp8, or "
+                         f"tensor_parallel=1")
+
+
+def grouped(mode: str | None) -> bool:
+    """Whether ``mode`` keeps a scale per group of inputs (its scale has the weight's rank)."""
+    return mode in GROUP
+
+
+def bytes_per_weight(mode: str) -> float:
+    """Storage of one quantized weight, its share of a group's float32 scale included (per-channel scales are
+    not counted here)."""
+    return BITS[mode] / 8 + (4 / GROUP[mode] if grouped(mode) else 0.0)
+
+
+def scale_shape(shape: tuple[int, ...], mode: str, contract: int) -> tuple[int, ...]:
+    """The scale's shape for a weight of ``shape`` whose last ``contract`` axes are the product's input."""
+    if not grouped(mode):
+        return tuple(shape[: len(shape) - contract])
+    if shape[-1] % GROUP[mode]:
+        raise ValueError(f"{mode} groups {GROUP[mode]} inputs: a weight of shape {shape} has {shape[-1]} on its last axis")
+    return (*shape[:-1], shape[-1] // GROUP[mode])
 
 
 def rule(name: str) -> tuple[str, int] | None:
@@ -55,14 +90,19 @@ def _recip(mode: str) -> np.float32:
 
 
 def quantize(w: Array, mode: str, contract: int) -> tuple[Array, Float[Array, "..."]]:
-    """(q, scale): ``w`` with its last ``contract`` axes the product's input, symmetric per output channel."""
+    """(q, scale): ``w`` with its last ``contract`` axes the product's input, symmetric per output channel (per
+    group of inputs for a ``grouped`` mode)."""
     wf = w.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(wf), axis=tuple(range(w.ndim - contract, w.ndim)))
+    if grouped(mode):
+        shape = scale_shape(w.shape, mode, contract)
+        wf = wf.reshape(*shape, GROUP[mode])
+        contract = 1
+    amax = jnp.max(jnp.abs(wf), axis=tuple(range(wf.ndim - contract, wf.ndim)))
     scale = jnp.where(amax > 0, amax * _recip(mode), 1.0)
     x = wf * (1.0 / scale).reshape(*scale.shape, *(1,) * contract)  # see quantize_host_with
-    if mode == "int8":
+    if mode != "fp8":
         x = jnp.round(x)
-    return jnp.clip(x, -LIMIT[mode], LIMIT[mode]).astype(STORAGE[mode]), scale
+    return jnp.clip(x, -LIMIT[mode], LIMIT[mode]).astype(STORAGE[mode]).reshape(w.shape), scale
 
 
 def quantize_host(w: np.ndarray, mode: str, contract: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +128,11 @@ def quantize_host_with(w: np.ndarray, scale: np.ndarray, mode: str, contract: in
 
 
 def dequantize(q: Array, scale: Array, contract: int, dtype=jnp.float32) -> Array:
-    """The weight ``q`` and ``scale`` stand for (the reference the quantized paths are tested against)."""
+    """The weight ``q`` and ``scale`` stand for (the reference the quantized paths are tested against); a scale of
+    q's rank is per group along q's last axis."""
+    if scale.ndim == q.ndim:
+        groups = q.astype(jnp.float32).reshape(*scale.shape, q.shape[-1] // scale.shape[-1])
+        return (groups * scale[..., None]).reshape(q.shape).astype(dtype)
     return (q.astype(jnp.float32) * scale.reshape(*scale.shape, *(1,) * contract)).astype(dtype)
 
 
@@ -96,14 +140,19 @@ def weight(shape: tuple[int, ...], dtype, mode: str | None, contract: int) -> tu
     """A product's weight parameter and its scale (None unquantized), zero-filled like ``layers.param``."""
     if mode is None:
         return nnx.Param(jnp.zeros(shape, dtype)), None
-    return nnx.Param(jnp.zeros(shape, STORAGE[mode])), nnx.Param(jnp.ones(shape[: len(shape) - contract], jnp.float32))
+    return nnx.Param(jnp.zeros(shape, STORAGE[mode])), nnx.Param(jnp.ones(scale_shape(shape, mode, contract),
+                                                                          jnp.float32))
 
 
 def einsum(eq: str, x: Array, w: Array, scale: Array | None) -> Array:
     """``jnp.einsum(eq, x, w)`` in x's dtype; with a scale, over the quantized ``w`` (its output channels must be
-    the result's trailing axes) with float32 accumulation, scaled before the one rounding to x's dtype."""
+    the result's trailing axes) with float32 accumulation, scaled before the one rounding to x's dtype. A
+    per-group scale (of w's rank) dequantizes ``w`` to x's dtype first."""
     if scale is None:
         return jnp.einsum(eq, x, w)
+    if scale.ndim == w.ndim:
+        w = dequantize(w, scale, 1, x.dtype)
+        return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     y = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     return (y * scale).astype(x.dtype)
 
@@ -113,7 +162,7 @@ def take_rows(table: Array, scale: Array | None, ids: Array, dtype) -> Array:
     rows = jnp.take(table, ids, axis=0)
     if scale is None:
         return rows
-    return (rows.astype(jnp.float32) * jnp.take(scale, ids, axis=0)[..., None]).astype(dtype)
+    return dequantize(rows, jnp.take(scale, ids, axis=0), 1, dtype)
 
 
 def quantize_model(model: nnx.Module, mode: str) -> nnx.Module:
@@ -136,5 +185,6 @@ def quantize_model(model: nnx.Module, mode: str) -> nnx.Module:
 
 
 def weight_bytes(model: nnx.Module) -> int:
-    """Bytes of every parameter as held (quantized weights at one byte, their scales included)."""
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    """Bytes of every parameter as held (quantized weights at one byte or half of one, their scales included)."""
+    bits = lambda dt: 4 if dt == jnp.int4 else 8 * dt.itemsize
+    return sum(x.size * bits(x.dtype) // 8 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

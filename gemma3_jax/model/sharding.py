@@ -226,7 +226,9 @@ def memory_plan(cfg: Gemma3Config, dtype, n: int, batch: int, cache_length: int,
     total = param_bytes(split_cfg, dtype)
     rest = total - split * size
     mine = split * size / n
-    if quantize is not None:
+    if quant.grouped(quantize):  # one scale per group of inputs: a share of every weight (not split: n is 1)
+        mine = split * quant.bytes_per_weight(quantize) / n
+    elif quantize is not None:
         scales = t.vocab_size + t.num_layers * ((t.num_heads + 2 * t.num_kv_heads) * hd + 2 * t.intermediate_size)
         mine = split / n + 4 * (scales / n + t.num_layers * 2 * d)
     cache = kvc.cache_nbytes(t, batch, cache_length, dtype)

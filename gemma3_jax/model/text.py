@@ -92,7 +92,8 @@ class Attention(nnx.Module):
         b, m, h, d = x.shape[0], *self.qkv_proj.shape
         scale = value(self.qkv_scale)
         qkv = self.kernels.qkv_product(x[:, 0], self.qkv_proj[...].reshape(m * h, d), gemv_b1,
-                                       None if scale is None else scale.reshape(m * h)).reshape(b, m, h)
+                                       None if scale is None else scale.reshape(m * h, *scale.shape[2:])
+                                       ).reshape(b, m, h)
         out, k_buf, v_buf = self.step_heads(qkv, cos, sin, k_buf, v_buf, pos)
         return self.output(out)[:, None], k_buf, v_buf
 
@@ -237,7 +238,8 @@ class TextModel(nnx.Module):
         pos = cache.lengths
         tables = self.rope_tables(pos[:, None])
         layers = list(self.layers)
-        gemv_b1 = kernels.gemv(embeddings.shape[0], self.cfg.hidden_size, self.cfg.intermediate_size)
+        gemv_b1 = kernels.gemv(embeddings.shape[0], self.cfg.hidden_size, self.cfg.intermediate_size) and \
+            not quant.grouped(self.quantize)  # the matrix-vector kernels read per-channel scales only
         # x: the residual stream; xn: its normed copy for the next sub-block. Each residual add and the norm
         # after it are one op (Kernels.residual_norm), the last one with the final norm.
         x, xn, ks, vs = embeddings, layers[0].input_norm(embeddings), [], []

@@ -25,7 +25,7 @@ from gemma3_jax.runtime.engine import Engine, Timings
 from gemma3_jax.checkpoints.loading import load_pretrained
 from gemma3_jax.model.gemma3 import Gemma3
 from gemma3_jax.model.kernels import Kernels, platform
-from gemma3_jax.model.quant import check_mode
+from gemma3_jax.model.quant import check_mode, check_split
 from gemma3_jax.model.sharding import describe_plan, make_mesh, memory_plan
 from gemma3_jax.preprocessing.tokenizer import StreamDecoder
 
@@ -66,6 +66,7 @@ def print_plan(cfg, dtype, tensor_parallel, batch: int, cache_length: int, quant
         return tensor_parallel
     mesh = None
     if tensor_parallel != 1:
+        check_split(quantize)
         mesh = make_mesh(tensor_parallel) if isinstance(tensor_parallel, int) else tensor_parallel
     n = 1 if mesh is None else mesh.size
     if show:
@@ -117,7 +118,7 @@ class Generator:
         a CPU, bfloat16 on an accelerator. ``cache_length=None``: 4096, or the model's positions if fewer; it is
         checked against the config and the device's memory before the weights load. ``compilation_cache``: JAX's
         persistent compilation cache (``gemma3_jax.runtime.compile_cache``). ``tensor_parallel``: the text decoder
-        split over that many devices (``gemma3_jax.model.sharding``). ``quantize``: "int8" or "fp8" weights for
+        split over that many devices (``gemma3_jax.model.sharding``). ``quantize``: "int8", "fp8" or "int4" weights for
         the text decoder's products (``gemma3_jax.model.quant``), None for the model dtype."""
         t = time.perf_counter()
         return cls.from_checkpoint(Checkpoint.open(model, progress=progress), dtype=dtype, cache_length=cache_length,
