@@ -1,13 +1,13 @@
-"""What 8-bit weights cost in quality, on the one real checkpoint: Gemma-3 270M (the default GGUF model).
+"""What 8-bit and 4-bit weights cost in quality, on the one real checkpoint: Gemma-3 270M (the default GGUF model).
 
 Teacher-forced over the first ``--tokens`` tokens of each of eight texts (four of this repository's: markdown with
 tables and numbers, and code; four of English prose: the GPL-3 and Apache-2.0 licences, two sections of the Python
 reference), each mode's next-token predictions against the unquantized model in the same dtype: top-1
 agreement (pooled over every position of every text) and perplexity of the text itself (pooled). Modes: the model
-as loaded ("none"), and ``quantize`` "int8" and "fp8" (``gemma3_jax.model.quant``), quantized from the weights in
+as loaded ("none"), and ``quantize`` "int8", "fp8" and "int4" (``gemma3_jax.model.quant``), quantized from the weights in
 ``--dtype``. float32 (on a CPU) shows the quantization's effect alone; bfloat16 is how a GPU runs it.
 
-    python -m benchmarks.quant_quality [--dtype float32|bfloat16] [--modes none,int8,fp8] [--tokens 768]
+    python -m benchmarks.quant_quality [--dtype float32|bfloat16] [--modes none,int8,fp8,int4] [--tokens 768]
 
 Writes quant_quality.json under $OUT when set (or --out).
 """
@@ -54,7 +54,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint (default: the Gemma-3 270M GGUF)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--modes", default="none,int8,fp8,bfloat16",
+    ap.add_argument("--modes", default="none,int8,fp8,int4,bfloat16",
                     help="quantize modes, 'none', and 'bfloat16' (unquantized in bfloat16: for scale, how much "
                     "bfloat16 rounding alone moves the top-1 token against a float32 run)")
     ap.add_argument("--tokens", type=int, default=768)
