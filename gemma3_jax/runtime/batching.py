@@ -351,8 +351,8 @@ class BatchEngine:
     def step(self) -> bool:
         """Admit, dispatch one call, read the previous call's tokens; returns whether there was any work."""
         prefilling, decoding, queued = self._schedule()
-        if not prefilling and self._pending is not None:
-            # a run of decode steps is sized by what the last call finished: read it first
+        if not prefilling and self._pending is not None and any(last for _, last in self._pending.rows):
+            # a prompt's first token waits in the last call: hand it over before spending a dispatch on decode
             self._deliver(self._pending)
             self._pending = None
             prefilling, decoding, queued = self._schedule()
@@ -505,10 +505,15 @@ class BatchEngine:
         steps, tw, n = self._steps, self._text, self.decode_steps
         greedy_only = all(s.request.params.greedy for s in decoding)
 
-        def decode(weights, cache, state, until_free):
-            return steps.decode(tw.merge_flat(weights), cache, state, until_free, n, greedy_only)
+        def decode(weights, cache, state, flags):
+            return steps.decode(tw.merge_flat(weights), cache, state, flags, n, greedy_only)
 
-        args = (tw.flat, self.cache, self.state, jnp.bool_(until_free))
+        # dispatched before the previous call is read: a slot that call freed stops the run at once when requests
+        # queue (until_free), so the next step admits one; otherwise the GPU goes on without waiting for the host
+        flags = np.zeros((1 + self.max_batch,), bool)
+        flags[0] = until_free
+        flags[[1 + s._slot for s in decoding]] = True
+        args = (tw.flat, self.cache, self.state, jnp.asarray(flags))
         fn = self._compile("decode", decode, args, greedy_only, donate=(1, 2))
         self.cache, self.state, tokens, produced = fn(*args)
         with self._cond:
