@@ -142,6 +142,9 @@ def test_images_are_encoded_once(model, solo):
     got = eng.submit(again).result()
     assert eng.features.encodes == 1 and eng.features.hits >= 1
     assert got == alone(solo, again)
+    eng.features.clear()  # forgotten: encoded again
+    eng.submit(first).result()
+    assert eng.features.encodes == 2 and eng.features.nbytes > 0
 
 
 def test_image_key_is_the_content():

@@ -138,6 +138,11 @@ class FeatureCache:
             digests = [hashlib.sha256(part).digest() for part in parts]
         return hashlib.sha256(str((image.shape, image.dtype.str)).encode() + b"".join(digests)).digest()
 
+    def clear(self) -> None:
+        """Forget every image (the counters stay)."""
+        self._items.clear()
+        self.nbytes = 0
+
     def get(self, key: bytes) -> jax.Array | None:
         feats = self._items.get(key)
         if feats is not None:
