@@ -171,18 +171,14 @@ def workload_ceiling(cfg, requests: list[Request], slots: int, weights: int, sta
     prefill work, if both steps ran at the same bandwidth."""
     from gemma3_jax.model.kv_cache import cache_nbytes
 
-    t = cfg.text
-    per_pos = cache_nbytes(t, 1, 1, jnp.bfloat16) / t.num_layers  # one position of one layer, K and V
-    n_slide = sum(1 for i in range(t.num_layers) if t.is_sliding(i))
-    n_glob = t.num_layers - n_slide
-
-    def kv(ctx):
-        ctx = np.asarray(ctx, np.float64)
-        return per_pos * (n_slide * np.minimum(ctx, t.sliding_window) + n_glob * ctx)
+    def kv(contexts) -> float:
+        """Keys and values one slot reads at each of ``contexts`` (a cache as long as the context), summed."""
+        lengths, counts = np.unique(np.concatenate(contexts), return_counts=True)
+        return float(sum(cache_nbytes(cfg.text, 1, int(n), jnp.bfloat16) * c for n, c in zip(lengths, counts)))
 
     tokens = sum(r.max_new_tokens for r in requests)
-    kv_total = sum(float(kv(len(r.prompt) + np.arange(r.max_new_tokens)).sum()) for r in requests)
-    static_step = weights + float(kv(static_context + np.arange(static_new)).mean()) * slots
+    kv_total = kv([len(r.prompt) + np.arange(r.max_new_tokens) for r in requests])
+    static_step = weights + kv([static_context + np.arange(static_new)]) / static_new * slots
     step = weights + slots * kv_total / tokens
     return dict(weight_bytes=weights, static_step_bytes=static_step, workload_step_bytes=step,
                 offline_over_static_cap=static_step / step, output_tokens=tokens,
@@ -217,12 +213,9 @@ def section_offline(model, cfg, args, res, rng):
             log(f"host profile by {order}:\n" + buf.getvalue()[-9000:])
     r["cache_length"], r["cache_gib"] = length, eng.cache_bytes / 2**30
     r["calls"] = call_breakdown(eng.calls)
-    if out_path("x") is not None:  # every call's record, for a timeline
-        os.makedirs(os.path.dirname(out_path("x")), exist_ok=True)
-        with gzip.open(out_path("offline_calls.json.gz"), "wt") as fh:
-            json.dump(eng.calls, fh)
-    n, imgs = spec_of(args.small).short
-    r["ceiling"] = workload_ceiling(cfg, reqs, args.max_batch, weight_bytes(model.text), n, spec_of(args.small).new)
+    save_gz("offline_calls.json.gz", json.dumps(eng.calls))  # every call's record, for a timeline
+    spec = spec_of(args.small)
+    r["ceiling"] = workload_ceiling(cfg, reqs, args.max_batch, weight_bytes(model.text), spec.short[0], spec.new)
     res["offline"] = r
     log(f"offline {r['requests']} requests: {r['tok_per_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, "
         f"inter-token p50/p99 {r['itl_p50_ms']:.2f}/{r['itl_p99_ms']:.2f} ms, "
@@ -321,6 +314,14 @@ def section_ttft(model, cfg, args, res, rng, spec):
         log(f"    {row['us_per_step']:9.1f} us x{row['calls_per_step']:.0f}  {row['name'][:100]}")
 
 
+def save_gz(name: str, text: str) -> None:
+    """``text`` gzipped as ``name`` beside the JSON under $OUT (nothing without $OUT)."""
+    if out_path("x") is not None:
+        os.makedirs(os.path.dirname(out_path("x")), exist_ok=True)
+        with gzip.open(out_path(name), "wt") as fh:
+            fh.write(text)
+
+
 def big_copies(hlo: str, min_bytes: int = 1 << 20) -> list[str]:
     """The copy instructions of an optimized HLO text that move at least ``min_bytes`` (shape and count)."""
     found: dict[str, int] = {}
@@ -382,10 +383,8 @@ def section_profile(model, cfg, args, res, rng):
             if name == "mixed":
                 hlo = c.as_text()
                 r["mixed_big_copies"] = big_copies(hlo)
-                if out_path("x") is not None and (step_tokens, option) == variants[0]:
-                    os.makedirs(os.path.dirname(out_path("x")), exist_ok=True)
-                    with gzip.open(out_path(f"mixed_{step_tokens}.hlo.gz"), "wt") as fh:
-                        fh.write(hlo)
+                if (step_tokens, option) == variants[0]:
+                    save_gz(f"mixed_{step_tokens}.hlo.gz", hlo)
                 log(f"    mixed call's copies of >= 1 MiB: {r['mixed_big_copies'][:8]}")
         out[f"{step_tokens}_{option}"] = r
         del eng
