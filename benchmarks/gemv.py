@@ -7,7 +7,11 @@ when timed by wall clock, which is also reported) and TB/s of weight bytes from 
 Triton GEMV or cuBLAS, with its reduction kernel) and, for gate|up, the separate GELU·up kernel. Every Pallas
 config is first checked against its f32 reference (a row that fails is an error, not a timing).
 
-    python -m benchmarks.gemv [--batches 1,8] [--cases qkv,o,gate_up,down] [--quick] [--out PATH]
+    python -m benchmarks.gemv [--batches 1,8] [--cases qkv,o,gate_up,down] [--weights bf16,int8,fp8] [--quick]
+        [--out PATH]
+
+``--weights int8`` / ``fp8``: the same products over 1-byte weights with a float32 scale per row (``model.quant``),
+XLA's side being the model's product for them (``quant.einsum``: the weight converted to bf16 in the product).
 
 Writes --out, else $OUT/bench_gemv.json, else ./bench_gemv.json.
 """
@@ -21,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import attempt, out_path, save_json, time_jax, traced
+from gemma3_jax.model import quant
 from gemma3_jax.model.layers import gelu_tanh
 from gemma3_jax.runtime.engine import default_compiler_options
 from pallas_kernels.common import interpret_mode
@@ -32,61 +37,67 @@ D, F, QKV, O_IN = 2560, 10240, 16 * 256, 8 * 256
 CASES = {"qkv": (QKV, D), "o": (D, O_IN), "gate_up": (2 * F, D), "down": (D, F)}  # name -> w [N, K]
 
 
-def xla_product(name, x, w):
-    y = jnp.einsum("BK,NK->BN", x, w)
+def xla_product(name, x, w, scale=None):
+    y = quant.einsum("BK,NK->BN", x, w, scale)
     if name == "gate_up":
         y = gelu_tanh(y[:, :F]) * y[:, F:]
     return y
 
 
-def configs(name, b, quick):
+def configs(name, b, quick, one_byte):
+    # 1-byte rows: twice the rows a program for the same bytes in flight, so the grids reach further
     if name == "gate_up":
-        grid = itertools.product((1, 2, 4), (2, 4, 8))
+        grid = itertools.product((1, 2, 4, 8) if one_byte else (1, 2, 4), (2, 4, 8))
         return [dict(block_n=bn, num_warps=nw) for bn, nw in grid] if not quick else [dict(block_n=4, num_warps=4)]
-    splits = {"qkv": (1, 2, 4), "o": (1, 2, 4), "down": (4, 8, 16)}[name]
-    grid = itertools.product((2, 4, 8, 16), splits, (4, 8))
+    splits = {"qkv": (1, 2, 4), "o": (1, 2, 4), "down": (2, 4, 8, 16) if one_byte else (4, 8, 16)}[name]
+    grid = itertools.product((2, 4, 8, 16, 32) if one_byte else (2, 4, 8, 16), splits, (4, 8))
     out = [dict(block_n=bn, splits=s, num_warps=nw) for bn, s, nw in grid]
     return out if not quick else out[:3]
 
 
-def run_case(name, b, quick, opts):
+def run_case(name, b, quick, opts, weights="bf16"):
     n, k = CASES[name]
     key = jax.random.key(0)
     ws = [(jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
           for i in range(COPIES)]
+    # (w, scale) pairs: bf16 without a scale, or quantized per row (the scales' bytes are counted too)
+    ws = [(w, None) if weights == "bf16" else quant.quantize(w, weights, 1) for w in ws]
     x = jax.random.normal(jax.random.fold_in(key, 99), (b, k), jnp.bfloat16)
-    gbytes = n * k * 2 * COPIES / 1e9
-    res = {"name": name, "b": b, "n": n, "k": k, "weight_mb": n * k * 2 / 1e6, "rows": []}
+    one_byte = weights != "bf16"
+    mbytes = n * k * (1 if one_byte else 2) / 1e6 + (n * 4 / 1e6 if one_byte else 0)
+    gbytes = mbytes * COPIES / 1e3
+    res = {"name": name, "b": b, "n": n, "k": k, "weights": weights, "weight_mb": round(mbytes, 3), "rows": []}
 
     def record(label, product, **cfg):
         with attempt(res, f"{name} b{b} {label}"):
             if cfg:  # a wrong kernel is not a result
-                got = product(x, ws[0])
+                got = product(x, *ws[0])
                 got = got.sum(0) if got.ndim == 3 else got.astype(jnp.float32)
-                want = gemv_geglu_reference(x, ws[0]).astype(jnp.float32) if name == "gate_up" else gemv_reference(x, ws[0])
+                want = (gemv_geglu_reference(x, *ws[0]).astype(jnp.float32) if name == "gate_up"
+                        else gemv_reference(x, *ws[0]))
                 err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
                 if not err <= 1e-2:
                     raise AssertionError(f"{name} b{b} {cfg}: compiled vs reference {err:.2e} > 1e-2")
-            fn = jax.jit(lambda ws, x: [product(x, w) for w in ws]).lower(ws, x).compile(opts)
+            fn = jax.jit(lambda ws, x: [product(x, *w) for w in ws]).lower(ws, x).compile(opts)
             wall_us = time_jax(fn, ws, x, iters=20, reps=5) * 1e3 / COPIES
             kernels = traced(fn, (ws, x), COPIES)
             us = kernels["total_us_per_step"] or wall_us  # no GPU kernels in the trace on a CPU
             res["rows"].append({"impl": label, "us": round(us, 2), "wall_us": round(wall_us, 2),
                                 "tb_s": round(gbytes / COPIES / us * 1e3, 3), **cfg,
                                 "kernels": [(k_["name"], round(k_["us_per_step"], 2)) for k_ in kernels["top"][:4]]})
-            print(f"{name:8s} b={b} {label:44s} {us:8.2f} us  {gbytes / COPIES / us * 1e3:5.2f} TB/s  "
+            print(f"{name:8s} {weights:4s} b={b} {label:44s} {us:8.2f} us  {gbytes / COPIES / us * 1e3:5.2f} TB/s  "
                   f"(wall {wall_us:.2f} us)", flush=True)
 
-    record("xla", lambda x, w: xla_product(name, x, w))
-    for cfg in configs(name, b, quick):
+    record("xla", lambda x, w, s: xla_product(name, x, w, s))
+    for cfg in configs(name, b, quick, one_byte):
         label = "pallas " + " ".join(f"{k_}={v}" for k_, v in cfg.items())
         if name == "gate_up":
-            record(label, lambda x, w, c=cfg: gemv_geglu(x, w, **c, interpret=interpret_mode()), **cfg)
+            record(label, lambda x, w, s, c=cfg: gemv_geglu(x, w, s, **c, interpret=interpret_mode()), **cfg)
         else:
-            record(label, lambda x, w, c=cfg: gemv(x, w, **c, interpret=interpret_mode()), **cfg)
+            record(label, lambda x, w, s, c=cfg: gemv(x, w, s, **c, interpret=interpret_mode()), **cfg)
     best = min((r for r in res["rows"] if r["impl"] != "xla"), key=lambda r: r["us"], default=None)
     if best:
-        print(f"{name:8s} b={b} best {best['impl']} {best['us']} us vs xla "
+        print(f"{name:8s} {weights:4s} b={b} best {best['impl']} {best['us']} us vs xla "
               f"{next(r['us'] for r in res['rows'] if r['impl'] == 'xla')} us", flush=True)
     return res
 
@@ -96,14 +107,18 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a few configs only (CPU check of the script)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--weights", default="bf16", help="comma list of bf16, int8, fp8")
     ap.add_argument("--out", default=out_path("bench_gemv.json", fallback_dir="."))
     args = ap.parse_args()
     opts = default_compiler_options("decode", jax.default_backend())  # as the model's decode step compiles
     out = {"device": str(jax.devices()[0]), "jax": jax.__version__, "copies": COPIES, "cases": []}
-    for name in args.cases.split(","):
-        for b in map(int, args.batches.split(",")):
-            out["cases"].append(run_case(name, b, args.quick, opts))
-            save_json(args.out, out)
+    for weights in args.weights.split(","):
+        if weights != "bf16":
+            quant.check_mode(weights)
+        for name in args.cases.split(","):
+            for b in map(int, args.batches.split(",")):
+                out["cases"].append(run_case(name, b, args.quick, opts, weights))
+                save_json(args.out, out)
 
 
 if __name__ == "__main__":
