@@ -335,3 +335,22 @@ def test_decode_bad_ids(tok):
         tok.decode([-1])
     with pytest.raises(ValueError, match="out of range"):
         tok.decode([2**70])
+
+
+def test_template_compiled_once_and_still_bounded(monkeypatch):
+    """A checkpoint's template keeps its compiled code across renders (every chat request renders it), and a
+    render from that code still has its own deadline and output cap."""
+    source = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% for i in range(n) %}{% for j in range(n) %}" \
+             "{% endfor %}{% endfor %}"
+    t = ct.ChatTemplate(source, "/ckpt/chat_template.jinja")
+    assert ct.render(t, {"messages": [{"content": "a"}], "n": 1}) == "a"
+    code = t.code
+    assert code is not None
+    parses = []
+    monkeypatch.setattr(ct, "_bound", lambda ast: parses.append(ast) or ast)
+    assert ct.render(t, {"messages": [{"content": "b"}], "n": 1}) == "b"
+    assert t.code is code and not parses, "the second render compiled the template again"
+    monkeypatch.setattr(ct, "RENDER_TIMEOUT_S", 0.3)
+    with pytest.raises(ValueError, match=r"\(/ckpt/chat_template.jinja\).*longer than 0.3 s"):
+        ct.render(t, {"messages": [], "n": 100_000})
+    assert not parses
