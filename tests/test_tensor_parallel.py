@@ -29,9 +29,10 @@ def run_worker(check: str, *more: str) -> dict:
 
 def test_logits_equal_one_device():
     """Prefill logits with images and past the window, and decode steps over the split KV cache (ring buffers
-    wrapping), for N = 2, 4, 8 and 1 or 2 KV heads."""
+    wrapping), for N = 2, 4, 8 and 1 or 2 KV heads; int4 weights (a scale per 32 inputs, split with them) for N =
+    2, 4."""
     errs = run_worker("logits")
-    assert len(errs) == 12, errs
+    assert len(errs) == 16, errs
     for case, err in errs.items():
         assert err <= TOL, (case, err)
 
@@ -46,11 +47,12 @@ def test_bad_splits_are_refused():
     assert "does not divide the 8 query heads" in got["heads"]
     assert "needs 16 devices, but 8 are present" in got["devices"]
     assert "one must divide the other" in got["kv"]
+    assert "tensor_parallel=8 splits the MLP width 128 into 16 per device, not a multiple of 32" in got["groups"]
 
 
 def test_loading_streams_each_text_weight_to_its_shards(tmp_path):
     """load_pretrained(tensor_parallel=N) on a Hugging Face layout: every weight equals the one-device load split
-    afterwards (bf16 and float32, unquantized and 8-bit: the quantized bytes and scales too; N = 2 and 4: KV heads
+    afterwards (bf16 and float32, unquantized, 8-bit and 4-bit: the quantized bytes and scales too; N = 2 and 4: KV heads
     copied), no text weight is ever made one array (host or device) whole, and a NaN in one piece of a fused
     weight (a k_proj) is named."""
     got = run_worker("loading", str(tmp_path))
@@ -92,8 +94,8 @@ def test_two_processes_give_one_process_logits(tmp_path):
 
 def test_cli_tensor_parallel(tmp_path):
     """scripts/generate.py --tensor-parallel N on a checkpoint in Hugging Face's layout (4 query heads over 2 KV
-    heads), torch-free: the same greedy text for N = 1, 2, 4; one-line errors for N = 3 and more devices than
-    there are."""
+    heads), torch-free: the same greedy text for N = 1, 2, 4, and with int4 weights for N = 1, 2; one-line errors
+    for N = 3 and more devices than there are."""
     from fixtures import real_layout as rl
 
     model = rl.write_checkpoint(tmp_path / "it", "it")
@@ -113,6 +115,11 @@ def test_cli_tensor_parallel(tmp_path):
         assert r.returncode == 0 and "Traceback" not in r.stderr, (n, r.stderr[-2000:])
     assert runs[1].stdout.strip() and runs[2].stdout == runs[1].stdout == runs[4].stdout
     assert "per device (2): weights" in runs[2].stderr and "per device" not in runs[1].stderr
+    int4 = {n: cli(n, "--quantize", "int4") for n in (1, 2)}  # its scales split with their groups of inputs
+    for n, r in int4.items():
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (n, r.stderr[-2000:])
+    assert int4[1].stdout.strip() and int4[2].stdout == int4[1].stdout
+    assert "per device (2): weights" in int4[2].stderr and "(int4 weights;" in int4[2].stderr
     for n, match in ((3, "does not divide the 4 query heads"), (16, "needs 16 devices, but 8 are present")):
         r = cli(n)
         assert r.returncode == 2 and r.stderr.startswith("error:") and match in r.stderr, r.stderr[-2000:]
@@ -138,16 +145,19 @@ def test_cli_tensor_parallel(tmp_path):
 
 
 # ---- the subprocess ---------------------------------------------------------------------------------------
-def _model(kv_heads: int, heads: int = 8):
+def _model(kv_heads: int, heads: int = 8, quantize: str | None = None):
+    """The tiny model with 16-wide heads, or 32-wide with ``quantize`` (int4 groups 32 inputs of each head)."""
     import jax.numpy as jnp
 
     from benchmarks.common import small_config
     from benchmarks.random_init import random_model
+    from gemma3_jax.model.quant import quantize_model
 
     cfg = small_config()
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_heads=heads, num_kv_heads=kv_heads,
-                                                                 head_dim=16))
-    return random_model(cfg, jnp.float32)
+                                                                 head_dim=32 if quantize else 16))
+    model = random_model(cfg, jnp.float32)
+    return quantize_model(model, quantize) if quantize else model
 
 
 def _inputs(cfg, seed=0, tokens=60):
@@ -187,12 +197,13 @@ def _logits() -> dict:
         return jnp.concatenate(logits)
 
     errs = {}
-    for kv in (1, 2):
-        model = _model(kv)
+    for kv, mode, splits in ((1, None, (2, 4, 8)), (2, None, (2, 4, 8)), (2, "int4", (2, 4))):
+        model = _model(kv, quantize=mode)
         ids, px = _inputs(model.cfg)
         want = np.asarray(jax.jit(run)(model, jnp.asarray(ids), jnp.asarray(px)))
-        for n in (2, 4, 8):
+        for n in splits:
             got = np.asarray(jax.jit(run)(tensor_parallel(model, n), jnp.asarray(ids), jnp.asarray(px)))
+            kv = f"{kv}_{mode}" if mode else kv
             errs[f"kv{kv}_n{n}_prefill"] = float(np.abs(got[:ids.shape[1]] - want[:ids.shape[1]]).max()
                                                  / np.abs(want).max())
             errs[f"kv{kv}_n{n}_decode"] = float(np.abs(got[ids.shape[1]:] - want[ids.shape[1]:]).max()
@@ -243,6 +254,10 @@ def _errors() -> dict:
         tensor_parallel(_model(4, heads=12), 6)  # 6 divides the 12 query heads, not the 4 KV heads, nor 4 it
     except ValueError as e:
         out["kv"] = str(e)
+    try:
+        tensor_parallel(_model(2, quantize="int4"), 8)  # down's 128 inputs: 16 a device, half a group of 32
+    except ValueError as e:
+        out["groups"] = str(e)
     return out
 
 
@@ -275,7 +290,8 @@ def _loading(tmp: str) -> dict:
     jnp.array, jax.device_put = spy(real_array), spy(real_put)  # what a whole-weight copy would go through
     mismatched, compared = [], 0
     try:
-        for dtype, mode in ((jnp.bfloat16, None), (jnp.float32, None), (jnp.bfloat16, "int8"), (jnp.float32, "fp8")):
+        for dtype, mode in ((jnp.bfloat16, None), (jnp.float32, None), (jnp.bfloat16, "int8"), (jnp.float32, "fp8"),
+                            (jnp.bfloat16, "int4")):
             one = loading.load_pretrained(path, dtype, progress=False, quantize=mode)
             for n in (2, 4):
                 want = nnx.state(tensor_parallel(one, n), nnx.Param)

@@ -197,8 +197,6 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
     rounded to ``dtype``."""
     kernels = Kernels.resolve(attention)
     quant.check_mode(quantize)
-    if tensor_parallel is not None and not (isinstance(tensor_parallel, int) and tensor_parallel == 1):
-        quant.check_split(quantize)
     if isinstance(tensor_parallel, int) and not isinstance(tensor_parallel, bool):
         mesh = None if tensor_parallel == 1 else make_mesh(tensor_parallel)
     elif isinstance(tensor_parallel, Mesh):
@@ -220,7 +218,7 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
         raise ValueError(f"dtype must be bfloat16 or float32, got {dtype}")
     raw, cfg = load_config(path)
     if mesh is not None:
-        check_splits(cfg, mesh.size)
+        check_splits(cfg, mesh.size, quantize)
     files = open_weight_files(path)
     # the unsplit layout: names and shapes to check
     model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, kernels, quantize))

@@ -11,7 +11,8 @@ the lm_head's output channels, so one scale per row serves both). Norms and the 
 ``int4`` (symmetric, levels -7..7) keeps one scale per ``GROUP`` consecutive weights along the last input axis, as
 GGUF's Q4_0 does: a 4-bit grid per output channel would be too coarse. Its scales vary along the contraction, so its
 products dequantize the weight (to the activation dtype) before the product instead of scaling the sum; no Pallas
-matrix-vector kernel reads it yet (batch-1 decode runs XLA's product), and tensor parallelism does not take it.
+matrix-vector kernel reads it yet (batch-1 decode runs XLA's product). Under tensor parallelism a group never
+straddles two devices (``check_split``).
 """
 
 from __future__ import annotations
@@ -45,11 +46,15 @@ def check_mode(mode: str | None) -> str | None:
     return mode
 
 
-def check_split(mode: str | None) -> None:
-    """Refuse a mode that tensor parallelism does not take (``grouped`` scales are not split with their weights)."""
-    if grouped(mode):
-        raise ValueError(f"quantize={mode!r} does not run under tensor parallelism yet: use int8 or fp8, or "
-                         f"tensor_parallel=1")
+def check_split(mode: str | None, split_inputs: dict[str, int], n: int) -> None:
+    """Refuse a ``grouped`` mode whose groups would straddle devices: ``split_inputs`` names each product whose
+    last input axis splits over the ``n`` devices (down's MLP width) with that axis' size."""
+    if not grouped(mode):
+        return
+    for what, size in split_inputs.items():
+        if size % (n * GROUP[mode]):
+            raise ValueError(f"quantize={mode!r} keeps a scale per {GROUP[mode]} inputs: tensor_parallel={n} splits "
+                             f"the {what} {size} into {size / n:g} per device, not a multiple of {GROUP[mode]}")
 
 
 def grouped(mode: str | None) -> bool:
@@ -111,20 +116,30 @@ def quantize_host(w: np.ndarray, mode: str, contract: int) -> tuple[np.ndarray, 
     return quantize_host_with(w, scale, mode, contract), scale
 
 
+def _host_groups(w: np.ndarray, mode: str, contract: int) -> tuple[np.ndarray, int]:
+    """(w as float32, its contracted axes) with a ``grouped`` mode's last axis cut into groups: [..., K / G, G]."""
+    wf = np.asarray(w, np.float32)
+    if grouped(mode):
+        return wf.reshape(*scale_shape(w.shape, mode, contract), GROUP[mode]), 1
+    return wf, contract
+
+
 def scales_host(w: np.ndarray, mode: str, contract: int) -> np.ndarray:
     """``quantize_host``'s scales alone."""
-    amax = np.max(np.abs(np.asarray(w, np.float32)), axis=tuple(range(w.ndim - contract, w.ndim)))
+    wf, contract = _host_groups(w, mode, contract)
+    amax = np.max(np.abs(wf), axis=tuple(range(wf.ndim - contract, wf.ndim)))
     return np.where(amax > 0, amax * _recip(mode), np.float32(1.0)).astype(np.float32)
 
 
 def quantize_host_with(w: np.ndarray, scale: np.ndarray, mode: str, contract: int) -> np.ndarray:
-    """``w`` quantized with given scales (its output channels' scales, e.g. of a slice of a larger weight).
-    A product with the reciprocal, not a division: XLA turns ``w / broadcast(scale)`` into that product, and
-    quantizing on the host and on a device must round each value (ties at .5 are common) the same way."""
-    x = np.asarray(w, np.float32) * (np.float32(1.0) / scale).reshape(*scale.shape, *(1,) * contract)
-    if mode == "int8":
+    """``w`` quantized with given scales (its output channels' or groups' scales, e.g. of a slice of a larger
+    weight). A product with the reciprocal, not a division: XLA turns ``w / broadcast(scale)`` into that product,
+    and quantizing on the host and on a device must round each value (ties at .5 are common) the same way."""
+    wf, contract = _host_groups(w, mode, contract)
+    x = wf * (np.float32(1.0) / scale).reshape(*scale.shape, *(1,) * contract)
+    if mode != "fp8":
         x = np.round(x)
-    return np.clip(x, -LIMIT[mode], LIMIT[mode]).astype(np.dtype(STORAGE[mode]))
+    return np.clip(x, -LIMIT[mode], LIMIT[mode]).astype(np.dtype(STORAGE[mode])).reshape(w.shape)
 
 
 def dequantize(q: Array, scale: Array, contract: int, dtype=jnp.float32) -> Array:

@@ -44,8 +44,9 @@ def make_mesh(n: int, devices=None) -> Mesh:
     return Mesh(np.array(devices[:n]), (AXIS,))
 
 
-def check_splits(cfg: Gemma3Config, n: int) -> None:
-    """Refuse a device count the model's heads, MLP or vocabulary do not split into."""
+def check_splits(cfg: Gemma3Config, n: int, quantize: str | None = None) -> None:
+    """Refuse a device count the model's heads, MLP or vocabulary do not split into (nor, for a ``quantize`` mode
+    with a scale per group of inputs, the groups of down's inputs)."""
     t = cfg.text
     if t.num_heads % n:
         raise ValueError(f"tensor_parallel={n} does not divide the {t.num_heads} query heads")
@@ -54,11 +55,12 @@ def check_splits(cfg: Gemma3Config, n: int) -> None:
     for what, size in (("MLP width", t.intermediate_size), ("vocabulary", t.vocab_size)):
         if size % n:
             raise ValueError(f"tensor_parallel={n} does not divide the {what} {size}")
+    quant.check_split(quantize, {"MLP width": t.intermediate_size}, n)
 
 
-def sharded_config(cfg: Gemma3Config, n: int) -> Gemma3Config:
+def sharded_config(cfg: Gemma3Config, n: int, quantize: str | None = None) -> Gemma3Config:
     """The config the split model runs with: KV heads copied up to one per device where there are fewer."""
-    check_splits(cfg, n)
+    check_splits(cfg, n, quantize)
     return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_kv_heads=max(cfg.text.num_kv_heads, n)))
 
 
@@ -92,12 +94,14 @@ def weight_rows(cfg: Gemma3Config, name: str, n: int) -> np.ndarray | None:
 def _spec(path: str, ndim: int) -> P:
     """Where a text weight splits: q|k|v and gate|up over their rows (groups), o and down over their inputs, the
     embedding over the vocabulary; quantization scales as their weight's output channels (o's and down's are
-    whole on each device); the rest (norms, the vision tower) is replicated."""
+    whole on each device), or per group of inputs (``quant.grouped``: the scale has its weight's rank) as their
+    weight; the rest (norms, the vision tower) is replicated."""
     axis = None
     if path.startswith("text.layers."):
         if path.endswith(("attn.qkv_proj", "mlp.gate_up", "attn.qkv_scale", "mlp.gate_up_scale")):
             axis = 0
-        elif path.endswith(("attn.o_proj", "mlp.down")):
+        elif path.endswith(("attn.o_proj", "mlp.down")) or (path.endswith(("attn.o_scale", "mlp.down_scale"))
+                                                             and ndim > 1):
             axis = 1
     elif path in ("text.embed", "text.embed_scale"):
         axis = 0
@@ -106,7 +110,7 @@ def _spec(path: str, ndim: int) -> P:
 
 def split_model(cfg: Gemma3Config, dtype, kernels, mesh: Mesh, quantize: str | None = None) -> Gemma3:
     """An abstract (unfilled) model split over ``mesh``: fill each weight with ``shard_weight``."""
-    split_cfg = sharded_config(cfg, mesh.size)
+    split_cfg = sharded_config(cfg, mesh.size, quantize)
     return nnx.eval_shape(lambda: Gemma3(split_cfg, dtype, dataclasses.replace(kernels, mesh=mesh), quantize))
 
 
@@ -126,7 +130,7 @@ def shard_from_host(cfg: Gemma3Config, name: str, pieces: list[np.ndarray], mesh
     slice is gathered from the pieces, converted to ``dtype`` and copied to it alone, so neither a device nor the
     host ever holds the whole weight in one array. ``quantize``: returns (weight, scales) quantized as
     ``quant.quantize`` does on one device (the scales from one pass over the rows first, since o's and down's
-    rows are split across devices)."""
+    rows are split across devices; per group of inputs, each device's slice of them)."""
     sizes = [p.shape[0] for p in pieces]
     rest = pieces[0].shape[1:]
     if any(p.shape[1:] != rest for p in pieces):
@@ -152,14 +156,21 @@ def shard_from_host(cfg: Gemma3Config, name: str, pieces: list[np.ndarray], mesh
                 out[hit] = piece[(slice(None), *index[1:])][want[hit] - starts[i]]
         if scales is None:
             return out
-        s = scales[want][(slice(None), *index[1: len(shape) - contract])]  # this slice's output channels
+        if quant.grouped(quantize):  # this slice's groups: its own inputs' (check_splits keeps groups whole)
+            g = quant.GROUP[quantize]
+            last = range(*index[-1].indices(rest[-1]))
+            s = scales[want][(slice(None), *index[1:-1], slice(last.start // g, -(-last.stop // g)))]
+        else:
+            s = scales[want][(slice(None), *index[1: len(shape) - contract])]  # this slice's output channels
         return quant.quantize_host_with(out, s, quantize, contract)
 
     sharding = NamedSharding(mesh, _spec(name, len(shape)))
-    value = jax.make_array_from_callback(shape, sharding, shard)
+    value = _from_host(shape, sharding, shard)
     if scales is None:
         return value
-    scale_rows = scales[rows].reshape(shape[: len(shape) - contract])
+    scale_rows = scales[rows]  # grouped: [rows, ..., groups] already
+    if not quant.grouped(quantize):
+        scale_rows = scale_rows.reshape(shape[: len(shape) - contract])
     return value, _place(scale_rows, NamedSharding(mesh, _spec(scale_name, scale_rows.ndim)))
 
 
@@ -181,7 +192,23 @@ def _place(x, sharding: NamedSharding) -> jax.Array:
     if sharding.is_fully_addressable:
         return jax.device_put(x, sharding)
     host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return _from_host(host.shape, sharding, lambda index: host[index])
+
+
+def _from_host(shape, sharding: NamedSharding, shard) -> jax.Array:
+    """``jax.make_array_from_callback``, except that 4-bit values travel as int8 and are narrowed on the devices:
+    an array made from host int4 slices gets a layout (one value a byte) that compiled steps refuse."""
+    dtypes = []
+
+    def widened(index):
+        x = shard(index)
+        dtypes.append(x.dtype)
+        return x.astype(np.int8) if x.dtype == np.dtype(jnp.int4) else x
+
+    value = jax.make_array_from_callback(shape, sharding, widened)
+    if dtypes and dtypes[0] == np.dtype(jnp.int4):
+        value = jax.jit(lambda v: v.astype(jnp.int4), out_shardings=sharding)(value)
+    return value
 
 
 def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int) -> None:
@@ -217,7 +244,7 @@ def memory_plan(cfg: Gemma3Config, dtype, n: int, batch: int, cache_length: int,
     float32 scales; o's and down's scales whole on each device), the replicated rest (norms, the vision tower and
     projector), and the KV cache's share (KV heads counted with their copies); activations and compiled code
     come on top."""
-    split_cfg = sharded_config(cfg, n) if n > 1 else cfg
+    split_cfg = sharded_config(cfg, n, quantize) if n > 1 else cfg
     t = split_cfg.text
     d, hd = t.hidden_size, t.head_dim
     split = t.vocab_size * d + t.num_layers * ((t.num_heads + 2 * t.num_kv_heads) * hd * d + d * t.num_heads * hd
@@ -226,7 +253,7 @@ def memory_plan(cfg: Gemma3Config, dtype, n: int, batch: int, cache_length: int,
     total = param_bytes(split_cfg, dtype)
     rest = total - split * size
     mine = split * size / n
-    if quant.grouped(quantize):  # one scale per group of inputs: a share of every weight (not split: n is 1)
+    if quant.grouped(quantize):  # one scale per group of inputs: split with its weight
         mine = split * quant.bytes_per_weight(quantize) / n
     elif quantize is not None:
         scales = t.vocab_size + t.num_layers * ((t.num_heads + 2 * t.num_kv_heads) * hd + 2 * t.intermediate_size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,8 +63,32 @@ def compiled_step(cache: dict, name: str, make, static_key, args, *, platform: s
     if key in cache:
         return cache[key], False
     opts = default_compiler_options(name, platform) if compiler_options is None else compiler_options
-    cache[key] = jax.jit(make(), donate_argnums=donate).lower(*args).compile(opts or None)
+    fn = jax.jit(make(), donate_argnums=donate, compiler_options=opts or None)
+    compiled = fn.lower(*args).compile()
+    cache[key] = _ThroughJit(fn, compiled) if any(map(_split_sub_byte, jax.tree.leaves(args))) else compiled
     return cache[key], True
+
+
+def _split_sub_byte(x) -> bool:
+    """An array of 4-bit values over several devices: JAX reports it in a layout of one value a byte, which a
+    compiled executable's call refuses (it was compiled for packed values), while a jit call of the same step
+    takes it."""
+    return isinstance(x, jax.Array) and x.dtype.itemsize == 1 and x.dtype.name in ("int4", "uint4") \
+        and len(x.sharding.device_set) > 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _ThroughJit:
+    """A compiled step called through its jit function (``_split_sub_byte``), the compiled object kept for its HLO."""
+
+    fn: Callable
+    compiled: jax.stages.Compiled
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def as_text(self) -> str:
+        return self.compiled.as_text()
 
 
 def _key(k):

@@ -25,8 +25,8 @@ from gemma3_jax.runtime.engine import Engine, Timings
 from gemma3_jax.checkpoints.loading import load_pretrained
 from gemma3_jax.model.gemma3 import Gemma3
 from gemma3_jax.model.kernels import Kernels, platform
-from gemma3_jax.model.quant import check_mode, check_split
-from gemma3_jax.model.sharding import describe_plan, make_mesh, memory_plan
+from gemma3_jax.model.quant import check_mode
+from gemma3_jax.model.sharding import check_splits, describe_plan, make_mesh, memory_plan
 from gemma3_jax.preprocessing.tokenizer import StreamDecoder
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -66,8 +66,8 @@ def print_plan(cfg, dtype, tensor_parallel, batch: int, cache_length: int, quant
         return tensor_parallel
     mesh = None
     if tensor_parallel != 1:
-        check_split(quantize)
         mesh = make_mesh(tensor_parallel) if isinstance(tensor_parallel, int) else tensor_parallel
+        check_splits(cfg, mesh.size, quantize)
     n = 1 if mesh is None else mesh.size
     if show:
         plan = memory_plan(cfg, dtype, n, batch, cache_length, quantize)
