@@ -37,6 +37,25 @@ def test_logits_equal_one_device():
         assert err <= TOL, (case, err)
 
 
+def test_vision_tower_runs_image_parallel():
+    """Under a mesh the vision tower encodes each device's share of the images (no collective inside it) when they
+    divide evenly, else every device encodes them all; the features equal one device's either way."""
+    got = run_worker("vision")
+    assert got["n2_i4"]["spec"][0] == "tp" and got["n4_i4"]["spec"][0] == "tp", got
+    assert got["n8_i4"]["spec"] == [None, None, None] and got["n2_i3"]["spec"] == [None, None, None], got
+    assert got["n2_i4"]["collectives"] == got["n4_i4"]["collectives"] == 0, got
+    for case, r in got.items():
+        assert r["err"] <= TOL, (case, r)
+
+
+def test_one_all_reduce_per_block_half():
+    """A split decode step and prefill sum partial products once after o and once after down in each layer, plus
+    once for the embedding lookup over the split vocabulary: nothing else crosses devices."""
+    got = run_worker("collectives")
+    for case, ops in got["counts"].items():
+        assert ops == {"all-reduce": 2 * got["layers"] + 1}, (case, ops)
+
+
 def test_greedy_generation_and_batching_are_token_identical():
     got = run_worker("generate")
     assert got["engine"] and got["batch"], got
@@ -211,6 +230,64 @@ def _logits() -> dict:
     return errs
 
 
+def _vision() -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks.common import make_pixels
+    from gemma3_jax.model.sharding import tensor_parallel
+
+    model = _model(2)
+    encode = jax.jit(lambda m, px: m.projector(m.vision(px)))
+    out = {}
+    for images in (4, 3):
+        px = jnp.asarray(make_pixels(model.cfg, images, np.random.default_rng(images)))
+        want = np.asarray(encode(model, px))
+        for n in ((2, 4, 8) if images == 4 else (2,)):
+            split = tensor_parallel(model, n)
+            feats = encode(split, px)
+            spec = list(feats.sharding.spec) + [None] * (feats.ndim - len(feats.sharding.spec))
+            hlo = encode.lower(split, px).compile().as_text()
+            out[f"n{n}_i{images}"] = dict(spec=spec, err=float(np.abs(np.asarray(feats) - want).max()
+                                                                / np.abs(want).max()),
+                                          collectives=sum(hlo.count(op) for op in ("all-reduce(", "all-gather(",
+                                                                                   "all-to-all(", "reduce-scatter(")))
+    return out
+
+
+def _collectives() -> dict:
+    import collections
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from gemma3_jax.model import kv_cache as kvc
+    from gemma3_jax.model.sharding import shard_cache, tensor_parallel
+
+    def decode(m, tok, cache):
+        h, cache = m.text.decode_step(m.text.embed_tokens(tok), cache)
+        return m.text.logits(h), cache
+
+    def prefill(m, ids):
+        return m.text.logits(m.forward(ids)[0])
+
+    model = _model(2)
+    counts = {}
+    for n in (2, 4):
+        m = tensor_parallel(model, n)
+        for b in (1, 4):
+            cache = shard_cache(kvc.init_cache(m.cfg.text, b, 64, jnp.float32), m.kernels.mesh)
+            for name, fn, args in (("decode", decode, (jnp.zeros((b, 1), jnp.int32), cache)),
+                                   ("prefill", prefill, (jnp.ones((b, 24), jnp.int32),))):
+                hlo = jax.jit(fn).lower(m, *args).compile().as_text()
+                ops = re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+                                 r"(?:-start)?\(", hlo)
+                counts[f"{name}_n{n}_b{b}"] = dict(collections.Counter(ops))
+    return dict(layers=model.cfg.text.num_layers, counts=counts)
+
+
 def _generate() -> dict:
     import numpy as np
 
@@ -344,5 +421,5 @@ def _distributed(pid: str, nproc: str, port: str, out: str) -> dict:
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     checks = {"logits": _logits, "generate": _generate, "errors": _errors, "distributed": _distributed,
-              "loading": _loading}
+              "loading": _loading, "vision": _vision, "collectives": _collectives}
     print(json.dumps(checks[sys.argv[1]](*sys.argv[2:])))

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
@@ -104,6 +104,18 @@ class Kernels:
             return fn
         return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
+    def images_split(self, images: int) -> bool:
+        """Whether the vision tower runs image-parallel: under a mesh, each device encoding its share of the images
+        with the whole (replicated) tower, when the images divide evenly. No collective runs inside the tower,
+        where splitting its heads would need two all-reduces a layer; fewer images than devices run whole on each."""
+        return self.mesh is not None and images % self.mesh.size == 0
+
+    def split_images(self, x: Float[Array, "I ..."]) -> Float[Array, "I ..."]:
+        """``x`` (images first) laid out over the mesh by image where ``images_split`` holds; else as it is."""
+        if not self.images_split(x.shape[0]):
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self._heads(0, x.ndim)))
+
     def _heads(self, axis: int, ndim: int) -> P:
         """The spec of an array split over the mesh axis at ``axis`` (a heads axis)."""
         return P(*(self.mesh.axis_names[0] if i == axis else None for i in range(ndim)))
@@ -152,8 +164,8 @@ class Kernels:
     def vision_attention(self, qkv: Float[Array, "I P 3 N Hp"], *, head_dim: int, scale: float,
                          ones_column: bool) -> Float[Array, "I P N Hp"]:
         """Unmasked self-attention over each image's patches, q|k|v packed with the head dim padded to Hp; the
-        output keeps the padded columns (zeros past the head dim in the reference). The vision tower is replicated
-        under tensor parallelism: every device runs it whole."""
+        output keeps the padded columns (zeros past the head dim in the reference). Under tensor parallelism each
+        device runs its images (``images_split``), or all of them."""
 
         def run(qkv):
             if self.prefill == "reference":
@@ -163,7 +175,8 @@ class Kernels:
             return packed_self_attention(qkv, head_dim=head_dim, scale=scale, interpret=self.interpret,
                                          ones_column=ones_column)
 
-        return self._per_shard(run, P(), P())(qkv)
+        spec = P(self.mesh.axis_names[0]) if self.images_split(qkv.shape[0]) else P()  # by image, or whole
+        return self._per_shard(run, spec, spec)(qkv)
 
     # ---- a decode step -------------------------------------------------------------------------
     def fused_step(self, head_dim: int) -> bool:

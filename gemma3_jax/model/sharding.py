@@ -6,7 +6,8 @@ and value heads its queries read: its share of them when N divides the KV heads,
 q|k|v rows are laid out group after group, so splitting that weight's first axis in N gives each device its
 heads; gate|up likewise (each group's gate rows, then its up rows). The output and down products contract over
 the split axis, so XLA sums their partial products across devices (one all-reduce per block half). The tied
-embedding / lm_head splits over the vocabulary. Norm weights and the vision tower are replicated. Pallas kernels
+embedding / lm_head splits over the vocabulary. Norm weights and the vision tower are replicated, the tower's work
+split by image where the images divide evenly (``Kernels.images_split``). Pallas kernels
 run per device under ``shard_map`` (``Kernels.mesh``) on that device's heads, which are laid out as a whole
 smaller model's.
 

@@ -97,9 +97,11 @@ class VisionTower(nnx.Module):
         self.pos_embed = param((cfg.patches_per_side**2, cfg.hidden_size), dtype)  # [P, E]
         self.layers = nnx.List([EncoderLayer(cfg, dtype, kernels) for _ in range(cfg.num_layers)])
         self.post_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
+        self.kernels = kernels
 
     def __call__(self, pixels: Float[Array, "I C S S"]) -> Float[Array, "I P E"]:
         w = self.patch_embed[...]
+        pixels = self.kernels.split_images(pixels)  # under a mesh: each device its images, the layers follow
         patches = patchify(pixels.astype(w.dtype), self.cfg.patch_size)
         x = jnp.einsum("IPK,KE->IPE", patches, w) + self.patch_bias[...] + self.pos_embed[...]
         for layer in self.layers:
