@@ -71,7 +71,8 @@ def test_bad_splits_are_refused():
 
 def test_loading_streams_each_text_weight_to_its_shards(tmp_path):
     """load_pretrained(tensor_parallel=N) on a Hugging Face layout: every weight equals the one-device load split
-    afterwards (bf16 and float32, unquantized, 8-bit and 4-bit: the quantized bytes and scales too; N = 2 and 4: KV heads
+    afterwards (bf16 and float32, unquantized, 8-bit and 4-bit: the quantized bytes and scales too, also from
+    checkpoints stored quantized; N = 2 and 4: KV heads
     copied), no text weight is ever made one array (host or device) whole, and a NaN in one piece of a fused
     weight (a k_proj) is named."""
     got = run_worker("loading", str(tmp_path))
@@ -347,6 +348,7 @@ def _loading(tmp: str) -> dict:
 
     from fixtures import real_layout as rl
     from gemma3_jax.checkpoints import loading
+    from gemma3_jax.checkpoints.quantized import quantize_checkpoint
     from gemma3_jax.model.config import CheckpointError
     from gemma3_jax.model.sharding import tensor_parallel
 
@@ -367,13 +369,16 @@ def _loading(tmp: str) -> dict:
     jnp.array, jax.device_put = spy(real_array), spy(real_put)  # what a whole-weight copy would go through
     mismatched, compared = [], 0
     try:
-        for dtype, mode in ((jnp.bfloat16, None), (jnp.float32, None), (jnp.bfloat16, "int8"), (jnp.float32, "fp8"),
-                            (jnp.bfloat16, "int4")):
-            one = loading.load_pretrained(path, dtype, progress=False, quantize=mode)
+        stored = {m: quantize_checkpoint(path, Path(tmp) / m, m, progress=False) for m in ("int8", "int4")}
+        for dtype, mode, source in ((jnp.bfloat16, None, path), (jnp.float32, None, path),
+                                    (jnp.bfloat16, "int8", path), (jnp.float32, "fp8", path),
+                                    (jnp.bfloat16, "int4", path),  # and checkpoints stored quantized:
+                                    (jnp.bfloat16, None, stored["int8"]), (jnp.bfloat16, None, stored["int4"])):
+            one = loading.load_pretrained(source, dtype, progress=False, quantize=mode)
             for n in (2, 4):
                 want = nnx.state(tensor_parallel(one, n), nnx.Param)
                 tracing[0] = True
-                got = nnx.state(loading.load_pretrained(path, dtype, progress=False, tensor_parallel=n,
+                got = nnx.state(loading.load_pretrained(source, dtype, progress=False, tensor_parallel=n,
                                                         quantize=mode), nnx.Param)
                 tracing[0] = False
                 for (p, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(got)[0],

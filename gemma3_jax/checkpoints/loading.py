@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from gemma3_jax.checkpoints import quantized as qfile
 from gemma3_jax.model import quant
 from gemma3_jax.model.config import CheckpointError, TextConfig, load_config
 from gemma3_jax.model.gemma3 import Gemma3
@@ -184,7 +185,7 @@ def hf_name_of(param_path: str) -> str:
 def checkpoint_files(path: Path) -> list[Path]:
     """The weight files of a checkpoint directory, their headers and shard index checked (cheap: no tensor
     data is read), so a damaged checkpoint is refused before the model is built."""
-    return [f.path for f in open_weight_files(Path(path))]
+    return [f.path for f in open_weight_files(Path(path), quantized=qfile.stored_mode(Path(path)) is not None)]
 
 
 def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kernels = "auto",
@@ -194,7 +195,8 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
     one-axis ``Mesh``; ``model.sharding``), checked against the config before the weights load; each weight goes
     to its shards as it is read, so no device holds more than one whole weight at a time. ``quantize``: the text
     decoder's product weights quantized as they load (``model.quant``: "int8", "fp8" or "int4"), each from its weight
-    rounded to ``dtype``."""
+    rounded to ``dtype``. A quantized checkpoint (``checkpoints.quantized``: its config.json says so) loads its
+    stored values and scales as they are; ``quantize`` may then be None or its mode."""
     kernels = Kernels.resolve(attention)
     quant.check_mode(quantize)
     if isinstance(tensor_parallel, int) and not isinstance(tensor_parallel, bool):
@@ -217,9 +219,12 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
     if dtype not in (jnp.bfloat16, jnp.float32):
         raise ValueError(f"dtype must be bfloat16 or float32, got {dtype}")
     raw, cfg = load_config(path)
+    stored = qfile.mode_of(raw, path / "config.json")
+    quantize = qfile.effective_mode(path, stored, quantize)
     if mesh is not None:
         check_splits(cfg, mesh.size, quantize)
-    files = open_weight_files(path)
+    files = open_weight_files(path, quantized=stored is not None)
+    by_key = {key: f for f in files for key in f.entries}
     # the unsplit layout: names and shapes to check
     model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, kernels, quantize))
     params = params_by_path(model)
@@ -236,6 +241,8 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
             if not tied:
                 raise CheckpointError(f"{key!r}: untied lm_head is not supported (Gemma-3 ties it to the embedding)")
             continue
+        if stored and key.endswith(qfile.SCALE) and _quantized_key(key[: -len(qfile.SCALE)], by_key):
+            continue  # read with its weight
         target = target_of(key)
         if target is None:
             continue
@@ -251,14 +258,24 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
             axis, sizes = pieces_of(name, cfg.text)
             want = tuple(dict(sizes)[piece] if i == axis else w for i, w in enumerate(want))
         expect = tuple(vision_nh if e == _NH else e for e in hf_shape_of(want))
-        if len(expect) != len(hf_shape) or any(e not in (-1, h) for e, h in zip(expect, hf_shape)):
-            raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, expected {list(expect)} for {name!r}")
+        rule = quant.rule(name) if quantize else None
+        given = stored is not None and rule is not None  # quantized in the file: values and scales as stored
+        shown = qfile.stored_shape(expect, stored) if given else expect
+        if len(shown) != len(hf_shape) or any(e not in (-1, h) for e, h in zip(shown, hf_shape)):
+            raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, expected {list(shown)} for {name!r}")
         streamed = split is not None and name.startswith("text.")  # host slices straight to each device
         try:
-            view = file.read(key, check_finite=False)  # over the file's map: no copy yet
-            if streamed:
+            if given:  # checked here (fp8 values and the scales for NaN / Inf); int4 unpacked, a host copy
+                view = qfile.read_quantized(file, key, stored, expect)
+                scale_view = qfile.read_scale(by_key, key, stored, expect).reshape(
+                    quant.scale_shape(want, stored, rule[1]))
+                value = convert(view, want)
+                value = (value, scale_view) if streamed else (jnp.asarray(value), jnp.asarray(scale_view))
+            elif streamed:
+                view = file.read(key, check_finite=False)  # over the file's map: no copy yet
                 value = convert(view, want)  # the text conversions are reshapes: still a view
             else:
+                view = file.read(key, check_finite=False)
                 host = jnp.array(view)  # a copy: never aliases the map
                 finite.append(([(file.path, key, view)], [jnp.isfinite(host).all()]))  # on the device, read at the end
                 value = convert(host, want).astype(dtype)
@@ -266,7 +283,7 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
             raise
         except (TypeError, ValueError) as e:  # a reshape that cannot fit: name the tensor, not numpy's message
             raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, which does not fit {full!r} {want}") from e
-        if value.shape != want:
+        if (value[0] if given else value).shape != want:
             raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, which does not fit {full!r} {want}")
         sources = [(file.path, key, view)]
         if piece is not None:
@@ -279,10 +296,19 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
             del pending[name]
             sources = [src for _, src in parts]
             # streamed text pieces stack along axis 0, which shard_from_host gathers from: no concatenated copy
-            value = [v for v, _ in parts] if streamed else jnp.concatenate([v for v, _ in parts], axis=axis)
-        rule = quant.rule(name) if quantize else None
+            join = (lambda vs: vs) if streamed else (lambda vs: jnp.concatenate(vs, axis=axis))
+            values = [v for v, _ in parts]
+            value = (join([q for q, _ in values]), join([s for _, s in values])) if given else join(values)
         scale = None
-        if streamed:
+        if given:  # stored quantized: placed as they are
+            value, scale = value
+            if streamed:
+                pieces = value if isinstance(value, list) else [value]
+                value = shard_from_host(cfg, name, pieces, mesh, pieces[0].dtype)
+                scale = shard_from_host(cfg, rule[0], scale if isinstance(scale, list) else [scale], mesh, np.float32)
+            elif split is not None:
+                value, scale = shard_weight(cfg, name, value, mesh), shard_weight(cfg, rule[0], scale, mesh)
+        elif streamed:
             placed = shard_from_host(cfg, name, value if isinstance(value, list) else [value], mesh, dtype,
                                      quantize if rule else None)
             value, scale = placed if rule else (placed, None)
@@ -314,6 +340,17 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"missing tensor(s) in {path}: {', '.join(missing[:5])}{more}")
     return model if split is None else split
+
+
+def _quantized_key(key: str, by_key: dict) -> bool:
+    """Whether ``key`` is a checkpoint tensor that a quantized checkpoint stores quantized (with a scale)."""
+    if key not in by_key or key in _LM_HEAD:
+        return False
+    try:
+        target = target_of(key)
+    except CheckpointError:
+        return False
+    return target is not None and quant.rule(split_piece(target[0])[0]) is not None
 
 
 def _is_tied(d: dict) -> bool:

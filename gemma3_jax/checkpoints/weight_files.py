@@ -4,8 +4,9 @@ Every header is parsed and validated here rather than by the safetensors package
 file ends in one ``CheckpointError`` naming the file and the tensor: the header length, the JSON, each entry's
 dtype, shape and data_offsets (byte count = shape x dtype size, offsets inside the file, no overlap or gap, as
 the safetensors format requires), the shard index's weight map against the shards' own tensors, and shard names
-that would lead outside the checkpoint directory. Only float tensors (F32, BF16, F16, F64) are accepted: the
-project supports no quantized format, so an integer, boolean or fp8 tensor is refused by name. Tensors are then
+that would lead outside the checkpoint directory. Only float tensors (F32, BF16, F16, F64) are accepted, plus the
+I8, U8 and F8_E4M3 values of a checkpoint whose config.json marks it as this project's quantized format
+(``checkpoints.quantized``); any other integer, boolean or fp8 tensor is refused by name. Tensors are then
 read one at a time from a read-only memory map and checked for NaN and Inf on the host before they go anywhere.
 """
 
@@ -27,6 +28,8 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 FLOAT_DTYPES = {"F32": np.dtype("<f4"), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2"),
                 "F64": np.dtype("<f8")}
+# The stored values of a quantized checkpoint (``checkpoints.quantized``), read only when its config marks it.
+QUANTIZED_DTYPES = {"I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn)}
 # Byte sizes of the other dtypes of the format: needed to check their entries, which are then refused by name.
 _OTHER_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
                 "I32": 4, "U32": 4, "I64": 8, "U64": 8, "C64": 8}
@@ -61,11 +64,11 @@ class WeightFile:
             if self._map is None:
                 with open(self.path, "rb") as f:
                     self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            dt = FLOAT_DTYPES[e.dtype]
+            dt = FLOAT_DTYPES.get(e.dtype) or QUANTIZED_DTYPES[e.dtype]
             x = np.frombuffer(self._map, dt, math.prod(e.shape), e.start).reshape(e.shape)
         except (OSError, ValueError) as err:  # the file cannot be mapped (a file that shrinks after it is mapped
             raise CheckpointError(f"{self.path}: tensor {key!r} cannot be read ({err})") from None  # is SIGBUS)
-        if check_finite and not all_finite(x):
+        if check_finite and e.dtype not in ("I8", "U8") and not all_finite(x):
             raise CheckpointError(f"{self.path}: tensor {key!r} holds NaN or Inf values; refusing a damaged weight")
         return x.astype(np.float32) if e.dtype == "F64" else x
 
@@ -79,8 +82,9 @@ def all_finite(x: np.ndarray) -> bool:
     return all(np.isfinite(flat[i:i + _CHUNK]).all() for i in range(0, flat.size, _CHUNK))
 
 
-def read_header(file: Path, name: str | None = None) -> WeightFile:
-    """Parse and check a safetensors file's header (no tensor data is read)."""
+def read_header(file: Path, name: str | None = None, quantized: bool = False) -> WeightFile:
+    """Parse and check a safetensors file's header (no tensor data is read); ``quantized``: the checkpoint's config
+    marks it as quantized, so QUANTIZED_DTYPES are accepted too."""
     def bad(msg: str) -> CheckpointError:
         return CheckpointError(f"{file}: {msg}")
 
@@ -127,9 +131,10 @@ def read_header(file: Path, name: str | None = None) -> WeightFile:
     if pos != size:
         raise bad(f"{size - pos} bytes after the last tensor belong to no tensor (a damaged file)")
     for e in entries.values():  # after the layout checks: a truncated int8 file is reported as truncated
-        if e.dtype not in FLOAT_DTYPES:
+        if e.dtype not in FLOAT_DTYPES and not (quantized and e.dtype in QUANTIZED_DTYPES):
             raise bad(f"tensor {e.key!r} has dtype {e.dtype}: only float weights (F32, BF16, F16) are supported "
-                      "(integer, boolean and fp8 tensors belong to quantized formats, which gemma3-jax does not load)")
+                      "(integer, boolean and fp8 tensors belong to quantized formats; gemma3-jax loads only its own, "
+                      "marked by \"quantization_config\" in config.json)")
     return WeightFile(file, name or file.name, entries)
 
 
@@ -219,14 +224,14 @@ def shard_names(path: Path) -> tuple[list[str], dict[str, str] | None, Path]:
     raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {path}")
 
 
-def open_weight_files(path: Path) -> list[WeightFile]:
-    """Every weight file of a checkpoint directory with its header checked, and the shard index (if any)
-    checked against the shards' own tensors. Reads headers only."""
+def open_weight_files(path: Path, quantized: bool = False) -> list[WeightFile]:
+    """Every weight file of a checkpoint directory with its header checked (``quantized``: as ``read_header``),
+    and the shard index (if any) checked against the shards' own tensors. Reads headers only."""
     names, wm, named_by = shard_names(path)
     missing = [str(path / n) for n in names if not (path / n).exists()]
     if missing:
         raise FileNotFoundError(f"checkpoint shard(s) missing: {', '.join(missing)}")
-    files = [read_header(path / n, n) for n in names]
+    files = [read_header(path / n, n, quantized) for n in names]
     if wm is not None:
         for f in files:
             for key in f.entries:

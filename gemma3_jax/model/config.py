@@ -46,6 +46,8 @@ _BOUNDS = {
     "mm_tokens_per_image": (65536, "256"),
 }
 
+OWN_QUANT_METHOD = "gemma3_jax"  # quantization_config.quant_method of checkpoints.quantized's checkpoints
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: a bad config.json, a damaged or lying weight file, or tensors that
@@ -207,7 +209,7 @@ def load_config(path: str | Path) -> tuple[dict[str, Any], Gemma3Config]:
         cfg = Gemma3Config.from_hf_dict(raw)
         # the stored weights' format, not the architecture: checked on the file (an in-memory transformers
         # config of dequantized weights keeps its quantization_config)
-        _check_quantization(_Fields(raw, ""))
+        _check_quantization(_Fields(raw, ""), own_allowed=True)
         if isinstance(raw.get("text_config"), dict):
             _check_quantization(_Fields(raw["text_config"], "text_config."))
         return raw, cfg
@@ -304,13 +306,17 @@ def _check_model_type(f: _Fields, allowed: tuple[str, ...]) -> None:
                           f"{' or '.join(repr(a) for a in allowed)})")
 
 
-def _check_quantization(f: _Fields) -> None:
+def _check_quantization(f: _Fields, own_allowed: bool = False) -> None:
+    """Refuse weights quantized by other tools; this project's own format (``checkpoints.quantized``, marked at the
+    top level) is checked when its weights load."""
     q = f.d.get("quantization_config")
     if q is None:
         return
     method = q.get("quant_method", q.get("quant_type")) if isinstance(q, dict) else q
+    if own_allowed and method == OWN_QUANT_METHOD:
+        return
     raise ConfigError(f"{f.name('quantization_config')}: quant_method={method!r} is not supported (gemma3-jax "
-                      "loads float weights only: F32, BF16 or F16)")
+                      f"loads float weights, F32, BF16 or F16, and its own {OWN_QUANT_METHOD!r} format)")
 
 
 def _check_tie(f: _Fields) -> None:

@@ -23,6 +23,7 @@ from gemma3_jax.checkpoints.checkpoint import DEFAULT_CACHE_LENGTH, Checkpoint, 
 from gemma3_jax.runtime.compile_cache import enable_compilation_cache
 from gemma3_jax.runtime.engine import Engine, Timings
 from gemma3_jax.checkpoints.loading import load_pretrained
+from gemma3_jax.checkpoints.quantized import effective_mode, stored_mode
 from gemma3_jax.model.gemma3 import Gemma3
 from gemma3_jax.model.kernels import Kernels, platform
 from gemma3_jax.model.quant import check_mode
@@ -138,6 +139,7 @@ class Generator:
         cache_length = checkpoint.cache_length(cache_length, dtype)
         if compilation_cache:
             enable_compilation_cache()
+        quantize = effective_mode(checkpoint.path, stored_mode(checkpoint.path), quantize)
         tensor_parallel = print_plan(checkpoint.cfg, dtype, tensor_parallel, 1, cache_length, quantize, progress)
         net = load_pretrained(checkpoint.path, dtype=dtype, attention=attention, progress=progress,
                               tensor_parallel=tensor_parallel, quantize=quantize)

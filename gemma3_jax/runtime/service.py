@@ -26,6 +26,7 @@ import numpy as np
 
 from gemma3_jax.checkpoints.checkpoint import Checkpoint, check_generation_args
 from gemma3_jax.checkpoints.loading import load_pretrained
+from gemma3_jax.checkpoints.quantized import effective_mode, stored_mode
 from gemma3_jax.preprocessing.tokenizer import StreamDecoder
 from gemma3_jax.runtime.batching import BatchEngine, Request, Stream
 from gemma3_jax.runtime.compile_cache import enable_compilation_cache
@@ -140,6 +141,7 @@ class Service:
             cache_length = checkpoint.cache_length(cache_length, dtype, batch=max_batch)
         if compilation_cache:
             enable_compilation_cache()
+        quantize = effective_mode(checkpoint.path, stored_mode(checkpoint.path), quantize)
         tensor_parallel = print_plan(checkpoint.cfg, dtype, tensor_parallel, max_batch,
                                      cache_length or 0, quantize, progress)
         net = load_pretrained(checkpoint.path, dtype=dtype, attention=attention, progress=progress,

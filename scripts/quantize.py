@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Write a quantized copy of a Gemma-3 checkpoint, which then loads without quantizing and from fewer bytes.
+
+    python scripts/quantize.py --model path/to/gemma-3-4b-it --quantize int8 --out path/to/gemma-3-4b-it-int8
+    python scripts/generate.py --model path/to/gemma-3-4b-it-int8 --prompt "..."
+
+The text decoder's product weights (q|k|v, o, gate|up, down, the tied embedding) are stored as
+``load_pretrained(..., quantize=MODE)`` makes them from the weights rounded to --dtype, with their scales; every
+other tensor and file (tokenizer, processor, chat template, generation config) is copied. The layout is described
+in gemma3_jax/checkpoints/quantized.py. A bad input prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, as every other bad input
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv=None) -> int:
+    p = _Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="Hugging Face checkpoint directory or .gguf file (default: the real Gemma-3 270M)")
+    p.add_argument("--quantize", required=True, metavar="MODE", help="int8, fp8 or int4")
+    p.add_argument("--out", required=True, metavar="DIR", help="the new checkpoint directory (must not exist)")
+    p.add_argument("--dtype", default="bfloat16", help="the weights are rounded to this dtype before quantizing, as "
+                   "loading with --dtype does (bfloat16 or float32; default: bfloat16)")
+    args = p.parse_args(argv)
+    from gemma3_jax.checkpoints.checkpoint import resolve_checkpoint
+    from gemma3_jax.checkpoints.quantized import quantize_checkpoint
+
+    try:
+        t = time.perf_counter()
+        src = resolve_checkpoint(args.model)
+        out = quantize_checkpoint(src, args.out, args.quantize, args.dtype)
+    except (ValueError, TypeError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    size = lambda d: sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))  # noqa: E731
+    print(f"{out}: {args.quantize} weights, {size(out) / 2**20:.1f} MiB of tensors ({size(src) / 2**20:.1f} MiB "
+          f"before), in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

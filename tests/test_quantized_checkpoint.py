@@ -1,0 +1,161 @@
+"""Quantized checkpoints (``gemma3_jax.checkpoints.quantized``, ``scripts/quantize.py``): written from a Hugging
+Face checkpoint, they load into the model that quantizing on load builds, bit for bit, and a damaged or unmarked one
+is refused naming what is wrong. Real file layout (sharded safetensors, tokenizer, chat template), CPU."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import gemma3_jax
+from gemma3_jax.checkpoints.quantized import pack_int4, quantize_checkpoint, unpack_int4
+from gemma3_jax.model import quant
+from gemma3_jax.model.config import CheckpointError, ConfigError
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    from fixtures import real_layout as rl
+
+    return rl.write_checkpoint(tmp_path_factory.mktemp("qckpt") / "it", "it")
+
+
+def params(model) -> dict:
+    return {".".join(map(str, p)): n[...] for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Param)}
+
+
+def size(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.glob("*.safetensors"))
+
+
+def test_int4_packing_round_trip():
+    q = np.arange(-8, 8, dtype=np.int8).reshape(2, 8)
+    packed = pack_int4(q)
+    assert packed.dtype == np.uint8 and packed.shape == (2, 4)
+    assert packed[0, 0] == ((-8 & 0xF) | ((-7 & 0xF) << 4))  # the even input in the low nibble
+    assert np.array_equal(unpack_int4(packed).astype(np.int8), q)
+
+
+@pytest.mark.parametrize("mode", quant.MODES)
+def test_round_trip_equals_quantizing_on_load(src, tmp_path, mode):
+    """Every parameter of the quantized checkpoint's model equals load_pretrained(src, quantize=mode)'s (bf16),
+    from fewer bytes; the tokenizer and chat template come along; the logits agree exactly."""
+    out = quantize_checkpoint(src, tmp_path / mode, mode, progress=False)
+    want = gemma3_jax.load_pretrained(src, progress=False, quantize=mode)
+    got = gemma3_jax.load_pretrained(out, progress=False)
+    assert got.quantize == mode
+    a, b = params(want), params(got)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert np.array_equal(np.asarray(a[name]).astype(np.float32), np.asarray(b[name]).astype(np.float32)), name
+    assert size(out) < 0.6 * size(src)
+    assert (out / "chat_template.jinja").read_text() == (src / "chat_template.jinja").read_text()
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == {
+        "quant_method": "gemma3_jax", "mode": mode, "dtype": "bfloat16"}
+    ids = jnp.asarray([[2, 10, 11, 12, 13]])
+    assert np.array_equal(np.asarray(want.text.logits(want.forward(ids)[0])),
+                          np.asarray(got.text.logits(got.forward(ids)[0])))
+    with pytest.raises(ValueError, match=f"holds {mode} weights"):
+        gemma3_jax.load_pretrained(out, progress=False, quantize="fp8" if mode != "fp8" else "int8")
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    n = struct.unpack("<Q", file.read_bytes()[:8])[0]
+    return n, json.loads(file.read_bytes()[8: 8 + n])
+
+
+def _copy(out: Path, tmp: Path) -> Path:
+    import shutil
+
+    dst = tmp / "broken"
+    shutil.copytree(out, dst)
+    return dst
+
+
+def test_damaged_or_unmarked_checkpoints_are_refused(src, tmp_path):
+    out = quantize_checkpoint(src, tmp_path / "int8", "int8", progress=False)
+    suffix = "layers.1.self_attn.q_proj.weight_scale"
+    shard = next(f for f in sorted(out.glob("*.safetensors")) if any(k.endswith(suffix) for k in _header(f)[1]))
+
+    # the marking removed: the int8 tensors are refused by name, the marking named
+    bad = _copy(out, tmp_path / "a")
+    cfg = json.loads((bad / "config.json").read_text())
+    del cfg["quantization_config"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"has dtype I8.*quantization_config"):
+        gemma3_jax.load_pretrained(bad, progress=False)
+
+    # another tool's marking, an unknown mode
+    for q, match in (({"quant_method": "bitsandbytes"}, "quant_method='bitsandbytes' is not supported"),
+                     ({"quant_method": "gemma3_jax", "mode": "int3", "dtype": "bfloat16"}, "mode must be one of")):
+        bad = _copy(out, tmp_path / q.get("mode", "other"))
+        (bad / "config.json").write_text(json.dumps(dict(cfg, quantization_config=q)))
+        with pytest.raises((CheckpointError, ConfigError), match=match) as e:
+            gemma3_jax.load_pretrained(bad, progress=False)
+        assert "config.json" in str(e.value)
+
+    # a scale renamed (the header edited in place): the weight is refused for want of it
+    bad = _copy(out, tmp_path / "scale")
+    f = bad / shard.name
+    data = bytearray(f.read_bytes())
+    n, header = _header(f)
+    key = next(k for k in header if k.endswith(suffix))
+    at = data.index(key.encode(), 8, 8 + n)
+    data[at + len(key) - 1: at + len(key)] = b"X"
+    f.write_bytes(bytes(data))
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    index["weight_map"][key[:-1] + "X"] = index["weight_map"].pop(key)
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"q_proj.weight' has no '.*q_proj.weight_scale'"):
+        gemma3_jax.load_pretrained(bad, progress=False)
+
+    # a NaN in a scale
+    bad = _copy(out, tmp_path / "nan")
+    f = bad / shard.name
+    data = bytearray(f.read_bytes())
+    start = 8 + n + header[key]["data_offsets"][0]
+    data[start + 4: start + 8] = struct.pack("<f", float("nan"))
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{key}.*NaN or Inf"):
+        gemma3_jax.load_pretrained(bad, progress=False)
+
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_checkpoint(out, tmp_path / "again", "int4", progress=False)
+    with pytest.raises(FileExistsError):
+        quantize_checkpoint(src, out, "int8", progress=False)
+
+
+def test_cli_quantize_then_generate_torch_free(src, tmp_path):
+    """scripts/quantize.py writes the checkpoint; scripts/generate.py on it prints the text --quantize int4 gives
+    on the float checkpoint, and the int4 memory plan; a conflicting --quantize is one line and exit 2."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GEMMA3_JAX_COMPILATION_CACHE="0",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]))
+
+    def run(script, *args):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    out = tmp_path / "int4"
+    r = run("quantize.py", "--model", str(src), "--quantize", "int4", "--out", str(out))
+    assert r.returncode == 0 and r.stdout.strip() == str(out), r.stderr[-2000:]
+    gen = ("--prompt", "Describe the sea.", "--max-new-tokens", "6", "--temperature", "0")
+    a = run("generate.py", "--model", str(src), "--quantize", "int4", *gen)
+    b = run("generate.py", "--model", str(out), *gen)
+    assert a.returncode == 0 and b.returncode == 0, (a.stderr[-2000:], b.stderr[-2000:])
+    assert b.stdout.strip() and b.stdout == a.stdout
+    assert "(int4 weights;" in b.stderr
+    r = run("generate.py", "--model", str(out), "--quantize", "int8", *gen)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "holds int4 weights" in r.stderr, r.stderr[-2000:]
+    r = run("quantize.py", "--model", str(src), "--quantize", "int2", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "int2" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
