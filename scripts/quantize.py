@@ -6,8 +6,10 @@
 
 The text decoder's product weights (q|k|v, o, gate|up, down, the tied embedding) are stored as
 ``load_pretrained(..., quantize=MODE)`` makes them from the weights rounded to --dtype, with their scales; every
-other tensor and file (tokenizer, processor, chat template, generation config) is copied. The layout is described
-in gemma3_jax/checkpoints/quantized.py. A bad input prints one line on stderr and exits with status 2.
+other tensor and file (tokenizer, processor, chat template, generation config) is copied. From a .gguf file (the
+default model is one), int4 keeps every Q4_0 tensor's values and scales exactly, as Google's QAT checkpoints ship
+them; other tensors are dequantized first. The layout is described in gemma3_jax/checkpoints/quantized.py. A bad
+input prints one line on stderr and exits with status 2.
 """
 
 from __future__ import annotations
@@ -34,20 +36,23 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="the weights are rounded to this dtype before quantizing, as "
                    "loading with --dtype does (bfloat16 or float32; default: bfloat16)")
     args = p.parse_args(argv)
-    from gemma3_jax.checkpoints.checkpoint import resolve_checkpoint
-    from gemma3_jax.checkpoints.quantized import quantize_checkpoint
+    from gemma3_jax.checkpoints.gguf import packaged_gguf
+    from gemma3_jax.checkpoints.quantized import quantize_checkpoint, quantize_gguf
 
     try:
         t = time.perf_counter()
-        src = resolve_checkpoint(args.model)
-        out = quantize_checkpoint(src, args.out, args.quantize, args.dtype)
+        src = Path(args.model) if args.model else packaged_gguf()
+        if src.is_file():  # a .gguf file
+            out = quantize_gguf(src, args.out, args.quantize, args.dtype)
+        else:
+            out = quantize_checkpoint(src, args.out, args.quantize, args.dtype)
     except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    size = lambda d: sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))  # noqa: E731
+    size = lambda d: d.stat().st_size if d.is_file() else sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
     print(f"{out}: {args.quantize} weights, {size(out) / 2**20:.1f} MiB of tensors ({size(src) / 2**20:.1f} MiB "
           f"before), in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     print(out)

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import gemma3_jax
-from gemma3_jax.checkpoints.quantized import pack_int4, quantize_checkpoint, unpack_int4
+from gemma3_jax.checkpoints.quantized import pack_int4, quantize_checkpoint, quantize_gguf, unpack_int4
 from gemma3_jax.model import quant
 from gemma3_jax.model.config import CheckpointError, ConfigError
 
@@ -159,3 +159,90 @@ def test_cli_quantize_then_generate_torch_free(src, tmp_path):
     r = run("quantize.py", "--model", str(src), "--quantize", "int2", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and r.stderr.startswith("error:") and "int2" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def write_tiny_gguf(path: Path, f32: tuple[str, ...] = (), seed: int = 0) -> Path:
+    """A two-layer Gemma-3 GGUF as llama.cpp lays it out (norms stored as 1 + w), every matrix Q4_0 except the
+    tensors named in ``f32``, written with the gguf package's own writer and Q4_0 quantizer."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize as to_q4_0
+
+    rng = np.random.default_rng(seed)
+    d, h, n, k, f, layers = 64, 32, 2, 1, 128, 2
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"] + [f"\u2581w{i}" for i in range(250)]
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    for key, v in (("block_count", layers), ("embedding_length", d), ("feed_forward_length", f),
+                   ("context_length", 4096), ("attention.head_count", n), ("attention.head_count_kv", k),
+                   ("attention.key_length", h), ("attention.value_length", h), ("attention.sliding_window", 16)):
+        w.add_uint32(f"gemma3.{key}", v)
+    w.add_float32("gemma3.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32("gemma3.rope.freq_base", 1e6)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([3] * 6 + [1] * (len(tokens) - 6))
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_pad_token_id(0)
+    w.add_unk_token_id(3)
+
+    def matrix(name, shape):
+        x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if name in f32:
+            w.add_tensor(name, x)
+        else:
+            w.add_tensor(name, to_q4_0(x, T.Q4_0), raw_dtype=T.Q4_0)
+
+    def norm(name, size):
+        w.add_tensor(name, (1 + 0.1 * rng.standard_normal(size)).astype(np.float32))
+
+    matrix("token_embd.weight", (len(tokens), d))
+    norm("output_norm.weight", d)
+    for i in range(layers):
+        for part in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+            norm(f"blk.{i}.{part}.weight", d)
+        norm(f"blk.{i}.attn_q_norm.weight", h)
+        norm(f"blk.{i}.attn_k_norm.weight", h)
+        for part, shape in (("attn_q", (n * h, d)), ("attn_k", (k * h, d)), ("attn_v", (k * h, d)),
+                            ("attn_output", (d, n * h)), ("ffn_gate", (f, d)), ("ffn_up", (f, d)), ("ffn_down", (d, f))):
+            matrix(f"blk.{i}.{part}.weight", shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_q4_0_kept_exactly(tmp_path):
+    """A GGUF's Q4_0 tensors become int4 weights with their own values and scales, not dequantized and rounded
+    again: the int4 model computes what the dequantized float model computes, where quantizing the dequantized
+    weights on load (round to nearest over each group's largest value) changes them. A tensor of another type is
+    quantized from its float values."""
+    from gemma3_jax.checkpoints.gguf import convert_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    native = gemma3_jax.load_pretrained(quantize_gguf(path, tmp_path / "int4", "int4", progress=False),
+                                        dtype=jnp.float32, progress=False)
+    floats = convert_gguf(path, tmp_path / "f32", progress=False)
+    ref = gemma3_jax.load_pretrained(floats, dtype=jnp.float32, progress=False)
+    got, want = params(native), params(ref)
+    for name, w in want.items():
+        rule = quant.rule(name)
+        if rule:
+            assert got[name].dtype == jnp.int4, name
+            assert np.array_equal(np.asarray(quant.dequantize(got[name], got[rule[0]], rule[1])), np.asarray(w)), name
+    ids = jnp.asarray([[2, 10, 11, 12, 13, 14, 15]])
+    a, b = (np.asarray(m.text.logits(m.forward(ids)[0])) for m in (native, ref))
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    again = params(gemma3_jax.load_pretrained(floats, dtype=jnp.float32, progress=False, quantize="int4"))
+    assert any(not np.array_equal(np.asarray(again[n]).astype(np.int8), np.asarray(got[n]).astype(np.int8))
+               for n in got if quant.rule(n))
+
+    mixed = write_tiny_gguf(tmp_path / "mixed.gguf", f32=("blk.1.attn_v.weight", "token_embd.weight"))
+    got = params(gemma3_jax.load_pretrained(quantize_gguf(mixed, tmp_path / "mixed", "int4", progress=False),
+                                            dtype=jnp.float32, progress=False))
+    want = params(gemma3_jax.load_pretrained(convert_gguf(mixed, tmp_path / "mixed_f32", progress=False),
+                                             dtype=jnp.bfloat16, progress=False, quantize="int4"))
+    for name in ("text.embed", "text.embed_scale"):  # F32 in the file: quantized from its bf16-rounded values
+        assert np.array_equal(np.asarray(got[name]).astype(np.float32), np.asarray(want[name]).astype(np.float32))

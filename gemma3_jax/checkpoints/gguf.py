@@ -67,14 +67,29 @@ class GGUFFile:
 
     def read(self, t: TensorInfo) -> np.ndarray:
         """The tensor dequantized to float32, in numpy order ([out, in] for a matrix, as in PyTorch)."""
+        return np.asarray(dequantize(self.raw(t), t.qtype), np.float32).reshape(t.shape)
+
+    def raw(self, t: TensorInfo) -> np.ndarray:
+        """The tensor's stored bytes, uint8 [..., bytes of a row] (its blocks, for a quantized type)."""
         block, size = GGML_QUANT_SIZES[t.qtype]
         with open(self.path, "rb") as f:
             f.seek(t.offset)
             raw = np.frombuffer(f.read(t.nbytes), np.uint8)
         if raw.size != t.nbytes:
             raise ValueError(f"{self.path}: tensor {t.name!r} is cut short (file truncated?)")
-        data = raw.reshape(*t.shape[:-1], t.shape[-1] // block * size)
-        return np.asarray(dequantize(data, t.qtype), np.float32).reshape(t.shape)
+        return raw.reshape(*t.shape[:-1], t.shape[-1] // block * size)
+
+
+def q4_0_values(file: GGUFFile, t: TensorInfo) -> tuple[np.ndarray, np.ndarray]:
+    """A Q4_0 tensor as stored: (int8 values -8..7 [..., K], float32 scale per 32 inputs [..., K / 32]), the tensor
+    being values x scale. A block is a float16 scale and 16 bytes: inputs 0-15 in the low nibbles, 16-31 in the high."""
+    if t.qtype != GGMLQuantizationType.Q4_0:
+        raise ValueError(f"{file.path}: tensor {t.name!r} is {t.qtype.name}, not Q4_0")
+    blocks = file.raw(t).reshape(*t.shape[:-1], t.shape[-1] // 32, 18)
+    scale = blocks[..., :2].copy().view("<f2")[..., 0].astype(np.float32)
+    qs = blocks[..., 2:]
+    values = np.concatenate([(qs & 0xF).astype(np.int8) - 8, (qs >> 4).astype(np.int8) - 8], axis=-1)
+    return values.reshape(t.shape), scale
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
@@ -272,11 +287,14 @@ def generation_config(md: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True,
+                 weights: Callable[[GGUFFile, Path, bool], dict[str, Any]] | None = None) -> Path:
     """Write ``out_dir`` (config.json, model.safetensors, tokenizer files, generation_config.json and, last, a
     manifest.json with the sizes and the source's sha256) from a Gemma-3 GGUF. Built in a temporary sibling
     directory named after this process and renamed into place: never half-written, and what a killed conversion
-    leaves is removed by the next one (``converted_checkpoint`` is the cached way to call this)."""
+    leaves is removed by the next one (``converted_checkpoint`` is the cached way to call this). ``weights(file,
+    path, progress)`` writes model.safetensors instead of the float32 conversion and returns what config.json
+    gains (``checkpoints.quantized``)."""
     file = read_gguf(gguf_path)
     try:
         config = gguf_to_hf_config(file)
@@ -299,7 +317,10 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     tmp = store.temp_dir_for(out)
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
-        _write_safetensors(file, tmp / "model.safetensors", progress)
+        if weights is None:
+            _write_safetensors(file, tmp / "model.safetensors", progress)
+        else:
+            config.update(weights(file, tmp / "model.safetensors", progress))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(file.metadata), indent=2))
         tokenizer.save(tmp)

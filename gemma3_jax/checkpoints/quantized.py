@@ -174,31 +174,87 @@ def quantize_checkpoint(src: str | Path, out: str | Path, mode: str, dtype=jnp.b
 
 
 def _write_file(path: Path, f: wf.WeightFile, entries, mode: str, dt, bar) -> None:
-    """One safetensors file: the header from the source's shapes, then each tensor (quantized ones with their
-    scales after them), one at a time."""
-    header, layout, offset = {}, [], 0
-    for key, e, quantized in entries:
-        if quantized:
-            parts = [(key, STORED[mode], stored_shape(e.shape, mode)), (key + SCALE, "F32", scale_shape(e.shape, mode))]
+    """One safetensors file of ``quantize_checkpoint``: the source file's tensors in its order, quantized ones with
+    their scales after them, the others' bytes as they are."""
+    def quantized(key):
+        return lambda: _quantized_bytes(*quant.quantize_host(np.asarray(f.read(key)).astype(dt), mode, 1), mode)
+
+    def copied(e):
+        def data():
+            with open(f.path, "rb") as source:
+                source.seek(e.start)
+                return [source.read(e.end - e.start)]
+        return data
+
+    items = []
+    for key, e, is_quantized in entries:
+        if is_quantized:
+            items.append((_quantized_entries(key, e.shape, mode), quantized(key)))
         else:
-            parts = [(key, e.dtype, e.shape)]
-        for name, dtype, shape in parts:
+            items.append(([(key, e.dtype, e.shape)], copied(e)))
+    _write(path, items, bar)
+
+
+def _quantized_entries(key: str, shape: tuple[int, ...], mode: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    return [(key, STORED[mode], stored_shape(shape, mode)), (key + SCALE, "F32", scale_shape(shape, mode))]
+
+
+def _quantized_bytes(q: np.ndarray, scale: np.ndarray, mode: str) -> list[bytes]:
+    values = pack_int4(q) if mode == "int4" else q
+    return [np.ascontiguousarray(values).tobytes(), np.ascontiguousarray(scale, "<f4").tobytes()]
+
+
+def _write(path: Path, items, bar) -> None:
+    """A safetensors file from (header entries [(name, dtype, shape)], a function giving their bytes in order)
+    pairs: the header first (every shape is known), then each item's bytes, one item in memory at a time."""
+    header, offset = {}, 0
+    for entries, _ in items:
+        for name, dtype, shape in entries:
             n = math.prod(shape) * (wf.QUANTIZED_DTYPES.get(dtype) or wf.FLOAT_DTYPES[dtype]).itemsize
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
-        layout.append((key, e, quantized))
     blob = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as out, open(f.path, "rb") as source:
+    with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(blob)) + blob)
-        for key, e, quantized in layout:
-            if quantized:
-                q, s = quant.quantize_host(np.asarray(f.read(key)).astype(dt), mode, 1)  # read refuses NaN / Inf
-                values = pack_int4(q) if mode == "int4" else q
-                out.write(np.ascontiguousarray(values).tobytes())
-                out.write(np.ascontiguousarray(s, "<f4").tobytes())
-            else:  # the bytes as they are
-                source.seek(e.start)
-                for at in range(e.start, e.end, 1 << 26):
-                    out.write(source.read(min(1 << 26, e.end - at)))
+        for entries, data in items:
+            parts = data()
+            if sum(map(len, parts)) != sum(header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+                                            for name, _, _ in entries):
+                raise ValueError(f"{path}: the bytes of {entries[0][0]!r} do not match its header entry")
+            for part in parts:
+                out.write(part)
             bar.update()
+
+
+def quantize_gguf(gguf_path: str | Path, out: str | Path, mode: str, dtype=jnp.bfloat16, progress: bool = True) -> Path:
+    """A Gemma-3 GGUF written as a quantized checkpoint (``out`` must not exist). With ``mode="int4"`` every Q4_0
+    tensor keeps its stored values and scales exactly (no dequantizing: int4 with a scale per 32 inputs is the same
+    format); every other tensor is dequantized, rounded to ``dtype`` and quantized as ``quantize_checkpoint`` does."""
+    from gemma3_jax.checkpoints import gguf
+    from gemma3_jax.checkpoints.loading import target_of
+
+    quant.check_mode(mode)
+    dt = jnp.dtype(dtype)
+    if dt.name not in DTYPES:
+        raise ValueError(f"dtype must be bfloat16 or float32, got {dt}")
+
+    def weights(file, path: Path, show: bool) -> dict:
+        items = []
+        for t in sorted(file.tensors, key=lambda t: gguf.hf_name(t.name)):
+            key = gguf.hf_name(t.name)
+            name = target_of(key)[0].split("[")[0]
+            if quant.rule(name) is None:
+                items.append(([(key, "F32", t.shape)],
+                              lambda t=t: [np.ascontiguousarray(gguf.hf_tensor(file, t), "<f4").tobytes()]))
+            elif mode == "int4" and t.qtype == gguf.GGMLQuantizationType.Q4_0:
+                items.append((_quantized_entries(key, t.shape, mode),
+                              lambda t=t: _quantized_bytes(*gguf.q4_0_values(file, t), mode)))
+            else:
+                items.append((_quantized_entries(key, t.shape, mode), lambda t=t: _quantized_bytes(
+                    *quant.quantize_host(gguf.hf_tensor(file, t).astype(dt), mode, 1), mode)))
+        with tqdm(total=len(items), desc=f"writing {mode} weights", disable=not show) as bar:
+            _write(path, items, bar)
+        return {KEY: {"quant_method": METHOD, "mode": mode, "dtype": dt.name}}
+
+    return gguf.convert_gguf(gguf_path, out, progress, weights=weights)
