@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "devices (default: 1)")
     p.add_argument("--quantize", metavar="MODE", help="int8 or fp8: the text decoder's weights in 8 bits with a scale "
                    "per output channel, half the bytes a decode step reads; int4: 4 bits with a scale per 32 "
-                   "inputs (default: the --dtype weights)")
+                   "inputs (default: the --dtype weights, or the mode a checkpoint written by scripts/quantize.py "
+                   "stores)")
     dist = p.add_argument_group("several hosts (each runs the same command; see docs/tensor_parallel.md)")
     dist.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address (jax.distributed)")
     dist.add_argument("--num-processes", type=int, metavar="N", help="processes (hosts) in the job")

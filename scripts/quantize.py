@@ -41,11 +41,12 @@ def main(argv=None) -> int:
 
     try:
         t = time.perf_counter()
-        src = Path(args.model) if args.model else packaged_gguf()
+        src = Path(args.model).expanduser() if args.model else packaged_gguf()
+        dest = Path(args.out).expanduser()
         if src.is_file():  # a .gguf file
-            out = quantize_gguf(src, args.out, args.quantize, args.dtype)
+            out = quantize_gguf(src, dest, args.quantize, args.dtype)
         else:
-            out = quantize_checkpoint(src, args.out, args.quantize, args.dtype)
+            out = quantize_checkpoint(src, dest, args.quantize, args.dtype)
     except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

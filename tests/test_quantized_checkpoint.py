@@ -129,6 +129,24 @@ def test_damaged_or_unmarked_checkpoints_are_refused(src, tmp_path):
     with pytest.raises(CheckpointError, match=rf"{key}.*NaN or Inf"):
         gemma3_jax.load_pretrained(bad, progress=False)
 
+    # a tensor outside the quantized positions stored as integers (same bytes, the header rewritten)
+    bad = _copy(out, tmp_path / "norm")
+    for f in bad.glob("*.safetensors"):
+        n, header = _header(f)
+        key = next((k for k in header if k.endswith("layers.0.input_layernorm.weight")), None)
+        if key is None:
+            continue
+        entry = header[key]
+        assert entry["dtype"] == "BF16"
+        header[key] = dict(entry, dtype="U8", shape=[entry["shape"][0] * 2])
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        assert len(blob) <= n
+        data = bytearray(f.read_bytes())
+        data[8: 8 + n] = blob + b" " * (n - len(blob))
+        f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"input_layernorm.weight' has dtype U8; a int8 checkpoint stores only"):
+        gemma3_jax.load_pretrained(bad, progress=False)
+
     with pytest.raises(ValueError, match="already quantized"):
         quantize_checkpoint(out, tmp_path / "again", "int4", progress=False)
     with pytest.raises(FileExistsError):
@@ -158,12 +176,13 @@ def test_cli_quantize_then_generate_torch_free(src, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error:") and "holds int4 weights" in r.stderr, r.stderr[-2000:]
     r = run("quantize.py", "--model", str(src), "--quantize", "int2", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and r.stderr.startswith("error:") and "int2" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
 
 
-def write_tiny_gguf(path: Path, f32: tuple[str, ...] = (), seed: int = 0) -> Path:
+def write_tiny_gguf(path: Path, f32: tuple[str, ...] = (), seed: int = 0, nan: str | None = None) -> Path:
     """A two-layer Gemma-3 GGUF as llama.cpp lays it out (norms stored as 1 + w), every matrix Q4_0 except the
-    tensors named in ``f32``, written with the gguf package's own writer and Q4_0 quantizer."""
+    tensors named in ``f32`` (``nan``: one of those holds a NaN), written with the gguf package's own writer and Q4_0
+    quantizer."""
     import gguf
     from gguf import GGMLQuantizationType as T
     from gguf.quants import quantize as to_q4_0
@@ -190,6 +209,8 @@ def write_tiny_gguf(path: Path, f32: tuple[str, ...] = (), seed: int = 0) -> Pat
     def matrix(name, shape):
         x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
         if name in f32:
+            if name == nan:
+                x[1, 3] = np.nan
             w.add_tensor(name, x)
         else:
             w.add_tensor(name, to_q4_0(x, T.Q4_0), raw_dtype=T.Q4_0)
@@ -246,3 +267,8 @@ def test_gguf_q4_0_kept_exactly(tmp_path):
                                              dtype=jnp.bfloat16, progress=False, quantize="int4"))
     for name in ("text.embed", "text.embed_scale"):  # F32 in the file: quantized from its bf16-rounded values
         assert np.array_equal(np.asarray(got[name]).astype(np.float32), np.asarray(want[name]).astype(np.float32))
+
+    damaged = write_tiny_gguf(tmp_path / "nan.gguf", f32=("blk.1.attn_v.weight",), nan="blk.1.attn_v.weight")
+    with pytest.raises(CheckpointError, match=r"nan.gguf: tensor 'blk.1.attn_v.weight' holds NaN or Inf"):
+        quantize_gguf(damaged, tmp_path / "nan", "int8", progress=False)
+    assert not (tmp_path / "nan").exists()

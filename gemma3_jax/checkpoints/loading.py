@@ -30,7 +30,7 @@ from gemma3_jax.model.gemma3 import Gemma3
 from gemma3_jax.model.kernels import Kernels
 from gemma3_jax.model.layers import params_by_path
 from gemma3_jax.model.sharding import check_splits, make_mesh, shard_from_host, shard_weight, split_model
-from gemma3_jax.checkpoints.weight_files import all_finite, iter_tensors, open_weight_files
+from gemma3_jax.checkpoints.weight_files import QUANTIZED_DTYPES, all_finite, iter_tensors, open_weight_files
 
 __all__ = ["CheckpointError", "checkpoint_files", "load_pretrained"]
 
@@ -260,6 +260,9 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
         expect = tuple(vision_nh if e == _NH else e for e in hf_shape_of(want))
         rule = quant.rule(name) if quantize else None
         given = stored is not None and rule is not None  # quantized in the file: values and scales as stored
+        if not given and file.entries[key].dtype in QUANTIZED_DTYPES:  # only those may be (read_header let it in)
+            raise CheckpointError(f"{file.path}: tensor {key!r} has dtype {file.entries[key].dtype}; a {stored} "
+                                  f"checkpoint stores only the text decoder's product weights quantized")
         shown = qfile.stored_shape(expect, stored) if given else expect
         if len(shown) != len(hf_shape) or any(e not in (-1, h) for e, h in zip(shown, hf_shape)):
             raise CheckpointError(f"tensor {key!r} has shape {list(hf_shape)}, expected {list(shown)} for {name!r}")

@@ -4,7 +4,8 @@
 ``quantize="int8"`` would quantize on load (q|k|v, o, gate|up, down and the tied embedding, ``model.quant``) is
 stored as its quantized values plus a float32 ``<key>_scale`` tensor, exactly as ``load_pretrained(src,
 quantize=...)`` would have made them from the weights rounded to ``dtype``; every other tensor and file is copied.
-Loading it gives the same model bit for bit, from half the bytes (a quarter for int4) and without quantizing.
+Loading it with the same ``dtype`` gives the same model bit for bit (another dtype changes the float tensors only),
+from half the bytes (under a third for int4) and without quantizing.
 
 The layout, in Hugging Face's own tensor shapes ([out, in]): int8 as ``I8``, fp8 as ``F8_E4M3`` with one scale per
 output row; int4 as ``U8`` [out, in / 2], two values a byte (the even input in the low four bits, each a two's
@@ -30,6 +31,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from gemma3_jax.checkpoints import store
 from gemma3_jax.checkpoints import weight_files as wf
 from gemma3_jax.model import quant
 from gemma3_jax.model.config import OWN_QUANT_METHOD, CheckpointError, load_config
@@ -124,7 +126,7 @@ def read_scale(files: dict[str, wf.WeightFile], key: str, mode: str, hf_shape: t
 def quantize_checkpoint(src: str | Path, out: str | Path, mode: str, dtype=jnp.bfloat16, progress: bool = True) -> Path:
     """Write ``src`` with its text product weights quantized (``mode``), each from the weight rounded to ``dtype``
     as ``load_pretrained(src, dtype, quantize=mode)`` quantizes it; returns ``out``, which must not exist."""
-    from gemma3_jax.checkpoints.loading import _LM_HEAD, target_of  # loading reads quantized checkpoints here
+    from gemma3_jax.checkpoints.loading import _LM_HEAD, _is_tied, target_of  # loading reads them through here
 
     quant.check_mode(mode)
     src, out = Path(src), Path(out)
@@ -143,16 +145,19 @@ def quantize_checkpoint(src: str | Path, out: str | Path, mode: str, dtype=jnp.b
     for f in files:
         entries = []
         for key, e in f.entries.items():
-            target = None if key in _LM_HEAD else target_of(key)
+            if key in _LM_HEAD:  # tied to the embedding, never read: not copied
+                if not _is_tied(raw):
+                    raise CheckpointError(f"{key!r}: untied lm_head is not supported (Gemma-3 ties it to the embedding)")
+                continue
+            target = target_of(key)
             rule = quant.rule(target[0].split("[")[0]) if target else None
             entries.append((key, e, rule is not None))
             weight_map[key] = f.name
             if rule:
                 weight_map[key + SCALE] = f.name
         plans.append((f, entries))
-    tmp = out.with_name(out.name + ".partial")  # renamed to ``out`` when complete
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.temp_dir_for(out)  # renamed to ``out`` when complete
     try:
         for item in src.iterdir():  # tokenizer, processor, chat template, generation config ...
             if item.name not in {f.name for f in files} | {wf.INDEX, "config.json"} and item.is_file():
@@ -166,6 +171,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, mode: str, dtype=jnp.b
                                                    indent=2))
         raw = dict(raw, **{KEY: {"quant_method": METHOD, "mode": mode, "dtype": dt.name}})
         (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -180,23 +186,34 @@ def _write_file(path: Path, f: wf.WeightFile, entries, mode: str, dt, bar) -> No
         return lambda: _quantized_bytes(*quant.quantize_host(np.asarray(f.read(key)).astype(dt), mode, 1), mode)
 
     def copied(e):
-        def data():
+        def data():  # in pieces of 64 MiB
             with open(f.path, "rb") as source:
                 source.seek(e.start)
-                return [source.read(e.end - e.start)]
+                for at in range(e.start, e.end, 1 << 26):
+                    yield source.read(min(1 << 26, e.end - at))
         return data
 
     items = []
     for key, e, is_quantized in entries:
         if is_quantized:
-            items.append((_quantized_entries(key, e.shape, mode), quantized(key)))
+            items.append((_quantized_entries(key, e.shape, mode, f.path), quantized(key)))
         else:
             items.append(([(key, e.dtype, e.shape)], copied(e)))
     _write(path, items, bar)
 
 
-def _quantized_entries(key: str, shape: tuple[int, ...], mode: str) -> list[tuple[str, str, tuple[int, ...]]]:
-    return [(key, STORED[mode], stored_shape(shape, mode)), (key + SCALE, "F32", scale_shape(shape, mode))]
+def _finite(file, t, w: np.ndarray) -> np.ndarray:
+    if not wf.all_finite(w):
+        raise CheckpointError(f"{file.path}: tensor {t.name!r} holds NaN or Inf values; refusing a damaged weight")
+    return w
+
+
+def _quantized_entries(key: str, shape: tuple[int, ...], mode: str, where) -> list[tuple[str, str, tuple[int, ...]]]:
+    try:
+        scale = scale_shape(shape, mode)
+    except ValueError as e:  # int4: an input width that is not a multiple of its group
+        raise ValueError(f"{where}: tensor {key!r}: {e}") from None
+    return [(key, STORED[mode], stored_shape(shape, mode)), (key + SCALE, "F32", scale)]
 
 
 def _quantized_bytes(q: np.ndarray, scale: np.ndarray, mode: str) -> list[bytes]:
@@ -218,12 +235,12 @@ def _write(path: Path, items, bar) -> None:
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(blob)) + blob)
         for entries, data in items:
-            parts = data()
-            if sum(map(len, parts)) != sum(header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
-                                            for name, _, _ in entries):
-                raise ValueError(f"{path}: the bytes of {entries[0][0]!r} do not match its header entry")
-            for part in parts:
+            written = 0
+            for part in data():
                 out.write(part)
+                written += len(part)
+            if written != sum(header[name]["data_offsets"][1] - header[name]["data_offsets"][0] for name, _, _ in entries):
+                raise ValueError(f"{path}: the bytes of {entries[0][0]!r} do not match its header entry")
             bar.update()
 
 
@@ -248,11 +265,11 @@ def quantize_gguf(gguf_path: str | Path, out: str | Path, mode: str, dtype=jnp.b
                 items.append(([(key, "F32", t.shape)],
                               lambda t=t: [np.ascontiguousarray(gguf.hf_tensor(file, t), "<f4").tobytes()]))
             elif mode == "int4" and t.qtype == gguf.GGMLQuantizationType.Q4_0:
-                items.append((_quantized_entries(key, t.shape, mode),
+                items.append((_quantized_entries(key, t.shape, mode, file.path),
                               lambda t=t: _quantized_bytes(*gguf.q4_0_values(file, t), mode)))
             else:
-                items.append((_quantized_entries(key, t.shape, mode), lambda t=t: _quantized_bytes(
-                    *quant.quantize_host(gguf.hf_tensor(file, t).astype(dt), mode, 1), mode)))
+                items.append((_quantized_entries(key, t.shape, mode, file.path), lambda t=t: _quantized_bytes(
+                    *quant.quantize_host(_finite(file, t, gguf.hf_tensor(file, t)).astype(dt), mode, 1), mode)))
         with tqdm(total=len(items), desc=f"writing {mode} weights", disable=not show) as bar:
             _write(path, items, bar)
         return {KEY: {"quant_method": METHOD, "mode": mode, "dtype": dt.name}}

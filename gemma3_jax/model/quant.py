@@ -103,7 +103,7 @@ def quantize(w: Array, mode: str, contract: int) -> tuple[Array, Float[Array, ".
         wf = wf.reshape(*shape, GROUP[mode])
         contract = 1
     amax = jnp.max(jnp.abs(wf), axis=tuple(range(wf.ndim - contract, wf.ndim)))
-    scale = jnp.where(amax > 0, amax * _recip(mode), 1.0)
+    scale = jnp.where(amax == 0, 1.0, amax * _recip(mode))  # a NaN or Inf weight gives a non-finite scale
     x = wf * (1.0 / scale).reshape(*scale.shape, *(1,) * contract)  # see quantize_host_with
     if mode != "fp8":
         x = jnp.round(x)
@@ -128,7 +128,8 @@ def scales_host(w: np.ndarray, mode: str, contract: int) -> np.ndarray:
     """``quantize_host``'s scales alone."""
     wf, contract = _host_groups(w, mode, contract)
     amax = np.max(np.abs(wf), axis=tuple(range(wf.ndim - contract, wf.ndim)))
-    return np.where(amax > 0, amax * _recip(mode), np.float32(1.0)).astype(np.float32)
+    # a NaN or Inf weight gives a non-finite scale, which the loaders' checks refuse
+    return np.where(amax == 0, np.float32(1.0), amax * _recip(mode)).astype(np.float32)
 
 
 def quantize_host_with(w: np.ndarray, scale: np.ndarray, mode: str, contract: int) -> np.ndarray:

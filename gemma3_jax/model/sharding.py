@@ -242,7 +242,8 @@ def shard_cache(cache: kvc.KVCache, mesh: Mesh | None) -> kvc.KVCache:
 def memory_plan(cfg: Gemma3Config, dtype, n: int, batch: int, cache_length: int,
                 quantize: str | None = None) -> dict[str, float]:
     """Bytes each of ``n`` devices holds: the split text weights' share (one byte each when quantized, plus their
-    float32 scales; o's and down's scales whole on each device), the replicated rest (norms, the vision tower and
+    float32 scales, o's and down's per-channel scales whole on each device; int4's per-group scales split with their
+    weights), the replicated rest (norms, the vision tower and
     projector), and the KV cache's share (KV heads counted with their copies); activations and compiled code
     come on top."""
     split_cfg = sharded_config(cfg, n, quantize) if n > 1 else cfg

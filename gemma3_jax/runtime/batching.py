@@ -167,8 +167,8 @@ class _Call:
     """A dispatched call's outputs (device arrays, read when delivered) and whom they go to."""
 
     decoding: list[tuple[Stream, int]]  # (stream, slot) of every slot that was decoding
-    tokens: jax.Array | None  # [S, steps] decode tokens
-    produced: jax.Array | None  # [S] tokens each slot produced
+    tokens: jax.Array | None  # [S, steps] decode tokens ([S]: a mixed call's one step)
+    produced: jax.Array | None  # [S] tokens each slot produced (a mixed call: whether it produced one)
     kind: str = "decode"  # decode, mixed or prefill
     shape: tuple[int, ...] = ()  # (rows, padded tokens) of a prefill or mixed call
     rows: list[tuple[Stream, bool]] = dataclasses.field(default_factory=list)  # prefill rows, whether the prompt ended
@@ -486,8 +486,7 @@ class BatchEngine:
                 return steps.mixed(tw.merge_flat(weights), cache, state, embeddings, chunk, row, greedy_only)
 
             fn = self._compile("mixed", mixed, args, greedy_only, donate=(1, 2))
-            self.cache, self.state, tokens, produced, first = fn(*args)
-            tokens, produced = tokens[:, None], produced.astype(jnp.int32)
+            self.cache, self.state, tokens, produced, first = fn(*args)  # [S] each: shaped on the host when read
         else:
             def prefill(weights, cache, state, embeddings, packed):
                 _, chunk, row = unpack_rows(packed)
@@ -530,7 +529,9 @@ class BatchEngine:
         t0 = time.perf_counter()
         first = None if call.first is None else np.asarray(call.first)
         tokens = None if call.tokens is None else np.asarray(call.tokens)
-        produced = None if call.produced is None else np.asarray(call.produced)
+        if tokens is not None and tokens.ndim == 1:  # a mixed call's one step: [S] -> [S, 1]
+            tokens = tokens[:, None]
+        produced = None if call.produced is None else np.asarray(call.produced).astype(np.int32)
         now = time.perf_counter()
         if call.record is not None:  # the host waited wait_ms for the device to finish this call, until ready
             call.record.update(wait_ms=(now - t0) * 1e3, ready=now,
