@@ -41,20 +41,35 @@ def _draw(key, shape, dtype, mean, std):
     return (jax.random.normal(key, shape, jnp.float32) * std + mean).astype(dtype)
 
 
-def random_model(cfg: Gemma3Config, dtype=jnp.bfloat16, seed: int = 0, attention: str | Kernels = "auto") -> Gemma3:
+def random_model(cfg: Gemma3Config, dtype=jnp.bfloat16, seed: int = 0, attention: str | Kernels = "auto",
+                 mesh=None) -> Gemma3:
     """A ``Gemma3`` of ``cfg`` with random weights in ``dtype`` on the default device; ``attention`` as for
-    ``Gemma3`` (one of ``kernels.CHOICES`` or a ``Kernels``)."""
+    ``Gemma3`` (one of ``kernels.CHOICES`` or a ``Kernels``). ``mesh``: the model split over it
+    (``model.sharding``), each weight drawn in place on its devices, so no device ever holds a whole split weight
+    (a 27B on two 80 GB GPUs); its values are not those of the unsplit model's draw (speed only)."""
     dtype = jnp.dtype(dtype)
-    model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, attention))
+    if mesh is None:
+        model = nnx.eval_shape(lambda: Gemma3(cfg, dtype, attention))
+    else:
+        from gemma3_jax.model.sharding import split_model
+
+        model = split_model(cfg, dtype, Kernels.resolve(attention), mesh)
     params = {".".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
     root = jax.random.key(seed, impl="rbg")  # XLA RngBitGenerator: compiles faster than threefry
     for i, name in enumerate(sorted(params)):
         p = params[name]
         shape = tuple(p.get_value().shape)
         mean, std = _init_std(name, shape)
-        value = _draw(jax.random.fold_in(root, i), shape, dtype, jnp.float32(mean), jnp.float32(std))
+        draw = _draw if mesh is None else _sharded_draw(name, len(shape), mesh)
+        value = draw(jax.random.fold_in(root, i), shape, dtype, jnp.float32(mean), jnp.float32(std))
         p.set_value(_zero_head_padding(name, value, cfg))
     return model
+
+
+def _sharded_draw(name: str, ndim: int, mesh):
+    from gemma3_jax.model.sharding import param_sharding
+
+    return jax.jit(_draw.__wrapped__, static_argnums=(1, 2), out_shardings=param_sharding(name, ndim, mesh))
 
 
 def _zero_head_padding(name: str, value, cfg: Gemma3Config):

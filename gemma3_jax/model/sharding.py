@@ -109,6 +109,11 @@ def _spec(path: str, ndim: int) -> P:
     return P(*(AXIS if i == axis else None for i in range(ndim)))
 
 
+def param_sharding(path: str, ndim: int, mesh: Mesh) -> NamedSharding:
+    """Where the split model holds its parameter ``path`` (e.g. to draw random weights straight into place)."""
+    return NamedSharding(mesh, _spec(path, ndim))
+
+
 def split_model(cfg: Gemma3Config, dtype, kernels, mesh: Mesh, quantize: str | None = None) -> Gemma3:
     """An abstract (unfilled) model split over ``mesh``: fill each weight with ``shard_weight``."""
     split_cfg = sharded_config(cfg, mesh.size, quantize)
