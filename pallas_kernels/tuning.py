@@ -84,16 +84,21 @@ class GemvConfig:
     num_warps: int
 
 
-def gemv_qkv_config() -> GemvConfig:
-    """Batch-1 decode's fused q|k|v product: a narrow output (Hq + 2 Hkv heads), so small blocks and no split."""
-    return GemvConfig(block_n=4, splits=1, num_warps=4)
+def gemv_qkv_config(weight_bytes: int = 2) -> GemvConfig:
+    """Batch-1 decode's fused q|k|v product: a narrow output (Hq + 2 Hkv heads), so small blocks and no split.
+    1-byte weights (int8 / fp8): 2 rows a program, 6.6 against 7.2 us with 4 (H100, 4B shapes, benchmarks/gemv.py)."""
+    return GemvConfig(block_n=2 if weight_bytes == 1 else 4, splits=1, num_warps=4)
 
 
-def gemv_mlp_configs(dim: int, hidden: int) -> tuple[GemvConfig, GemvConfig]:
+def gemv_mlp_configs(dim: int, hidden: int, weight_bytes: int = 2) -> tuple[GemvConfig, GemvConfig]:
     """Batch-1 decode's MLP: (gate|up with GELU-up as its epilogue, down as split-K partial sums). Down splits in
-    four, not eight: residual_norm, one program per row, reads every partial sum."""
+    four, not eight: residual_norm, one program per row, reads every partial sum. 1-byte weights want fewer warps
+    a program (H100, 4B shapes, benchmarks/gemv.py --weights int8): gate|up 20.1 us with 2 warps against 26.3 with 8,
+    down 12.3 us with 4 against 14.5."""
     splits = next(s for s in (4, 2, 1) if hidden % (16 * s) == 0)
-    return GemvConfig(block_n=1, splits=1, num_warps=8), GemvConfig(2 if dim % 2 == 0 else 1, splits, num_warps=8)
+    warps = (2, 4) if weight_bytes == 1 else (8, 8)
+    return (GemvConfig(block_n=1, splits=1, num_warps=warps[0]),
+            GemvConfig(2 if dim % 2 == 0 else 1, splits, num_warps=warps[1]))
 
 
 def compiler_params(num_warps: int | None, num_stages: int | None):

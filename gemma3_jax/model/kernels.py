@@ -195,7 +195,7 @@ class Kernels:
         """x @ w^T (``scale``: w quantized per row, ``model.quant``)."""
         if not gemv_b1:
             return quant.einsum("BD,MD->BM", x, w, scale)
-        g = gemv_qkv_config()
+        g = gemv_qkv_config(w.dtype.itemsize)
         return gemv(x, w, scale, block_n=g.block_n, splits=g.splits, num_warps=g.num_warps, interpret=self.interpret)
 
     def decode_step_attention(self, qkv, q_norm, k_norm, eps, cos, sin, k_buf, v_buf, pos, *, ring: bool,
@@ -237,7 +237,7 @@ class Kernels:
         if not gemv_b1:
             return mlp(x)
         d, f = mlp.down.shape
-        up, down = gemv_mlp_configs(d, f)
+        up, down = gemv_mlp_configs(d, f, mlp.gate_up[...].dtype.itemsize)
         scales = [None if s is None else s[...] for s in (mlp.gate_up_scale, mlp.down_scale)]
         h = gemv_geglu(x[:, 0], mlp.gate_up[...], scales[0], block_n=up.block_n, num_warps=up.num_warps,
                        interpret=self.interpret)
