@@ -152,7 +152,8 @@ def start_server(model: Path, args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(model), "--port", "0",
            "--max-batch", str(args.max_batch), "--chunk-tokens", str(args.chunk_tokens),
            "--cache-length", str(args.cache_length), "--max-queue", "100000", "--served-model-name", "bench"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONUNBUFFERED="1",  # the repository first, then what the caller's path held
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines = []
     while True:
