@@ -36,7 +36,7 @@ DECODE_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLAS
                           "xla_gpu_graph_min_graph_size": 1}
 
 
-def default_compiler_options(step: str, platform: str) -> dict[str, bool | str | int]:
+def default_compiler_options(step: str, platform: str, quantized: bool = False) -> dict[str, bool | str | int]:
     """XLA options for the compiled ``step`` ("vision", "prefill" or "decode") on ``platform`` (``Kernels.platform``).
 
     On a GPU, vision and prefill run their GEMMs in cuBLAS (``xla_gpu_enable_triton_gemm=false``), which is at
@@ -44,9 +44,10 @@ def default_compiler_options(step: str, platform: str) -> dict[str, bool | str |
     matrix-vector products stream the weights faster than cuBLAS's. Decode also runs its while loop as one CUDA
     graph with conditional nodes (``DECODE_COMMAND_BUFFERS``), because XLA otherwise copies the loop condition to
     the host every step and the GPU waits for the next launch. Every step rounds each low-precision op as
-    transformers does (NUMERICS_OPTIONS)."""
+    transformers does (NUMERICS_OPTIONS). ``quantized``: the step's weights are 8- or 4-bit, and its GEMMs stay
+    XLA's Triton fusions, which convert the weights as they load them (cuBLAS would take a converted copy)."""
     opts = dict(NUMERICS_OPTIONS)
-    if platform == "gpu" and step in ("vision", "prefill"):
+    if platform == "gpu" and (step == "vision" or (step == "prefill" and not quantized)):
         opts["xla_gpu_enable_triton_gemm"] = False
     if platform == "gpu" and step == "decode":
         opts.update(DECODE_COMMAND_BUFFERS)
@@ -62,11 +63,15 @@ def compiled_step(cache: dict, name: str, make, static_key, args, *, platform: s
     key = (name, static_key, shapes)
     if key in cache:
         return cache[key], False
-    opts = default_compiler_options(name, platform) if compiler_options is None else compiler_options
+    quantized = any(jnp.dtype(x.dtype) in _NARROW for x in jax.tree.leaves(args[0]) if hasattr(x, "dtype"))
+    opts = default_compiler_options(name, platform, quantized) if compiler_options is None else compiler_options
     fn = jax.jit(make(), donate_argnums=donate, compiler_options=opts or None)
     compiled = fn.lower(*args).compile()
     cache[key] = _ThroughJit(fn, compiled) if any(map(_split_sub_byte, jax.tree.leaves(args))) else compiled
     return cache[key], True
+
+
+_NARROW = tuple(jnp.dtype(t) for t in (jnp.int8, jnp.float8_e4m3fn, jnp.int4))  # quantized weights' storage
 
 
 def _split_sub_byte(x) -> bool:
