@@ -81,6 +81,31 @@ def test_concurrent_async_streams(service, generator, ckpts):
     assert asyncio.run(main()) == want
 
 
+def test_many_async_readers_hold_no_thread_each(service):
+    """Sixteen streams read with ``async for`` on one event loop: each wakes on its own stream's deliveries (no
+    thread waits per stream), and each gets the text it gets read alone."""
+    import threading
+
+    prompts = [f"Count to {i}." for i in range(16)]
+    want = [service.submit(prompt=p, max_new_tokens=NEW, temperature=0).result() for p in prompts]
+    peak = []
+
+    async def read(stream):
+        text = ""
+        async for d in stream:
+            text += d.text
+            peak.append(threading.active_count())
+        return text
+
+    async def main():
+        streams = [service.submit(prompt=p, max_new_tokens=NEW, temperature=0) for p in prompts]
+        return await asyncio.gather(*(read(s) for s in streams))
+
+    before = threading.active_count()
+    assert asyncio.run(main()) == want
+    assert max(peak) <= before + 2, (before, max(peak))
+
+
 def test_stop_string_ends_the_text_and_frees_the_slot(service):
     full = service.submit(prompt="Once upon a time", max_new_tokens=NEW, temperature=0).result()
     stop = full[len(full) // 2: len(full) // 2 + 2]

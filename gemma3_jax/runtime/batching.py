@@ -76,6 +76,7 @@ class Stream:
         self._image_keys = [engine.features.key(im) for im in self._images]  # hashed here, in the submitter's thread
         self._feats: list[jax.Array] = []  # one [T, D] per image from admission until the prompt is prefilled
         self._slot: int | None = None
+        self._listeners: list = []  # called (engine's lock held) when tokens arrive or the request ends
         self._prefilled = 0  # prompt positions already in the slot
 
     @property
@@ -84,6 +85,23 @@ class Stream:
 
     def cancel(self) -> None:
         self.engine.cancel(self)
+
+    def listen(self, fn) -> None:
+        """Call ``fn()`` (on the engine's thread, quick and not blocking) whenever tokens arrive or the request ends,
+        so a reader can wait for its own stream alone (e.g. an asyncio event) instead of on the engine's lock."""
+        with self.engine._cond:
+            self._listeners.append(fn)
+            if self.done:
+                fn()
+
+    def poll(self, seen: int) -> tuple[list[int], bool]:
+        """(tokens after the first ``seen``, whether the request has ended) without waiting."""
+        with self.engine._cond:
+            return self.tokens[seen:], self.done
+
+    def _notify(self) -> None:
+        for fn in self._listeners:
+            fn()
 
     def __iter__(self) -> Iterator[list[int]]:
         seen = 0
@@ -303,6 +321,7 @@ class BatchEngine:
     def _finish(self, stream: Stream, reason: str) -> None:
         stream.finish_reason = reason
         stream._feats, stream._images = [], []
+        stream._notify()
         if stream._slot is not None:
             self._slots[stream._slot] = None
             stream._slot = None
@@ -559,6 +578,7 @@ class BatchEngine:
         stream.tokens.extend(tokens)
         if tokens:
             stream.arrivals.append((time.perf_counter(), len(tokens)))
+            stream._notify()
         req = stream.request
         if stream.tokens and stream.tokens[-1] in req.stop_ids:
             self._finish(stream, "stop")

@@ -75,7 +75,33 @@ class TextStream:
             yield delta
 
     async def __aiter__(self):
-        while (delta := await asyncio.to_thread(self._next)) is not None:
+        """Deltas as the engine's thread delivers them: this stream's own event wakes the reader, so many streams
+        read by one event loop neither hold a thread each nor all wake on every delivery."""
+        if self._stream.engine._thread is None:  # no engine thread: reading drives the engine
+            while (delta := await asyncio.to_thread(self._next)) is not None:
+                yield delta
+            return
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake():  # on the engine's thread
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the loop has closed: nobody reads any more
+                pass
+
+        self._stream.listen(wake)
+        seen = len(self.token_ids)
+        while self.finish_reason is None:
+            tokens, ended = self._stream.poll(seen)
+            if tokens:
+                seen += len(tokens)
+                delta = self._take(tokens)
+            elif ended:
+                delta = self._take(None)
+            else:
+                await ready.wait()
+                ready.clear()
+                continue
             yield delta
 
     def result(self) -> str:
@@ -90,7 +116,10 @@ class TextStream:
             return None
         if self._iter is None:
             self._iter = iter(self._stream)
-        tokens = next(self._iter, None)
+        return self._take(next(self._iter, None))
+
+    def _take(self, tokens: list[int] | None) -> Delta:
+        """The delta of newly arrived ``tokens`` (None: the request ended), stop strings applied."""
         if tokens is None:  # the engine finished the request: the rest of the text, decoded whole
             return self._end(self._stream.finish_reason, self._full_text(self.token_ids))
         self.token_ids.extend(tokens)
