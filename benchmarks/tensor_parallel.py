@@ -40,11 +40,32 @@ SECTIONS = ("numerics", "speed", "allreduce", "batching")
 COLLECTIVE = ("nccl", "allreduce", "all_reduce", "all-reduce", "reducescatter", "allgather")
 
 
+def prompt_and_steps_logits(m, ids, px, steps: int = 12):
+    """Prefill logits [L, V] of one prompt, then ``steps`` greedy decode steps' logits over a cache of it (the
+    tiny model's window of 16 wraps), [L + steps, V]: what a split model must reproduce (jit it)."""
+    from gemma3_jax.model import kv_cache as kvc
+    from gemma3_jax.model.sharding import shard_cache
+
+    hidden, kvs = m.forward(ids, px)
+    logits = [m.text.logits(hidden)[0]]
+    cache = kvc.init_cache(m.cfg.text, 1, 128, jnp.float32)
+    length = jnp.asarray([ids.shape[1]])
+    cache = kvc.KVCache(*(tuple(kvc.fill_layer(b, kv[j], length, m.cfg.text.is_sliding(i))
+                                for i, (b, kv) in enumerate(zip(bufs, kvs))) for j, bufs in
+                          enumerate((cache.k, cache.v))), length)
+    cache = shard_cache(cache, m.kernels.mesh)
+    token = jnp.argmax(logits[0][-1])[None]
+    for _ in range(steps):
+        h, cache = m.text.decode_step(m.text.embed_tokens(token[:, None]), cache)
+        step = m.text.logits(h)[0, 0]
+        logits.append(step[None])
+        token = jnp.argmax(step)[None]
+    return jnp.concatenate(logits)
+
+
 def tiny_logits(n: int) -> float:
     """Max |split - one device| / max |one device| of the tiny model's prefill and decode-step logits."""
     from benchmarks.common import small_config
-    from gemma3_jax.model import kv_cache as kvc
-    from gemma3_jax.model.sharding import shard_cache
 
     cfg = small_config()
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_heads=8, num_kv_heads=2, head_dim=16))
@@ -52,26 +73,9 @@ def tiny_logits(n: int) -> float:
     rng = np.random.default_rng(0)
     ids = jnp.asarray([make_prompt(cfg, 60, 2, rng)], jnp.int32)
     px = jnp.asarray(make_pixels(cfg, 2, rng))
-
-    def run(m):
-        hidden, kvs = m.forward(ids, px)
-        logits = [m.text.logits(hidden)[0]]
-        cache = kvc.init_cache(m.cfg.text, 1, 128, jnp.float32)
-        length = jnp.asarray([ids.shape[1]])
-        cache = kvc.KVCache(*(tuple(kvc.fill_layer(b, kv[j], length, m.cfg.text.is_sliding(i))
-                                    for i, (b, kv) in enumerate(zip(bufs, kvs))) for j, bufs in
-                              enumerate((cache.k, cache.v))), length)
-        cache = shard_cache(cache, m.kernels.mesh)
-        token = jnp.argmax(logits[0][-1])[None]
-        for _ in range(12):
-            h, cache = m.text.decode_step(m.text.embed_tokens(token[:, None]), cache)
-            step = m.text.logits(h)[0, 0]
-            logits.append(step[None])
-            token = jnp.argmax(step)[None]
-        return jnp.concatenate(logits)
-
-    want = np.asarray(jax.jit(run)(model))
-    got = np.asarray(jax.jit(run)(tensor_parallel(model, n)))
+    run = jax.jit(prompt_and_steps_logits)
+    want = np.asarray(run(model, ids, px))
+    got = np.asarray(run(tensor_parallel(model, n), ids, px))
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 

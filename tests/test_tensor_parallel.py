@@ -195,27 +195,8 @@ def _logits() -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from gemma3_jax.model import kv_cache as kvc
-    from gemma3_jax.model.sharding import shard_cache, tensor_parallel
-
-    def run(m, ids, px):
-        """Prefill logits, then 12 decode steps' logits (the window of 16 wraps) over a cache of the prompt."""
-        hidden, kvs = m.forward(ids, px)
-        logits = [m.text.logits(hidden)[0]]
-        cache = kvc.init_cache(m.cfg.text, 1, 128, jnp.float32)
-        n = jnp.asarray([ids.shape[1]])
-        cache = kvc.KVCache(tuple(kvc.fill_layer(b, k, n, m.cfg.text.is_sliding(i)) for i, (b, (k, _)) in
-                                  enumerate(zip(cache.k, kvs))),
-                            tuple(kvc.fill_layer(b, v, n, m.cfg.text.is_sliding(i)) for i, (b, (_, v)) in
-                                  enumerate(zip(cache.v, kvs))), n)
-        cache = shard_cache(cache, m.kernels.mesh)
-        token = jnp.argmax(logits[0][-1])[None]
-        for _ in range(12):
-            h, cache = m.text.decode_step(m.text.embed_tokens(token[:, None]), cache)
-            step = m.text.logits(h)[0, 0]
-            logits.append(step[None])
-            token = jnp.argmax(step)[None]
-        return jnp.concatenate(logits)
+    from benchmarks.tensor_parallel import prompt_and_steps_logits as run  # prefill, then 12 decode steps' logits
+    from gemma3_jax.model.sharding import tensor_parallel
 
     errs = {}
     for kv, mode, splits in ((1, None, (2, 4, 8)), (2, None, (2, 4, 8)), (2, "int4", (2, 4))):
