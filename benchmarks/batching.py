@@ -306,6 +306,20 @@ def section_ttft(model, cfg, args, res, rng, spec):
             wall = time.perf_counter() - t
         res["ttft"]["traced"] = dict(wall_ms=wall * 1e3, kernels=kernel_table(logdir, 1, top=20))
         eng.run()
+    import cProfile
+    import io
+    import pstats
+    eng.features.clear()  # where the host's time goes over one lone request (after the timed runs: it slows them)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    s = eng.submit(req)
+    while not s.tokens:
+        eng.step()
+    profiler.disable()
+    eng.run()
+    buf = io.StringIO()
+    pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
+    log("lone request host profile by tottime:\n" + buf.getvalue()[-6000:])
     k = res["ttft"]["traced"]["kernels"]
     log(f"lone {n}-token 1-image prompt: TTFT {res['ttft']['ttft_ms']:.2f} ms (first token delivered at "
         f"{res['ttft']['first_token_at_ms']:.2f} ms; first, compiling: {times[0]:.1f} s); traced: kernels "

@@ -160,6 +160,35 @@ def test_image_key_is_the_content():
                 cache.key(image[:1])}) == 5
 
 
+def test_images_alike_in_their_fingerprint_are_told_apart(model, solo, monkeypatch):
+    """A fingerprint reads a sample of an image's values: two images that differ only between the samples share
+    one and are still encoded apart (their keys decide), within one call and across calls. A new image goes to the
+    vision tower before its key is read."""
+    from gemma3_jax.runtime import batching
+
+    monkeypatch.setattr(batching, "_PRINT_VALUES", 64)  # every 36th value of a tiny image
+    a = request([5, "img", 20], 11)
+    px = a.pixel_values.copy()
+    px.reshape(-1)[1] += 1.0
+    b = Request(a.prompt, px, max_new_tokens=a.max_new_tokens, stop_ids=())
+    eng = engine(model)
+    fc = eng.features
+    assert fc.fingerprint(a.pixel_values[0]) == fc.fingerprint(px[0]) and fc.key(a.pixel_values[0]) != fc.key(px[0])
+    keys_read, encode = [], eng._encode
+    eng._encode = lambda images: (keys_read.append(lone._image_keys[0]._key), encode(images))[1]
+    lone = eng.submit(request([3, "img", 4], 12))
+    lone.result()
+    assert keys_read == [None] and fc.encodes == 1
+    eng._encode = encode
+    both = [eng.submit(a), eng.submit(b)]  # admitted together: one vision call
+    eng.run()
+    assert fc.encodes == 3
+    again = eng.submit(b)
+    eng.run()
+    assert fc.encodes == 3 and fc.hits == 1
+    assert both[0].tokens == alone(solo, a) and both[1].tokens == again.tokens == alone(solo, b)
+
+
 def test_row_inputs_travel_as_one_array():
     """pack_rows / unpack_rows: a call's per-row inputs in one int32 array come back bit for bit (the uint32 seed
     above 2**31, float settings by their bits)."""

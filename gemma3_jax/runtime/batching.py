@@ -73,7 +73,8 @@ class Stream:
         self._image_mask = image_mask
         self._image_starts = np.flatnonzero(image_mask & ~np.r_[False, image_mask[:-1]])
         self._images = [] if request.pixel_values is None else np.asarray(request.pixel_values, np.float32)
-        self._image_keys = [engine.features.key(im) for im in self._images]  # hashed here, in the submitter's thread
+        self._image_prints = [engine.features.fingerprint(im) for im in self._images]
+        self._image_keys = [engine.features.key_later(im) for im in self._images]  # hashed while the request waits
         self._feats: list[jax.Array] = []  # one [T, D] per image from admission until the prompt is prefilled
         self._slot: int | None = None
         self._listeners: list = []  # called (engine's lock held) when tokens arrive or the request ends
@@ -128,38 +129,83 @@ class Stream:
 
 
 _HASH_PIECE = 1 << 20  # bytes of an image hashed as one piece
+_PRINT_VALUES = 1 << 14  # values of an image a fingerprint reads
+
+
+class PendingKey:
+    """An image's content key being hashed on the cache's threads; ``result()`` waits for it."""
+
+    def __init__(self, head: bytes, digests: list):
+        self._head, self._digests, self._key = head, digests, None
+
+    def result(self) -> bytes:
+        if self._key is None:
+            parts = [d if isinstance(d, bytes) else d.result() for d in self._digests]
+            self._key = hashlib.sha256(self._head + b"".join(parts)).digest()
+        return self._key
 
 
 class FeatureCache:
-    """Image features by content hash, least recently used first out, at most ``max_bytes`` held."""
+    """Image features by content hash, least recently used first out, at most ``max_bytes`` held.
+
+    Hashing a whole 896x896 image (~5 ms on one thread) is off a new image's path to its first token: a request's
+    images are hashed on the cache's threads from submission, and each also gets a fingerprint (its shape, dtype
+    and 16K evenly spaced values; microseconds). Equal images have equal fingerprints, so an image whose fingerprint
+    no held entry has is encoded at once and its key read after the vision call is dispatched; otherwise the key
+    decides, exactly."""
 
     def __init__(self, max_bytes: int, hash_threads: int | None = None):
         self.max_bytes = int(max_bytes)
         self._items: collections.OrderedDict[bytes, jax.Array] = collections.OrderedDict()
+        self._prints: collections.Counter[bytes] = collections.Counter()  # fingerprints of the held entries
+        self._print_of: dict[bytes, bytes] = {}  # key -> its image's fingerprint
         self.nbytes = 0
         self.hits = self.encodes = 0
         self._threads = hash_threads or min(4, os.cpu_count() or 1)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def key(self, image: np.ndarray) -> bytes:
-        """SHA-256 over the shape, dtype and SHA-256 digests of a few slices of the bytes, hashed on as many
-        threads (hashlib lets go of the GIL): an 896x896 float32 image is ~5 ms on one thread, on a request's
-        critical path to its first token. The key does not depend on the number of threads."""
+    @staticmethod
+    def _head(image: np.ndarray) -> bytes:
+        return str((image.shape, image.dtype.str)).encode()
+
+    def fingerprint(self, image: np.ndarray) -> bytes:
+        flat = np.ascontiguousarray(image).reshape(-1)
+        sample = flat[:: max(1, flat.size // _PRINT_VALUES)]
+        return hashlib.sha256(self._head(image) + np.ascontiguousarray(sample).tobytes()).digest()
+
+    def key_later(self, image: np.ndarray) -> PendingKey:
+        """SHA-256 over the shape, dtype and SHA-256 digests of 1 MiB slices of the bytes, the slices hashed on the
+        cache's threads (hashlib lets go of the GIL). The key does not depend on the number of threads; the image
+        must not change until the key is read."""
         image = np.ascontiguousarray(image)
         data = memoryview(image).cast("B") if image.size else memoryview(b"")
         parts = [data[i: i + _HASH_PIECE] for i in range(0, len(data), _HASH_PIECE)] or [data]
         if len(parts) > 1 and self._threads > 1:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, "gemma3-image-hash")
-            digests = list(self._pool.map(lambda part: hashlib.sha256(part).digest(), parts))
-        else:
-            digests = [hashlib.sha256(part).digest() for part in parts]
-        return hashlib.sha256(str((image.shape, image.dtype.str)).encode() + b"".join(digests)).digest()
+            return PendingKey(self._head(image), [self._pool.submit(lambda p: hashlib.sha256(p).digest(), part)
+                                                  for part in parts])
+        return PendingKey(self._head(image), [hashlib.sha256(part).digest() for part in parts])
+
+    def key(self, image: np.ndarray) -> bytes:
+        return self.key_later(image).result()
+
+    def may_hold(self, fingerprint: bytes) -> bool:
+        """False: no held entry is this image (it can be encoded without its key)."""
+        return fingerprint in self._prints
 
     def clear(self) -> None:
         """Forget every image (the counters stay)."""
         self._items.clear()
+        self._prints.clear()
+        self._print_of.clear()
         self.nbytes = 0
+
+    def close(self) -> None:
+        """Stop the hashing threads (a later key starts them again)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def get(self, key: bytes) -> jax.Array | None:
         feats = self._items.get(key)
@@ -168,16 +214,22 @@ class FeatureCache:
             self.hits += 1
         return feats
 
-    def put(self, key: bytes, feats: jax.Array) -> None:
+    def put(self, key: bytes, feats: jax.Array, fingerprint: bytes) -> None:
         self.encodes += 1
         size = feats.size * feats.dtype.itemsize
-        if size > self.max_bytes:
+        if size > self.max_bytes or key in self._items:
             return
         self._items[key] = feats
+        self._prints[fingerprint] += 1
+        self._print_of[key] = fingerprint
         self.nbytes += size
         while self.nbytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
+            old_key, old = self._items.popitem(last=False)
             self.nbytes -= old.size * old.dtype.itemsize
+            fp = self._print_of.pop(old_key)
+            self._prints[fp] -= 1
+            if not self._prints[fp]:
+                del self._prints[fp]
 
 
 @dataclasses.dataclass
@@ -422,24 +474,39 @@ class BatchEngine:
             return prefilling, decoding, bool(self._queue)
 
     def _encode_admitted(self, streams: list[Stream]) -> None:
-        """The images of newly admitted requests: from the feature cache, the rest encoded together in one call."""
-        todo: dict[bytes, np.ndarray] = {}
-        found: dict[bytes, jax.Array] = {}
+        """The images of newly admitted requests: from the feature cache, the rest encoded together in one call.
+        An image whose fingerprint the cache does not know (nor an earlier image of this call) is new for certain;
+        the others wait for their keys."""
+        fc = self.features
+        todo: list[tuple[PendingKey, bytes, np.ndarray]] = []  # images to encode: key, fingerprint, pixels
+        new_prints: dict[bytes, list[int]] = {}  # fingerprint -> their indexes in todo
+        refs: list[list[int | jax.Array]] = []  # per stream, each image's index in todo or its cached features
         for s in streams:
-            for i, k in enumerate(s._image_keys):
-                if k in found or k in todo:
+            out: list[int | jax.Array] = []
+            for fp, pending, image in zip(s._image_prints, s._image_keys, s._images):
+                if not fc.may_hold(fp) and fp not in new_prints:
+                    new_prints[fp] = [len(todo)]
+                    out.append(len(todo))
+                    todo.append((pending, fp, image))
                     continue
-                feats = self.features.get(k)
+                key = pending.result()
+                feats = fc.get(key)
                 if feats is None:
-                    todo[k] = s._images[i]
+                    same = [j for j in new_prints.get(fp, []) if todo[j][0].result() == key]
+                    if same:
+                        out.append(same[0])
+                        continue
+                    new_prints.setdefault(fp, []).append(len(todo))
+                    out.append(len(todo))
+                    todo.append((pending, fp, image))
                 else:
-                    found[k] = feats
-        if todo:
-            for k, feats in zip(todo, self._encode(list(todo.values()))):
-                self.features.put(k, feats)
-                found[k] = feats
-        for s in streams:
-            s._feats = [found[k] for k in s._image_keys]
+                    out.append(feats)
+            refs.append(out)
+        encoded = self._encode([image for _, _, image in todo]) if todo else []
+        for (pending, fp, _), feats in zip(todo, encoded):  # the vision call is queued: the keys are read meanwhile
+            fc.put(pending.result(), feats, fp)
+        for s, out in zip(streams, refs):
+            s._feats = [encoded[r] if isinstance(r, int) else r for r in out]
 
     def _rows(self, prefilling: list[Stream], budget: int) -> list[tuple[Stream, int, int]]:
         """The prompts' next chunks in one call: up to ``prefill_rows`` rows and ``budget`` tokens, and no more
@@ -608,6 +675,11 @@ class BatchEngine:
             self._cond.notify_all()
         thread.join()
         self._thread = None
+
+    def close(self) -> None:
+        """``stop``, and end the image-hashing threads."""
+        self.stop()
+        self.features.close()
 
     def _loop(self) -> None:
         while True:

@@ -226,8 +226,8 @@ class Service:
         return dict(self.engine.stats(), model=self.checkpoint.name, uptime_s=time.time() - self.started)
 
     def close(self) -> None:
-        """Stop the engine's thread (requests still running stay unfinished)."""
-        self.engine.stop()
+        """Stop the engine's threads (requests still running stay unfinished)."""
+        self.engine.close()
 
     def __enter__(self) -> Service:
         return self
