@@ -4,7 +4,8 @@ Ours: prefill latency (1 image + 64 text = 323 tokens, 8 images = 2353 tokens, 8
 a ~32K prompt of text and 16 images), decode tokens/s after a 1-image prompt at batch 1/8/32 (256 new tokens) and at batch 1 after the
 32K prompt (128 new tokens), compile times (Engine Timings.compile_s), the start of a second process with
 JAX's persistent compilation cache (process start -> first token), peak device memory.
-Peer: transformers Gemma3ForConditionalGeneration, same config, bf16, sdpa, random init on the device;
+Peer: transformers Gemma3ForConditionalGeneration, same config, bf16, sdpa, random init on the device (with
+``--quantize int8|fp8`` its text Linear layers quantized by torchao's weight-only int8 / float8 configs);
 prefill latency (forward with a cache, logits_to_keep=1) and decode tok/s with generate(cache_implementation=
 "static") at batch 1 and 8 (transformers' own auto-compile of the decode step is on unless --peer-compile off).
 
@@ -283,6 +284,12 @@ def hf_config(cfg: Gemma3Config):
                     eoi_token_index=cfg.eoi_token_id)
 
 
+def torchao_version() -> str:
+    import torchao
+
+    return torchao.__version__
+
+
 def bench_peer(args, spec: Spec, res: dict) -> None:
     import torch
     from transformers import Gemma3ForConditionalGeneration, LogitsProcessor, LogitsProcessorList
@@ -300,6 +307,15 @@ def bench_peer(args, spec: Spec, res: dict) -> None:
                                                             attn_implementation="sdpa").eval()
     model.generation_config.eos_token_id = None  # never stop early: random weights
     model.generation_config.pad_token_id = cfg.text.pad_token_id
+    if args.quantize:  # the peer with its own quantized weights: torchao weight-only, on the same layers as ours
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        configs = {"int8": Int8WeightOnlyConfig, "fp8": Float8WeightOnlyConfig}
+        if args.quantize not in configs:
+            raise ValueError(f"no torchao peer for --quantize {args.quantize}")
+        text_only = lambda m, fqn: isinstance(m, torch.nn.Linear) and "vision" not in fqn and "projector" not in fqn
+        quantize_(model, configs[args.quantize](), filter_fn=text_only)
+        peer["quantize"] = f"torchao {torchao_version()} {configs[args.quantize].__name__}"
     peer["init_s"] = time.perf_counter() - t
     log(f"peer ready in {peer['init_s']:.1f} s on {peer['device']}")
 
