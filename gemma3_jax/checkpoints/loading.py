@@ -241,7 +241,8 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
             if not tied:
                 raise CheckpointError(f"{key!r}: untied lm_head is not supported (Gemma-3 ties it to the embedding)")
             continue
-        if stored and key.endswith(qfile.SCALE) and _quantized_key(key[: -len(qfile.SCALE)], by_key):
+        if stored and key.endswith(qfile.SCALE) and key[: -len(qfile.SCALE)] in by_key and \
+                quantized_weight(key[: -len(qfile.SCALE)]):
             continue  # read with its weight
         target = target_of(key)
         if target is None:
@@ -345,9 +346,10 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
     return model if split is None else split
 
 
-def _quantized_key(key: str, by_key: dict) -> bool:
-    """Whether ``key`` is a checkpoint tensor that a quantized checkpoint stores quantized (with a scale)."""
-    if key not in by_key or key in _LM_HEAD:
+def quantized_weight(key: str) -> bool:
+    """Whether checkpoint tensor ``key`` is one that ``quantize`` quantizes (and a quantized checkpoint stores
+    quantized, with a scale): the text decoder's product weights and the embedding, not a tied lm_head."""
+    if key in _LM_HEAD:
         return False
     try:
         target = target_of(key)

@@ -123,16 +123,22 @@ def read_scale(files: dict[str, wf.WeightFile], key: str, mode: str, hf_shape: t
     return file.read(name)
 
 
-def quantize_checkpoint(src: str | Path, out: str | Path, mode: str, dtype=jnp.bfloat16, progress: bool = True) -> Path:
-    """Write ``src`` with its text product weights quantized (``mode``), each from the weight rounded to ``dtype``
-    as ``load_pretrained(src, dtype, quantize=mode)`` quantizes it; returns ``out``, which must not exist."""
-    from gemma3_jax.checkpoints.loading import _LM_HEAD, _is_tied, target_of  # loading reads them through here
-
+def _check(mode: str, dtype) -> np.dtype:
+    """The float dtype the weights are rounded to before quantizing; refuses an unknown mode or dtype."""
     quant.check_mode(mode)
-    src, out = Path(src), Path(out)
     dt = jnp.dtype(dtype)
     if dt.name not in DTYPES:
         raise ValueError(f"dtype must be bfloat16 or float32, got {dt}")
+    return dt
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, mode: str, dtype=jnp.bfloat16, progress: bool = True) -> Path:
+    """Write ``src`` with its text product weights quantized (``mode``), each from the weight rounded to ``dtype``
+    as ``load_pretrained(src, dtype, quantize=mode)`` quantizes it; returns ``out``, which must not exist."""
+    from gemma3_jax.checkpoints.loading import _LM_HEAD, _is_tied, quantized_weight  # loading reads them through here
+
+    dt = _check(mode, dtype)
+    src, out = Path(src), Path(out)
     raw, cfg = load_config(src)
     if mode_of(raw, src / "config.json"):
         raise ValueError(f"{src} is already quantized ({raw[KEY]['mode']})")
@@ -149,11 +155,10 @@ def quantize_checkpoint(src: str | Path, out: str | Path, mode: str, dtype=jnp.b
                 if not _is_tied(raw):
                     raise CheckpointError(f"{key!r}: untied lm_head is not supported (Gemma-3 ties it to the embedding)")
                 continue
-            target = target_of(key)
-            rule = quant.rule(target[0].split("[")[0]) if target else None
-            entries.append((key, e, rule is not None))
+            quantized = quantized_weight(key)
+            entries.append((key, e, quantized))
             weight_map[key] = f.name
-            if rule:
+            if quantized:
                 weight_map[key + SCALE] = f.name
         plans.append((f, entries))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,19 +254,15 @@ def quantize_gguf(gguf_path: str | Path, out: str | Path, mode: str, dtype=jnp.b
     tensor keeps its stored values and scales exactly (no dequantizing: int4 with a scale per 32 inputs is the same
     format); every other tensor is dequantized, rounded to ``dtype`` and quantized as ``quantize_checkpoint`` does."""
     from gemma3_jax.checkpoints import gguf
-    from gemma3_jax.checkpoints.loading import target_of
+    from gemma3_jax.checkpoints.loading import quantized_weight
 
-    quant.check_mode(mode)
-    dt = jnp.dtype(dtype)
-    if dt.name not in DTYPES:
-        raise ValueError(f"dtype must be bfloat16 or float32, got {dt}")
+    dt = _check(mode, dtype)
 
     def weights(file, path: Path, show: bool) -> dict:
         items = []
         for t in sorted(file.tensors, key=lambda t: gguf.hf_name(t.name)):
             key = gguf.hf_name(t.name)
-            name = target_of(key)[0].split("[")[0]
-            if quant.rule(name) is None:
+            if not quantized_weight(key):
                 items.append(([(key, "F32", t.shape)],
                               lambda t=t: [np.ascontiguousarray(gguf.hf_tensor(file, t), "<f4").tobytes()]))
             elif mode == "int4" and t.qtype == gguf.GGMLQuantizationType.Q4_0:
