@@ -148,8 +148,10 @@ def call_breakdown(calls: list[dict]) -> dict:
         begin = dispatched if prev_ready is None else max(prev_ready, dispatched)
         key = f"{c['kind']} {'x'.join(map(str, c['shape']))}".strip() + (" +vision" if c["images"] else "")
         e = out.setdefault(key, dict(calls=0, steps=0, images=0, dispatch_ms=0.0, wait_ms=0.0, device_ms=0.0,
-                                     idle_before_ms=0.0))
+                                     idle_before_ms=0.0, prompt_tokens=0, padded_tokens=0))
         e["calls"] += 1
+        e["prompt_tokens"] += c.get("prompt_tokens", 0)
+        e["padded_tokens"] += math.prod(c["shape"]) if c["shape"] else 0
         e["steps"] += c["steps"]
         e["images"] += c["images"]
         e["dispatch_ms"] += c["dispatch_ms"]
@@ -222,6 +224,10 @@ def section_offline(model, cfg, args, res, rng):
         f"{r['mean_decoding_slots']:.1f} of {args.max_batch} slots decoding; a full decode step reads "
         f"{r['ceiling']['workload_step_bytes'] / 1e9:.2f} GB here vs {r['ceiling']['static_step_bytes'] / 1e9:.2f} GB "
         f"in the static batch: offline/static <= {r['ceiling']['offline_over_static_cap']:.2f} before prefill work")
+    prompt = sum(e["prompt_tokens"] for e in r["calls"].values())
+    padded = sum(e["padded_tokens"] for e in r["calls"].values())
+    r["prefill_padding"] = dict(prompt_tokens=prompt, padded_tokens=padded, padded_over_prompt=padded / max(prompt, 1))
+    log(f"    prefill rows padded: {padded:,} token slots for {prompt:,} prompt tokens ({padded / max(prompt, 1):.3f}x)")
     host = sum(e["dispatch_ms"] for e in r["calls"].values())
     log(f"    wall {r['wall_s']:.1f} s (submitting {r['submit_s']:.2f} s); host dispatch {host / 1e3:.1f} s; per kind "
         f"of call (device time estimated):")

@@ -243,6 +243,7 @@ class _Call:
     shape: tuple[int, ...] = ()  # (rows, padded tokens) of a prefill or mixed call
     rows: list[tuple[Stream, bool]] = dataclasses.field(default_factory=list)  # prefill rows, whether the prompt ended
     first: jax.Array | None = None  # [B] each prefill row's first token
+    prompt_tokens: int = 0  # prompt tokens a prefill or mixed call carries (of rows x padded tokens)
     record: dict | None = None  # this call's entry in ``BatchEngine.calls`` when calls are recorded
 
 
@@ -442,6 +443,7 @@ class BatchEngine:
             call = self._decode(decoding, until_free=queued)
         if call is not None and self.calls is not None:
             call.record = dict(kind=call.kind, shape=call.shape, decoding=len(call.decoding),
+                               prompt_tokens=call.prompt_tokens,
                                images=self.features.encodes - encodes, start=t0,
                                dispatch_ms=(time.perf_counter() - t0) * 1e3)
             self.calls.append(call.record)
@@ -589,7 +591,7 @@ class BatchEngine:
                 self.counters["prefill_tokens"] += e - st
             self.counters["mixed_calls" if decoding else "prefill_calls"] += 1
         return _Call([(s, s._slot) for s in decoding], tokens, produced, "mixed" if decoding else "prefill", (b, t),
-                     [(s, bool(f)) for (s, _, _), f in zip(rows, last)], first)
+                     [(s, bool(f)) for (s, _, _), f in zip(rows, last)], first, sum(e - st for _, st, e in rows))
 
     def _decode(self, decoding: list[Stream], until_free: bool) -> _Call:
         steps, tw, n = self._steps, self._text, self.decode_steps
