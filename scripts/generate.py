@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "devices (default: 1)")
     p.add_argument("--quantize", metavar="MODE", help="int8 or fp8: the text decoder's weights in 8 bits with a scale "
                    "per output channel, half the bytes a decode step reads; int4: 4 bits with a scale per 32 "
-                   "inputs (default: the --dtype weights, or the mode a checkpoint written by scripts/quantize.py "
+                   "inputs, a .gguf's Q4_0 weights as stored (default: the --dtype weights, or the mode a checkpoint written by scripts/quantize.py "
                    "stores)")
     dist = p.add_argument_group("several hosts (each runs the same command; see docs/tensor_parallel.md)")
     dist.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address (jax.distributed)")
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         dtype = resolve_dtype(args.dtype)
         check_generation_args(args.max_new_tokens, args.seed, args.stop)
         prompt = read_prompt(args)
-        ckpt = Checkpoint.open(args.model)
+        ckpt = Checkpoint.open(args.model, quantize=args.quantize, dtype=dtype)
         chat = ckpt.use_chat(args.chat)
         if args.chat is None and not chat:
             print(f"note: {ckpt.name} has no chat template: the prompt is completed as raw text "

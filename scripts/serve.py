@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "devices (default: 1)")
     p.add_argument("--quantize", metavar="MODE", help="int8 or fp8: the text decoder's weights in 8 bits with a scale "
                    "per output channel, half the bytes a decode step reads; int4: 4 bits with a scale per 32 "
-                   "inputs (default: the --dtype weights, or the mode a checkpoint written by scripts/quantize.py "
+                   "inputs, a .gguf's Q4_0 weights as stored (default: the --dtype weights, or the mode a checkpoint written by scripts/quantize.py "
                    "stores)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: none)")
     p.add_argument("--allowed-local-media", metavar="DIR", help="image paths are read only under DIR "

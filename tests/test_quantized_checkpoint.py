@@ -272,3 +272,26 @@ def test_gguf_q4_0_kept_exactly(tmp_path):
     with pytest.raises(CheckpointError, match=r"nan.gguf: tensor 'blk.1.attn_v.weight' holds NaN or Inf"):
         quantize_gguf(damaged, tmp_path / "nan", "int8", progress=False)
     assert not (tmp_path / "nan").exists()
+
+
+def test_gguf_opened_for_int4_keeps_its_q4_0(tmp_path, monkeypatch):
+    """A .gguf opened with quantize="int4" (generate.py / serve.py --quantize int4) converts once into an int4
+    checkpoint of its own in the cache, Q4_0 values as stored (what scripts/quantize.py writes); the float
+    conversion stays a separate entry."""
+    from gemma3_jax.checkpoints.checkpoint import Checkpoint
+    from gemma3_jax.checkpoints.quantized import stored_mode
+
+    monkeypatch.setenv("GEMMA3_JAX_CACHE", str(tmp_path / "cache"))
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    ckpt = Checkpoint.open(path, progress=False, quantize="int4", dtype=jnp.float32)
+    assert stored_mode(ckpt.path) == "int4" and ckpt.path.name.endswith("-int4-float32")
+    got = params(gemma3_jax.load_pretrained(ckpt.path, dtype=jnp.float32, progress=False))
+    want = params(gemma3_jax.load_pretrained(quantize_gguf(path, tmp_path / "int4", "int4", jnp.float32,
+                                                           progress=False), dtype=jnp.float32, progress=False))
+    assert got.keys() == want.keys()
+    assert all(np.array_equal(np.asarray(got[n]).astype(np.float32), np.asarray(want[n]).astype(np.float32)) for n in got)
+    stamp = (ckpt.path / "model.safetensors").stat().st_mtime_ns
+    assert Checkpoint.open(path, progress=False, quantize="int4", dtype=jnp.float32).path == ckpt.path
+    assert (ckpt.path / "model.safetensors").stat().st_mtime_ns == stamp  # converted once
+    plain = Checkpoint.open(path, progress=False)
+    assert plain.path != ckpt.path and stored_mode(plain.path) is None

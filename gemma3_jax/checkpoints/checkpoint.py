@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from gemma3_jax.model.kv_cache import cache_nbytes
@@ -29,8 +30,11 @@ DEFAULT_CACHE_LENGTH = 4096
 MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
 
 
-def resolve_checkpoint(model: str | os.PathLike | None, progress: bool = True) -> Path:
-    """A checkpoint directory: as given, converted once from a .gguf file (cached by content), or the default 270M."""
+def resolve_checkpoint(model: str | os.PathLike | None, progress: bool = True, quantize: str | None = None,
+                       dtype="bfloat16") -> Path:
+    """A checkpoint directory: as given, converted once from a .gguf file (cached by content), or the default 270M.
+    A .gguf asked for ``quantize="int4"`` converts to an int4 checkpoint (its Q4_0 tensors kept as they are, not
+    dequantized and quantized again; the others from their values rounded to ``dtype``)."""
     from gemma3_jax.checkpoints.gguf import converted_checkpoint
 
     if model is not None and not isinstance(model, (str, os.PathLike)):
@@ -38,7 +42,8 @@ def resolve_checkpoint(model: str | os.PathLike | None, progress: bool = True) -
     if model is not None and not str(model).strip():
         raise ValueError("the model path is empty")
     if model is None or Path(model).suffix.lower() == ".gguf":
-        return converted_checkpoint(model, progress=progress)
+        int4 = jnp.dtype(dtype).name if quantize == "int4" else None
+        return converted_checkpoint(model, progress=progress, int4_dtype=int4)
     path = Path(model).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"model {path} is neither a checkpoint directory nor a .gguf file")
@@ -116,8 +121,10 @@ class Checkpoint:
     name: str = ""  # what the user named: the directory's or the .gguf file's name, or the default model
 
     @classmethod
-    def open(cls, model: str | os.PathLike | None = None, progress: bool = True) -> Checkpoint:
-        path = resolve_checkpoint(model, progress=progress)
+    def open(cls, model: str | os.PathLike | None = None, progress: bool = True, quantize: str | None = None,
+             dtype="bfloat16") -> Checkpoint:
+        """``quantize`` and ``dtype`` matter for a .gguf only (``resolve_checkpoint``)."""
+        path = resolve_checkpoint(model, progress=progress, quantize=quantize, dtype=dtype)
         cfg = Gemma3Config.from_pretrained(path)
         checkpoint_files(path)  # the weight files are all there (read later)
         tokenizer = Tokenizer.from_checkpoint(path)

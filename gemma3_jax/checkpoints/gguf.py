@@ -341,8 +341,10 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     return out
 
 
-def ensure_converted(out: Path, sha256: str, source: Callable[[], Path], progress: bool, owned: bool) -> Path:
-    """``out`` verified as the conversion of the file with ``sha256`` (``source()`` gives its path), converted once.
+def ensure_converted(out: Path, sha256: str, source: Callable[[], Path], progress: bool, owned: bool,
+                     convert: Callable[[Path, Path, bool], Path] | None = None) -> Path:
+    """``out`` verified as the conversion of the file with ``sha256`` (``source()`` gives its path), converted once
+    (by ``convert(src, out, progress)``, default ``convert_gguf``).
 
     ``owned``: ``out`` is a cache entry, removed whatever it holds when it does not verify; otherwise (a directory
     the user named) it is replaced only if it holds nothing but a conversion's files."""
@@ -364,7 +366,7 @@ def ensure_converted(out: Path, sha256: str, source: Callable[[], Path], progres
         if reason != "missing":
             print(f"note: converted checkpoint {out} is {reason}; converting {src} again", file=sys.stderr)
             store.remove(out)
-        convert_gguf(src, out, progress=progress)
+        (convert or convert_gguf)(src, out, progress)
         reason = store.verify(out, sha256)
         if reason is not None:  # the source was replaced between hashing and converting
             store.remove(out)
@@ -403,8 +405,10 @@ def packaged_gguf() -> Path:
     return target
 
 
-def converted_checkpoint(gguf_path: str | os.PathLike | None, progress: bool = True) -> Path:
+def converted_checkpoint(gguf_path: str | os.PathLike | None, progress: bool = True, int4_dtype: str | None = None) -> Path:
     """The checkpoint directory converted from a Gemma-3 .gguf (None: the packaged 270M), converted on first use.
+    With ``int4_dtype`` ("bfloat16" or "float32") an int4 quantized checkpoint instead (``quantized.quantize_gguf``:
+    Q4_0 tensors keep their values and scales, the others are rounded to that dtype and quantized), its own entry.
 
     Keyed by the file's sha256: the same file under two paths is converted once, a different file under the
     same name is converted anew."""
@@ -422,7 +426,12 @@ def converted_checkpoint(gguf_path: str | os.PathLike | None, progress: bool = T
         if not path.is_file():
             raise ValueError(f"GGUF file {path} is not a regular file (a device or a pipe cannot be cached)")
         sha, source = store.file_sha256(path, progress=progress), lambda: path
-    return ensure_converted(store.converted_dir() / sha[:16], sha, source, progress, owned=True)
+    if int4_dtype is None:
+        return ensure_converted(store.converted_dir() / sha[:16], sha, source, progress, owned=True)
+    from gemma3_jax.checkpoints.quantized import quantize_gguf
+
+    return ensure_converted(store.converted_dir() / f"{sha[:16]}-int4-{int4_dtype}", sha, source, progress, owned=True,
+                            convert=lambda src, out, show: quantize_gguf(src, out, "int4", int4_dtype, show))
 
 
 def default_checkpoint(cache_dir: str | Path | None = None, progress: bool = True) -> Path:

@@ -122,7 +122,8 @@ class Generator:
         split over that many devices (``gemma3_jax.model.sharding``). ``quantize``: "int8", "fp8" or "int4" weights for
         the text decoder's products (``gemma3_jax.model.quant``), None for the model dtype."""
         t = time.perf_counter()
-        return cls.from_checkpoint(Checkpoint.open(model, progress=progress), dtype=dtype, cache_length=cache_length,
+        checkpoint = Checkpoint.open(model, progress=progress, quantize=quantize, dtype=resolve_dtype(dtype))
+        return cls.from_checkpoint(checkpoint, dtype=dtype, cache_length=cache_length,
                                    attention=attention, progress=progress, chunk=chunk,
                                    compilation_cache=compilation_cache, started=t, tensor_parallel=tensor_parallel,
                                    quantize=quantize)

@@ -164,8 +164,8 @@ class Service:
                         compilation_cache: bool = True, verbose: bool = False) -> Service:
         """``model``: a checkpoint directory, a .gguf file, or None for the default 270M; ``tensor_parallel`` and
         ``quantize`` as ``Generator.from_pretrained``."""
-        checkpoint = Checkpoint.open(model, progress=progress)
         dtype = resolve_dtype(dtype)
+        checkpoint = Checkpoint.open(model, progress=progress, quantize=quantize, dtype=dtype)
         if memory_budget is None:
             cache_length = checkpoint.cache_length(cache_length, dtype, batch=max_batch)
         if compilation_cache:
