@@ -488,7 +488,7 @@ def test_a_gguf_suffix_in_capitals_is_a_gguf(monkeypatch, tmp_path):
     from gemma3_jax.checkpoints.checkpoint import resolve_checkpoint
 
     seen = []
-    monkeypatch.setattr(gc, "converted_checkpoint", lambda path, progress=True: seen.append(path) or tmp_path)
+    monkeypatch.setattr(gc, "converted_checkpoint", lambda path, progress=True, int4_dtype=None: seen.append(path) or tmp_path)
     assert resolve_checkpoint("Model.GGUF") == tmp_path and seen == ["Model.GGUF"]
 
 
