@@ -92,6 +92,23 @@ def test_batched_equals_alone_and_the_static_engine(model, solo):
     assert stats["mixed_calls"] > 0 and stats["decode_calls"] > 0  # chunks rode on decode steps and ran alone
 
 
+def test_stream_s_bounds_a_decode_call(model, solo):
+    """With ``stream_s`` a decode call runs as many steps as take about that long at the latest step time, so a
+    reader gets tokens at least that often (Service streams with 0.1 s); the tokens do not change."""
+    reqs = [request(p, s, new=20) for p, s in REQUESTS[:3]]
+    eng = engine(model, stream_s=1e-9, record_calls=True)
+    streams = [eng.submit(r) for r in reqs]
+    eng.run()
+    steps = [c["steps"] for c in eng.calls if c["kind"] == "decode"]
+    # the second call is queued before the first is read; a call may stop at once when a slot freed in the last
+    assert steps[:2] == [4, 4] and set(steps[2:]) <= {0, 1} and steps.count(1) > 4, steps
+    assert [s.tokens for s in streams] == [alone(solo, r) for r in reqs]
+    assert engine(model, stream_s=3600.0)._decode_limit() == 4
+    for bad in (0, -1.0, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="stream_s"):
+            engine(model, stream_s=bad)
+
+
 def test_cancel_in_queue_and_mid_prefill_frees_the_slot(model, solo):
     eng = engine(model, max_batch=1, chunk_tokens=4)
     long = eng.submit(request([60], 11, new=30))

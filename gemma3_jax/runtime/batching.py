@@ -244,6 +244,7 @@ class _Call:
     rows: list[tuple[Stream, bool]] = dataclasses.field(default_factory=list)  # prefill rows, whether the prompt ended
     first: jax.Array | None = None  # [B] each prefill row's first token
     prompt_tokens: int = 0  # prompt tokens a prefill or mixed call carries (of rows x padded tokens)
+    dispatched: float = 0.0  # time.perf_counter() when the call was queued
     record: dict | None = None  # this call's entry in ``BatchEngine.calls`` when calls are recorded
 
 
@@ -258,8 +259,8 @@ class BatchEngine:
     def __init__(self, model: Gemma3, *, max_batch: int = 8, cache_length: int | None = 4096,
                  memory_budget: int | None = None, chunk_tokens: int = 512, prefill_rows: int = 4,
                  decode_steps: int = 32, step_tokens: int | None = None, feature_cache_bytes: int = 256 << 20,
-                 max_queue: int | None = None, compiler_options: dict | None = None, record_calls: bool = False,
-                 verbose: bool = False):
+                 max_queue: int | None = None, stream_s: float | None = None, compiler_options: dict | None = None,
+                 record_calls: bool = False, verbose: bool = False):
         for name, v in (("max_batch", max_batch), ("chunk_tokens", chunk_tokens), ("prefill_rows", prefill_rows),
                         ("decode_steps", decode_steps),
                         ("step_tokens", chunk_tokens if step_tokens is None else step_tokens)):
@@ -278,6 +279,12 @@ class BatchEngine:
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1):
             raise ValueError(f"max_queue must be None or an int >= 1, got {max_queue!r}")
         self.max_queue = max_queue
+        if stream_s is not None and (isinstance(stream_s, bool) or not isinstance(stream_s, (int, float))
+                                     or not 0 < stream_s < float("inf")):
+            raise ValueError(f"stream_s must be None or a positive number of seconds, got {stream_s!r}")
+        self.stream_s = stream_s
+        self._step_s: float | None = None  # seconds a decode step took lately (streaming: how many fit stream_s)
+        self._last_ready: float | None = None  # when the last read call had finished
         self.step_tokens = min(chunk_tokens, 256 if step_tokens is None else step_tokens)
         self.platform = model.kernels.platform
         self.compiler_options = compiler_options
@@ -602,15 +609,22 @@ class BatchEngine:
 
         # dispatched before the previous call is read: a slot that call freed stops the run at once when requests
         # queue (until_free), so the next step admits one; otherwise the GPU goes on without waiting for the host
-        flags = np.zeros((1 + self.max_batch,), bool)
-        flags[0] = until_free
-        flags[[1 + s._slot for s in decoding]] = True
+        flags = np.zeros((2 + self.max_batch,), np.int32)
+        flags[0], flags[1] = until_free, self._decode_limit()
+        flags[[2 + s._slot for s in decoding]] = 1
         args = (tw.flat, self.cache, self.state, jnp.asarray(flags))
         fn = self._compile("decode", decode, args, greedy_only, donate=(1, 2))
         self.cache, self.state, tokens, produced = fn(*args)
         with self._cond:
             self.counters["decode_calls"] += 1
-        return _Call([(s, s._slot) for s in decoding], tokens, produced)
+        return _Call([(s, s._slot) for s in decoding], tokens, produced, dispatched=time.perf_counter())
+
+    def _decode_limit(self) -> int:
+        """Steps of the next decode call: ``decode_steps``, or with ``stream_s`` as many as take about that long at
+        the latest step time (a stream's tokens come a call at a time: this bounds the gaps a reader sees)."""
+        if self.stream_s is None or self._step_s is None:
+            return self.decode_steps
+        return max(1, min(self.decode_steps, int(self.stream_s / self._step_s)))
 
     def _deliver(self, call: _Call) -> None:
         """Read a dispatched call's tokens (waiting for it) and hand them to their streams."""
@@ -621,6 +635,12 @@ class BatchEngine:
             tokens = tokens[:, None]
         produced = None if call.produced is None else np.asarray(call.produced).astype(np.int32)
         now = time.perf_counter()
+        if call.kind == "decode" and produced is not None and produced.max(initial=0) > 0:
+            # the device ran this call from when it was queued or the previous call ended, whichever was later
+            began = call.dispatched if self._last_ready is None else max(call.dispatched, self._last_ready)
+            step_s = (now - began) / int(produced.max())
+            self._step_s = step_s if self._step_s is None else 0.5 * (self._step_s + step_s)
+        self._last_ready = now
         if call.record is not None:  # the host waited wait_ms for the device to finish this call, until ready
             call.record.update(wait_ms=(now - t0) * 1e3, ready=now,
                                steps=0 if produced is None else int(produced.max(initial=0)))

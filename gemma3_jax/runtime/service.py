@@ -30,6 +30,7 @@ from gemma3_jax.checkpoints.quantized import effective_mode, stored_mode
 from gemma3_jax.preprocessing.tokenizer import StreamDecoder
 from gemma3_jax.runtime.batching import BatchEngine, Request, Stream
 from gemma3_jax.runtime.compile_cache import enable_compilation_cache
+from gemma3_jax.runtime.engine import STREAM_CHUNK_S
 from gemma3_jax.runtime.generator import first_stop, print_plan, resolve_dtype
 
 
@@ -177,7 +178,7 @@ class Service:
                               tensor_parallel=tensor_parallel, quantize=quantize)
         engine = BatchEngine(net, max_batch=max_batch, cache_length=cache_length, memory_budget=memory_budget,
                              chunk_tokens=chunk_tokens, step_tokens=step_tokens, max_queue=max_queue,
-                             verbose=verbose)
+                             stream_s=STREAM_CHUNK_S, verbose=verbose)
         return cls(engine, checkpoint)
 
     def submit(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,

@@ -174,14 +174,14 @@ class SlotSteps:
         active = st.active & ~(nxt[:, None] == st.stops).any(-1) & (remaining > 0)
         return st._replace(token=jnp.where(st.active, nxt, st.token), active=active, remaining=remaining), nxt
 
-    def decode(self, text, cache: kvc.KVCache, state: SlotState, flags: Bool[Array, "1+S"], steps: int,
+    def decode(self, text, cache: kvc.KVCache, state: SlotState, flags: Int[Array, "2+S"], steps: int,
                greedy_only: bool):
-        """Up to ``steps`` steps of every active slot, fewer once none is active or, with ``until_free``
-        (``flags[0]``), once a slot the host counted as decoding (``flags[1:]``) is not: it finished here, or in a
-        call the host has not read yet (then no step runs), so a queued request can take it. Returns (cache,
-        state, tokens [S, steps] (pad where a slot produced none), produced [S])."""
+        """Up to ``min(steps, flags[1])`` steps of every active slot, fewer once none is active or, with
+        ``until_free`` (``flags[0]``), once a slot the host counted as decoding (``flags[2:]``) is not: it finished
+        here, or in a call the host has not read yet (then no step runs), so a queued request can take it. Returns
+        (cache, state, tokens [S, steps] (pad where a slot produced none), produced [S])."""
         slots = state.token.shape[0]
-        until_free, expected = flags[0], flags[1:]
+        until_free, limit, expected = flags[0] != 0, jnp.minimum(flags[1], steps), flags[2:] != 0
 
         def body(carry):
             cache, st, out, produced, i = carry
@@ -195,7 +195,7 @@ class SlotSteps:
         def cond(carry):
             active = carry[1].active
             freed = jnp.any(expected & ~active)
-            return (carry[-1] < steps) & jnp.any(active) & ~(until_free & freed)
+            return (carry[-1] < limit) & jnp.any(active) & ~(until_free & freed)
 
         out = jnp.full((slots, steps), self.pad_id, jnp.int32)
         carry = (cache, state, out, jnp.zeros((slots,), jnp.int32), jnp.int32(0))
