@@ -163,6 +163,7 @@ class FeatureCache:
         self.hits = self.encodes = 0
         self._threads = hash_threads or min(4, os.cpu_count() or 1)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()  # submitters on several threads start the pool once
 
     @staticmethod
     def _head(image: np.ndarray) -> bytes:
@@ -181,9 +182,11 @@ class FeatureCache:
         data = memoryview(image).cast("B") if image.size else memoryview(b"")
         parts = [data[i: i + _HASH_PIECE] for i in range(0, len(data), _HASH_PIECE)] or [data]
         if len(parts) > 1 and self._threads > 1:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, "gemma3-image-hash")
-            return PendingKey(self._head(image), [self._pool.submit(lambda p: hashlib.sha256(p).digest(), part)
+            with self._pool_lock:
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, "gemma3-image-hash")
+                pool = self._pool
+            return PendingKey(self._head(image), [pool.submit(lambda p: hashlib.sha256(p).digest(), part)
                                                   for part in parts])
         return PendingKey(self._head(image), [hashlib.sha256(part).digest() for part in parts])
 
@@ -203,7 +206,8 @@ class FeatureCache:
 
     def close(self) -> None:
         """Stop the hashing threads (a later key starts them again)."""
-        pool, self._pool = self._pool, None
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
 
