@@ -188,9 +188,22 @@ async def one(client, url: str, req: dict, delay: float) -> dict:
                 prompt_tokens=usage["prompt_tokens"])
 
 
-def drive(url: str, reqs: list[dict], rate: float | None, rng) -> dict:
-    """Every request, Poisson arrivals at ``rate`` per second (None: all at once); client-side figures."""
+def compiles(url: str) -> dict[str, float]:
+    """The server's compile counters (/metrics), per step kind."""
     import httpx
+
+    r = httpx.get(url + "/metrics", timeout=30)
+    text = r.text if r.status_code == 200 else ""  # the peer has none
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r'^gemma3_compiles_total\{step="(\w+)"\} (\S+)$',
+                                                                text, re.M)}
+
+
+def drive(url: str, reqs: list[dict], rate: float | None, rng) -> dict:
+    """Every request, Poisson arrivals at ``rate`` per second (None: all at once); client-side figures, and the
+    step shapes the server compiled meanwhile (each stalls every stream; 0 for a warm figure)."""
+    import httpx
+
+    before = compiles(url)
 
     delays = np.zeros(len(reqs)) if rate is None else np.cumsum(rng.exponential(1 / rate, len(reqs)))
 
@@ -202,6 +215,8 @@ def drive(url: str, reqs: list[dict], rate: float | None, rng) -> dict:
             return got, time.perf_counter() - t0
 
     got, wall = asyncio.run(main())
+    after = compiles(url)
+    compiled = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
     errors = [g["error"] for g in got if "error" in g]
     ok = [g for g in got if "error" not in g]
     tokens = sum(g["tokens"] for g in ok)
@@ -212,7 +227,7 @@ def drive(url: str, reqs: list[dict], rate: float | None, rng) -> dict:
     return dict(rate=rate, requests=len(reqs), errors=errors[:5], failed=len(errors), output_tokens=tokens,
                 prompt_tokens=sum(g["prompt_tokens"] for g in ok), wall_s=wall, tok_per_s=tokens / wall,
                 ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), tpot_p50_ms=pct(tpot, 50),
-                tpot_p99_ms=pct(tpot, 99), itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99))
+                tpot_p99_ms=pct(tpot, 99), itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99), compiled=compiled)
 
 
 def offline(model: Path, reqs: list[dict], args) -> dict:
@@ -295,7 +310,7 @@ def main() -> int:
                         log(f"{rate:g} req/s: {r['tok_per_s']:.0f} tok/s, TTFT p50/p99 {r['ttft_p50_ms']:.0f}/"
                             f"{r['ttft_p99_ms']:.0f} ms, TPOT p50/p99 {r['tpot_p50_ms']:.2f}/{r['tpot_p99_ms']:.2f} "
                             f"ms, chunk gaps p50/p99 {r['itl_p50_ms']:.2f}/{r['itl_p99_ms']:.2f} ms, "
-                            f"{r['failed']} failed")
+                            f"{r['failed']} failed; compiled meanwhile {r['compiled'] or 'nothing'}")
                     save_json(path, res)
             if "burst" in sections:
                 with attempt(res, "burst http"):
@@ -303,7 +318,8 @@ def main() -> int:
                     # (2026-12-05 21:58: 1,226 tok/s cold against 2,089 warm) is not the server's overhead
                     drive(url, reqs[: args.burst], None, rng)
                     res["burst_http"] = drive(url, reqs[: args.burst], None, rng)
-                    log(f"burst of {args.burst} through HTTP: {res['burst_http']['tok_per_s']:.0f} tok/s")
+                    log(f"burst of {args.burst} through HTTP: {res['burst_http']['tok_per_s']:.0f} tok/s; compiled "
+                        f"meanwhile {res['burst_http']['compiled'] or 'nothing'}")
         finally:
             proc.terminate()
             res["server_exit"] = proc.wait(timeout=120)

@@ -196,6 +196,7 @@ def test_metrics_count_what_was_served(server, client):
     assert after["gemma3_max_slots"] == 4 and "gemma3_queued_requests" in after
     assert after['gemma3_time_to_first_token_seconds_bucket{le="+Inf"}'] == after[
         "gemma3_time_to_first_token_seconds_count"]
+    assert after['gemma3_compiles_total{step="decode"}'] >= 1  # compiled at start-up (warm_up) or since
 
 
 def start_server(model: Path, *flags: str):
