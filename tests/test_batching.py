@@ -147,6 +147,41 @@ def test_sampling_is_reproducible_per_request(model, solo):
     assert alone(solo, request([3, "img", 10], 21, new=16, params=params, seed=8)) != by_itself
 
 
+def test_sampled_rows_do_not_depend_on_each_other(monkeypatch):
+    """sample_rows draws a row from lax.top_k's first candidates when its top-k or nucleus fits in them, and sorts
+    the vocabulary only when some row's does not: a row's draw is the same alone, beside a row that forces the
+    sort, and with a cap as large as the vocabulary (the full sort's order); top_k 1 and a tiny top_p are greedy."""
+    from gemma3_jax.runtime import sampling
+
+    v, rng = 1000, np.random.default_rng(0)
+    peaked = rng.standard_normal(v) * 6  # a few candidates hold most of the mass
+    flat = rng.standard_normal(v) * 0.1  # a nucleus of 0.99 needs most of the vocabulary
+    rows = [(peaked, 1.0, 50, 0.9), (peaked, 0.7, 0, 0.5), (flat, 1.0, 0, 0.99), (flat, 0.8, 0, 1.0),
+            (peaked, 1.0, 1, 1.0), (peaked, 2.0, 0, 1e-6), (peaked, 0.0, 0, 1.0)]
+    draw = jax.jit(sampling.sample_rows)
+
+    def sample(which, seed):
+        logits = jnp.asarray(np.stack([rows[i][0] for i in which]), jnp.float32)
+        keys = jax.random.split(jax.random.key(seed), len(which))
+        t, k, p = (jnp.asarray([rows[i][j] for i in which]) for j in (1, 2, 3))
+        return np.asarray(draw(logits, keys, t.astype(jnp.float32), k.astype(jnp.int32), p.astype(jnp.float32)))
+
+    together = np.stack([sample(range(len(rows)), seed) for seed in range(40)])
+    assert len(set(together[:, 0])) > 1 and len(set(together[:, 3])) > 1  # sampled, not argmax
+    assert (together[:, 4] == peaked.argmax()).all() and (together[:, 5] == peaked.argmax()).all()
+    assert (together[:, 6] == peaked.argmax()).all()
+    for seed in range(40):
+        keys = jax.random.split(jax.random.key(seed), len(rows))
+        for i in (0, 1, 3):  # rows that fit: alone (no sort runs) as beside row 2 (which sorts)
+            logits = jnp.asarray(rows[i][0][None], jnp.float32)
+            alone = draw(logits, keys[i: i + 1], *(jnp.asarray([rows[i][j]], d) for j, d in
+                                                  ((1, jnp.float32), (2, jnp.int32), (3, jnp.float32))))
+            assert int(alone[0]) == together[seed, i], (seed, i)
+    monkeypatch.setattr(sampling, "TOP_CAP", v)  # candidates in the full sort's order
+    draw = jax.jit(sampling.sample_rows)
+    assert (np.stack([sample(range(len(rows)), seed) for seed in range(40)]) == together).all()
+
+
 def test_images_are_encoded_once(model, solo):
     """A multi-turn chat resends its image: the second request takes the cached features (and gets the same
     tokens as with a fresh encode); two copies of one image in a request are one encode."""

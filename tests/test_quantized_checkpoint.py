@@ -83,6 +83,21 @@ def _copy(out: Path, tmp: Path) -> Path:
 
 
 def test_damaged_or_unmarked_checkpoints_are_refused(src, tmp_path):
+    from safetensors.numpy import save_file
+
+    # a tensor the model has no place for: refused before anything is written
+    odd = _copy(src, tmp_path / "odd")
+    save_file({"model.language_model.layers.0.self_attn.rotary.weight": np.zeros(4, np.float32)},
+              str(odd / "extra.safetensors"))
+    index = odd / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"]["model.language_model.layers.0.self_attn.rotary.weight"] = "extra.safetensors"
+        index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="rotary.weight"):
+        quantize_checkpoint(odd, tmp_path / "odd_int8", "int8", progress=False)
+    assert not (tmp_path / "odd_int8").exists()
+
     out = quantize_checkpoint(src, tmp_path / "int8", "int8", progress=False)
     suffix = "layers.1.self_attn.q_proj.weight_scale"
     shard = next(f for f in sorted(out.glob("*.safetensors")) if any(k.endswith(suffix) for k in _header(f)[1]))

@@ -21,6 +21,7 @@ import numpy as np
 from gemma3_jax.model.kv_cache import cache_nbytes
 from gemma3_jax.model.config import Gemma3Config, param_bytes
 from gemma3_jax.model.kernels import platform
+from gemma3_jax.model.quant import check_mode
 from gemma3_jax.checkpoints.loading import checkpoint_files
 from gemma3_jax.preprocessing.processor import BOI, Processor, check_messages, render_chat
 from gemma3_jax.preprocessing.tokenizer import Tokenizer, read_json
@@ -41,6 +42,7 @@ def resolve_checkpoint(model: str | os.PathLike | None, progress: bool = True, q
         raise TypeError(f"model must be a path (str or os.PathLike) or None, got {type(model).__name__}")
     if model is not None and not str(model).strip():
         raise ValueError("the model path is empty")
+    check_mode(quantize)  # a bad mode is refused before a conversion
     if model is None or Path(model).suffix.lower() == ".gguf":
         int4 = jnp.dtype(dtype).name if quantize == "int4" else None
         return converted_checkpoint(model, progress=progress, int4_dtype=int4)

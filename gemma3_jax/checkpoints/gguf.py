@@ -412,6 +412,11 @@ def converted_checkpoint(gguf_path: str | os.PathLike | None, progress: bool = T
 
     Keyed by the file's sha256: the same file under two paths is converted once, a different file under the
     same name is converted anew."""
+    if int4_dtype is not None:
+        from gemma3_jax.checkpoints.quantized import DTYPES
+
+        if int4_dtype not in DTYPES:  # before the file is hashed
+            raise ValueError(f"dtype must be bfloat16 or float32, got {int4_dtype}")
     if gguf_path is None:
         pkg = _package()
         sha, source = pkg.EXPECTED_SHA256, packaged_gguf

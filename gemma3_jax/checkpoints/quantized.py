@@ -135,7 +135,7 @@ def _check(mode: str, dtype) -> np.dtype:
 def quantize_checkpoint(src: str | Path, out: str | Path, mode: str, dtype=jnp.bfloat16, progress: bool = True) -> Path:
     """Write ``src`` with its text product weights quantized (``mode``), each from the weight rounded to ``dtype``
     as ``load_pretrained(src, dtype, quantize=mode)`` quantizes it; returns ``out``, which must not exist."""
-    from gemma3_jax.checkpoints.loading import _LM_HEAD, _is_tied, quantized_weight  # loading reads them through here
+    from gemma3_jax.checkpoints.loading import _LM_HEAD, _is_tied, quantized_weight, target_of
 
     dt = _check(mode, dtype)
     src, out = Path(src), Path(out)
@@ -155,6 +155,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, mode: str, dtype=jnp.b
                 if not _is_tied(raw):
                     raise CheckpointError(f"{key!r}: untied lm_head is not supported (Gemma-3 ties it to the embedding)")
                 continue
+            target_of(key)  # an unknown tensor is refused here, before anything is written
             quantized = quantized_weight(key)
             entries.append((key, e, quantized))
             weight_map[key] = f.name

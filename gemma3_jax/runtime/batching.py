@@ -182,12 +182,11 @@ class FeatureCache:
         data = memoryview(image).cast("B") if image.size else memoryview(b"")
         parts = [data[i: i + _HASH_PIECE] for i in range(0, len(data), _HASH_PIECE)] or [data]
         if len(parts) > 1 and self._threads > 1:
-            with self._pool_lock:
+            with self._pool_lock:  # close() on another thread waits until these are queued
                 if self._pool is None:
                     self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, "gemma3-image-hash")
-                pool = self._pool
-            return PendingKey(self._head(image), [pool.submit(lambda p: hashlib.sha256(p).digest(), part)
-                                                  for part in parts])
+                return PendingKey(self._head(image), [self._pool.submit(lambda p: hashlib.sha256(p).digest(), part)
+                                                      for part in parts])
         return PendingKey(self._head(image), [hashlib.sha256(part).digest() for part in parts])
 
     def key(self, image: np.ndarray) -> bytes:
@@ -198,7 +197,7 @@ class FeatureCache:
         return fingerprint in self._prints
 
     def clear(self) -> None:
-        """Forget every image (the counters stay)."""
+        """Forget every image (the counters stay); only while the engine is not stepping (idle or stopped)."""
         self._items.clear()
         self._prints.clear()
         self._print_of.clear()
@@ -359,16 +358,21 @@ class BatchEngine:
         # token range, image count; nothing goes to the device here (the images do when their request is admitted)
         ids, _, _ = check_inputs(self.cfg, prompt[None], request.pixel_values, to_device=False)
         image_mask = ids[0] == self.cfg.image_token_id
+        with self._cond:
+            self._check_queue()  # before the images are hashed for a request that would be refused
         stream = Stream(self, -1, request, image_mask)
         with self._cond:
-            if self.max_queue is not None and len(self._queue) >= self.max_queue:
-                self.counters["refused"] += 1
-                raise QueueFull(f"{len(self._queue)} requests are already waiting for a slot (max_queue)")
+            self._check_queue()
             stream.id = next(self._ids)
             self._queue.append(stream)
             self.counters["submitted"] += 1
             self._cond.notify_all()
         return stream
+
+    def _check_queue(self) -> None:
+        if self.max_queue is not None and len(self._queue) >= self.max_queue:
+            self.counters["refused"] += 1
+            raise QueueFull(f"{len(self._queue)} requests are already waiting for a slot (max_queue)")
 
     def cancel(self, stream: Stream) -> None:
         """Stop a request: it leaves the queue or frees its slot at the next step boundary."""
@@ -628,7 +632,7 @@ class BatchEngine:
         the latest step time (a stream's tokens come a call at a time: this bounds the gaps a reader sees)."""
         if self.stream_s is None or self._step_s is None:
             return self.decode_steps
-        return max(1, min(self.decode_steps, int(self.stream_s / self._step_s)))
+        return max(1, min(self.decode_steps, int(min(self.stream_s / max(self._step_s, 1e-9), self.decode_steps))))
 
     def _deliver(self, call: _Call) -> None:
         """Read a dispatched call's tokens (waiting for it) and hand them to their streams."""

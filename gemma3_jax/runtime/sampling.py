@@ -67,24 +67,55 @@ def sample(logits: Float[Array, "B V"], key: Array, params: SamplingParams) -> I
     return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
+# Candidates a sampled row is drawn from without sorting the vocabulary: lax.top_k's first TOP_CAP. A row whose
+# top-k or nucleus fits in them (Gemma's default top_k 64 does) skips the full sort; plain temperature rows need none.
+TOP_CAP = 128
+
+
 def sample_rows(logits: Float[Array, "B V"], keys: Array, temperature: Float[Array, "B"], top_k: Int[Array, "B"],
                 top_p: Float[Array, "B"], greedy_only: bool = False) -> Int[Array, "B"]:
     """Next token per row with each row's own parameters as arrays (a batch of requests that each chose theirs),
     and each row's own key, so a row's draw does not depend on the others. ``greedy_only`` (static): every row is
-    greedy, and no row pays for the sort."""
+    greedy, and no row pays for the sort.
+
+    Gumbel-max draws: noise from the row's key over the vocabulary, by token id for plain temperature rows (no
+    top-k, no top-p: no sort at all), by rank among the candidates sorted by logit otherwise. The rank order is
+    lax.top_k's first ``TOP_CAP`` candidates when the row's candidates fit in them, and a full sort only when some
+    row's do not (a ``lax.cond``); either way a row's draw is the same whatever the other rows are."""
     logits = logits.astype(jnp.float32)
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy_only:
         return best
+    v = logits.shape[-1]
     greedy = temperature < MIN_TEMPERATURE
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
-    idx = jnp.argsort(-scaled, axis=-1)
-    vals = jnp.take_along_axis(scaled, idx, axis=-1)
-    rank = jnp.arange(vals.shape[-1])[None, :]
-    vals = jnp.where((top_k[:, None] == 0) | (rank < top_k[:, None]), vals, -jnp.inf)
-    probs = jax.nn.softmax(vals, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    vals = jnp.where((before < top_p[:, None]) | (rank == 0), vals, -jnp.inf)
-    choice = jax.vmap(lambda k, v: jax.random.categorical(k, v))(keys, vals)
-    drawn = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)  # [B, V]
+    plain = (top_k == 0) & (top_p >= 1.0)
+    plain_draw = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
+    everything = jax.nn.logsumexp(scaled, axis=-1)  # a top_k == 0 row's probabilities are over the vocabulary
+
+    def ranked_draw(vals, idx):
+        """The draw among candidates ``vals`` sorted descending (token ids ``idx``), and each row's kept mass."""
+        rank = jnp.arange(vals.shape[-1])[None, :]
+        vals = jnp.where((top_k[:, None] == 0) | (rank < top_k[:, None]), vals, -jnp.inf)
+        z = jnp.where(top_k > 0, jax.nn.logsumexp(vals, axis=-1), everything)
+        probs = jnp.exp(vals - z[:, None])
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each candidate
+        vals = jnp.where((before < top_p[:, None]) | (rank == 0), vals, -jnp.inf)
+        choice = jnp.argmax(vals + noise[:, : vals.shape[-1]], axis=-1)
+        return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32), probs.sum(-1)
+
+    cap = min(TOP_CAP, v)
+    vals, idx = jax.lax.top_k(scaled, cap)  # sorted descending; ties: the lower id first, as a stable sort
+    capped_draw, mass = ranked_draw(vals, idx)
+    # the candidates fit: top-k within the cap, or (top_k 0) the cap's mass already reaches top_p
+    fits = ((top_k > 0) & (top_k <= cap)) | ((top_k == 0) & (mass >= top_p))
+    sort = jnp.any(~greedy & ~plain & ~fits)
+
+    def full():
+        order = jnp.argsort(-scaled, axis=-1)
+        return ranked_draw(jnp.take_along_axis(scaled, order, axis=-1), order)[0]
+
+    full_draw = jax.lax.cond(sort, full, lambda: jnp.zeros_like(best))
+    drawn = jnp.where(plain, plain_draw, jnp.where(fits, capped_draw, full_draw))
     return jnp.where(greedy, best, drawn)
