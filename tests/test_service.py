@@ -189,3 +189,18 @@ def test_service_runs_without_torch(ckpts, generator):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     want = generator.generate("What is it?", images=[ckpts["images"][:1]], max_new_tokens=NEW, temperature=0)
     assert proc.stdout.strip() == repr(want.texts[0])
+
+
+def test_warm_up_compiles_greedy_and_sampled_steps(ckpts):
+    """After warm_up, a short greedy or sampled request compiles nothing (OpenAI clients sample by default: a
+    sampled step compiled on first use would stall every stream while it compiles)."""
+    with Service.from_pretrained(ckpts["it"], **dict(SETTINGS, max_batch=2, cache_length=64)) as s:
+        s.warm_up()
+        compiled = {k: v for k, v in s.engine.counters.items() if k.startswith("compiles_")}
+        assert compiled.get("compiles_decode") == 2  # greedy and sampled
+        for temperature in (0.0, 1.0):
+            first = s.submit(token_ids=[2, 2], max_new_tokens=6, temperature=temperature)
+            next(iter(first))
+            second = s.submit(token_ids=[2, 2], max_new_tokens=2, temperature=temperature)
+            first.result(), second.result()
+        assert {k: v for k, v in s.engine.counters.items() if k.startswith("compiles_")} == compiled

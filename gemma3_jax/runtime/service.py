@@ -31,6 +31,7 @@ from gemma3_jax.preprocessing.tokenizer import StreamDecoder
 from gemma3_jax.runtime.batching import BatchEngine, Request, Stream
 from gemma3_jax.runtime.compile_cache import enable_compilation_cache
 from gemma3_jax.runtime.engine import STREAM_CHUNK_S
+from gemma3_jax.runtime.sampling import SamplingParams
 from gemma3_jax.runtime.generator import first_stop, print_plan, resolve_dtype
 
 
@@ -215,13 +216,15 @@ class Service:
 
     def warm_up(self) -> None:
         """Compile the shortest prompt's prefill, a chunk beside a decoding slot (a mixed step) and the decode
-        steps now, so the first requests do not wait (longer chunks compile when first used)."""
+        steps now, greedy and sampled (each compiles apart: greedy steps skip the sampling), so the first requests
+        do not wait (longer chunks compile when first used)."""
         bos = self.checkpoint.tokenizer.bos_id
-        first = self.engine.submit(Request([bos, bos], max_new_tokens=8, stop_ids=()))
-        next(iter(first))  # decoding
-        second = self.engine.submit(Request([bos, bos], max_new_tokens=2, stop_ids=()))
-        first.result()
-        second.result()
+        for params in (SamplingParams(), SamplingParams(temperature=1.0)):
+            first = self.engine.submit(Request([bos, bos], max_new_tokens=8, params=params, stop_ids=()))
+            next(iter(first))  # decoding
+            second = self.engine.submit(Request([bos, bos], max_new_tokens=2, params=params, stop_ids=()))
+            first.result()
+            second.result()
 
     def stats(self) -> dict:
         return dict(self.engine.stats(), model=self.checkpoint.name, uptime_s=time.time() - self.started)
