@@ -216,9 +216,9 @@ def test_images_alike_in_their_fingerprint_are_told_apart(model, solo, monkeypat
     """A fingerprint reads a sample of an image's values: two images that differ only between the samples share
     one and are still encoded apart (their keys decide), within one call and across calls. A new image goes to the
     vision tower before its key is read."""
-    from gemma3_jax.runtime import batching
+    from gemma3_jax.runtime import features
 
-    monkeypatch.setattr(batching, "_PRINT_VALUES", 64)  # every 36th value of a tiny image
+    monkeypatch.setattr(features, "_PRINT_VALUES", 64)  # every 36th value of a tiny image
     a = request([5, "img", 20], 11)
     px = a.pixel_values.copy()
     px.reshape(-1)[1] += 1.0
