@@ -241,8 +241,8 @@ def load_pretrained(path: str | Path, dtype=jnp.bfloat16, attention: str | Kerne
             if not tied:
                 raise CheckpointError(f"{key!r}: untied lm_head is not supported (Gemma-3 ties it to the embedding)")
             continue
-        if stored and key.endswith(qfile.SCALE) and key[: -len(qfile.SCALE)] in by_key and \
-                quantized_weight(key[: -len(qfile.SCALE)]):
+        weight = key.removesuffix(qfile.SCALE)
+        if stored and weight != key and weight in by_key and quantized_weight(weight):
             continue  # read with its weight
         target = target_of(key)
         if target is None:

@@ -389,24 +389,22 @@ class BatchEngine:
         todo: list[tuple[PendingKey, bytes, np.ndarray]] = []  # images to encode: key, fingerprint, pixels
         new_prints: dict[bytes, list[int]] = {}  # fingerprint -> their indexes in todo
         refs: list[list[int | jax.Array]] = []  # per stream, each image's index in todo or its cached features
+        def encode(pending: PendingKey, fp: bytes, image: np.ndarray) -> int:
+            new_prints.setdefault(fp, []).append(len(todo))
+            todo.append((pending, fp, image))
+            return len(todo) - 1
+
         for s in streams:
             out: list[int | jax.Array] = []
             for fp, pending, image in zip(s._image_prints, s._image_keys, s._images):
                 if not fc.may_hold(fp) and fp not in new_prints:
-                    new_prints[fp] = [len(todo)]
-                    out.append(len(todo))
-                    todo.append((pending, fp, image))
+                    out.append(encode(pending, fp, image))
                     continue
                 key = pending.result()
                 feats = fc.get(key)
                 if feats is None:
                     same = [j for j in new_prints.get(fp, []) if todo[j][0].result() == key]
-                    if same:
-                        out.append(same[0])
-                        continue
-                    new_prints.setdefault(fp, []).append(len(todo))
-                    out.append(len(todo))
-                    todo.append((pending, fp, image))
+                    out.append(same[0] if same else encode(pending, fp, image))
                 else:
                     out.append(feats)
             refs.append(out)
@@ -523,7 +521,7 @@ class BatchEngine:
         the latest step time (a stream's tokens come a call at a time: this bounds the gaps a reader sees)."""
         if self.stream_s is None or self._step_s is None:
             return self.decode_steps
-        return max(1, min(self.decode_steps, int(min(self.stream_s / max(self._step_s, 1e-9), self.decode_steps))))
+        return max(1, int(min(self.stream_s / max(self._step_s, 1e-9), self.decode_steps)))
 
     def _deliver(self, call: _Call) -> None:
         """Read a dispatched call's tokens (waiting for it) and hand them to their streams."""
