@@ -27,11 +27,14 @@ so each token of a delivery is counted at (delivery gap / tokens delivered).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import gzip
+import io
 import json
 import math
 import os
+import pstats
 import re
 import statistics
 import sys
@@ -138,6 +141,13 @@ def make_engine(model, args, cache_length: int, record_calls: bool = False) -> B
                        step_tokens=args.step_tokens, record_calls=record_calls, verbose=True)
 
 
+def profile_text(profiler: cProfile.Profile, order: str, lines: int) -> str:
+    """A cProfile run's top ``lines`` functions by ``order``, as pstats prints them."""
+    buf = io.StringIO()
+    pstats.Stats(profiler, stream=buf).sort_stats(order).print_stats(lines)
+    return buf.getvalue()
+
+
 def call_breakdown(calls: list[dict]) -> dict:
     """Where a run's wall time went, from ``BatchEngine.calls``: per kind and shape of call, how many, the host's
     dispatch time, and the device time estimated as (this call ready) - (previous call ready or this call
@@ -201,20 +211,15 @@ def section_offline(model, cfg, args, res, rng):
     eng.calls.clear()
     profiler = None
     if args.host_profile:  # where the host's time goes (Python functions; a compiled call is one builtin)
-        import cProfile
         profiler = cProfile.Profile()
         profiler.enable()
     # a profiler trace slows every later call of the process (mixed calls 10 -> 19 ms on the H100), so it is
     # opt-in, and the run's throughput is then not the figure to report
     r = serve(eng, reqs, trace=(300, 60) if args.offline_trace and not args.small else None)
     if profiler is not None:
-        import io
-        import pstats
         profiler.disable()
         for order in ("tottime", "cumulative"):
-            buf = io.StringIO()
-            pstats.Stats(profiler, stream=buf).sort_stats(order).print_stats(30)
-            log(f"host profile by {order}:\n" + buf.getvalue()[-9000:])
+            log(f"host profile by {order}:\n" + profile_text(profiler, order, 30)[-9000:])
     r["cache_length"], r["cache_gib"] = length, eng.cache_bytes / 2**30
     r["calls"] = call_breakdown(eng.calls)
     save_gz("offline_calls.json.gz", json.dumps(eng.calls))  # every call's record, for a timeline
@@ -345,9 +350,6 @@ def section_ttft(model, cfg, args, res, rng, spec):
         a, b = ours.get(name, {}), theirs.get(name, {})
         log(f"    {a.get('us_per_step', 0):9.1f} x{a.get('calls_per_step', 0):4.0f} | {b.get('us_per_step', 0):9.1f} "
             f"x{b.get('calls_per_step', 0):4.0f}  {name[:90]}")
-    import cProfile
-    import io
-    import pstats
     eng.features.clear()  # where the host's time goes over one lone request (after the timed runs: it slows them)
     profiler = cProfile.Profile()
     profiler.enable()
@@ -356,9 +358,7 @@ def section_ttft(model, cfg, args, res, rng, spec):
         eng.step()
     profiler.disable()
     eng.run()
-    buf = io.StringIO()
-    pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
-    log("lone request host profile by tottime:\n" + buf.getvalue()[-6000:])
+    log("lone request host profile by tottime:\n" + profile_text(profiler, "tottime", 25)[-6000:])
     k = res["ttft"]["traced"]["kernels"]
     log(f"lone {n}-token 1-image prompt: TTFT {res['ttft']['ttft_ms']:.2f} ms read on another thread (min "
         f"{res['ttft']['ttft_min_ms']:.2f}; stepped here: handed over at {res['ttft']['first_token_at_ms']:.2f} ms; "
