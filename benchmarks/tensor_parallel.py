@@ -54,13 +54,15 @@ def prompt_and_steps_logits(m, ids, px, steps: int = 12):
                                 for i, (b, kv) in enumerate(zip(bufs, kvs))) for j, bufs in
                           enumerate((cache.k, cache.v))), length)
     cache = shard_cache(cache, m.kernels.mesh)
-    token = jnp.argmax(logits[0][-1])[None]
-    for _ in range(steps):
+
+    def step(carry, _):  # a scan, not a Python loop: one decode step to compile, not ``steps`` of them
+        token, cache = carry
         h, cache = m.text.decode_step(m.text.embed_tokens(token[:, None]), cache)
-        step = m.text.logits(h)[0, 0]
-        logits.append(step[None])
-        token = jnp.argmax(step)[None]
-    return jnp.concatenate(logits)
+        out = m.text.logits(h)[0, 0]
+        return (jnp.argmax(out)[None], cache), out
+
+    _, steps_logits = jax.lax.scan(step, (jnp.argmax(logits[0][-1])[None], cache), None, length=steps)
+    return jnp.concatenate([logits[0], steps_logits])
 
 
 def tiny_logits(n: int) -> float:
