@@ -182,6 +182,24 @@ def test_sampled_rows_do_not_depend_on_each_other(monkeypatch):
     assert (np.stack([sample(range(len(rows)), seed) for seed in range(40)]) == together).all()
 
 
+def test_top_k_by_blocks_equals_lax_top_k():
+    """sampling.top_k_by_blocks looks only in the blocks with the largest maxima, and gives lax.top_k's values and ids, ties
+    (many here: small integers) in its order, -inf entries and a last block of padding included."""
+    from gemma3_jax.runtime import sampling
+
+    rng = np.random.default_rng(0)
+    for v, k, block in ((1000, 7, 8), (1000, 40, 4), (997, 16, 16), (4099, 128, 8), (300, 5, 64)):
+        x = rng.integers(-20, 20, (6, v)).astype(np.float32)
+        x[1] = -np.inf
+        x[2, ::3] = -np.inf
+        x[3, :] = 5.0
+        x[4, -3:] = 100.0  # the best values in the padded last block
+        want = jax.lax.top_k(jnp.asarray(x), k)
+        got = jax.jit(sampling.top_k_by_blocks, static_argnums=(1, 2))(jnp.asarray(x), k, block)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
 def test_images_are_encoded_once(model, solo):
     """A multi-turn chat resends its image: the second request takes the cached features (and gets the same
     tokens as with a fresh encode); two copies of one image in a request are one encode."""

@@ -55,7 +55,7 @@ def sample(logits: Float[Array, "B V"], key: Array, params: SamplingParams) -> I
     logits = logits / params.temperature
     if params.top_k:
         k = min(params.top_k, logits.shape[-1])
-        vals, idx = jax.lax.top_k(logits, k)  # sorted, descending
+        vals, idx = top_k_by_blocks(logits, k)  # sorted, descending
     else:
         idx = jnp.argsort(-logits, axis=-1)
         vals = jnp.take_along_axis(logits, idx, axis=-1)
@@ -67,9 +67,37 @@ def sample(logits: Float[Array, "B V"], key: Array, params: SamplingParams) -> I
     return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-# Candidates a sampled row is drawn from without sorting the vocabulary: lax.top_k's first TOP_CAP. A row whose
-# top-k or nucleus fits in them (Gemma's default top_k 64 does) skips the full sort; plain temperature rows need none.
+# Candidates a sampled row is drawn from without sorting the vocabulary: the first TOP_CAP of ``top_k_by_blocks``. A
+# row whose top-k or nucleus fits in them (Gemma's default top_k 64 does) skips the full sort; plain temperature rows
+# need none.
 TOP_CAP = 128
+# ``top_k_by_blocks`` looks for the k largest values only in the k blocks of this many with the largest maxima.
+TOP_K_BLOCK = 64
+
+
+def top_k_by_blocks(x: Float[Array, "B V"], k: int,
+                    block: int | None = None) -> tuple[Float[Array, "B k"], Int[Array, "B k"]]:
+    """``lax.top_k(x, k)`` (the k largest values per row, descending, ties by lower index first), equal to it value
+    for value and index for index, but sorting ~2k blocks' maxima and k x ``block`` candidates instead of the row:
+    on a GPU lax.top_k sorts the whole row once k is past its small-k kernel, which costs as much as a decode step
+    (docs/benchmarks.md).
+
+    Exact: a value ranked r < k lies in a block that at most r blocks outrank (each block ranked above it holds its
+    own value ranked above that one), so the k best blocks by (maximum, lower index) hold all k best values; taken
+    in index order, their candidates keep lax.top_k's tie order."""
+    b, v = x.shape
+    block = TOP_K_BLOCK if block is None else block
+    blocks = -(-v // block)
+    if blocks <= 2 * k:  # a small row: lax.top_k's own sort is as cheap
+        return jax.lax.top_k(x, k)
+    padded = jnp.pad(x, ((0, 0), (0, blocks * block - v)), constant_values=-jnp.inf)  # pads outrank nothing: ids >= v
+    tiles = padded.reshape(b, blocks, block)
+    _, best = jax.lax.top_k(jnp.max(tiles, axis=-1), k)
+    best = jnp.sort(best, axis=-1)  # index order, so candidate order is token order
+    cand = jnp.take_along_axis(tiles, best[:, :, None], axis=1).reshape(b, k * block)
+    ids = (best[:, :, None] * block + jnp.arange(block, dtype=best.dtype)).reshape(b, k * block)
+    vals, pos = jax.lax.top_k(cand, k)
+    return vals, jnp.take_along_axis(ids, pos, axis=-1)
 
 
 def sample_rows(logits: Float[Array, "B V"], keys: Array, temperature: Float[Array, "B"], top_k: Int[Array, "B"],
@@ -80,8 +108,8 @@ def sample_rows(logits: Float[Array, "B V"], keys: Array, temperature: Float[Arr
 
     Gumbel-max draws: noise from the row's key over the vocabulary, by token id for plain temperature rows (no
     top-k, no top-p: no sort at all), by rank among the candidates sorted by logit otherwise. The rank order is
-    lax.top_k's first ``TOP_CAP`` candidates when the row's candidates fit in them, and a full sort only when some
-    row's do not (a ``lax.cond``); either way a row's draw is the same whatever the other rows are."""
+    ``top_k_by_blocks``'s first ``TOP_CAP`` candidates when the row's candidates fit in them, and a full sort only
+    when some row's do not (a ``lax.cond``); either way a row's draw is the same whatever the other rows are."""
     logits = logits.astype(jnp.float32)
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy_only:
@@ -106,16 +134,21 @@ def sample_rows(logits: Float[Array, "B V"], keys: Array, temperature: Float[Arr
         return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32), probs.sum(-1)
 
     cap = min(TOP_CAP, v)
-    vals, idx = jax.lax.top_k(scaled, cap)  # sorted descending; ties: the lower id first, as a stable sort
-    capped_draw, mass = ranked_draw(vals, idx)
-    # the candidates fit: top-k within the cap, or (top_k 0) the cap's mass already reaches top_p
-    fits = ((top_k > 0) & (top_k <= cap)) | ((top_k == 0) & (mass >= top_p))
-    sort = jnp.any(~greedy & ~plain & ~fits)
 
-    def full():
-        order = jnp.argsort(-scaled, axis=-1)
-        return ranked_draw(jnp.take_along_axis(scaled, order, axis=-1), order)[0]
+    def ranked():
+        """Draws of the top-k / top-p rows: among the first ``cap`` candidates where they fit, else after a sort."""
+        vals, idx = top_k_by_blocks(scaled, cap)  # sorted descending; ties: the lower id first, as a stable sort
+        capped_draw, mass = ranked_draw(vals, idx)
+        # the candidates fit: top-k within the cap, or (top_k 0) the cap's mass already reaches top_p
+        fits = ((top_k > 0) & (top_k <= cap)) | ((top_k == 0) & (mass >= top_p))
 
-    full_draw = jax.lax.cond(sort, full, lambda: jnp.zeros_like(best))
-    drawn = jnp.where(plain, plain_draw, jnp.where(fits, capped_draw, full_draw))
-    return jnp.where(greedy, best, drawn)
+        def full():
+            order = jnp.argsort(-scaled, axis=-1)
+            return ranked_draw(jnp.take_along_axis(scaled, order, axis=-1), order)[0]
+
+        full_draw = jax.lax.cond(jnp.any(~greedy & ~plain & ~fits), full, lambda: jnp.zeros_like(best))
+        return jnp.where(fits, capped_draw, full_draw)
+
+    # greedy and plain temperature rows alone need no candidates (a server's requests often are)
+    ranked_draws = jax.lax.cond(jnp.any(~greedy & ~plain), ranked, lambda: jnp.zeros_like(best))
+    return jnp.where(greedy, best, jnp.where(plain, plain_draw, ranked_draws))
