@@ -290,8 +290,8 @@ def decode_section(cfg, small: bool, model, modes=DECODE_MODES, options=("defaul
                     if "kernels" in r:
                         log_kernels(r["kernels"])
                         log(f"  host time per call (dispatch of {chunk} steps): {r['host_ms_per_call']:.2f} ms")
-                        for name, body in r["fusions"].items():
-                            log(f"  {name}:\n      " + "\n      ".join(body))
+                        for fusion, body in r["fusions"].items():  # not ``name``: the case's, used next mode
+                            log(f"  {fusion}:\n      " + "\n      ".join(body))
                 save()
         del cache0
 

@@ -103,7 +103,8 @@ def start_peer(model: Path, args) -> tuple[subprocess.Popen, str]:
     exe = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
     cmd = [exe, "serve", str(model), "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32" if args.small else "bfloat16", "--log-level", "warning"]
-    log_file = tempfile.TemporaryFile(mode="w+")
+    kept = out_path("peer_server.log")  # beside the JSON, so a peer that stalls can be read afterwards
+    log_file = open(kept, "w+") if kept else tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed with proc)
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     url = f"http://127.0.0.1:{port}"
@@ -129,8 +130,10 @@ def peer_section(model: Path, reqs: list[dict], args, rng, res: dict) -> None:
     text = [dict(route=r["route"], body=dict(r["body"], model=str(model), temperature=0.0))
             for r in reqs if r["route"] == "/v1/completions"][: args.peer_requests]
     proc, url = start_peer(model, args)
+    log(f"transformers serve up at {url}")
     try:
         drive(url, text[:2], None, rng)  # loads and warms up
+        log("transformers serve warmed up")
         res["peer"] = drive(url, text, None, rng)
     finally:
         proc.terminate()
