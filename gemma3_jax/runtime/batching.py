@@ -138,7 +138,7 @@ class _Call:
     rows: list[tuple[Stream, bool]] = dataclasses.field(default_factory=list)  # prefill rows, whether the prompt ended
     first: jax.Array | None = None  # [B] each prefill row's first token
     prompt_tokens: int = 0  # prompt tokens a prefill or mixed call carries (of rows x padded tokens)
-    dispatched: float = 0.0  # time.perf_counter() when the call was queued
+    dispatched: float = 0.0  # time.perf_counter() when the call was entered
     record: dict | None = None  # this call's entry in ``BatchEngine.calls`` when calls are recorded
 
 
@@ -511,10 +511,13 @@ class BatchEngine:
         flags[[2 + s._slot for s in decoding]] = 1
         args = (tw.flat, self.cache, self.state, jnp.asarray(flags))
         fn = self._compile("decode", decode, args, greedy_only, donate=(1, 2))
+        # the device may start as soon as the call is entered, and JAX may return only after enqueueing every
+        # kernel: the time before the call keeps the step-time estimate (stream_s) from running short
+        dispatched = time.perf_counter()
         self.cache, self.state, tokens, produced = fn(*args)
         with self._cond:
             self.counters["decode_calls"] += 1
-        return _Call([(s, s._slot) for s in decoding], tokens, produced, dispatched=time.perf_counter())
+        return _Call([(s, s._slot) for s in decoding], tokens, produced, dispatched=dispatched)
 
     def _decode_limit(self) -> int:
         """Steps of the next decode call: ``decode_steps``, or with ``stream_s`` as many as take about that long at
