@@ -191,14 +191,18 @@ async def one(client, url: str, req: dict, delay: float) -> dict:
                 prompt_tokens=usage["prompt_tokens"])
 
 
-def compiles(url: str) -> dict[str, float]:
-    """The server's compile counters (/metrics), per step kind."""
+def server_counters(url: str) -> dict[str, float]:
+    """The server's compile counters per step kind ("compiles:<kind>") and its engine's delivery-gap histogram
+    ("gaps_le:<bound>", cumulative) from /metrics; empty for a server without them (the peer)."""
     import httpx
 
     r = httpx.get(url + "/metrics", timeout=30)
-    text = r.text if r.status_code == 200 else ""  # the peer has none
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r'^gemma3_compiles_total\{step="(\w+)"\} (\S+)$',
-                                                                text, re.M)}
+    text = r.text if r.status_code == 200 else ""
+    got = {f"compiles:{m.group(1)}": float(m.group(2))
+           for m in re.finditer(r'^gemma3_compiles_total\{step="(\w+)"\} (\S+)$', text, re.M)}
+    got.update({f"gaps_le:{m.group(1)}": float(m.group(2)) for m in
+                re.finditer(r'^gemma3_engine_delivery_gap_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)})
+    return got
 
 
 def drive(url: str, reqs: list[dict], rate: float | None, rng) -> dict:
@@ -206,7 +210,7 @@ def drive(url: str, reqs: list[dict], rate: float | None, rng) -> dict:
     step shapes the server compiled meanwhile (each stalls every stream; 0 for a warm figure)."""
     import httpx
 
-    before = compiles(url)
+    before = server_counters(url)
 
     delays = np.zeros(len(reqs)) if rate is None else np.cumsum(rng.exponential(1 / rate, len(reqs)))
 
@@ -218,8 +222,11 @@ def drive(url: str, reqs: list[dict], rate: float | None, rng) -> dict:
             return got, time.perf_counter() - t0
 
     got, wall = asyncio.run(main())
-    after = compiles(url)
-    compiled = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    after = server_counters(url)
+    delta = {k: v - before.get(k, 0) for k, v in after.items()}
+    compiled = {k.split(":")[1]: v for k, v in delta.items() if k.startswith("compiles:") and v}
+    # how many chunk gaps over 0.2 s the engine made itself (the client's beyond those come from the HTTP side)
+    engine_long = delta["gaps_le:+Inf"] - delta["gaps_le:0.2"] if "gaps_le:0.2" in delta else None
     errors = [g["error"] for g in got if "error" in g]
     ok = [g for g in got if "error" not in g]
     tokens = sum(g["tokens"] for g in ok)
@@ -230,7 +237,9 @@ def drive(url: str, reqs: list[dict], rate: float | None, rng) -> dict:
     return dict(rate=rate, requests=len(reqs), errors=errors[:5], failed=len(errors), output_tokens=tokens,
                 prompt_tokens=sum(g["prompt_tokens"] for g in ok), wall_s=wall, tok_per_s=tokens / wall,
                 ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), tpot_p50_ms=pct(tpot, 50),
-                tpot_p99_ms=pct(tpot, 99), itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99), compiled=compiled)
+                tpot_p99_ms=pct(tpot, 99), itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99), compiled=compiled,
+                gaps_over_200ms=sum(g > 0.2 for g in itl), engine_gaps_over_200ms=engine_long,
+                engine_gaps=delta.get("gaps_le:+Inf"))
 
 
 def offline(model: Path, reqs: list[dict], args) -> dict:
@@ -313,7 +322,9 @@ def main() -> int:
                         log(f"{rate:g} req/s: {r['tok_per_s']:.0f} tok/s, TTFT p50/p99 {r['ttft_p50_ms']:.0f}/"
                             f"{r['ttft_p99_ms']:.0f} ms, TPOT p50/p99 {r['tpot_p50_ms']:.2f}/{r['tpot_p99_ms']:.2f} "
                             f"ms, chunk gaps p50/p99 {r['itl_p50_ms']:.2f}/{r['itl_p99_ms']:.2f} ms, "
-                            f"{r['failed']} failed; compiled meanwhile {r['compiled'] or 'nothing'}")
+                            f"{r['failed']} failed; compiled meanwhile {r['compiled'] or 'nothing'}; gaps over "
+                            f"0.2 s: {r['gaps_over_200ms']} seen by clients, {r['engine_gaps_over_200ms']} of "
+                            f"{r['engine_gaps']} made by the engine")
                     save_json(path, res)
             if "burst" in sections:
                 with attempt(res, "burst http"):
@@ -321,8 +332,10 @@ def main() -> int:
                     # (2026-12-05 21:58: 1,226 tok/s cold against 2,089 warm) is not the server's overhead
                     drive(url, reqs[: args.burst], None, rng)
                     res["burst_http"] = drive(url, reqs[: args.burst], None, rng)
-                    log(f"burst of {args.burst} through HTTP: {res['burst_http']['tok_per_s']:.0f} tok/s; compiled "
-                        f"meanwhile {res['burst_http']['compiled'] or 'nothing'}")
+                    b = res["burst_http"]
+                    log(f"burst of {args.burst} through HTTP: {b['tok_per_s']:.0f} tok/s; compiled meanwhile "
+                        f"{b['compiled'] or 'nothing'}; gaps over 0.2 s: {b['gaps_over_200ms']} seen by clients, "
+                        f"{b['engine_gaps_over_200ms']} of {b['engine_gaps']} made by the engine")
         finally:
             proc.terminate()
             res["server_exit"] = proc.wait(timeout=120)

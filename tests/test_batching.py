@@ -90,6 +90,9 @@ def test_batched_equals_alone_and_the_static_engine(model, solo):
     assert stats["active_slots"] == 0 and stats["queued"] == 0
     assert stats["length"] == 5 and stats["cancelled"] == 1
     assert stats["mixed_calls"] > 0 and stats["decode_calls"] > 0  # chunks rode on decode steps and ran alone
+    gaps = stats["delivery_gaps"]  # one per delivery to decoding streams after the first of a run of them
+    assert len(gaps["counts"]) == len(gaps["bounds"]) + 1 and 0 < sum(gaps["counts"]) < stats["decode_calls"] + stats[
+        "mixed_calls"] and gaps["sum"] > 0
 
 
 def test_stream_s_bounds_a_decode_call(model, solo):

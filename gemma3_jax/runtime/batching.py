@@ -39,6 +39,7 @@ from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams
 from gemma3_jax.runtime.slots import SlotState, SlotSteps, pack_rows, unpack_rows
 
 FINISH_REASONS = ("stop", "length", "cancelled")
+GAP_BOUNDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)  # seconds: the buckets of ``BatchEngine.delivery_gaps``
 
 
 class QueueFull(RuntimeError):
@@ -201,6 +202,11 @@ class BatchEngine:
         self._pending: _Call | None = None  # the last dispatched call, its tokens not yet read
         self.counters = collections.Counter()
         self._window: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)  # (time, decode tokens)
+        # gaps between consecutive deliveries to decoding streams: a stream's chunk gaps as the engine makes them
+        # (a server's own gaps beyond these are its HTTP layer's)
+        self.delivery_gaps = [0] * (len(GAP_BOUNDS) + 1)
+        self._gap_sum = 0.0
+        self._last_delivery: float | None = None
         # with record_calls, one dict per dispatched call (kind, shape, host times): where a benchmark's time went
         self.calls: list[dict] | None = [] if record_calls else None
         if verbose:
@@ -558,6 +564,11 @@ class BatchEngine:
                 self.counters["decode_tokens"] += total
                 self.counters["decode_steps"] += int(produced.max(initial=0))
                 self._window.append((time.perf_counter(), total))
+                if self._last_delivery is not None and call.decoding:
+                    gap = now - self._last_delivery
+                    self.delivery_gaps[next((i for i, b in enumerate(GAP_BOUNDS) if gap <= b), len(GAP_BOUNDS))] += 1
+                    self._gap_sum += gap
+            self._last_delivery = now if tokens is not None and call.decoding else None
             self._cond.notify_all()
 
     def _push(self, stream: Stream, tokens: list[int]) -> None:
@@ -624,6 +635,7 @@ class BatchEngine:
         return dict(queued=len(self._queue), active_slots=len(active), max_batch=self.max_batch,
                     cache_positions_held=held, cache_positions=self.max_batch * self.cache_length,
                     cache_bytes=self.cache_bytes, decode_tok_per_s=rate,
+                    delivery_gaps=dict(bounds=GAP_BOUNDS, counts=list(self.delivery_gaps), sum=self._gap_sum),
                     feature_cache=dict(bytes=self.features.nbytes, hits=self.features.hits,
                                        encodes=self.features.encodes),
                     **dict(self.counters))

@@ -213,13 +213,20 @@ class Metrics:
                 for k, v in sorted(stats.items()) if k.startswith("compiles_")]
         for name, bounds, what in (("ttft", self.TTFT, "time_to_first_token_seconds"),
                                    ("itl", self.ITL, "inter_token_seconds")):
-            out.append(f"# TYPE gemma3_{what} histogram")
-            total = 0
-            for b, n in zip([*bounds, "+Inf"], self.hist[name]):
-                total += n
-                out.append(f'gemma3_{what}_bucket{{le="{b}"}} {total}')
-            out += [f"gemma3_{what}_sum {self.sums[name]}", f"gemma3_{what}_count {total}"]
+            out += _histogram(f"gemma3_{what}", bounds, self.hist[name], self.sums[name])
+        # the engine's own gaps between deliveries to decoding streams (what the HTTP layer adds is the rest)
+        gaps = stats["delivery_gaps"]
+        out += _histogram("gemma3_engine_delivery_gap_seconds", gaps["bounds"], gaps["counts"], gaps["sum"])
         return "\n".join(out) + "\n"
+
+
+def _histogram(name: str, bounds, counts, total_sum: float) -> list[str]:
+    """Prometheus histogram lines from per-bucket counts (the last bucket: above every bound)."""
+    out, total = [f"# TYPE {name} histogram"], 0
+    for b, n in zip([*bounds, "+Inf"], counts):
+        total += n
+        out.append(f'{name}_bucket{{le="{b}"}} {total}')
+    return out + [f"{name}_sum {total_sum}", f"{name}_count {total}"]
 
 
 class _CountResponses:
