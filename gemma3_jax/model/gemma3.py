@@ -99,9 +99,10 @@ def check_inputs(cfg: Gemma3Config, input_ids, pixel_values=None, attention_mask
                 f"(id {cfg.image_token_id}) in input_ids, found {n_image_tokens}"
             )
         # Sent in their own float dtype; the vision tower casts them to the model's dtype on the device, because a
-        # host (numpy) cast costs more than the transfer itself.
+        # host (numpy) cast costs more than the transfer itself. device_put returns while the copy runs (jnp.asarray
+        # held the caller ~10x longer for a 896x896 image on the GPU host: docs/benchmarks.md).
         if to_device:
-            pixel_values = jnp.asarray(pixel_values)
+            pixel_values = jax.device_put(pixel_values)
     elif n_image_tokens:
         raise ValueError(f"input_ids hold {n_image_tokens} image tokens (id {cfg.image_token_id}) but no pixel_values")
     kv_lengths = None

@@ -319,7 +319,7 @@ class BatchEngine:
             step = vw.merge(rest, groups)
             return step.projector(step.vision(pixel_values))
 
-        args = (vw.rest, vw.groups, jnp.asarray(px))
+        args = (vw.rest, vw.groups, jax.device_put(px))  # returns while the copy runs, unlike jnp.asarray
         feats = self._compile("vision", vision, args, None)(*args)
         return [feats[i] for i in range(n)]
 
