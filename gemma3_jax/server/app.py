@@ -232,7 +232,7 @@ def _histogram(name: str, bounds, counts, total_sum: float) -> list[str]:
 class _CountResponses:
     """Counts each response by route and status as it starts. A plain ASGI middleware: Starlette's
     BaseHTTPMiddleware (what ``@app.middleware`` builds) passes every streamed event through a memory stream and
-    another task, which halved the events a server sends per second here (docs/benchmarks.md)."""
+    another task, which halved the events a server sends per second on uvloop (docs/benchmarks.md)."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
