@@ -47,7 +47,7 @@ def prompt_and_steps_logits(m, ids, px, steps: int = 12):
     from gemma3_jax.model.sharding import shard_cache
 
     hidden, kvs = m.forward(ids, px)
-    logits = [m.text.logits(hidden)[0]]
+    prompt_logits = m.text.logits(hidden)[0]
     cache = kvc.init_cache(m.cfg.text, 1, 128, jnp.float32)
     length = jnp.asarray([ids.shape[1]])
     cache = kvc.KVCache(*(tuple(kvc.fill_layer(b, kv[j], length, m.cfg.text.is_sliding(i))
@@ -61,8 +61,8 @@ def prompt_and_steps_logits(m, ids, px, steps: int = 12):
         out = m.text.logits(h)[0, 0]
         return (jnp.argmax(out)[None], cache), out
 
-    _, steps_logits = jax.lax.scan(step, (jnp.argmax(logits[0][-1])[None], cache), None, length=steps)
-    return jnp.concatenate([logits[0], steps_logits])
+    _, steps_logits = jax.lax.scan(step, (jnp.argmax(prompt_logits[-1])[None], cache), None, length=steps)
+    return jnp.concatenate([prompt_logits, steps_logits])
 
 
 def tiny_logits(n: int) -> float:

@@ -303,3 +303,30 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(files):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_count_responses_counts_each_status_and_an_escaping_exception_as_500():
+    """The request counter sees each response's status as it starts; an exception that escapes the app (answered
+    500 by the error middleware outside it) is a 500; other scopes (lifespan) pass through uncounted."""
+    import asyncio
+
+    from gemma3_jax.server.app import Metrics, _CountResponses
+
+    metrics, sent = Metrics(), []
+
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def boom(scope, receive, send):
+        raise RuntimeError("boom")
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(_CountResponses(ok, metrics)({"type": "http", "path": "/health"}, None, send))
+    with pytest.raises(RuntimeError, match="boom"):
+        asyncio.run(_CountResponses(boom, metrics)({"type": "http", "path": "/nowhere"}, None, send))
+    asyncio.run(_CountResponses(ok, metrics)({"type": "lifespan"}, None, send))
+    assert metrics.requests == {("/health", 201): 1, ("other", 500): 1}
+    assert len(sent) == 4

@@ -115,7 +115,7 @@ def test_two_processes_give_one_process_logits(tmp_path):
 
 def test_cli_tensor_parallel(tmp_path):
     """scripts/generate.py --tensor-parallel N on a checkpoint in Hugging Face's layout (4 query heads over 2 KV
-    heads), torch-free: the same greedy text for N = 1, 2, 4, and with int4 weights for N = 1, 2; one-line errors
+    heads), torch-free: the same greedy text for N = 1, 2, and with int4 weights for N = 1, 2; one-line errors
     for N = 3 and more devices than there are."""
     from fixtures import real_layout as rl
 
@@ -131,10 +131,10 @@ def test_cli_tensor_parallel(tmp_path):
     def cli(n, *more):
         return subprocess.run(command(n, *more), env=env, capture_output=True, text=True, timeout=600)
 
-    runs = {n: cli(n) for n in (1, 2, 4)}
+    runs = {n: cli(n) for n in (1, 2)}  # N = 4 and 8 give N = 1's numbers in the worker checks above
     for n, r in runs.items():
         assert r.returncode == 0 and "Traceback" not in r.stderr, (n, r.stderr[-2000:])
-    assert runs[1].stdout.strip() and runs[2].stdout == runs[1].stdout == runs[4].stdout
+    assert runs[1].stdout.strip() and runs[2].stdout == runs[1].stdout
     assert "per device (2): weights" in runs[2].stderr and "per device" not in runs[1].stderr
     int4 = {n: cli(n, "--quantize", "int4") for n in (1, 2)}  # its scales split with their groups of inputs
     for n, r in int4.items():
@@ -160,7 +160,7 @@ def test_cli_tensor_parallel(tmp_path):
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]
         # the text alone: gloo's connection log (native code, file descriptor 1) goes to stderr
-        assert out == runs[4].stdout, (out, runs[4].stdout)
+        assert out == runs[1].stdout, (out, runs[1].stdout)
     r = cli(2, "--num-processes", "2")
     assert r.returncode == 2 and "go together" in r.stderr, r.stderr[-2000:]
 

@@ -100,7 +100,8 @@ def check_inputs(cfg: Gemma3Config, input_ids, pixel_values=None, attention_mask
             )
         # Sent in their own float dtype; the vision tower casts them to the model's dtype on the device, because a
         # host (numpy) cast costs more than the transfer itself. device_put returns while the copy runs (jnp.asarray
-        # held the caller ~10x longer for a 896x896 image on the GPU host: docs/benchmarks.md).
+        # held the caller until it was done: docs/benchmarks.md), so the caller's array must stay unchanged until the
+        # call that uses it has finished.
         if to_device:
             pixel_values = jax.device_put(pixel_values)
     elif n_image_tokens:

@@ -19,6 +19,7 @@ reader's.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import itertools
@@ -48,7 +49,9 @@ class QueueFull(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One prompt as token ids (image tokens included) and its images [I, C, S, S] in the processor's float range."""
+    """One prompt as token ids (image tokens included) and its images [I, C, S, S] in the processor's float range.
+    The engine reads ``pixel_values`` (without copying them) until the request's first token: keep them unchanged
+    until then."""
 
     prompt: Sequence[int]
     pixel_values: np.ndarray | None = None
@@ -202,11 +205,10 @@ class BatchEngine:
         self._pending: _Call | None = None  # the last dispatched call, its tokens not yet read
         self.counters = collections.Counter()
         self._window: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)  # (time, decode tokens)
-        # gaps between consecutive deliveries to decoding streams: a stream's chunk gaps as the engine makes them
-        # (a server's own gaps beyond these are its HTTP layer's)
+        # each stream's gaps between deliveries of its tokens, as the engine makes them (a reader's chunk gaps, before
+        # whatever its transport adds); counts per GAP_BOUNDS bucket, the last above them all
         self.delivery_gaps = [0] * (len(GAP_BOUNDS) + 1)
         self._gap_sum = 0.0
-        self._last_delivery: float | None = None
         # with record_calls, one dict per dispatched call (kind, shape, host times): where a benchmark's time went
         self.calls: list[dict] | None = [] if record_calls else None
         if verbose:
@@ -518,7 +520,8 @@ class BatchEngine:
         args = (tw.flat, self.cache, self.state, jnp.asarray(flags))
         fn = self._compile("decode", decode, args, greedy_only, donate=(1, 2))
         # the device may start as soon as the call is entered, and JAX may return only after enqueueing every
-        # kernel: the time before the call keeps the step-time estimate (stream_s) from running short
+        # kernel: after an idle engine (no earlier call still running) the step-time estimate (stream_s) counts
+        # from here, so it does not run short
         dispatched = time.perf_counter()
         self.cache, self.state, tokens, produced = fn(*args)
         with self._cond:
@@ -564,11 +567,6 @@ class BatchEngine:
                 self.counters["decode_tokens"] += total
                 self.counters["decode_steps"] += int(produced.max(initial=0))
                 self._window.append((time.perf_counter(), total))
-                if self._last_delivery is not None and call.decoding:
-                    gap = now - self._last_delivery
-                    self.delivery_gaps[next((i for i, b in enumerate(GAP_BOUNDS) if gap <= b), len(GAP_BOUNDS))] += 1
-                    self._gap_sum += gap
-            self._last_delivery = now if tokens is not None and call.decoding else None
             self._cond.notify_all()
 
     def _push(self, stream: Stream, tokens: list[int]) -> None:
@@ -577,7 +575,12 @@ class BatchEngine:
             return
         stream.tokens.extend(tokens)
         if tokens:
-            stream.arrivals.append((time.perf_counter(), len(tokens)))
+            now = time.perf_counter()
+            if stream.arrivals:  # the gap this stream waited since its last tokens (a reader's chunk gap)
+                gap = now - stream.arrivals[-1][0]
+                self.delivery_gaps[bisect.bisect_left(GAP_BOUNDS, gap)] += 1
+                self._gap_sum += gap
+            stream.arrivals.append((now, len(tokens)))
             stream._notify()
         req = stream.request
         if stream.tokens and stream.tokens[-1] in req.stop_ids:
@@ -629,13 +632,15 @@ class BatchEngine:
             active = [s for s in self._slots if s is not None]
             held = sum(s._prefilled + max(len(s.tokens) - 1, 0) for s in active)
             window = list(self._window)
+            gaps = dict(bounds=GAP_BOUNDS, counts=list(self.delivery_gaps), sum=self._gap_sum)
+            counters = dict(self.counters)
         rate = 0.0
         if len(window) >= 2 and window[-1][0] > window[0][0]:
             rate = sum(n for _, n in window[1:]) / (window[-1][0] - window[0][0])
         return dict(queued=len(self._queue), active_slots=len(active), max_batch=self.max_batch,
                     cache_positions_held=held, cache_positions=self.max_batch * self.cache_length,
                     cache_bytes=self.cache_bytes, decode_tok_per_s=rate,
-                    delivery_gaps=dict(bounds=GAP_BOUNDS, counts=list(self.delivery_gaps), sum=self._gap_sum),
+                    delivery_gaps=gaps,
                     feature_cache=dict(bytes=self.features.nbytes, hits=self.features.hits,
                                        encodes=self.features.encodes),
-                    **dict(self.counters))
+                    **counters)

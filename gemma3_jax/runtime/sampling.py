@@ -78,26 +78,32 @@ TOP_K_BLOCK = 64
 def top_k_by_blocks(x: Float[Array, "B V"], k: int,
                     block: int | None = None) -> tuple[Float[Array, "B k"], Int[Array, "B k"]]:
     """``lax.top_k(x, k)`` (the k largest values per row, descending, ties by lower index first), equal to it value
-    for value and index for index, but sorting ~2k blocks' maxima and k x ``block`` candidates instead of the row:
-    on a GPU lax.top_k sorts the whole row once k is past its small-k kernel, which costs as much as a decode step
-    (docs/benchmarks.md).
+    for value and index for index, but from the V / ``block`` blocks' maxima and k x ``block`` candidates instead of
+    the whole row: on a GPU lax.top_k sorts the row once k is past its small-k kernel (docs/benchmarks.md).
 
     Exact: a value ranked r < k lies in a block that at most r blocks outrank (each block ranked above it holds its
     own value ranked above that one), so the k best blocks by (maximum, lower index) hold all k best values; taken
-    in index order, their candidates keep lax.top_k's tie order."""
+    in index order, their candidates keep lax.top_k's tie order. Every comparison is on integer keys in lax.top_k's
+    total order of floats (-NaN < -inf < -0.0 < +0.0 < +inf < +NaN), where max and top_k cannot disagree."""
     b, v = x.shape
     block = TOP_K_BLOCK if block is None else block
     blocks = -(-v // block)
+    if not 0 < k <= v:
+        raise ValueError(f"k must be in 1..{v}, got {k}")
     if blocks <= 2 * k:  # a small row: lax.top_k's own sort is as cheap
         return jax.lax.top_k(x, k)
-    padded = jnp.pad(x, ((0, 0), (0, blocks * block - v)), constant_values=-jnp.inf)  # pads outrank nothing: ids >= v
-    tiles = padded.reshape(b, blocks, block)
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)  # exact for bf16 / f16 too
+    keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: magnitude bits flipped, so int order = float order
+    # pads rank last: the lowest key, and on ties the real entries' lower ids go first
+    keys = jnp.pad(keys, ((0, 0), (0, blocks * block - v)), constant_values=jnp.iinfo(jnp.int32).min)
+    tiles = keys.reshape(b, blocks, block)
     _, best = jax.lax.top_k(jnp.max(tiles, axis=-1), k)
     best = jnp.sort(best, axis=-1)  # index order, so candidate order is token order
     cand = jnp.take_along_axis(tiles, best[:, :, None], axis=1).reshape(b, k * block)
     ids = (best[:, :, None] * block + jnp.arange(block, dtype=best.dtype)).reshape(b, k * block)
-    vals, pos = jax.lax.top_k(cand, k)
-    return vals, jnp.take_along_axis(ids, pos, axis=-1)
+    _, pos = jax.lax.top_k(cand, k)
+    ids = jnp.take_along_axis(ids, pos, axis=-1)
+    return jnp.take_along_axis(x, ids, axis=-1), ids
 
 
 def sample_rows(logits: Float[Array, "B V"], keys: Array, temperature: Float[Array, "B"], top_k: Int[Array, "B"],
@@ -120,10 +126,10 @@ def sample_rows(logits: Float[Array, "B V"], keys: Array, temperature: Float[Arr
     noise = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)  # [B, V]
     plain = (top_k == 0) & (top_p >= 1.0)
     plain_draw = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
-    everything = jax.nn.logsumexp(scaled, axis=-1)  # a top_k == 0 row's probabilities are over the vocabulary
 
-    def ranked_draw(vals, idx):
-        """The draw among candidates ``vals`` sorted descending (token ids ``idx``), and each row's kept mass."""
+    def ranked_draw(vals, idx, everything):
+        """The draw among candidates ``vals`` sorted descending (token ids ``idx``), and each row's kept mass;
+        ``everything``: the logsumexp over the vocabulary (a top_k == 0 row's probabilities are over it)."""
         rank = jnp.arange(vals.shape[-1])[None, :]
         vals = jnp.where((top_k[:, None] == 0) | (rank < top_k[:, None]), vals, -jnp.inf)
         z = jnp.where(top_k > 0, jax.nn.logsumexp(vals, axis=-1), everything)
@@ -137,14 +143,15 @@ def sample_rows(logits: Float[Array, "B V"], keys: Array, temperature: Float[Arr
 
     def ranked():
         """Draws of the top-k / top-p rows: among the first ``cap`` candidates where they fit, else after a sort."""
+        everything = jax.nn.logsumexp(scaled, axis=-1)
         vals, idx = top_k_by_blocks(scaled, cap)  # sorted descending; ties: the lower id first, as a stable sort
-        capped_draw, mass = ranked_draw(vals, idx)
+        capped_draw, mass = ranked_draw(vals, idx, everything)
         # the candidates fit: top-k within the cap, or (top_k 0) the cap's mass already reaches top_p
         fits = ((top_k > 0) & (top_k <= cap)) | ((top_k == 0) & (mass >= top_p))
 
         def full():
             order = jnp.argsort(-scaled, axis=-1)
-            return ranked_draw(jnp.take_along_axis(scaled, order, axis=-1), order)[0]
+            return ranked_draw(jnp.take_along_axis(scaled, order, axis=-1), order, everything)[0]
 
         full_draw = jax.lax.cond(jnp.any(~greedy & ~plain & ~fits), full, lambda: jnp.zeros_like(best))
         return jnp.where(fits, capped_draw, full_draw)

@@ -230,9 +230,9 @@ def _histogram(name: str, bounds, counts, total_sum: float) -> list[str]:
 
 
 class _CountResponses:
-    """Counts each response by route and status as it starts. A plain ASGI middleware: Starlette's
-    BaseHTTPMiddleware (what ``@app.middleware`` builds) passes every streamed event through a memory stream and
-    another task, which halved the events a server sends per second on uvloop (docs/benchmarks.md)."""
+    """Counts each response by route and status as it starts (an exception that escapes the app: a 500). A plain
+    ASGI middleware: Starlette's BaseHTTPMiddleware (what ``@app.middleware`` builds) passes every streamed event
+    through a memory stream and another task (what that costs: docs/benchmarks.md)."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -241,13 +241,21 @@ class _CountResponses:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
+        started = False
 
         async def counted(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.count(route, message["status"])
             await send(message)
 
-        await self.app(scope, receive, counted)
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            if not started:  # the outer error middleware answers it with a 500
+                self.metrics.count(route, 500)
+            raise
 
 
 def _sse(obj: dict) -> str:
