@@ -11,7 +11,8 @@ Gemma-3-4B shapes, random bf16 weights. Sections (``--only``):
   and p99 while it is prefilled, and its TTFT.
 - ``ttft``: a lone 1-image prompt (323 tokens) on an idle engine running on its own thread: submit to the first
   token read by the submitting thread; then stepped by hand to time each call, traced against the static
-  Engine's prefill kernel by kernel, and a host profile.
+  Engine's prefill kernel by kernel, and a host profile; with ``--ttft-options``, the lone TTFT and the static
+  prefill's wall again under each named set of XLA options (``named_options``).
 - ``profile``: ``max_batch - 1`` streams decoding while a 2,000-token prompt is prefilled beside them: wall time
   per engine step, and the GPU kernels of a few steps from a profiler trace (per mixed call, per decode step), at
   each ``--profile-step-tokens``; the HLO copies of cache-sized buffers in the compiled mixed call.
@@ -135,10 +136,39 @@ def summary(streams, wall: float) -> dict:
                 itl_p50_ms=pct(itl, 50) * 1e3, itl_p99_ms=pct(itl, 99) * 1e3)
 
 
-def make_engine(model, args, cache_length: int, record_calls: bool = False) -> BatchEngine:
+def make_engine(model, args, cache_length: int, record_calls: bool = False, options: dict | None = None) -> BatchEngine:
     return BatchEngine(model, max_batch=args.max_batch, cache_length=cache_length, chunk_tokens=args.chunk_tokens,
                        prefill_rows=args.prefill_rows, decode_steps=args.decode_steps,
-                       step_tokens=args.step_tokens, record_calls=record_calls, verbose=True)
+                       step_tokens=args.step_tokens, record_calls=record_calls, verbose=True,
+                       compiler_options=options)
+
+
+def named_options(name: str, platform: str) -> dict | None:
+    """XLA options for every compiled call by name: ``default`` (each step's own), ``graphs`` (every call one CUDA
+    graph, loops included), ``nocb`` (no command buffers at all: every kernel launched by XLA's thunks)."""
+    if name == "default":
+        return None
+    base = default_compiler_options("prefill", platform)
+    if name == "graphs":
+        return {**base, **DECODE_COMMAND_BUFFERS}
+    if name == "nocb":
+        return {**base, "xla_gpu_enable_command_buffer": ""}
+    raise ValueError(f"unknown compiler options {name!r}: default, graphs or nocb")
+
+
+def lone_ttfts(eng: BatchEngine, req: Request, runs: int) -> list[float]:
+    """Seconds from submit to the first token read on this thread, the engine stepping on its own (first: compiles)."""
+    eng.start()
+    out = []
+    for _ in range(runs):
+        eng.features.clear()  # a new image each time: encoded, not cached (its hashing threads stay)
+        t = time.perf_counter()
+        s = eng.submit(req)
+        next(iter(s))
+        out.append(time.perf_counter() - t)
+        s.result()
+    eng.stop()
+    return out
 
 
 def profile_text(profiler: cProfile.Profile, order: str, lines: int) -> str:
@@ -288,16 +318,7 @@ def section_ttft(model, cfg, args, res, rng, spec):
     n, imgs = spec.short
     eng = make_engine(model, args, round_up(n + spec.new), record_calls=True)
     req = Request(make_prompt(cfg, n, imgs, rng), make_pixels(cfg, imgs, rng), max_new_tokens=2, stop_ids=())
-    eng.start()  # as a server runs it: steps on the engine's thread, the first token read by this one
-    threaded = []
-    for i in range(8):
-        eng.features.clear()  # a new image each time: encoded, not cached (its hashing threads stay)
-        t = time.perf_counter()
-        s = eng.submit(req)
-        next(iter(s))
-        threaded.append(time.perf_counter() - t)
-        s.result()
-    eng.stop()
+    threaded = lone_ttfts(eng, req, 8)  # as a server runs it: steps on the engine's thread, read by this one
     times, first = [], []
     for i in range(6):  # stepped here, each call recorded
         eng.features.clear()
@@ -366,6 +387,26 @@ def section_ttft(model, cfg, args, res, rng, spec):
         f"{k.get('total_us_per_step', 0) / 1e3:.2f} ms over a span of {k.get('span_us_per_step', 0) / 1e3:.2f} ms")
     for row in k.get("top", [])[:10]:
         log(f"    {row['us_per_step']:9.1f} us x{row['calls_per_step']:.0f}  {row['name'][:100]}")
+    del eng
+    variants = res["ttft"]["options"] = {}
+    for name in args.ttft_options:  # the same request under other XLA options: lone TTFT and the static prefill
+        options = named_options(name, model.kernels.platform)
+        eng = make_engine(model, args, round_up(n + spec.new), options=options)
+        times = lone_ttfts(eng, req, 10)[2:]
+        del eng
+        static = Engine(model, cache_length=round_up(n + spec.new), compiler_options=options)
+        walls = []
+        for _ in range(10):
+            t = time.perf_counter()
+            jax.block_until_ready(static.prefill([list(req.prompt)], req.pixel_values))
+            walls.append(time.perf_counter() - t)
+        del static
+        gc.collect()
+        v = variants[name] = dict(ttft_ms=statistics.median(times) * 1e3, ttft_min_ms=min(times) * 1e3,
+                                  static_prefill_wall_ms=statistics.median(walls[2:]) * 1e3,
+                                  static_prefill_wall_min_ms=min(walls[2:]) * 1e3)
+        log(f"options {name}: lone TTFT {v['ttft_ms']:.2f} ms (min {v['ttft_min_ms']:.2f}); static Engine.prefill "
+            f"wall {v['static_prefill_wall_ms']:.2f} ms (min {v['static_prefill_wall_min_ms']:.2f})")
 
 
 def save_gz(name: str, text: str) -> None:
@@ -497,6 +538,8 @@ def main() -> int:
     ap.add_argument("--profile-step-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[256, 1024])
     ap.add_argument("--profile-options", type=lambda v: v.split(","), default=["default"],
                     help="compiler options of the profiled engine: default, graphs (every call one CUDA graph)")
+    ap.add_argument("--ttft-options", type=lambda v: [x for x in v.split(",") if x], default=[],
+                    help="ttft: also time the lone request under these options (default, graphs, nocb)")
     args = ap.parse_args()
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     if sections - set(SECTIONS):

@@ -37,6 +37,7 @@ from benchmarks.attention import parse_config
 from benchmarks.common import attempt, measure_ceilings, host_time, log, make_pixels, make_prompt, out_path, print_errors
 from benchmarks.common import round_up, save_json, spec_of, time_jax, traced
 from benchmarks.random_init import random_model
+from gemma3_jax.model.quant import quantize_model
 from gemma3_jax.model import kv_cache as kvc
 from gemma3_jax.model.kernels import Kernels, with_kernels
 from gemma3_jax.runtime.engine import Engine, default_compiler_options
@@ -440,6 +441,7 @@ def main() -> int:
     ap.add_argument("--decode-modes", default=",".join(DECODE_MODES), help="comma list of decode modes")
     ap.add_argument("--decode-options", default="default", help=f"comma list of {list(DECODE_OPTIONS)}")
     ap.add_argument("--decode-cases", default=None, help="comma list of b1_short,b8_short,b32_8k (default all)")
+    ap.add_argument("--quantize", default=None, help="decode, prefill: the text weights quantized (int8, fp8, int4)")
     args = ap.parse_args()
     sections = [s for s in args.only.split(",") if s]
     spec = spec_of(args.small)
@@ -453,6 +455,9 @@ def main() -> int:
         gemv_section(spec.cfg, args.small)
     if {"decode", "prefill"} & set(sections):
         model = random_model(spec.cfg, jnp.bfloat16)
+        if args.quantize:
+            model = quantize_model(model, args.quantize)
+            RESULTS["quantize"] = args.quantize
         if "decode" in sections:
             decode_section(spec.cfg, args.small, model, args.decode_modes.split(","), args.decode_options.split(","),
                            args.decode_cases.split(",") if args.decode_cases else None)
