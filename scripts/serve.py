@@ -48,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: none)")
     p.add_argument("--allowed-local-media", metavar="DIR", help="image paths are read only under DIR "
                    "(default: local paths refused; data: URLs always work, remote URLs never)")
+    p.add_argument("--no-background-compile", action="store_true",
+                   help="compile each new prompt-chunk shape when it first comes, every stream waiting meanwhile "
+                        "(default: compile the largest at start, run a new shape padded to one of them while it "
+                        "compiles in the background; a longer start)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 (default: 256)")
     p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get a 413 "
                    "(default: 32 MiB)")
@@ -84,7 +88,7 @@ def main(argv=None) -> int:
                                           cache_length=args.cache_length, chunk_tokens=args.chunk_tokens,
                                           step_tokens=args.step_tokens, max_queue=args.max_queue,
                                           tensor_parallel=args.tensor_parallel, quantize=args.quantize,
-                                          verbose=True)
+                                          background_compile=not args.no_background_compile, verbose=True)
     except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -95,6 +95,63 @@ def test_batched_equals_alone_and_the_static_engine(model, solo):
     assert sum(gaps["counts"]) == sum(len(s.arrivals) - 1 for s in [*streams, cancelled] if s.arrivals) > 0
 
 
+def test_background_compile_runs_covering_shapes(model, solo):
+    """With background compiles and the largest shapes compiled ahead, calls whose own shape is not compiled run
+    padded to a compiled one (more rows, tokens and image features, all masked) while theirs compiles on another
+    thread: every request still gets the tokens it gets alone, and the shapes compiled meanwhile are then used."""
+    reqs = [request(p, s) for p, s in REQUESTS]
+    want = [alone(solo, r) for r in reqs]
+    eng = engine(model, background_compile=True)
+    eng.compile_covers(greedy_only=True)
+    stats = eng.stats()
+    assert stats["compiles_prefill"] == stats["compiles_mixed"] == 1
+
+    def inline():  # prefill, mixed and embed compiles that held up a step
+        st = eng.stats()
+        return sum(st.get(f"compiles_{k}", 0) - st.get(f"background_compiles_{k}", 0)
+                   for k in ("prefill", "mixed", "embed"))
+
+    covers = inline()
+    streams = [eng.submit(r) for r in reqs]
+    eng.run()
+    assert [s.tokens for s in streams] == want
+    assert eng.shapes.padded_calls > 0 and inline() == covers
+    eng.shapes.wait()
+    assert eng.shapes.errors == [] and eng.stats()["background_compiles_mixed"] > 0
+    ready = eng.shapes.ready(("mixed", True))
+    assert len(ready) > 1 and (3, 32) in ready  # the cover (all 3 slots, 32 tokens) and shapes met since
+    before = eng.shapes.padded_calls
+    streams = [eng.submit(r) for r in reqs]  # the same again: most of their shapes are compiled now
+    eng.run()
+    assert [s.tokens for s in streams] == want
+    assert eng.shapes.padded_calls - before < before / 4 and inline() == covers
+    eng.close()
+
+
+def test_compiled_shapes_pick():
+    """The smallest compiled shape that covers a new one on every axis, the new one compiled in the background;
+    none covering, or background off: the shape itself (compiled by the caller)."""
+    from gemma3_jax.runtime.compiled_shapes import CompiledShapes
+
+    done = []
+    shapes = CompiledShapes(background=True)
+    assert shapes.pick("g", (2, 64), lambda: done.append(1)) == (2, 64) and not done  # nothing covers it
+    for c in [(4, 64), (2, 128), (8, 256)]:
+        shapes.mark("g", c)
+    assert shapes.pick("g", (2, 64), lambda: done.append((2, 64))) == (2, 128)  # 256 padded tokens < 4 x 64
+    assert shapes.pick("g", (8, 512), lambda: done.append(2)) == (8, 512)  # nothing covers it
+    shapes.wait()
+    assert done == [(2, 64)] and (2, 64) in shapes.ready("g")
+    assert shapes.pick("g", (2, 64), lambda: done.append(3)) == (2, 64) and shapes.padded_calls == 1
+    shapes.pick("g", (1, 8), lambda: 1 / 0)  # a failed compile is kept as text; the shape stays uncompiled
+    shapes.wait()
+    assert "ZeroDivisionError" in shapes.errors[0] and (1, 8) not in shapes.ready("g")
+    off = CompiledShapes(background=False)
+    off.mark("g", (8, 256))
+    assert off.pick("g", (2, 64), lambda: 1 / 0) == (2, 64)
+    shapes.close()
+
+
 def test_stream_s_bounds_a_decode_call(model, solo):
     """With ``stream_s`` a decode call runs as many steps as take about that long at the latest step time, so a
     reader gets tokens at least that often (Service streams with 0.1 s); the tokens do not change."""

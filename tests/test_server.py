@@ -236,7 +236,8 @@ def test_eight_concurrent_clients_on_the_real_270m(real_270m):
                "The quick brown fox", "import numpy as np\n", "Water boils at", "My favourite colour is"]
     gen = Generator.from_pretrained(path, dtype="float32", cache_length=128, progress=False, compilation_cache=False)
     want = [gen.generate(p, max_new_tokens=12, temperature=0, chat=False).texts[0] for p in prompts]
-    proc, url = start_server(path, "--cache-length", "128", "--max-batch", "4", "--chunk-tokens", "8")
+    proc, url = start_server(path, "--cache-length", "128", "--max-batch", "4", "--chunk-tokens", "8",
+                             "--no-background-compile")
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
 
@@ -266,7 +267,7 @@ def test_full_queue_is_503_with_retry_after(files):
     from concurrent.futures import ThreadPoolExecutor
 
     proc, url = start_server(files["it"], "--max-batch", "1", "--max-queue", "1", "--cache-length", "256",
-                             "--chunk-tokens", "32")
+                             "--chunk-tokens", "32", "--no-background-compile")
     try:
         def one(i):
             return post(url, "/v1/completions", {"prompt": f"story {i}", "max_tokens": 200, "temperature": 0},
@@ -285,7 +286,8 @@ def test_full_queue_is_503_with_retry_after(files):
 
 
 def test_sigterm_lets_a_running_stream_finish_then_exits_0(files):
-    proc, url = start_server(files["it"], "--cache-length", "256", "--chunk-tokens", "32")
+    proc, url = start_server(files["it"], "--cache-length", "256", "--chunk-tokens", "32",
+                             "--no-background-compile")
     try:
         events = []
         with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "A long story", "max_tokens": 120,

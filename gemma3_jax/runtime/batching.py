@@ -34,10 +34,11 @@ from flax import nnx
 
 from gemma3_jax.model import kv_cache as kvc
 from gemma3_jax.model.gemma3 import Gemma3, check_inputs
+from gemma3_jax.runtime.compiled_shapes import COMPILE_THREAD, CompiledShapes
 from gemma3_jax.runtime.engine import StepWeights, VisionStep, compiled_step
 from gemma3_jax.runtime.features import FeatureCache, PendingKey
 from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams
-from gemma3_jax.runtime.slots import SlotState, SlotSteps, pack_rows, unpack_rows
+from gemma3_jax.runtime.slots import SlotState, SlotSteps, pack_rows, packed_width, unpack_rows
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 GAP_BOUNDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)  # seconds: the buckets of ``BatchEngine.delivery_gaps``
@@ -152,13 +153,15 @@ def _pow2(n: int, least: int = 1) -> int:
 
 class BatchEngine:
     """``max_batch`` slots over one KV cache of ``cache_length`` positions per slot (or the longest that fits in
-    ``memory_budget`` bytes). See the module doc for one step."""
+    ``memory_budget`` bytes). See the module doc for one step. ``background_compile``: a prefill whose shape is
+    not compiled yet runs padded to a compiled one that covers it while its own compiles on another thread
+    (``CompiledShapes``; ``compile_covers`` compiles the largest ahead), instead of every stream waiting."""
 
     def __init__(self, model: Gemma3, *, max_batch: int = 8, cache_length: int | None = 4096,
                  memory_budget: int | None = None, chunk_tokens: int = 512, prefill_rows: int = 4,
                  decode_steps: int = 32, step_tokens: int | None = None, feature_cache_bytes: int = 256 << 20,
                  max_queue: int | None = None, stream_s: float | None = None, compiler_options: dict | None = None,
-                 record_calls: bool = False, verbose: bool = False):
+                 background_compile: bool = False, record_calls: bool = False, verbose: bool = False):
         for name, v in (("max_batch", max_batch), ("chunk_tokens", chunk_tokens), ("prefill_rows", prefill_rows),
                         ("decode_steps", decode_steps),
                         ("step_tokens", chunk_tokens if step_tokens is None else step_tokens)):
@@ -194,6 +197,10 @@ class BatchEngine:
         self._donate = self.platform != "cpu"
         self.cache = kvc.init_cache(self.cfg.text, max_batch, cache_length, self.dtype)
         self.state = SlotState.empty(max_batch)
+        spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
+        self._cache_spec, self._state_spec = jax.tree.map(spec, self.cache), jax.tree.map(spec, self.state)
+        self._feat_shape = (self.cfg.mm_tokens_per_image, self.cfg.text.hidden_size)  # one image's features
+        self.shapes = CompiledShapes(background_compile)
         self.features = FeatureCache(feature_cache_bytes)
         self._queue: collections.deque[Stream] = collections.deque()
         self._slots: list[Stream | None] = [None] * max_batch
@@ -307,7 +314,10 @@ class BatchEngine:
                                       compiler_options=self.compiler_options,
                                       donate=donate if self._donate else ())
         if new:
-            self.counters[f"compiles_{name}"] += 1
+            with self._cond:
+                self.counters[f"compiles_{name}"] += 1
+                if threading.current_thread().name.startswith(COMPILE_THREAD):  # the others stalled a step
+                    self.counters[f"background_compiles_{name}"] += 1
         return compiled
 
     def _encode(self, images: list[np.ndarray]) -> list[jax.Array]:
@@ -445,8 +455,16 @@ class BatchEngine:
         """Dispatch the next chunks, with a decode step of every slot (``SlotSteps.mixed``) when any decodes."""
         budget = self.step_tokens if decoding else self.chunk_tokens
         rows = self._rows(prefilling, budget)
-        b = min(_pow2(len(rows)), self.max_batch)
-        t = self._chunk_bucket(max(e - st for _, st, e in rows), budget)
+        streams = [s for s, _, _ in rows] + decoding
+        greedy_only = all(s.request.params.greedy for s in streams)
+        kind = "mixed" if decoding else "prefill"
+        feats = []
+        for s, st, e in rows:
+            feats += s._feats[np.searchsorted(s._image_starts, st): np.searchsorted(s._image_starts, e)]
+        nf = _pow2(len(feats)) if feats else 0
+        b, t = min(_pow2(len(rows)), self.max_batch), self._chunk_bucket(max(e - st for _, st, e in rows), budget)
+        b, t = self.shapes.pick((kind, greedy_only), (b, t),  # the lambdas compile the shape asked for
+                                lambda b=b, t=t, nf=nf: self._compile_call(kind, greedy_only, b, t, nf, spec=True))
         ids = np.full((b, t), self.cfg.text.pad_token_id, np.int32)
         seg = np.full((b, t), -1, np.int32)
         slot = np.full((b,), self.max_batch, np.int32)
@@ -455,7 +473,6 @@ class BatchEngine:
         stops = np.full((b, MAX_STOP_IDS), -1, np.int32)
         temp, top_k, top_p = np.zeros((b,), np.float32), np.zeros((b,), np.int32), np.ones((b,), np.float32)
         seeds = np.zeros((b,), np.uint32)
-        feats = []
         for r, (s, st, e) in enumerate(rows):
             req = s.request
             ids[r, : e - st] = np.asarray(req.prompt[st:e])
@@ -467,32 +484,21 @@ class BatchEngine:
             stops[r, : len(req.stop_ids)] = req.stop_ids
             temp[r], top_k[r], top_p[r] = req.params.temperature, req.params.top_k, req.params.top_p
             seeds[r] = req.seed & 0xFFFFFFFF
-            feats += s._feats[np.searchsorted(s._image_starts, st): np.searchsorted(s._image_starts, e)]
-        feat_arg = None
-        if feats:
-            feat_arg = jnp.stack(feats + [jnp.zeros_like(feats[0])] * (_pow2(len(feats)) - len(feats)))
         packed = jnp.asarray(pack_rows(ids, seg, slot=slot, start=start, length=length, last=last, max_new=max_new,
                                        seed=seeds, stops=stops, temperature=temp, top_k=top_k, top_p=top_p))
-        streams = [s for s, _, _ in rows] + decoding
-        greedy_only = all(s.request.params.greedy for s in streams)
-        steps, tw = self._steps, self._text
-
-        args = (self._embedding, packed, feat_arg)
-        embeddings = self._compile("embed", steps.embed, args, None)(*args)
-        args = (tw.flat, self.cache, self.state, embeddings, packed)
+        (nf,) = self.shapes.pick(("embed", b, t), (nf,),
+                                 lambda b=b, t=t, nf=nf: self._compile_embed(b, t, nf, spec=True))
+        feat_arg = None
+        if nf:  # padded with zero features, which no image token reads
+            zeros = [jnp.zeros(self._feat_shape, self.dtype)] * (nf - len(feats))
+            feat_arg = jnp.stack(feats + zeros)
+        embeddings = self._compile_embed(b, t, nf, args=(self._embedding, packed, feat_arg))(
+            self._embedding, packed, feat_arg)
+        args = (self._text.flat, self.cache, self.state, embeddings, packed)
+        fn = self._compile_call(kind, greedy_only, b, t, nf, args=args)
         if decoding:
-            def mixed(weights, cache, state, embeddings, packed):
-                _, chunk, row = unpack_rows(packed)
-                return steps.mixed(tw.merge_flat(weights), cache, state, embeddings, chunk, row, greedy_only)
-
-            fn = self._compile("mixed", mixed, args, greedy_only, donate=(1, 2))
             self.cache, self.state, tokens, produced, first = fn(*args)  # [S] each: shaped on the host when read
         else:
-            def prefill(weights, cache, state, embeddings, packed):
-                _, chunk, row = unpack_rows(packed)
-                return steps.prefill(tw.merge_flat(weights), cache, state, embeddings, chunk, row, greedy_only)
-
-            fn = self._compile("prefill", prefill, args, greedy_only, donate=(1, 2))
             self.cache, self.state, first = fn(*args)
             tokens = produced = None
         with self._cond:
@@ -502,8 +508,52 @@ class BatchEngine:
                     s._feats = []
                 self.counters["prefill_tokens"] += e - st
             self.counters["mixed_calls" if decoding else "prefill_calls"] += 1
-        return _Call([(s, s._slot) for s in decoding], tokens, produced, "mixed" if decoding else "prefill", (b, t),
+        return _Call([(s, s._slot) for s in decoding], tokens, produced, kind, (b, t),
                      [(s, bool(f)) for (s, _, _), f in zip(rows, last)], first, sum(e - st for _, st, e in rows))
+
+    def _compile_embed(self, b: int, t: int, nf: int, args=None, spec: bool = False):
+        """The embed call for ``b`` rows of ``t`` tokens with ``nf`` image features (0: none); ``spec``: from
+        shapes alone (a compile ahead of its first call)."""
+        if spec:
+            feat = jax.ShapeDtypeStruct((nf, *self._feat_shape), self.dtype) if nf else None
+            args = (self._embedding, jax.ShapeDtypeStruct((b, packed_width(t)), jnp.int32), feat)
+        fn = self._compile("embed", self._steps.embed, args, None)
+        self.shapes.mark(("embed", b, t), (nf,))
+        return fn
+
+    def _compile_call(self, kind: str, greedy_only: bool, b: int, t: int, nf: int, args=None, spec: bool = False):
+        """The prefill or mixed call for ``b`` rows of ``t`` tokens; ``spec``: from shapes alone, with its embed
+        call for ``nf`` features."""
+        steps, tw = self._steps, self._text
+        if spec:
+            self._compile_embed(b, t, nf, spec=True)
+            hidden = jax.ShapeDtypeStruct((b, t, self.cfg.text.hidden_size), self.dtype)
+            args = (tw.flat, self._cache_spec, self._state_spec, hidden,
+                    jax.ShapeDtypeStruct((b, packed_width(t)), jnp.int32))
+        step = steps.mixed if kind == "mixed" else steps.prefill
+
+        def call(weights, cache, state, embeddings, packed):
+            _, chunk, row = unpack_rows(packed)
+            return step(tw.merge_flat(weights), cache, state, embeddings, chunk, row, greedy_only)
+
+        fn = self._compile(kind, call, args, greedy_only, donate=(1, 2))
+        self.shapes.mark((kind, greedy_only), (b, t))
+        return fn
+
+    def compile_covers(self, greedy_only: bool) -> None:
+        """Compile, without running them, the largest prefill and mixed shapes a chunk takes (embeds with no image
+        features and with as many as fit), and one row of a chunk that an image's end stretched past the budget: with background
+        compiles, every later call then has a compiled shape to run at while its own compiles."""
+        b = min(_pow2(self.prefill_rows), self.max_batch)
+        tokens = self.cfg.mm_tokens_per_image if self.cfg.is_multimodal else 0
+        for kind, budget in (("prefill", self.chunk_tokens), ("mixed", self.step_tokens)):
+            t = self._chunk_bucket(budget, budget)
+            over = self._chunk_bucket(budget + tokens - 1, budget)  # a chunk ends at its last image's end, alone
+            shapes = [(b, t)] + ([(1, over)] if over > t else [])
+            for rows, t in shapes:
+                for nf in {0, _pow2(t // tokens + rows)} if tokens else {0}:  # none, and the most that fit
+                    self._compile_embed(rows, t, nf, spec=True)
+                self._compile_call(kind, greedy_only, rows, t, 0, spec=True)
 
     def _decode(self, decoding: list[Stream], until_free: bool) -> _Call:
         steps, tw, n = self._steps, self._text, self.decode_steps
@@ -613,9 +663,10 @@ class BatchEngine:
         self._thread = None
 
     def close(self) -> None:
-        """``stop``, and end the image-hashing threads."""
+        """``stop``, and end the image-hashing and compiling threads."""
         self.stop()
         self.features.close()
+        self.shapes.close()
 
     def _loop(self) -> None:
         while True:

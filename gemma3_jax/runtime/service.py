@@ -162,10 +162,11 @@ class Service:
                         cache_length: int | None = None, memory_budget: int | None = None,
                         chunk_tokens: int = 512, step_tokens: int | None = None, max_queue: int | None = None,
                         attention: str = "auto", tensor_parallel: int = 1, quantize: str | None = None,
-                        progress: bool = True,
+                        progress: bool = True, background_compile: bool = True,
                         compilation_cache: bool = True, verbose: bool = False) -> Service:
         """``model``: a checkpoint directory, a .gguf file, or None for the default 270M; ``tensor_parallel`` and
-        ``quantize`` as ``Generator.from_pretrained``."""
+        ``quantize`` as ``Generator.from_pretrained``; ``background_compile`` as ``BatchEngine``'s (a prompt
+        chunk of a shape not compiled yet runs padded to one that is, instead of stalling every stream)."""
         dtype = resolve_dtype(dtype)
         checkpoint = Checkpoint.open(model, progress=progress, quantize=quantize, dtype=dtype)
         if memory_budget is None:
@@ -179,7 +180,7 @@ class Service:
                               tensor_parallel=tensor_parallel, quantize=quantize)
         engine = BatchEngine(net, max_batch=max_batch, cache_length=cache_length, memory_budget=memory_budget,
                              chunk_tokens=chunk_tokens, step_tokens=step_tokens, max_queue=max_queue,
-                             stream_s=STREAM_CHUNK_S, verbose=verbose)
+                             stream_s=STREAM_CHUNK_S, background_compile=background_compile, verbose=verbose)
         return cls(engine, checkpoint)
 
     def submit(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
@@ -214,10 +215,14 @@ class Service:
                           stop_ids=tuple(ckpt.stop_ids))
         return TextStream(self.engine.submit(request), self, stop, len(ids))
 
-    def warm_up(self) -> None:
+    def warm_up(self, covers: bool | None = None) -> None:
         """Compile the shortest prompt's prefill, a chunk beside a decoding slot (a mixed step) and the decode
         steps now, greedy and sampled (each compiles apart: greedy steps skip the sampling), so the first requests
-        do not wait (longer chunks compile when first used)."""
+        do not wait. ``covers`` (default: with background compiles, off a CPU): also the largest prefill and mixed
+        shapes (``BatchEngine.compile_covers``), which any other chunk's shape runs padded to until its own has
+        compiled; on a CPU they take minutes to compile (the kernels are interpreted there)."""
+        if covers is None:
+            covers = self.engine.shapes.background and self.engine.platform != "cpu"
         bos = self.checkpoint.tokenizer.bos_id
         for params in (SamplingParams(), SamplingParams(temperature=1.0)):
             first = self.engine.submit(Request([bos, bos], max_new_tokens=8, params=params, stop_ids=()))
@@ -225,6 +230,8 @@ class Service:
             second = self.engine.submit(Request([bos, bos], max_new_tokens=2, params=params, stop_ids=()))
             first.result()
             second.result()
+            if covers:
+                self.engine.compile_covers(params.greedy)
 
     def stats(self) -> dict:
         return dict(self.engine.stats(), model=self.checkpoint.name, uptime_s=time.time() - self.started)

@@ -85,6 +85,11 @@ def pack_rows(ids, segment_ids, *, slot, start, length, last, max_new, seed, sto
                            np.asarray(stops, np.int32)], axis=1)
 
 
+def packed_width(t: int) -> int:
+    """Columns of ``pack_rows``'s array for chunks padded to ``t`` tokens."""
+    return 2 * t + len(_ROW_INTS) + MAX_STOP_IDS
+
+
 def unpack_rows(packed: Int[Array, "B N"]) -> tuple[Int[Array, "B T"], kvc.PromptChunk, RowSettings]:
     """``pack_rows``'s array, inside a compiled call -> (ids, chunk, row settings)."""
     t = (packed.shape[1] - len(_ROW_INTS) - MAX_STOP_IDS) // 2
