@@ -143,13 +143,16 @@ def test_compiled_shapes_pick():
     shapes.wait()
     assert done == [(2, 64)] and (2, 64) in shapes.ready("g")
     assert shapes.pick("g", (2, 64), lambda: done.append(3)) == (2, 64) and shapes.padded_calls == 1
-    shapes.pick("g", (1, 8), lambda: 1 / 0)  # a failed compile is kept as text; the shape stays uncompiled
+    assert shapes.pick("g", (1, 8), lambda: 1 / 0) == (2, 64)  # a failed compile is kept as text
     shapes.wait()
     assert "ZeroDivisionError" in shapes.errors[0] and (1, 8) not in shapes.ready("g")
+    assert shapes.pick("g", (1, 8), lambda: 1 / 0) == (1, 8)  # and the shape is then the caller's to compile
     off = CompiledShapes(background=False)
     off.mark("g", (8, 256))
     assert off.pick("g", (2, 64), lambda: 1 / 0) == (2, 64)
     shapes.close()
+    assert shapes.pick("g", (2, 32), lambda: 1 / 0) == (2, 32)  # closed: nothing more in the background
+    shapes.wait()
 
 
 def test_stream_s_bounds_a_decode_call(model, solo):

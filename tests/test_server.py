@@ -197,6 +197,7 @@ def test_metrics_count_what_was_served(server, client):
     assert after['gemma3_time_to_first_token_seconds_bucket{le="+Inf"}'] == after[
         "gemma3_time_to_first_token_seconds_count"]
     assert after['gemma3_compiles_total{step="decode"}'] >= 1  # compiled at start-up (warm_up) or since
+    assert after["gemma3_padded_calls_total"] >= 0  # calls padded to a compiled shape while theirs compiled
     gaps = "gemma3_engine_delivery_gap_seconds"  # the engine's side of the chunk gaps (counted in test_batching)
     assert after[f'{gaps}_bucket{{le="+Inf"}}'] == after[f"{gaps}_count"] and f"{gaps}_sum" in after
 

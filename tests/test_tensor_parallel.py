@@ -291,7 +291,9 @@ def _generate() -> dict:
         return out
 
     def batch_tokens(m):
-        eng = BatchEngine(m, max_batch=2, cache_length=128, chunk_tokens=16, step_tokens=8, decode_steps=4)
+        eng = BatchEngine(m, max_batch=2, cache_length=128, chunk_tokens=16, step_tokens=8, decode_steps=4,
+                          background_compile=True)
+        assert eng.shapes.background == (m.kernels.shards == 1)  # shapes compiled ahead: on one device only
         streams = [eng.submit(Request(list(ids[0]), px, max_new_tokens=20, stop_ids=())) for ids, px in prompts]
         eng.run()
         return [s.tokens for s in streams]

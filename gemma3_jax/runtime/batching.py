@@ -200,7 +200,8 @@ class BatchEngine:
         spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
         self._cache_spec, self._state_spec = jax.tree.map(spec, self.cache), jax.tree.map(spec, self.state)
         self._feat_shape = (self.cfg.mm_tokens_per_image, self.cfg.text.hidden_size)  # one image's features
-        self.shapes = CompiledShapes(background_compile)
+        # shapes compiled ahead from specs: on one device only (specs would need each array's mesh placement)
+        self.shapes = CompiledShapes(background_compile and model.kernels.shards == 1)
         self.features = FeatureCache(feature_cache_bytes)
         self._queue: collections.deque[Stream] = collections.deque()
         self._slots: list[Stream | None] = [None] * max_batch
@@ -304,7 +305,7 @@ class BatchEngine:
     # ---- compiled steps ------------------------------------------------------------------------
     def compiled_steps(self) -> list[tuple[str, jax.stages.Compiled]]:
         """(name, compiled call) of every shape compiled so far (for profiling: ``as_text()`` is its HLO)."""
-        return [(key[1][0], c) for key, c in self._compiled.items()]
+        return [(key[1][0], c) for key, c in list(self._compiled.items())]  # the compile thread may add one
 
     def _compile(self, name: str, fn, args, static, donate=()):
         # the embedding and mixed calls are prefill steps for XLA's options (cuBLAS for their GEMMs)
@@ -523,10 +524,12 @@ class BatchEngine:
 
     def _compile_call(self, kind: str, greedy_only: bool, b: int, t: int, nf: int, args=None, spec: bool = False):
         """The prefill or mixed call for ``b`` rows of ``t`` tokens; ``spec``: from shapes alone, with its embed
-        call for ``nf`` features."""
+        calls for ``nf`` features and for the most that fit (so a call padded to this shape has an embed too)."""
         steps, tw = self._steps, self._text
         if spec:
-            self._compile_embed(b, t, nf, spec=True)
+            tokens = self.cfg.mm_tokens_per_image if self.cfg.is_multimodal else 0
+            for n in {nf, _pow2(t // tokens + b)} if tokens else {nf}:
+                self._compile_embed(b, t, n, spec=True)
             hidden = jax.ShapeDtypeStruct((b, t, self.cfg.text.hidden_size), self.dtype)
             args = (tw.flat, self._cache_spec, self._state_spec, hidden,
                     jax.ShapeDtypeStruct((b, packed_width(t)), jnp.int32))
@@ -541,19 +544,16 @@ class BatchEngine:
         return fn
 
     def compile_covers(self, greedy_only: bool) -> None:
-        """Compile, without running them, the largest prefill and mixed shapes a chunk takes (embeds with no image
-        features and with as many as fit), and one row of a chunk that an image's end stretched past the budget: with background
-        compiles, every later call then has a compiled shape to run at while its own compiles."""
+        """Compile, without running them, the largest prefill and mixed shapes a chunk takes, and one row of a
+        chunk that an image's end stretched past the budget: with background compiles, every later call then has
+        a compiled shape to run at while its own compiles."""
         b = min(_pow2(self.prefill_rows), self.max_batch)
         tokens = self.cfg.mm_tokens_per_image if self.cfg.is_multimodal else 0
         for kind, budget in (("prefill", self.chunk_tokens), ("mixed", self.step_tokens)):
             t = self._chunk_bucket(budget, budget)
             over = self._chunk_bucket(budget + tokens - 1, budget)  # a chunk ends at its last image's end, alone
-            shapes = [(b, t)] + ([(1, over)] if over > t else [])
-            for rows, t in shapes:
-                for nf in {0, _pow2(t // tokens + rows)} if tokens else {0}:  # none, and the most that fit
-                    self._compile_embed(rows, t, nf, spec=True)
-                self._compile_call(kind, greedy_only, rows, t, 0, spec=True)
+            for rows, length in [(b, t)] + ([(1, over)] if over > t else []):
+                self._compile_call(kind, greedy_only, rows, length, 0, spec=True)
 
     def _decode(self, decoding: list[Stream], until_free: bool) -> _Call:
         steps, tw, n = self._steps, self._text, self.decode_steps
@@ -691,7 +691,8 @@ class BatchEngine:
         return dict(queued=len(self._queue), active_slots=len(active), max_batch=self.max_batch,
                     cache_positions_held=held, cache_positions=self.max_batch * self.cache_length,
                     cache_bytes=self.cache_bytes, decode_tok_per_s=rate,
-                    delivery_gaps=gaps,
+                    delivery_gaps=gaps, padded_calls=self.shapes.padded_calls,
+                    background_compile_errors=len(self.shapes.errors),
                     feature_cache=dict(bytes=self.features.nbytes, hits=self.features.hits,
                                        encodes=self.features.encodes),
                     **counters)

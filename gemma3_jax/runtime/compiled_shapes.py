@@ -31,6 +31,8 @@ class CompiledShapes:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=COMPILE_THREAD) if background else None
         self.padded_calls = 0  # calls run at a covering shape while theirs compiled
         self.errors: list[str] = []  # background compiles that failed (the shape then compiles when next met)
+        self._failed: set[tuple[Hashable, Shape]] = set()
+        self._closed = False
 
     def mark(self, group: Hashable, shape: Shape) -> None:
         """``shape`` of ``group`` is compiled."""
@@ -42,13 +44,14 @@ class CompiledShapes:
             return set(self._ready[group])
 
     def pick(self, group: Hashable, shape: Shape, compile_shape: Callable[[], None]) -> Shape:
-        """The shape to run ``shape`` at: itself when compiled (or with no background compiles, or no compiled
-        cover); else the smallest compiled shape at least as large on every axis, ``compile_shape()`` (which
-        compiles ``shape`` and returns once it is ready) then running on the background thread."""
+        """The shape to run ``shape`` at: itself when compiled (or with no background compiles, no compiled cover,
+        after ``close``, or once its background compile failed); else the smallest compiled shape at least as
+        large on every axis, ``compile_shape()`` (which compiles ``shape`` and returns once it is ready) then
+        running on the background thread."""
         shape = tuple(shape)
         with self._lock:
             ready = self._ready[group]
-            if shape in ready or not self.background:
+            if shape in ready or not self.background or self._closed or (group, shape) in self._failed:
                 return shape
             covers = [c for c in ready if len(c) == len(shape) and all(a >= b for a, b in zip(c, shape))]
             if not covers:
@@ -64,18 +67,24 @@ class CompiledShapes:
             self.mark(group, shape)
         except Exception as e:  # noqa: BLE001 - the engine goes on with the covering shape
             with self._lock:
+                self._failed.add((group, shape))
                 self.errors.append(f"{group} {shape}: {type(e).__name__}: {e}"[:500])
         finally:
             with self._lock:
                 self._pending.pop((group, shape), None)
 
     def wait(self) -> None:
-        """Until every background compile asked for so far has finished."""
+        """Until every background compile asked for so far has finished (or was cancelled by ``close``)."""
         with self._lock:
             futures = list(self._pending.values())
         for f in futures:
-            f.exception()
+            if not f.cancelled():
+                f.exception()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        """No more background compiles: those queued are dropped, one running finishes."""
+        with self._lock:
+            self._closed = True
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pending = {k: f for k, f in self._pending.items() if not f.cancelled()}

@@ -207,10 +207,13 @@ class Metrics:
                             ("max_slots", stats["max_batch"]), ("decode_tokens_per_second", stats["decode_tok_per_s"]),
                             ("cache_positions_held", stats["cache_positions_held"])):
             out += [f"# TYPE gemma3_{name} gauge", f"gemma3_{name} {value}"]
-        # a step shape compiled while serving stalls every stream for the compile: worth watching
-        out.append("# TYPE gemma3_compiles_total counter")
-        out += [f'gemma3_compiles_total{{step="{k[len("compiles_"):]}"}} {v}'
-                for k, v in sorted(stats.items()) if k.startswith("compiles_")]
+        # a step shape compiled while serving stalls every stream for the compile, unless it compiled in the
+        # background (a call padded to a compiled shape meanwhile): worth watching
+        for kind, prefix in (("compiles", "compiles_"), ("background_compiles", "background_compiles_")):
+            out.append(f"# TYPE gemma3_{kind}_total counter")
+            out += [f'gemma3_{kind}_total{{step="{k[len(prefix):]}"}} {v}'
+                    for k, v in sorted(stats.items()) if k.startswith(prefix)]
+        out += ["# TYPE gemma3_padded_calls_total counter", f"gemma3_padded_calls_total {stats['padded_calls']}"]
         for name, bounds, what in (("ttft", self.TTFT, "time_to_first_token_seconds"),
                                    ("itl", self.ITL, "inter_token_seconds")):
             out += _histogram(f"gemma3_{what}", bounds, self.hist[name], self.sums[name])
