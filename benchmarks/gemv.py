@@ -8,12 +8,11 @@ Triton GEMV or cuBLAS, with its reduction kernel) and, for gate|up, the separate
 config is first checked against its f32 reference (a row that fails is an error, not a timing).
 
     python -m benchmarks.gemv [--batches 1,8] [--cases qkv,o,gate_up,down] [--weights bf16,int8,fp8] [--quick]
-        [--grid full|small] [--int8-converts bits,cvt] [--out PATH]
+        [--grid full|small] [--out PATH]
 
 ``--weights int8`` / ``fp8``: the same products over 1-byte weights with a float32 scale per row (``model.quant``),
 XLA's side being the model's product for them (``quant.einsum``: the weight converted to bf16 in the product).
-``--int8-converts``: how the int8 kernels turn a weight into f32 (``pallas_kernels.gemv``); the first runs the whole
-grid, the others the model's own configs (``pallas_kernels.tuning``) only. ``--grid small``: fewer configs a case.
+``--grid small``: fewer configs a case.
 
 Writes --out, else $OUT/bench_gemv.json, else ./bench_gemv.json.
 """
@@ -21,7 +20,6 @@ Writes --out, else $OUT/bench_gemv.json, else ./bench_gemv.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 
 import jax
@@ -34,7 +32,6 @@ from gemma3_jax.runtime.engine import default_compiler_options
 from pallas_kernels.common import interpret_mode
 from pallas_kernels.gemv import gemv, gemv_geglu
 from pallas_kernels.reference import gemv_geglu_reference, gemv_reference
-from pallas_kernels.tuning import gemv_mlp_configs, gemv_qkv_config
 
 COPIES = 8
 D, F, QKV, O_IN = 2560, 10240, 16 * 256, 8 * 256
@@ -46,15 +43,6 @@ def xla_product(name, x, w, scale=None):
     if name == "gate_up":
         y = gelu_tanh(y[:, :F]) * y[:, F:]
     return y
-
-
-def model_configs(name, one_byte):
-    """The configs the model runs (o, which the model leaves to XLA, gets q|k|v's)."""
-    if name in ("qkv", "o"):
-        return [dataclasses.asdict(gemv_qkv_config(1 if one_byte else 2))]
-    up, down = (dataclasses.asdict(c) for c in gemv_mlp_configs(D, F, 1 if one_byte else 2))
-    up.pop("splits")
-    return [up if name == "gate_up" else down]
 
 
 def configs(name, b, quick, one_byte, grid="full"):
@@ -74,7 +62,7 @@ def configs(name, b, quick, one_byte, grid="full"):
     return out if not quick else out[:3]
 
 
-def run_case(name, b, quick, opts, weights="bf16", grid="full", converts=("bits",)):
+def run_case(name, b, quick, opts, weights="bf16", grid="full"):
     n, k = CASES[name]
     key = jax.random.key(0)
     ws = [(jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
@@ -108,11 +96,7 @@ def run_case(name, b, quick, opts, weights="bf16", grid="full", converts=("bits"
                   f"(wall {wall_us:.2f} us)", flush=True)
 
     record("xla", lambda x, w, s: xla_product(name, x, w, s))
-    runs = [configs(name, b, quick, one_byte, grid)]
-    if weights == "int8":  # the first conversion over the grid, the others at the model's configs
-        runs = [[dict(c, int8_convert=conv) for c in (runs[0] if i == 0 else model_configs(name, one_byte))]
-                for i, conv in enumerate(converts)]
-    for cfg in itertools.chain(*runs):
+    for cfg in configs(name, b, quick, one_byte, grid):
         label = "pallas " + " ".join(f"{k_}={v}" for k_, v in cfg.items())
         if name == "gate_up":
             record(label, lambda x, w, s, c=cfg: gemv_geglu(x, w, s, **c, interpret=interpret_mode()), **cfg)
@@ -132,7 +116,6 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--weights", default="bf16", help="comma list of bf16, int8, fp8")
     ap.add_argument("--grid", default="full", choices=("full", "small"))
-    ap.add_argument("--int8-converts", default="bits", help="comma list of bits, cvt (pallas_kernels.gemv)")
     ap.add_argument("--out", default=out_path("bench_gemv.json", fallback_dir="."))
     args = ap.parse_args()
     opts = default_compiler_options("decode", jax.default_backend())  # as the model's decode step compiles
@@ -142,8 +125,7 @@ def main():
             ap.error(f"--weights takes bf16, int8 and fp8, got {weights!r}")
         for name in args.cases.split(","):
             for b in map(int, args.batches.split(",")):
-                out["cases"].append(run_case(name, b, args.quick, opts, weights, args.grid,
-                                             tuple(args.int8_converts.split(","))))
+                out["cases"].append(run_case(name, b, args.quick, opts, weights, args.grid))
                 save_json(args.out, out)
 
 

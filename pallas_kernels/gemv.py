@@ -17,10 +17,7 @@ larger batches the row-by-row products are slower than XLA's tensor-core GEMV).
 Both also take 8-bit weights, int8 or float8_e4m3fn, with a float32 ``scale`` per row of w (``w ~= q * scale``):
 decode is bound by the weight bytes read, which halve against bf16. The weights are loaded as stored and converted
 to f32 in registers; each row's f32 sum is multiplied by its scale before the store (in ``gemv_geglu`` before the
-roundings). ``int8_convert="bits"`` turns an int8 into f32 with an integer add and a float subtract (the int8
-sits in the mantissa of 1.5 * 2**23) rather than the int-to-float instruction, which a GPU issues at a quarter of
-the rate of adds: at the bandwidth a 1-byte row is read at, that conversion, one per weight byte, is what limits
-the product ("cvt" keeps the instruction, for comparison).
+roundings).
 
 Public pallas (pl) API only; interpret mode on CPU.
 """
@@ -31,7 +28,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import DTYPES
@@ -40,22 +36,13 @@ from pallas_kernels.tuning import compiler_params
 
 MAX_ROWS = 16  # batch rows per call: beyond this the product is not memory bound, use a matmul
 QUANTIZED = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))  # weight dtypes that come with a per-row scale
-INT8_CONVERTS = ("bits", "cvt")
-_MAGIC_BITS, _MAGIC = 0x4B400000, 12582912.0  # the f32 1.5 * 2**23: adding n in [-2**22, 2**22) to its bits adds n
 
 
 def gelu_tanh_f32(x):
     return jax.nn.gelu(x, approximate=True)
 
 
-def _to_f32(w, int8_convert):
-    """A loaded weight tile as f32 (exact for every int8 either way)."""
-    if w.dtype == jnp.int8 and int8_convert == "bits":
-        return lax.bitcast_convert_type(w.astype(jnp.int32) + _MAGIC_BITS, jnp.float32) - _MAGIC
-    return w.astype(jnp.float32)
-
-
-def _row_sums(x_ref, w_refs, *, pieces, rows, int8_convert):
+def _row_sums(x_ref, w_refs, *, pieces, rows):
     """For each w ref: [rows] of f32 [block_n] sums over this program's K range."""
     f32 = jnp.float32
     ws = [[w[:, pl.ds(o, s)] for o, s in pieces] for w in w_refs]  # every load issued first
@@ -66,30 +53,30 @@ def _row_sums(x_ref, w_refs, *, pieces, rows, int8_convert):
         for b in range(rows):
             acc = None
             for wp, xp in zip(w_pieces, xs[b]):
-                t = jnp.sum(_to_f32(wp, int8_convert) * xp[None, :], axis=1)
+                t = jnp.sum(wp.astype(f32) * xp[None, :], axis=1)
                 acc = t if acc is None else acc + t
             per_row.append(acc)
         out.append(per_row)
     return out
 
 
-def _gemv_kernel(x_ref, w_ref, *refs, pieces, rows, int8_convert):
+def _gemv_kernel(x_ref, w_ref, *refs, pieces, rows):
     """refs: (o_ref,), or (scale_ref, o_ref) for a quantized w."""
     *s_ref, o_ref = refs
     s = s_ref[0][...] if s_ref else None  # f32 [block_n], loaded before the sums: in flight with the weights
-    (sums,) = _row_sums(x_ref, [w_ref], pieces=pieces, rows=rows, int8_convert=int8_convert)
+    (sums,) = _row_sums(x_ref, [w_ref], pieces=pieces, rows=rows)
     for b, acc in enumerate(sums):
         if s is not None:
             acc = acc * s
         o_ref[b, :] = acc.astype(o_ref.dtype)
 
 
-def _geglu_kernel(x_ref, wg_ref, wu_ref, *refs, pieces, rows, int8_convert):
+def _geglu_kernel(x_ref, wg_ref, wu_ref, *refs, pieces, rows):
     """refs: (o_ref,), or (gate scale_ref, up scale_ref, o_ref) for a quantized w."""
     *s_refs, o_ref = refs
     f32, dt = jnp.float32, o_ref.dtype
     sg, su = (s_refs[0][...], s_refs[1][...]) if s_refs else (None, None)
-    gates, ups = _row_sums(x_ref, [wg_ref, wu_ref], pieces=pieces, rows=rows, int8_convert=int8_convert)
+    gates, ups = _row_sums(x_ref, [wg_ref, wu_ref], pieces=pieces, rows=rows)
     for b in range(rows):
         g, u = gates[b], ups[b]
         if sg is not None:  # the scales act on the f32 sums, before the roundings to the activation dtype
@@ -100,9 +87,7 @@ def _geglu_kernel(x_ref, wg_ref, wu_ref, *refs, pieces, rows, int8_convert):
         o_ref[b, :] = (act * u).astype(dt)
 
 
-def _check(x, w, scale, block_n, splits, rows_w, int8_convert):
-    if int8_convert not in INT8_CONVERTS:
-        raise ValueError(f"int8_convert must be one of {INT8_CONVERTS}: {int8_convert=}")
+def _check(x, w, scale, block_n, splits, rows_w):
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x must be [B, K] and w [N, K]: {x.shape=} {w.shape=}")
     if scale is None:
@@ -127,13 +112,13 @@ def _check(x, w, scale, block_n, splits, rows_w, int8_convert):
         raise ValueError(f"splits must divide K into multiples of 16: {splits=} {k=}")
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "splits", "num_warps", "int8_convert", "interpret"))
-def gemv(x, w, scale=None, *, block_n=8, splits=1, num_warps=4, int8_convert="bits", interpret=False):
+@functools.partial(jax.jit, static_argnames=("block_n", "splits", "num_warps", "interpret"))
+def gemv(x, w, scale=None, *, block_n=8, splits=1, num_warps=4, interpret=False):
     """x [B, K] @ w [N, K]^T: [B, N] in x's dtype (``splits`` = 1) or f32 partial sums [splits, B, N].
 
     ``scale`` [N] float32 with an int8 / float8_e4m3fn ``w``: the product with ``w * scale[:, None]`` (each partial
     sum scaled, so the partials still add up to the product)."""
-    _check(x, w, scale, block_n, splits, w.shape[0], int8_convert)
+    _check(x, w, scale, block_n, splits, w.shape[0])
     (b, k), n = x.shape, w.shape[0]
     ks = k // splits
     partial = splits > 1
@@ -141,7 +126,7 @@ def gemv(x, w, scale=None, *, block_n=8, splits=1, num_warps=4, int8_convert="bi
     out_spec = (pl.BlockSpec((None, b, block_n), lambda i, s: (s, 0, i)) if partial
                 else pl.BlockSpec((b, block_n), lambda i, s: (0, i)))
     return pl.pallas_call(
-        functools.partial(_gemv_kernel, pieces=pow2_pieces(ks), rows=b, int8_convert=int8_convert),
+        functools.partial(_gemv_kernel, pieces=pow2_pieces(ks), rows=b),
         grid=(n // block_n, splits),
         in_specs=[pl.BlockSpec((b, ks), lambda i, s: (0, s)), pl.BlockSpec((block_n, ks), lambda i, s: (i, s))]
         + ([] if scale is None else [pl.BlockSpec((block_n,), lambda i, s: (i,))]),
@@ -153,18 +138,18 @@ def gemv(x, w, scale=None, *, block_n=8, splits=1, num_warps=4, int8_convert="bi
     )(x, w, *([] if scale is None else [scale]))
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "num_warps", "int8_convert", "interpret"))
-def gemv_geglu(x, w_gate_up, scale=None, *, block_n=4, num_warps=4, int8_convert="bits", interpret=False):
+@functools.partial(jax.jit, static_argnames=("block_n", "num_warps", "interpret"))
+def gemv_geglu(x, w_gate_up, scale=None, *, block_n=4, num_warps=4, interpret=False):
     """gelu_tanh(x @ w_gate^T) * (x @ w_up^T) [B, F] with w_gate_up [2F, K] = gate rows then up rows.
 
     ``scale`` [2F] float32 with an int8 / float8_e4m3fn ``w_gate_up``: each row's sum times its scale."""
-    _check(x, w_gate_up, scale, block_n, 1, w_gate_up.shape[0] // 2, int8_convert)
+    _check(x, w_gate_up, scale, block_n, 1, w_gate_up.shape[0] // 2)
     (b, k), f = x.shape, w_gate_up.shape[0] // 2
     if w_gate_up.shape[0] != 2 * f:
         raise ValueError(f"w_gate_up must have an even number of rows: {w_gate_up.shape=}")
     up_block = f // block_n
     return pl.pallas_call(
-        functools.partial(_geglu_kernel, pieces=pow2_pieces(k), rows=b, int8_convert=int8_convert),
+        functools.partial(_geglu_kernel, pieces=pow2_pieces(k), rows=b),
         grid=(f // block_n,),
         in_specs=[pl.BlockSpec((b, k), lambda i: (0, 0)),
                   pl.BlockSpec((block_n, k), lambda i: (i, 0)),

@@ -154,25 +154,6 @@ def test_gemv_geglu_quantized(b, f, k, block_n, dtype, wdtype):
         assert not np.allclose(w, r, rtol=rtol, atol=atol * np.abs(r).max())
 
 
-@pytest.mark.parametrize("int8_convert", ["bits", "cvt"])
-def test_int8_conversion_is_exact(int8_convert):
-    """Every int8 value, -128 included, reaches the sum exactly: row r of w holds r - 128 at one column, a one-hot x
-    picks it, and a unit scale keeps it."""
-    k = 32
-    w = np.zeros((256, k), np.int8)
-    w[np.arange(256), np.arange(256) % k] = np.arange(-128, 128)
-    x = np.zeros((1, k), np.float32)
-    ones = jnp.ones(256, jnp.float32)
-    got = np.zeros(256)
-    for col in range(k):  # one column at a time: each pass reads the rows whose value sits in that column
-        x[:] = 0
-        x[0, col] = 1.0
-        out = np.asarray(gemv(jnp.asarray(x), jnp.asarray(w), ones, block_n=8, int8_convert=int8_convert,
-                              interpret=INTERPRET))[0]
-        got += out
-    np.testing.assert_array_equal(got, np.arange(-128, 128))
-
-
 def test_bad_quantized_inputs_name_the_value():
     x, _ = _inputs(1, 1, 640, jnp.bfloat16)
     q, scale = _quantized(64, 640, jnp.int8, seed=0)
@@ -191,5 +172,3 @@ def test_bad_quantized_inputs_name_the_value():
             fn(x, q.astype(jnp.bfloat16), scale, interpret=True)
         with pytest.raises(ValueError, match="x must be bf16/fp16/fp32"):
             fn(x.astype(jnp.int8), q, scale, interpret=True)
-        with pytest.raises(ValueError, match="int8_convert must be one of"):
-            fn(x, q, scale, int8_convert="fast", interpret=True)
