@@ -224,6 +224,7 @@ def drive(url: str, reqs: list[dict], rate: float | None, rng) -> dict:
             got = await asyncio.gather(*(one(client, url, r, d) for r, d in zip(reqs, delays)))
             return got, time.perf_counter() - t0
 
+    began = time.time()
     got, wall = asyncio.run(main())
     after = server_counters(url)
     delta = {k: v - before.get(k, 0) for k, v in after.items()}
@@ -244,6 +245,7 @@ def drive(url: str, reqs: list[dict], rate: float | None, rng) -> dict:
     itl = [b - a for g in ok for a, b in zip(g["chunks"], g["chunks"][1:])]
     pct = lambda xs, q: float(np.percentile(xs, q)) * 1e3 if xs else float("nan")  # noqa: E731
     return dict(rate=rate, requests=len(reqs), errors=errors[:5], failed=len(errors), output_tokens=tokens,
+                epoch_s=(began, began + wall),  # wall-clock span, to line up with a GPU utilisation log
                 prompt_tokens=sum(g["prompt_tokens"] for g in ok), wall_s=wall, tok_per_s=tokens / wall,
                 ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), tpot_p50_ms=pct(tpot, 50),
                 tpot_p99_ms=pct(tpot, 99), itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99), compiled=compiled,
@@ -271,13 +273,14 @@ def offline(model: Path, reqs: list[dict], args) -> dict:
                                  cache_length=args.cache_length, progress=False) as service:
         service.warm_up()
         for warm in (True, False):
-            t0 = time.perf_counter()
+            began, t0 = time.time(), time.perf_counter()
             streams = [service.submit(**kw, max_new_tokens=n, temperature=1.0, seed=0) for kw, n in prepared]
             for s in streams:
                 s.result()
             tokens = sum(len(s.token_ids) for s in streams)
             wall = time.perf_counter() - t0
-    return dict(requests=len(reqs), output_tokens=tokens, wall_s=wall, tok_per_s=tokens / wall)
+    return dict(requests=len(reqs), output_tokens=tokens, wall_s=wall, tok_per_s=tokens / wall,
+                epoch_s=(began, began + wall))
 
 
 def _decode(url: str):
