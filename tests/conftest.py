@@ -1,5 +1,7 @@
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -9,6 +11,19 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository root: fixtu
 jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity: no reduced-precision dots
 
 from fixtures import hf_checkpoints as hfc  # noqa: E402
+from gemma3_jax.runtime import compile_cache  # noqa: E402
+
+
+def pytest_configure(config):
+    """One persistent compilation cache for the whole run, shared by the xdist workers and every subprocess a test
+    starts (they inherit the environment): a program several tests or processes compile (a fixture's server started
+    by each worker, engines rebuilt per case, CLI runs of one checkpoint) compiles once. Each run starts empty;
+    tests of the cache itself set their own directory, and a cache the caller chose (or turned off) is kept."""
+    if "PYTEST_XDIST_WORKER" not in os.environ and not os.environ.get(compile_cache.ENV):
+        path = tempfile.mkdtemp(prefix="gemma3-jax-test-xla-")
+        os.environ[compile_cache.ENV] = path
+        config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
+    compile_cache.enable_compilation_cache()  # this process's own compiles too
 
 TOL = 1e-4  # max |dlogit| <= TOL * max |logit|
 

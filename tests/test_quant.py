@@ -191,7 +191,7 @@ def test_cli_quantize_torch_free(tmp_path):
     from fixtures import real_layout as rl
 
     model = rl.write_checkpoint(tmp_path / "it", "it")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", GEMMA3_JAX_COMPILATION_CACHE="0",
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]))
 
     def cli(*more):

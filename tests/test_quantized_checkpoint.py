@@ -171,7 +171,7 @@ def test_damaged_or_unmarked_checkpoints_are_refused(src, tmp_path):
 def test_cli_quantize_then_generate_torch_free(src, tmp_path):
     """scripts/quantize.py writes the checkpoint; scripts/generate.py on it prints the text --quantize int4 gives
     on the float checkpoint, and the int4 memory plan; a conflicting --quantize is one line and exit 2."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", GEMMA3_JAX_COMPILATION_CACHE="0",
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]))
 
     def run(script, *args):
