@@ -44,12 +44,14 @@ SECTIONS = ("rates", "burst", "peer")
 LONG_GAP_S = 0.2  # chunk gaps counted as long, a bound of the engine's gap histogram
 
 
-def write_model(root: Path, small: bool) -> Path:
+def write_model(root: Path, small: bool, variant: str = "it") -> Path:
+    """The random 4B (or tiny) checkpoint in Hugging Face's layout: multimodal ("it"), or its text decoder alone as
+    a Gemma3ForCausalLM ("text")."""
     from fixtures import real_layout as rl
 
     t = time.perf_counter()
-    path = rl.write_checkpoint(root / "gemma-3-4b-random", "it", sizes=rl.TINY if small else rl.GEMMA3_4B,
-                               fast=not small)
+    name = "gemma-3-4b-random" + ("-text" if variant == "text" else "")
+    path = rl.write_checkpoint(root / name, variant, sizes=rl.TINY if small else rl.GEMMA3_4B, fast=not small)
     log(f"wrote {path.name} in {time.perf_counter() - t:.1f} s")
     return path
 
@@ -91,8 +93,9 @@ def workload(model: Path, n: int, rng, small: bool) -> list[dict]:
     return out
 
 
-def start_peer(model: Path, args) -> tuple[subprocess.Popen, str]:
-    """``transformers serve`` on ``model`` (continuous batching), on a free port; returns when /health answers."""
+def start_peer(model: Path, args):
+    """``transformers serve`` on ``model`` (continuous batching), on a free port; (process, URL, its log file) when
+    /health answers."""
     import shutil
     import socket
 
@@ -116,7 +119,7 @@ def start_peer(model: Path, args) -> tuple[subprocess.Popen, str]:
             raise RuntimeError("transformers serve exited:\n" + log_file.read()[-3000:])
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
+                return proc, url, log_file
         except httpx.HTTPError:
             pass
         time.sleep(1)
@@ -126,15 +129,20 @@ def start_peer(model: Path, args) -> tuple[subprocess.Popen, str]:
                        + log_file.read()[-3000:])
 
 
-def peer_section(model: Path, reqs: list[dict], args, rng, res: dict) -> None:
-    """The mix's text requests (/v1/completions) at once: transformers serve, then our server."""
+def peer_section(root: Path, reqs: list[dict], args, rng, res: dict) -> None:
+    """The mix's text requests (/v1/completions) at once: transformers serve, then our server, both on the text
+    decoder alone as a Gemma3ForCausalLM checkpoint: transformers serve batches continuously only that class (for
+    Gemma3ForConditionalGeneration it falls back to one request at a time)."""
+    model = write_model(root, args.small, "text")
     text = [dict(route=r["route"], body=dict(r["body"], model=str(model), temperature=0.0))
             for r in reqs if r["route"] == "/v1/completions"][: args.peer_requests]
-    proc, url = start_peer(model, args)
+    proc, url, peer_log = start_peer(model, args)
     log(f"transformers serve up at {url}")
     try:
         drive(url, text[:2], None, rng)  # loads and warms up
-        log("transformers serve warmed up")
+        peer_log.seek(0)
+        res["peer_sequential"] = "does not support continuous batching" in peer_log.read()
+        log(f"transformers serve warmed up{' (sequential: no continuous batching)' if res['peer_sequential'] else ''}")
         res["peer"] = drive(url, text, None, rng)
     finally:
         proc.terminate()
@@ -318,7 +326,7 @@ def main() -> int:
         reqs = workload(model, max(args.requests, args.burst), rng, args.small)
         if "peer" in sections:
             with attempt(res, "peer"):
-                peer_section(model, reqs, args, rng, res)
+                peer_section(Path(tmp), reqs, args, rng, res)
             save_json(path, res)
         if not sections & {"rates", "burst"}:
             save_json(path, res)
