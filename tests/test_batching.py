@@ -5,6 +5,8 @@ small so prompts cross several chunks and decode interleaves with prefill; fewer
 freed and reused while others run.
 """
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +74,7 @@ def test_batched_equals_alone_and_the_static_engine(model, solo):
 
     eng = engine(model)
     streams = [eng.submit(reqs[0]), eng.submit(reqs[1])]
+    stepping = time.perf_counter()
     eng.step()
     streams.append(eng.submit(reqs[2]))
     eng.step()
@@ -93,6 +96,11 @@ def test_batched_equals_alone_and_the_static_engine(model, solo):
     gaps = stats["delivery_gaps"]  # each stream's deliveries after its first
     assert len(gaps["counts"]) == len(gaps["bounds"]) + 1 and gaps["sum"] > 0
     assert sum(gaps["counts"]) == sum(len(s.arrivals) - 1 for s in [*streams, cancelled] if s.arrivals) > 0
+    # the stepping thread's time: on the host and waiting for results, nothing idle without a background thread,
+    # and no more than the time the steps took
+    spent = stats["thread_s"]
+    assert spent["host"] > 0 and spent["waiting"] > 0 and spent["idle"] == 0, spent
+    assert spent["host"] + spent["waiting"] <= time.perf_counter() - stepping
 
 
 def test_background_compile_runs_covering_shapes(model, solo):

@@ -200,6 +200,9 @@ def test_metrics_count_what_was_served(server, client):
     assert after["gemma3_padded_calls_total"] >= 0  # calls padded to a compiled shape while theirs compiled
     gaps = "gemma3_engine_delivery_gap_seconds"  # the engine's side of the chunk gaps (counted in test_batching)
     assert after[f'{gaps}_bucket{{le="+Inf"}}'] == after[f"{gaps}_count"] and f"{gaps}_sum" in after
+    thread = 'gemma3_engine_thread_seconds_total{{state="{}"}}'.format  # where the engine thread's time went
+    assert after[thread("host")] > before[thread("host")] and after[thread("waiting")] > before[thread("waiting")]
+    assert after[thread("idle")] >= before[thread("idle")] > 0  # it waited for this request
 
 
 def start_server(model: Path, *flags: str):

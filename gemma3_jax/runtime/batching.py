@@ -42,6 +42,7 @@ from gemma3_jax.runtime.slots import SlotState, SlotSteps, pack_rows, packed_wid
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 GAP_BOUNDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)  # seconds: the buckets of ``BatchEngine.delivery_gaps``
+THREAD_STATES = ("idle", "waiting", "host")  # the keys of ``BatchEngine.thread_s``
 
 
 class QueueFull(RuntimeError):
@@ -221,6 +222,9 @@ class BatchEngine:
         # whatever its transport adds); counts per GAP_BOUNDS bucket, the last above them all
         self.delivery_gaps = [0] * (len(GAP_BOUNDS) + 1)
         self._gap_sum = 0.0
+        # where the stepping thread's time goes (THREAD_STATES): with no work, waiting for a call's results (the
+        # device busy), or everything else: scheduling, dispatching, handing tokens over, and waiting for the GIL
+        self.thread_s = dict.fromkeys(THREAD_STATES, 0.0)
         # with record_calls, one dict per dispatched call (kind, shape, host times): where a benchmark's time went
         self.calls: list[dict] | None = [] if record_calls else None
         if verbose:
@@ -356,6 +360,7 @@ class BatchEngine:
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> bool:
         """Admit, dispatch one call, read the previous call's tokens; returns whether there was any work."""
+        began, waited = time.perf_counter(), self.thread_s["waiting"]
         prefilling, decoding, queued = self._schedule()
         if not prefilling and self._pending is not None and any(last for _, last in self._pending.rows):
             # a prompt's first token waits in the last call: hand it over before spending a dispatch on decode
@@ -379,6 +384,7 @@ class BatchEngine:
         pending, self._pending = self._pending, call
         if pending is not None:
             self._deliver(pending)
+        self.thread_s["host"] += time.perf_counter() - began - (self.thread_s["waiting"] - waited)
         return call is not None or pending is not None
 
     def _schedule(self) -> tuple[list[Stream], list[Stream], bool]:
@@ -599,6 +605,7 @@ class BatchEngine:
             tokens = tokens[:, None]
         produced = None if call.produced is None else np.asarray(call.produced).astype(np.int32)
         now = time.perf_counter()
+        self.thread_s["waiting"] += now - t0
         if call.kind == "decode" and produced is not None and produced.max(initial=0) > 0:
             # the device ran this call from when it was queued or the previous call ended, whichever was later
             began = call.dispatched if self._last_ready is None else max(call.dispatched, self._last_ready)
@@ -676,9 +683,11 @@ class BatchEngine:
     def _loop(self) -> None:
         while True:
             with self._cond:
+                t0 = time.perf_counter()
                 while not self._stop and not self._queue and not self._cancelled and \
                         all(s is None for s in self._slots):
                     self._cond.wait()
+                self.thread_s["idle"] += time.perf_counter() - t0
                 if self._stop:
                     return
             self.step()
@@ -690,13 +699,14 @@ class BatchEngine:
             window = list(self._window)
             gaps = dict(bounds=GAP_BOUNDS, counts=list(self.delivery_gaps), sum=self._gap_sum)
             counters = dict(self.counters)
+            thread_s = dict(self.thread_s)
         rate = 0.0
         if len(window) >= 2 and window[-1][0] > window[0][0]:
             rate = sum(n for _, n in window[1:]) / (window[-1][0] - window[0][0])
         return dict(queued=len(self._queue), active_slots=len(active), max_batch=self.max_batch,
                     cache_positions_held=held, cache_positions=self.max_batch * self.cache_length,
                     cache_bytes=self.cache_bytes, decode_tok_per_s=rate,
-                    delivery_gaps=gaps, padded_calls=self.shapes.padded_calls,
+                    delivery_gaps=gaps, thread_s=thread_s, padded_calls=self.shapes.padded_calls,
                     background_compile_errors=len(self.shapes.errors),
                     feature_cache=dict(bytes=self.features.nbytes, hits=self.features.hits,
                                        encodes=self.features.encodes),

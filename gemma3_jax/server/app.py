@@ -220,6 +220,10 @@ class Metrics:
         # the engine's own gaps between deliveries to decoding streams (what the HTTP layer adds is the rest)
         gaps = stats["delivery_gaps"]
         out += _histogram("gemma3_engine_delivery_gap_seconds", gaps["bounds"], gaps["counts"], gaps["sum"])
+        # the engine thread's time: with no work, waiting for the device, or on the host (dispatching, handing tokens
+        # over, waiting for the GIL): host time that grows under load means the device waits for the host
+        out.append("# TYPE gemma3_engine_thread_seconds_total counter")
+        out += [f'gemma3_engine_thread_seconds_total{{state="{k}"}} {v}' for k, v in stats["thread_s"].items()]
         return "\n".join(out) + "\n"
 
 
