@@ -297,7 +297,7 @@ def offline(model: Path, reqs: list[dict], args) -> dict:
                 s.result()
             tokens = sum(len(s.token_ids) for s in streams)
             wall = time.perf_counter() - t0
-    after = service.engine.stats()["thread_s"]
+            after = service.engine.stats()["thread_s"]  # the pass's own span, read while the engine runs
     return dict(requests=len(reqs), output_tokens=tokens, wall_s=wall, tok_per_s=tokens / wall,
                 epoch_s=(began, began + wall), engine_thread_s={k: after[k] - before[k] for k in after})
 
