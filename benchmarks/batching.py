@@ -197,6 +197,8 @@ def call_breakdown(calls: list[dict]) -> dict:
         e["steps"] += c["steps"]
         e["images"] += c["images"]
         e["dispatch_ms"] += c["dispatch_ms"]
+        for part, ms in c.get("host_ms", {}).items():  # the dispatch by part: encode, pack, feats, embed, call
+            e.setdefault("host_ms", {})[part] = e.get("host_ms", {}).get(part, 0.0) + ms
         e["wait_ms"] += c["wait_ms"]
         e["device_ms"] += (c["ready"] - begin) * 1e3
         if prev_ready is not None:  # the device had nothing queued between the previous call and this one
@@ -231,12 +233,20 @@ def workload_ceiling(cfg, requests: list[Request], slots: int, weights: int, sta
 
 def section_offline(model, cfg, args, res, rng):
     reqs = workload(cfg, args.requests, rng, args.small)
+    eng = None
+    for option in args.offline_options:  # the first is "offline", any other "offline_<option>"
+        eng = offline_run(model, cfg, args, res, reqs, option)
+    return eng
+
+
+def offline_run(model, cfg, args, res, reqs, option: str):
     length = round_up(max(len(r.prompt) + r.max_new_tokens for r in reqs))
-    eng = make_engine(model, args, length, record_calls=True)
+    eng = make_engine(model, args, length, record_calls=True, options=named_options(option, model.kernels.platform))
+    key = "offline" if option == args.offline_options[0] else f"offline_{option}"
     t = time.perf_counter()
     serve(eng, reqs[: 2 * args.max_batch])  # compiles the shapes the workload uses
-    res["offline_warmup_s"] = time.perf_counter() - t
-    res["offline_warmup_compiles"] = {k: v for k, v in eng.counters.items() if k.startswith("compiles_")}
+    res[f"{key}_warmup_s"] = time.perf_counter() - t
+    res[f"{key}_warmup_compiles"] = {k: v for k, v in eng.counters.items() if k.startswith("compiles_")}
     eng.counters.clear()
     eng.calls.clear()
     profiler = None
@@ -252,11 +262,12 @@ def section_offline(model, cfg, args, res, rng):
             log(f"host profile by {order}:\n" + profile_text(profiler, order, 30)[-9000:])
     r["cache_length"], r["cache_gib"] = length, eng.cache_bytes / 2**30
     r["calls"] = call_breakdown(eng.calls)
-    save_gz("offline_calls.json.gz", json.dumps(eng.calls))  # every call's record, for a timeline
+    save_gz(f"{key}_calls.json.gz", json.dumps(eng.calls))  # every call's record, for a timeline
     spec = spec_of(args.small)
     r["ceiling"] = workload_ceiling(cfg, reqs, args.max_batch, weight_bytes(model.text), spec.short[0], spec.new)
-    res["offline"] = r
-    log(f"offline {r['requests']} requests: {r['tok_per_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, "
+    r["options"] = option
+    res[key] = r
+    log(f"offline ({option} options) {r['requests']} requests: {r['tok_per_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, "
         f"inter-token p50/p99 {r['itl_p50_ms']:.2f}/{r['itl_p99_ms']:.2f} ms, "
         f"{r['mean_decoding_slots']:.1f} of {args.max_batch} slots decoding; a full decode step reads "
         f"{r['ceiling']['workload_step_bytes'] / 1e9:.2f} GB here vs {r['ceiling']['static_step_bytes'] / 1e9:.2f} GB "
@@ -277,6 +288,8 @@ def section_offline(model, cfg, args, res, rng):
         log(f"    {key:28s} x{e['calls']:5d}  device {e['device_ms'] / 1e3:6.2f} s ({e['device_ms_per_call']:7.2f} ms a "
             f"call, {e['steps']} steps, {e['images']} images)  dispatch {e['dispatch_ms']:8.1f} ms  "
             f"idle before {e['idle_before_ms']:7.1f} ms")
+        parts = ", ".join(f"{k} {v / e['calls']:.2f}" for k, v in e.get("host_ms", {}).items())
+        log(f"        host ms a call by part: {parts}")
     return eng
 
 
@@ -534,6 +547,8 @@ def main() -> int:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--step-tokens", type=int, default=256)
     ap.add_argument("--offline-trace", action="store_true", help="offline: GPU trace of steps 300-360 (slows the run)")
+    ap.add_argument("--offline-options", type=lambda v: [x for x in v.split(",") if x], default=["default"],
+                    help="offline: run it under each of these compiler options (default, graphs, nocb)")
     ap.add_argument("--host-profile", action="store_true", help="offline: cProfile the timed run (no GPU trace)")
     ap.add_argument("--profile-step-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[256, 1024])
     ap.add_argument("--profile-options", type=lambda v: v.split(","), default=["default"],

@@ -217,6 +217,8 @@ def server_counters(url: str) -> dict[str, float]:
                 re.finditer(r'^gemma3_engine_delivery_gap_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)})
     got.update({f"thread:{m.group(1)}": float(m.group(2)) for m in
                 re.finditer(r'^gemma3_engine_thread_seconds_total\{state="(\w+)"\} (\S+)$', text, re.M)})
+    got.update({"thread:cpu": float(m.group(1)) for m in
+                re.finditer(r'^gemma3_engine_thread_cpu_seconds_total (\S+)$', text, re.M)})
     return got
 
 
@@ -268,7 +270,7 @@ def drive(url: str, reqs: list[dict], rate: float | None, rng) -> dict:
                 padded_calls=delta.get("padded"),
                 gaps_over_200ms=sum(g > LONG_GAP_S for g in itl), engine_gaps_over_200ms=engine_long,
                 engine_gaps=delta.get("gaps_le:+Inf"),
-                # the engine thread's seconds meanwhile: idle, waiting for the device, on the host
+                # the engine thread's seconds meanwhile: idle, waiting for the device, on the host; of its steps on CPU
                 engine_thread_s={k.split(":")[1]: v for k, v in delta.items() if k.startswith("thread:")})
 
 
@@ -290,14 +292,16 @@ def offline(model: Path, reqs: list[dict], args) -> dict:
                                  cache_length=args.cache_length, progress=False) as service:
         service.warm_up()
         for warm in (True, False):
-            before = dict(service.engine.stats()["thread_s"])
+            stats = service.engine.stats()
+            before = dict(stats["thread_s"], cpu=stats["thread_cpu_s"])
             began, t0 = time.time(), time.perf_counter()
             streams = [service.submit(**kw, max_new_tokens=n, temperature=1.0, seed=0) for kw, n in prepared]
             for s in streams:
                 s.result()
             tokens = sum(len(s.token_ids) for s in streams)
             wall = time.perf_counter() - t0
-            after = service.engine.stats()["thread_s"]  # the pass's own span, read while the engine runs
+            stats = service.engine.stats()  # the pass's own span, read while the engine runs
+            after = dict(stats["thread_s"], cpu=stats["thread_cpu_s"])
     return dict(requests=len(reqs), output_tokens=tokens, wall_s=wall, tok_per_s=tokens / wall,
                 epoch_s=(began, began + wall), engine_thread_s={k: after[k] - before[k] for k in after})
 
@@ -378,7 +382,7 @@ def main() -> int:
                 res["http_over_offline"] = res["burst_http"]["tok_per_s"] / res["burst_offline"]["tok_per_s"]
                 log(f"the same in-process: {res['burst_offline']['tok_per_s']:.0f} tok/s; HTTP / in-process "
                     f"{res['http_over_offline']:.2f}; the engine thread's seconds (idle, waiting for the device, "
-                    f"on the host): HTTP {res['burst_http']['engine_thread_s']}, in-process "
+                    f"on the host, and its steps' CPU time): HTTP {res['burst_http']['engine_thread_s']}, in-process "
                     f"{res['burst_offline']['engine_thread_s']}")
     save_json(path, res)
     print_errors(res)

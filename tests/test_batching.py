@@ -101,6 +101,7 @@ def test_batched_equals_alone_and_the_static_engine(model, solo):
     spent = stats["thread_s"]
     assert spent["host"] > 0 and spent["waiting"] > 0 and spent["idle"] == 0, spent
     assert spent["host"] + spent["waiting"] <= time.perf_counter() - stepping
+    assert 0 < stats["thread_cpu_s"] <= spent["host"] + spent["waiting"]  # one thread's CPU time within its steps
 
 
 def test_background_compile_runs_covering_shapes(model, solo):

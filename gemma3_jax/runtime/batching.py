@@ -146,6 +146,7 @@ class _Call:
     prompt_tokens: int = 0  # prompt tokens a prefill or mixed call carries (of rows x padded tokens)
     dispatched: float = 0.0  # time.perf_counter() when the call was entered
     record: dict | None = None  # this call's entry in ``BatchEngine.calls`` when calls are recorded
+    host_ms: dict = dataclasses.field(default_factory=dict)  # the host's time in each part of the dispatch
 
 
 def _pow2(n: int, least: int = 1) -> int:
@@ -205,6 +206,8 @@ class BatchEngine:
         # one image's zero features, made once: they pad a call's features (an eager jnp.zeros per call is an XLA
         # computation dispatched on the engine's thread, ~4 ms a call profiled on an H100's host)
         self._zero_feat = jnp.zeros(self._feat_shape, self.dtype) if self._image_tokens else None
+        self._zero_pixels: dict[tuple, jax.Array] = {}  # (shape, dtype) -> one zero image, padding vision calls
+        self._flags: tuple[np.ndarray, jax.Array] | None = None  # the last decode call's flags, host and device
         # shapes compiled ahead from specs: on one device only (specs would need each array's mesh placement)
         self.shapes = CompiledShapes(background_compile and model.kernels.shards == 1)
         self.features = FeatureCache(feature_cache_bytes)
@@ -225,6 +228,9 @@ class BatchEngine:
         # where the stepping thread's time goes (THREAD_STATES): with no work, waiting for a call's results (the
         # device busy), or everything else: scheduling, dispatching, handing tokens over, and waiting for the GIL
         self.thread_s = dict.fromkeys(THREAD_STATES, 0.0)
+        # the CPU seconds its steps used: host seconds well above them went to waiting for the GIL or inside calls
+        # that block (an executable's launches, a copy)
+        self.thread_cpu_s = 0.0
         # with record_calls, one dict per dispatched call (kind, shape, host times): where a benchmark's time went
         self.calls: list[dict] | None = [] if record_calls else None
         if verbose:
@@ -330,19 +336,23 @@ class BatchEngine:
         return compiled
 
     def _encode(self, images: list[np.ndarray]) -> list[jax.Array]:
-        """Features [T, D] of each image, in one vision call padded to a power of two of images."""
+        """Features [T, D] of each image, in one vision call padded to a power of two of images. Each image goes to
+        the device as it is and they are stacked there, and each image's features come out as an array of its own:
+        a host-side stack copied ~10 MB an image on this thread, and slicing the features was an XLA call each."""
         vw = self._vision
         n = len(images)
-        pad = [np.zeros_like(images[0])] * (_pow2(n) - n)
-        px = images[0][None] if n == 1 else np.stack(images + pad)  # one copy of the pixels at most
+        key = (images[0].shape, images[0].dtype)
+        if key not in self._zero_pixels:  # padding images, made once (what they give is never read)
+            self._zero_pixels[key] = jax.device_put(np.zeros(*key))
+        pixels = jax.device_put(images) + [self._zero_pixels[key]] * (_pow2(n) - n)  # returns while copies run
 
-        def vision(rest, groups, pixel_values):
+        def vision(rest, groups, *pixels):
             step = vw.merge(rest, groups)
-            return step.projector(step.vision(pixel_values))
+            feats = step.projector(step.vision(jnp.stack(pixels)))
+            return tuple(feats[i] for i in range(len(pixels)))
 
-        args = (vw.rest, vw.groups, jax.device_put(px))  # returns while the copy runs, unlike jnp.asarray
-        feats = self._compile("vision", vision, args, None)(*args)
-        return [feats[i] for i in range(n)]
+        args = (vw.rest, vw.groups, *pixels)
+        return list(self._compile("vision", vision, args, None)(*args)[:n])
 
     def _chunk_bucket(self, n: int, budget: int) -> int:
         """A prefill call's padded length for a longest chunk of ``n`` tokens under ``budget``, from a few lengths
@@ -360,7 +370,7 @@ class BatchEngine:
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> bool:
         """Admit, dispatch one call, read the previous call's tokens; returns whether there was any work."""
-        began, waited = time.perf_counter(), self.thread_s["waiting"]
+        began, waited, cpu = time.perf_counter(), self.thread_s["waiting"], time.thread_time()
         prefilling, decoding, queued = self._schedule()
         if not prefilling and self._pending is not None and any(last for _, last in self._pending.rows):
             # a prompt's first token waits in the last call: hand it over before spending a dispatch on decode
@@ -370,6 +380,7 @@ class BatchEngine:
         t0 = time.perf_counter()
         encodes = self.features.encodes
         self._encode_admitted([s for s in prefilling if s._prefilled == 0 and s._image_keys and not s._feats])
+        encoded = time.perf_counter()
         call = None
         if prefilling:
             call = self._prefill(prefilling, decoding)
@@ -379,12 +390,14 @@ class BatchEngine:
             call.record = dict(kind=call.kind, shape=call.shape, decoding=len(call.decoding),
                                prompt_tokens=call.prompt_tokens,
                                images=self.features.encodes - encodes, start=t0,
-                               dispatch_ms=(time.perf_counter() - t0) * 1e3)
+                               dispatch_ms=(time.perf_counter() - t0) * 1e3,
+                               host_ms=dict(call.host_ms, encode=(encoded - t0) * 1e3))
             self.calls.append(call.record)
         pending, self._pending = self._pending, call
         if pending is not None:
             self._deliver(pending)
         self.thread_s["host"] += time.perf_counter() - began - (self.thread_s["waiting"] - waited)
+        self.thread_cpu_s += time.thread_time() - cpu
         return call is not None or pending is not None
 
     def _schedule(self) -> tuple[list[Stream], list[Stream], bool]:
@@ -464,6 +477,7 @@ class BatchEngine:
 
     def _prefill(self, prefilling: list[Stream], decoding: list[Stream]) -> _Call:
         """Dispatch the next chunks, with a decode step of every slot (``SlotSteps.mixed``) when any decodes."""
+        t0 = time.perf_counter()
         budget = self.step_tokens if decoding else self.chunk_tokens
         rows = self._rows(prefilling, budget)
         streams = [s for s, _, _ in rows] + decoding
@@ -502,10 +516,13 @@ class BatchEngine:
         (nf,) = self.shapes.pick(("embed", b, t), (nf,),
                                  lambda b=b, t=t, nf=nf: self._compile_embed(b, t, nf, spec=True))
         feat_arg = None
-        if nf:  # padded with zero features, which no image token reads
-            feat_arg = jnp.stack(feats + [self._zero_feat] * (nf - len(feats)))
+        t1 = time.perf_counter()
+        if nf:  # padded with zero features, which no image token reads; stacked in the call, not by an XLA call here
+            feat_arg = tuple(feats + [self._zero_feat] * (nf - len(feats)))
+        t2 = time.perf_counter()
         embeddings = self._compile_embed(b, t, nf, args=(self._embedding, packed, feat_arg))(
             self._embedding, packed, feat_arg)
+        t3 = time.perf_counter()
         args = (self._text.flat, self.cache, self.state, embeddings, packed)
         fn = self._compile_call(kind, greedy_only, b, t, nf, args=args)
         if decoding:
@@ -513,6 +530,7 @@ class BatchEngine:
         else:
             self.cache, self.state, first = fn(*args)
             tokens = produced = None
+        t4 = time.perf_counter()
         with self._cond:
             for s, st, e in rows:
                 s._prefilled = e
@@ -521,15 +539,22 @@ class BatchEngine:
                 self.counters["prefill_tokens"] += e - st
             self.counters["mixed_calls" if decoding else "prefill_calls"] += 1
         return _Call([(s, s._slot) for s in decoding], tokens, produced, kind, (b, t),
-                     [(s, bool(f)) for (s, _, _), f in zip(rows, last)], first, sum(e - st for _, st, e in rows))
+                     [(s, bool(f)) for (s, _, _), f in zip(rows, last)], first, sum(e - st for _, st, e in rows),
+                     host_ms=dict(pack=(t1 - t0) * 1e3, feats=(t2 - t1) * 1e3, embed=(t3 - t2) * 1e3,
+                                  call=(t4 - t3) * 1e3))
 
     def _compile_embed(self, b: int, t: int, nf: int, args=None, spec: bool = False):
         """The embed call for ``b`` rows of ``t`` tokens with ``nf`` image features (0: none); ``spec``: from
         shapes alone (a compile ahead of its first call)."""
         if spec:
-            feat = jax.ShapeDtypeStruct((nf, *self._feat_shape), self.dtype) if nf else None
+            feat = (jax.ShapeDtypeStruct(self._feat_shape, self.dtype),) * nf if nf else None
             args = (self._embedding, jax.ShapeDtypeStruct((b, packed_width(t)), jnp.int32), feat)
-        fn = self._compile("embed", self._steps.embed, args, None)
+        steps = self._steps
+
+        def embed(embedding, packed, feats):  # feats: a tuple of one array an image, or None
+            return steps.embed(embedding, packed, None if feats is None else jnp.stack(feats))
+
+        fn = self._compile("embed", embed, args, None)
         self.shapes.mark(("embed", b, t), (nf,))
         return fn
 
@@ -578,16 +603,22 @@ class BatchEngine:
         flags = np.zeros((2 + self.max_batch,), np.int32)
         flags[0], flags[1] = until_free, self._decode_limit()
         flags[[2 + s._slot for s in decoding]] = 1
-        args = (tw.flat, self.cache, self.state, jax.device_put(flags))
+        if self._flags is None or not np.array_equal(self._flags[0], flags):
+            # the same flags as the last decode call keep their device array: no copy, and an input at the same
+            # address leaves the call's CUDA graph as it was recorded
+            self._flags = (flags, jax.device_put(flags))
+        args = (tw.flat, self.cache, self.state, self._flags[1])
         fn = self._compile("decode", decode, args, greedy_only, donate=(1, 2))
         # the device may start as soon as the call is entered, and JAX may return only after enqueueing every
         # kernel: after an idle engine (no earlier call still running) the step-time estimate (stream_s) counts
         # from here, so it does not run short
         dispatched = time.perf_counter()
         self.cache, self.state, tokens, produced = fn(*args)
+        called = time.perf_counter()
         with self._cond:
             self.counters["decode_calls"] += 1
-        return _Call([(s, s._slot) for s in decoding], tokens, produced, dispatched=dispatched)
+        return _Call([(s, s._slot) for s in decoding], tokens, produced, dispatched=dispatched,
+                     host_ms=dict(call=(called - dispatched) * 1e3))
 
     def _decode_limit(self) -> int:
         """Steps of the next decode call: ``decode_steps``, or with ``stream_s`` as many as take about that long at
@@ -699,14 +730,15 @@ class BatchEngine:
             window = list(self._window)
             gaps = dict(bounds=GAP_BOUNDS, counts=list(self.delivery_gaps), sum=self._gap_sum)
             counters = dict(self.counters)
-            thread_s = dict(self.thread_s)
+            thread_s, thread_cpu_s = dict(self.thread_s), self.thread_cpu_s
         rate = 0.0
         if len(window) >= 2 and window[-1][0] > window[0][0]:
             rate = sum(n for _, n in window[1:]) / (window[-1][0] - window[0][0])
         return dict(queued=len(self._queue), active_slots=len(active), max_batch=self.max_batch,
                     cache_positions_held=held, cache_positions=self.max_batch * self.cache_length,
                     cache_bytes=self.cache_bytes, decode_tok_per_s=rate,
-                    delivery_gaps=gaps, thread_s=thread_s, padded_calls=self.shapes.padded_calls,
+                    delivery_gaps=gaps, thread_s=thread_s, thread_cpu_s=thread_cpu_s,
+                    padded_calls=self.shapes.padded_calls,
                     background_compile_errors=len(self.shapes.errors),
                     feature_cache=dict(bytes=self.features.nbytes, hits=self.features.hits,
                                        encodes=self.features.encodes),

@@ -224,6 +224,8 @@ class Metrics:
         # over, waiting for the GIL): host time that grows under load means the device waits for the host
         out.append("# TYPE gemma3_engine_thread_seconds_total counter")
         out += [f'gemma3_engine_thread_seconds_total{{state="{k}"}} {v}' for k, v in stats["thread_s"].items()]
+        out.append("# TYPE gemma3_engine_thread_cpu_seconds_total counter")  # of its steps: host minus this waited
+        out.append(f"gemma3_engine_thread_cpu_seconds_total {stats['thread_cpu_s']}")
         return "\n".join(out) + "\n"
 
 
