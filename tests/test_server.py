@@ -20,6 +20,10 @@ ROOT = Path(__file__).parents[1]
 KEY = "sk-test-key"
 NEW = 10
 
+# One xdist worker runs the tests of the module's server: started on each worker, it compiled twice (~100 s each).
+# (Per test: a test with two groups gets a group of its own, which would move the real-270M test off its worker.)
+on_server_worker = pytest.mark.xdist_group("tiny_server")
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
@@ -85,6 +89,7 @@ def image_chat(files, text="Compare these."):
         {"type": "text", "text": text}]}]
 
 
+@on_server_worker
 def test_chat_with_two_base64_images(client, files, generator):
     out = client.chat.completions.create(model="tiny-it", messages=image_chat(files), max_tokens=NEW, temperature=0)
     want = generator.generate("Compare these.", images=[files["images"]], max_new_tokens=NEW, temperature=0)
@@ -94,6 +99,7 @@ def test_chat_with_two_base64_images(client, files, generator):
     assert out.usage.completion_tokens == len(want.token_ids[0])
 
 
+@on_server_worker
 def test_streaming_equals_the_whole_answer(client, files):
     kw = dict(model="tiny-it", messages=image_chat(files, "Stream it."), max_tokens=NEW, temperature=0)
     whole = client.chat.completions.create(**kw).choices[0].message.content
@@ -104,6 +110,7 @@ def test_streaming_equals_the_whole_answer(client, files):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
 
 
+@on_server_worker
 def test_completions_and_models(client, generator):
     out = client.completions.create(model="tiny-it", prompt="Once upon a time", max_tokens=NEW, temperature=0)
     want = generator.generate("Once upon a time", max_new_tokens=NEW, temperature=0, chat=False)
@@ -111,6 +118,7 @@ def test_completions_and_models(client, generator):
     assert [m.id for m in client.models.list().data] == ["tiny-it"]
 
 
+@on_server_worker
 def test_cancelled_stream_then_a_request_completes(server, client):
     with httpx.stream("POST", f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"prompt": "Tell me a long story", "max_tokens": 200, "stream": True}, timeout=120) as r:
@@ -160,6 +168,7 @@ TEXT = [{"role": "user", "content": "hi"}]
         "url": "data:image/png;base64," + base64.b64encode(bytes(200_000)).decode()}}]}]}, 413, "over the",
         id="image_over_limit"),
 ])
+@on_server_worker
 def test_errors_are_openai_json_and_the_server_stays_up(server, path, body, status, match):
     r = post(server, path, raw=body) if isinstance(body, bytes) else post(server, path, body)
     assert r.status_code == status, r.text
@@ -168,18 +177,21 @@ def test_errors_are_openai_json_and_the_server_stays_up(server, path, body, stat
     assert httpx.get(f"{server}/health", timeout=10).json()["status"] == "ok"
 
 
+@on_server_worker
 def test_api_key_is_required(server):
     assert post(server, CHAT, {"messages": TEXT}, key=None).status_code == 401
     r = post(server, CHAT, {"messages": TEXT}, key="wrong")
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
 
 
+@on_server_worker
 def test_body_over_the_limit_is_413(server):
     huge = {"messages": [{"role": "user", "content": "x" * (5 << 20)}]}
     r = post(server, CHAT, raw=json.dumps(huge).encode())
     assert r.status_code == 413 and "over the" in r.json()["error"]["message"]
 
 
+@on_server_worker
 def test_metrics_count_what_was_served(server, client):
     def scrape():
         text = httpx.get(f"{server}/metrics", timeout=10).text
@@ -203,6 +215,8 @@ def test_metrics_count_what_was_served(server, client):
     thread = 'gemma3_engine_thread_seconds_total{{state="{}"}}'.format  # where the engine thread's time went
     assert after[thread("host")] > before[thread("host")] and after[thread("waiting")] > before[thread("waiting")]
     assert after[thread("idle")] >= before[thread("idle")] > 0  # it waited for this request
+    cpu = "gemma3_engine_thread_cpu_seconds_total"
+    assert before[cpu] < after[cpu] <= after[thread("host")] + after[thread("waiting")]
 
 
 def start_server(model: Path, *flags: str):
@@ -256,6 +270,7 @@ def test_eight_concurrent_clients_on_the_real_270m(real_270m):
         assert proc.wait(timeout=60) == 0
 
 
+@on_server_worker
 def test_more_image_markers_than_images_is_400(server, files):
     """A text part that writes the image marker itself asks for more images than the message carries."""
     parts = [{"type": "image_url", "image_url": {"url": data_url(files["images"][0])}},
