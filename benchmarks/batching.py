@@ -197,7 +197,7 @@ def call_breakdown(calls: list[dict]) -> dict:
         e["steps"] += c["steps"]
         e["images"] += c["images"]
         e["dispatch_ms"] += c["dispatch_ms"]
-        for part, ms in c.get("host_ms", {}).items():  # the dispatch by part: encode, pack, feats, embed, call
+        for part, ms in c.get("host_ms", {}).items():  # the dispatch by part: encode, pack or flags, feats, embed, call
             e.setdefault("host_ms", {})[part] = e.get("host_ms", {}).get(part, 0.0) + ms
         e["wait_ms"] += c["wait_ms"]
         e["device_ms"] += (c["ready"] - begin) * 1e3

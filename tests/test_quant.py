@@ -186,8 +186,9 @@ def test_loading_quantizes_the_checkpoint_weights(tiny_mm):
 
 
 def test_cli_quantize_torch_free(tmp_path):
-    """scripts/generate.py --quantize int8 on a Hugging Face layout, torch-free: prints the halved memory plan
-    and completes; an unknown mode is one line and exit 2."""
+    """scripts/generate.py --quantize int8 and fp8 on a Hugging Face layout, torch-free: prints the memory plan of
+    the mode and completes; an unknown mode is one line and exit 2. (int4 through the CLI: test_tensor_parallel's
+    CLI test, at N = 2.)"""
     from fixtures import real_layout as rl
 
     model = rl.write_checkpoint(tmp_path / "it", "it")
@@ -199,7 +200,7 @@ def test_cli_quantize_torch_free(tmp_path):
                                "--prompt", "Describe the sea.", "--max-new-tokens", "6", "--temperature", "0", *more],
                               env=env, capture_output=True, text=True, timeout=600)
 
-    for mode in MODES:
+    for mode in [m for m in MODES if m != "int4"]:
         r = cli("--quantize", mode)
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert f"({mode} weights; float32 would be" in r.stderr and r.stdout.strip(), r.stderr[-2000:]

@@ -600,6 +600,7 @@ class BatchEngine:
 
         # dispatched before the previous call is read: a slot that call freed stops the run at once when requests
         # queue (until_free), so the next step admits one; otherwise the GPU goes on without waiting for the host
+        t0 = time.perf_counter()
         flags = np.zeros((2 + self.max_batch,), np.int32)
         flags[0], flags[1] = until_free, self._decode_limit()
         flags[[2 + s._slot for s in decoding]] = 1
@@ -618,7 +619,7 @@ class BatchEngine:
         with self._cond:
             self.counters["decode_calls"] += 1
         return _Call([(s, s._slot) for s in decoding], tokens, produced, dispatched=dispatched,
-                     host_ms=dict(call=(called - dispatched) * 1e3))
+                     host_ms=dict(flags=(dispatched - t0) * 1e3, call=(called - dispatched) * 1e3))
 
     def _decode_limit(self) -> int:
         """Steps of the next decode call: ``decode_steps``, or with ``stream_s`` as many as take about that long at
