@@ -197,8 +197,9 @@ def call_breakdown(calls: list[dict]) -> dict:
         e["steps"] += c["steps"]
         e["images"] += c["images"]
         e["dispatch_ms"] += c["dispatch_ms"]
-        for part, ms in c.get("host_ms", {}).items():  # the dispatch by part: encode, pack or flags, feats, embed, call
-            e.setdefault("host_ms", {})[part] = e.get("host_ms", {}).get(part, 0.0) + ms
+        parts = e.setdefault("host_ms", {})  # the dispatch by part: encode, pack or flags, feats, embed, call
+        for part, ms in c.get("host_ms", {}).items():
+            parts[part] = parts.get(part, 0.0) + ms
         e["wait_ms"] += c["wait_ms"]
         e["device_ms"] += (c["ready"] - begin) * 1e3
         if prev_ready is not None:  # the device had nothing queued between the previous call and this one
@@ -285,9 +286,9 @@ def offline_run(model, cfg, args, res, reqs, option: str):
             f"GPU kernels {k.get('total_us_per_step', 0) / 1e3:.2f} ms, span {k.get('span_us_per_step', 0) / 1e3:.2f} ms "
             f"a step")
     for key, e in r["calls"].items():
-        log(f"    {key:28s} x{e['calls']:5d}  device {e['device_ms'] / 1e3:6.2f} s ({e['device_ms_per_call']:7.2f} ms a "
-            f"call, {e['steps']} steps, {e['images']} images)  dispatch {e['dispatch_ms']:8.1f} ms  "
-            f"idle before {e['idle_before_ms']:7.1f} ms")
+        log(f"    {key:28s} x{e['calls']:5d}  device {e['device_ms'] / 1e3:6.2f} s "
+            f"({e['device_ms_per_call']:7.2f} ms a call, {e['steps']} steps, {e['images']} images)  "
+            f"dispatch {e['dispatch_ms']:8.1f} ms  idle before {e['idle_before_ms']:7.1f} ms")
         parts = ", ".join(f"{k} {v / e['calls']:.2f}" for k, v in e.get("host_ms", {}).items())
         log(f"        host ms a call by part: {parts}")
     return eng
