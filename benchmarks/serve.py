@@ -10,6 +10,8 @@ Sections (``--only``):
 - ``burst``: the same requests sent at once (each side once untimed first, so no step compiles in the timing),
   through HTTP, then (the server stopped) through ``Service`` in this
   process with the same settings: output tok/s of each, and HTTP over in-process (target >= 0.9).
+- ``thread``: the burst through a second server whose engine runs on a thread of the server's own process
+  (``--no-engine-process``; the default runs it in a process of its own), against the same in-process figure.
 - ``peer``: ``transformers serve`` (continuous batching, bf16 on the GPU) on the same checkpoint, the text
   requests of the mix sent at once, and ours on the same requests: output tok/s and TTFT of each, and the ratio.
 
@@ -40,7 +42,7 @@ import numpy as np
 from benchmarks.common import attempt, log, out_path, print_errors, save_json
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("rates", "burst", "peer")
+SECTIONS = ("rates", "burst", "thread", "peer")
 LONG_GAP_S = 0.2  # chunk gaps counted as long, a bound of the engine's gap histogram
 
 
@@ -161,10 +163,10 @@ def peer_section(root: Path, reqs: list[dict], args, rng, res: dict) -> None:
         f"{res['peer_ours']['tok_per_s']:.0f} tok/s ({res['ours_over_peer']:.1f}x)")
 
 
-def start_server(model: Path, args) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, args, *flags: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(model), "--port", "0",
            "--max-batch", str(args.max_batch), "--chunk-tokens", str(args.chunk_tokens),
-           "--cache-length", str(args.cache_length), "--max-queue", "100000", "--served-model-name", "bench"]
+           "--cache-length", str(args.cache_length), "--max-queue", "100000", "--served-model-name", "bench", *flags]
     env = dict(os.environ, PYTHONUNBUFFERED="1",  # the repository first, then what the caller's path held
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
@@ -306,6 +308,20 @@ def offline(model: Path, reqs: list[dict], args) -> dict:
                 epoch_s=(began, began + wall), engine_thread_s={k: after[k] - before[k] for k in after})
 
 
+def rates_section(url: str, reqs: list[dict], rates: list[float], args, rng, res: dict, path) -> None:
+    for rate in rates:
+        with attempt(res, f"rate {rate}"):
+            r = drive(url, reqs[: args.requests], rate, rng)
+            res.setdefault("rates", []).append(r)
+            log(f"{rate:g} req/s: {r['tok_per_s']:.0f} tok/s, TTFT p50/p99 {r['ttft_p50_ms']:.0f}/"
+                f"{r['ttft_p99_ms']:.0f} ms, TPOT p50/p99 {r['tpot_p50_ms']:.2f}/{r['tpot_p99_ms']:.2f} "
+                f"ms, chunk gaps p50/p99 {r['itl_p50_ms']:.2f}/{r['itl_p99_ms']:.2f} ms, "
+                f"{r['failed']} failed; compiled meanwhile {r['compiled'] or 'nothing'}; gaps over "
+                f"0.2 s: {r['gaps_over_200ms']} seen by clients, {r['engine_gaps_over_200ms']} of "
+                f"{r['engine_gaps']} made by the engine")
+        save_json(path, res)
+
+
 def _decode(url: str):
     from PIL import Image
 
@@ -343,47 +359,40 @@ def main() -> int:
             with attempt(res, "peer"):
                 peer_section(Path(tmp), reqs, args, rng, res)
             save_json(path, res)
-        if not sections & {"rates", "burst"}:
+        servers = [(name, flags) for name, flags in (("http", ()), ("http_thread", ("--no-engine-process",)))
+                   if sections & ({"rates", "burst"} if name == "http" else {"thread"})]
+        for name, flags in servers:
+            proc, url = start_server(model, args, *flags)
+            log(f"server up at {url}" + (f" ({' '.join(flags)})" if flags else ""))
+            try:
+                drive(url, reqs[: min(len(reqs), 2 * args.max_batch)], None, rng)  # compiles the shapes the mix uses
+                if "rates" in sections and name == "http":
+                    rates_section(url, reqs, rates, args, rng, res, path)
+                if "burst" in sections and name == "http" or name == "http_thread":
+                    with attempt(res, f"burst {name}"):
+                        # once untimed, as the in-process side warms up: a step shape compiled inside the timed
+                        # burst (2026-12-05 21:58: 1,226 tok/s cold against 2,089 warm) is not the server's overhead
+                        drive(url, reqs[: args.burst], None, rng)
+                        b = res[f"burst_{name}"] = drive(url, reqs[: args.burst], None, rng)
+                        log(f"burst of {args.burst} through HTTP{' ' + ' '.join(flags) if flags else ''}: "
+                            f"{b['tok_per_s']:.0f} tok/s; compiled meanwhile {b['compiled'] or 'nothing'}; gaps over "
+                            f"0.2 s: {b['gaps_over_200ms']} seen by clients, {b['engine_gaps_over_200ms']} of "
+                            f"{b['engine_gaps']} made by the engine; the engine thread's seconds {b['engine_thread_s']}")
+            finally:
+                proc.terminate()
+                res[f"{name}_server_exit"] = proc.wait(timeout=120)
             save_json(path, res)
-            print_errors(res)
-            return 0
-        proc, url = start_server(model, args)
-        log(f"server up at {url}")
-        try:
-            drive(url, reqs[: min(len(reqs), 2 * args.max_batch)], None, rng)  # compiles the shapes the mix uses
-            if "rates" in sections:
-                for rate in rates:
-                    with attempt(res, f"rate {rate}"):
-                        r = drive(url, reqs[: args.requests], rate, rng)
-                        res.setdefault("rates", []).append(r)
-                        log(f"{rate:g} req/s: {r['tok_per_s']:.0f} tok/s, TTFT p50/p99 {r['ttft_p50_ms']:.0f}/"
-                            f"{r['ttft_p99_ms']:.0f} ms, TPOT p50/p99 {r['tpot_p50_ms']:.2f}/{r['tpot_p99_ms']:.2f} "
-                            f"ms, chunk gaps p50/p99 {r['itl_p50_ms']:.2f}/{r['itl_p99_ms']:.2f} ms, "
-                            f"{r['failed']} failed; compiled meanwhile {r['compiled'] or 'nothing'}; gaps over "
-                            f"0.2 s: {r['gaps_over_200ms']} seen by clients, {r['engine_gaps_over_200ms']} of "
-                            f"{r['engine_gaps']} made by the engine")
-                    save_json(path, res)
-            if "burst" in sections:
-                with attempt(res, "burst http"):
-                    # once untimed, as the in-process side warms up: a step shape compiled inside the timed burst
-                    # (2026-12-05 21:58: 1,226 tok/s cold against 2,089 warm) is not the server's overhead
-                    drive(url, reqs[: args.burst], None, rng)
-                    res["burst_http"] = drive(url, reqs[: args.burst], None, rng)
-                    b = res["burst_http"]
-                    log(f"burst of {args.burst} through HTTP: {b['tok_per_s']:.0f} tok/s; compiled meanwhile "
-                        f"{b['compiled'] or 'nothing'}; gaps over 0.2 s: {b['gaps_over_200ms']} seen by clients, "
-                        f"{b['engine_gaps_over_200ms']} of {b['engine_gaps']} made by the engine")
-        finally:
-            proc.terminate()
-            res["server_exit"] = proc.wait(timeout=120)
-        if "burst" in sections:
+        if sections & {"burst", "thread"}:
             with attempt(res, "burst offline"):
                 res["burst_offline"] = offline(model, reqs[: args.burst], args)
-                res["http_over_offline"] = res["burst_http"]["tok_per_s"] / res["burst_offline"]["tok_per_s"]
-                log(f"the same in-process: {res['burst_offline']['tok_per_s']:.0f} tok/s; HTTP / in-process "
-                    f"{res['http_over_offline']:.2f}; the engine thread's seconds (idle, waiting for the device, "
-                    f"on the host, and its steps' CPU time): HTTP {res['burst_http']['engine_thread_s']}, in-process "
+                log(f"the same in-process: {res['burst_offline']['tok_per_s']:.0f} tok/s; the engine thread's "
+                    f"seconds (idle, waiting for the device, on the host, and its steps' CPU time) "
                     f"{res['burst_offline']['engine_thread_s']}")
+                for name in ("http", "http_thread"):
+                    if f"burst_{name}" in res:
+                        ratio = res[f"{name}_over_offline"] = (res[f"burst_{name}"]["tok_per_s"]
+                                                               / res["burst_offline"]["tok_per_s"])
+                        log(f"{name} / in-process: {ratio:.2f}")
     save_json(path, res)
     print_errors(res)
     return 0

@@ -52,14 +52,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compile each new prompt-chunk shape when it first comes, every stream waiting meanwhile "
                         "(default: compile the largest at start, run a new shape padded to one of them while it "
                         "compiles in the background; a longer start)")
+    p.add_argument("--no-engine-process", action="store_true",
+                   help="run the engine on a thread of the server's process (default: a process of its own, so the "
+                        "server's request threads never hold the GIL the engine needs; slower under load, for "
+                        "comparison)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 (default: 256)")
     p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get a 413 "
                    "(default: 32 MiB)")
     p.add_argument("--max-image-bytes", type=int, default=16 << 20, help="larger images get a 413 (default: 16 MiB)")
     return p.parse_args(argv)
-
-
-SWITCH_INTERVAL_S = 0.0005
 
 
 def main(argv=None) -> int:
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
     except ImportError as e:
         print(f"error: the server needs the [serve] extra (pip install -e '.[serve]'): {e}", file=sys.stderr)
         return 2
+    from gemma3_jax.runtime.engine_process import SWITCH_INTERVAL_S, EngineExited
     from gemma3_jax.runtime.service import Service
 
     try:
@@ -88,18 +90,23 @@ def main(argv=None) -> int:
                                           cache_length=args.cache_length, chunk_tokens=args.chunk_tokens,
                                           step_tokens=args.step_tokens, max_queue=args.max_queue,
                                           tensor_parallel=args.tensor_parallel, quantize=args.quantize,
-                                          background_compile=not args.no_background_compile, verbose=True)
+                                          background_compile=not args.no_background_compile, verbose=True,
+                                          engine_process=not args.no_engine_process)
     except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except EngineExited as e:  # the engine's process crashed while loading or compiling
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     name = args.served_model_name or (Path(args.model).name if args.model else "gemma-3-270m")
-    print("compiling the first steps ...", file=sys.stderr, flush=True)
-    service.warm_up()
+    if args.no_engine_process:
+        print("compiling the first steps ...", file=sys.stderr, flush=True)
+        service.warm_up()
+        # The engine's thread wakes when a device call finishes and must dispatch the next at once; while the event
+        # loop holds the GIL it would wait up to Python's default switch interval (5 ms) for it.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = build_app(service, model_name=name, api_key=args.api_key, media_dir=media,
                     max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes)
-    # The engine's thread wakes when a device call finishes and must dispatch the next at once; while the event loop
-    # holds the GIL it would wait up to Python's default switch interval (5 ms) for it.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)
 
@@ -111,13 +118,23 @@ def main(argv=None) -> int:
         print(f"serving {name} at http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
 
     server.startup = startup
+    exit_code = 0
+
+    def engine_exited(code):  # on the engine's reply thread: stop serving, exit non-zero
+        nonlocal exit_code
+        print(f"error: the engine process exited (code {code}); stopping", file=sys.stderr, flush=True)
+        exit_code = 1
+        server.should_exit = True
+
+    if not args.no_engine_process:
+        service.engine.on_exit = engine_exited
     # uvicorn handles SIGTERM / Ctrl-C (stop accepting, let running requests finish, bounded), then raises the
     # signal again for the handler it found: this one, so a clean stop exits 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
     service.close()
-    return 0
+    return exit_code
 
 
 if __name__ == "__main__":

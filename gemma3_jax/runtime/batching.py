@@ -63,26 +63,19 @@ class Request:
     stop_ids: Sequence[int] = (1, 106)
 
 
-class Stream:
-    """A submitted request: its new tokens as they come, and how it ended. Iterating yields lists of new token
-    ids until the request finishes (reading drives the engine when no background thread runs it)."""
+class TokenStream:
+    """A request's new tokens as they come, and how it ended, filled in by its engine under the engine's lock
+    (``engine._cond``): a ``BatchEngine`` here, or one in another process (``runtime.engine_process``). Iterating
+    yields lists of new token ids until the request finishes (reading drives the engine when no thread runs it)."""
 
-    def __init__(self, engine: BatchEngine, request_id: int, request: Request, image_mask: np.ndarray):
-        self.engine, self.id, self.request = engine, request_id, request
+    def __init__(self, engine, request_id: int):
+        self.engine, self.id = engine, request_id
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
         self.arrivals: list[tuple[float, int]] = []  # (time.perf_counter(), tokens) per delivery: latency stats
-        self._image_mask = image_mask
-        self._image_starts = np.flatnonzero(image_mask & ~np.r_[False, image_mask[:-1]])
-        self._images = [] if request.pixel_values is None else np.asarray(request.pixel_values, np.float32)
-        self._image_prints = [engine.features.fingerprint(im) for im in self._images]
-        self._image_keys = [engine.features.key_later(im) for im in self._images]  # hashed while the request waits
-        self._feats: list[jax.Array] = []  # one [T, D] per image from admission until the prompt is prefilled
-        self._slot: int | None = None
         self._listeners: list = []  # called (engine's lock held) when tokens arrive or the request ends
-        self._prefilled = 0  # prompt positions already in the slot
 
     @property
     def done(self) -> bool:
@@ -130,6 +123,23 @@ class Stream:
         for _ in self:
             pass
         return self.tokens
+
+
+class Stream(TokenStream):
+    """A request submitted to a ``BatchEngine``: its tokens (``TokenStream``), and its prompt's and images' state
+    while the engine admits and prefills it."""
+
+    def __init__(self, engine: BatchEngine, request_id: int, request: Request, image_mask: np.ndarray):
+        super().__init__(engine, request_id)
+        self.request = request
+        self._image_mask = image_mask
+        self._image_starts = np.flatnonzero(image_mask & ~np.r_[False, image_mask[:-1]])
+        self._images = [] if request.pixel_values is None else np.asarray(request.pixel_values, np.float32)
+        self._image_prints = [engine.features.fingerprint(im) for im in self._images]
+        self._image_keys = [engine.features.key_later(im) for im in self._images]  # hashed while the request waits
+        self._feats: list[jax.Array] = []  # one [T, D] per image from admission until the prompt is prefilled
+        self._slot: int | None = None
+        self._prefilled = 0  # prompt positions already in the slot
 
 
 @dataclasses.dataclass

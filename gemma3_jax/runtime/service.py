@@ -163,10 +163,26 @@ class Service:
                         chunk_tokens: int = 512, step_tokens: int | None = None, max_queue: int | None = None,
                         attention: str = "auto", tensor_parallel: int = 1, quantize: str | None = None,
                         progress: bool = True, background_compile: bool = True,
-                        compilation_cache: bool = True, verbose: bool = False) -> Service:
+                        compilation_cache: bool = True, verbose: bool = False,
+                        engine_process: bool = False) -> Service:
         """``model``: a checkpoint directory, a .gguf file, or None for the default 270M; ``tensor_parallel`` and
         ``quantize`` as ``Generator.from_pretrained``; ``background_compile`` as ``BatchEngine``'s (a prompt
-        chunk of a shape not compiled yet runs padded to one that is, instead of stalling every stream)."""
+        chunk of a shape not compiled yet runs padded to one that is, instead of stalling every stream).
+        ``engine_process``: load the weights and run the engine in a child process, warmed up before this returns
+        (``runtime.engine_process``): this process's threads then never hold the GIL the engine's thread needs;
+        this process keeps the tokenizer, processor and chat template, and never touches the accelerator."""
+        if engine_process:
+            from gemma3_jax.runtime.engine_process import RemoteEngine
+
+            kwargs = {k: v for k, v in locals().items() if k not in ("cls", "engine_process", "RemoteEngine")}
+            engine = RemoteEngine(kwargs)
+            try:  # the directory the child resolved (a .gguf converted there once): read here, not converted again
+                checkpoint = dataclasses.replace(Checkpoint.open(engine.checkpoint_path, progress=False),
+                                                 name=engine.checkpoint_name)
+            except BaseException:
+                engine.close()
+                raise
+            return cls(engine, checkpoint, start=False)  # it runs already
         dtype = resolve_dtype(dtype)
         checkpoint = Checkpoint.open(model, progress=progress, quantize=quantize, dtype=dtype)
         if memory_budget is None:
@@ -221,6 +237,8 @@ class Service:
         do not wait. ``covers`` (default: with background compiles, off a CPU): also the largest prefill and mixed
         shapes (``BatchEngine.compile_covers``), which any other chunk's shape runs padded to until its own has
         compiled; on a CPU they take minutes to compile (the kernels are interpreted there)."""
+        if not isinstance(self.engine, BatchEngine):  # an engine in its own process warmed up as it started
+            return
         if covers is None:
             covers = self.engine.shapes.background and self.engine.platform != "cpu"
         bos = self.checkpoint.tokenizer.bos_id

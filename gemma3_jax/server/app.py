@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gemma3_jax.runtime.batching import QueueFull
+from gemma3_jax.runtime.engine_process import EngineExited
 from gemma3_jax.runtime.service import Service
 from gemma3_jax.server import protocol as p
 
@@ -86,6 +87,8 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
             return service.submit(**kwargs)
         except QueueFull as e:
             raise p.APIError(503, f"the server is busy: {e}", "server_error", headers={"Retry-After": "1"}) from None
+        except EngineExited as e:
+            raise p.APIError(503, f"the server is stopping: {e}", "server_error") from None
         except (ValueError, TypeError) as e:
             raise p.bad(str(e).splitlines()[0]) from None
 
@@ -110,11 +113,17 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
 
     @app.get("/health")
     async def health():
+        if not getattr(service.engine, "alive", True):  # an engine process that exited: the server is stopping
+            return JSONResponse({"status": "engine exited", "model": model_name}, status_code=503)
         return {"status": "ok", "model": model_name, "uptime_s": time.time() - started}
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(service.engine.stats()), media_type="text/plain; version=0.0.4")
+        try:  # a round trip to an engine in its own process: off the event loop
+            stats = await asyncio.to_thread(service.engine.stats)
+        except EngineExited as e:
+            raise p.APIError(503, f"the server is stopping: {e}", "server_error") from None
+        return PlainTextResponse(metrics.render(stats), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(request: Request):
