@@ -282,11 +282,12 @@ def test_more_image_markers_than_images_is_400(server, files):
 
 def test_full_queue_is_503_with_retry_after(files):
     """One slot, one waiting request: the rest of a burst is refused at once with Retry-After, and every accepted
-    request completes."""
+    request completes. (The engine on a thread of the server's process here: the other servers run it in a process
+    of its own.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     proc, url = start_server(files["it"], "--max-batch", "1", "--max-queue", "1", "--cache-length", "256",
-                             "--chunk-tokens", "32", "--no-background-compile")
+                             "--chunk-tokens", "32", "--no-background-compile", "--no-engine-process")
     try:
         def one(i):
             return post(url, "/v1/completions", {"prompt": f"story {i}", "max_tokens": 200, "temperature": 0},
@@ -326,6 +327,41 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(files):
             proc.kill()
 
 
+def engine_process_of(server: subprocess.Popen) -> int:
+    """The pid of a server's engine process (its spawned child; the other child is multiprocessing's tracker)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == server.pid and b"spawn_main" in cmdline:
+            return int(stat.parent.name)
+    raise AssertionError(f"server {server.pid} has no engine process")
+
+
+def test_a_killed_engine_process_ends_the_stream_and_the_server_exits_1(files):
+    """The engine's process dies mid-stream: the client's stream ends (finish_reason "error", then [DONE]) instead
+    of hanging, and the server says so in one line and exits 1, for a supervisor to restart it."""
+    proc, url = start_server(files["it"], "--cache-length", "256", "--chunk-tokens", "32", "--max-batch", "4",
+                             "--no-background-compile")  # the module server's shapes: compiled once
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "A long story", "max_tokens": 120,
+                                                                 "temperature": 0, "stream": True}, timeout=120) as r:
+            lines = r.iter_lines()
+            events = [next(line for line in lines if line.startswith("data: "))]
+            os.kill(engine_process_of(proc), 9)
+            events += [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "error", events[-3:]
+        assert proc.wait(timeout=60) == 1
+        rest = proc.stderr.read()
+        assert "error: the engine process exited (code -9)" in rest and "Traceback" not in rest, rest[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_count_responses_counts_each_status_and_an_escaping_exception_as_500():
     """The request counter sees each response's status as it starts; an exception that escapes the app (answered
     500 by the error middleware outside it) is a 500; other scopes (lifespan) pass through uncounted."""
@@ -351,3 +387,19 @@ def test_count_responses_counts_each_status_and_an_escaping_exception_as_500():
     asyncio.run(_CountResponses(ok, metrics)({"type": "lifespan"}, None, send))
     assert metrics.requests == {("/health", 201): 1, ("other", 500): 1}
     assert len(sent) == 4
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--model", "/nonexistent/gemma"], "neither a checkpoint directory nor a .gguf"),  # refused in the engine process
+    (["--tensor-parallel", "64"], "needs 64 devices"),  # the engine process counts the devices
+    (["--dtype", "float16"], "float16 is refused"),
+    (["--port", "70000"], "--port must be in"),  # refused before anything starts
+])
+def test_bad_flags_end_in_one_line_and_exit_2(files, flags, match):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]),
+               JAX_PLATFORMS="cpu")
+    args = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(files["it"]), *flags]
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and match in errors[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]

@@ -142,6 +142,7 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
         cid = p.completion_id("chatcmpl")
         if not body.get("stream"):
             text = await _collect(request, stream)
+            _check_finished(stream)
             metrics.served(stream)
             return p.chat_response(cid, model_name, text, stream.finish_reason, stream.prompt_tokens,
                                    len(stream.token_ids))
@@ -168,6 +169,7 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
         cid = p.completion_id("cmpl")
         if not body.get("stream"):
             text = await _collect(request, stream)
+            _check_finished(stream)
             metrics.served(stream)
             return p.completion_response(cid, model_name, text, stream.finish_reason, stream.prompt_tokens,
                                          len(stream.token_ids))
@@ -291,6 +293,12 @@ async def _collect(request, stream) -> str:
         stream.cancel()
         raise
     return stream.text
+
+
+def _check_finished(stream) -> None:
+    if stream.finish_reason == "error":
+        raise p.APIError(503, "the engine process exited while this request ran; the server is stopping",
+                         "server_error")
 
 
 async def _cancel_on_exit(events, stream):

@@ -177,7 +177,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def finish_reason(reason: str | None) -> str:
-    return "length" if reason == "length" else "stop"
+    """OpenAI's reason for an engine's: a stop id, a stop string or a cancel all stop; "error" (the engine's process
+    exited mid-request: streamed answers end with it, others are a 503) stays, for a client to tell."""
+    return reason if reason in ("length", "error") else "stop"
 
 
 def chat_response(cid: str, model: str, text: str, reason: str, prompt_tokens: int, tokens: int) -> dict:
