@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 
-import numpy as np
 import pytest
 
 from fixtures import real_layout as rl
@@ -19,14 +18,8 @@ SETTINGS = dict(dtype="float32", cache_length=256, max_batch=4, chunk_tokens=32,
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("engine_process")
-    rng = np.random.default_rng(3)
-    images = []
-    for name, shape in (("a.png", (40, 60, 3)), ("b.png", (32, 32, 3))):
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / name)
-        images.append(str(root / name))
+    images = [str(p) for p in rl.write_images(root, seed=3)]
     return rl.write_checkpoint(root / "gemma-3-4b-it", "it"), images
 
 

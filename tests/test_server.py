@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from fixtures import real_layout as rl
@@ -27,13 +26,8 @@ on_server_worker = pytest.mark.xdist_group("tiny_server")
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("server")
-    rng = np.random.default_rng(1)
-    images = [root / "a.png", root / "b.png"]
-    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(images[0])
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images[1])
+    images = rl.write_images(root, seed=1)
     return dict(it=rl.write_checkpoint(root / "gemma-3-4b-it", "it"), images=images, root=root)
 
 

@@ -24,13 +24,8 @@ SETTINGS = dict(dtype="float32", max_batch=3, cache_length=256, chunk_tokens=32,
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("service")
-    rng = np.random.default_rng(0)
-    images = [root / "a.png", root / "b.png"]
-    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(images[0])
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images[1])
+    images = rl.write_images(root, seed=0)
     return dict(it=rl.write_checkpoint(root / "it", "it"), base=rl.write_checkpoint(root / "base", "base"),
                 images=images, root=root)
 
