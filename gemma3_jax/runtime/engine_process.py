@@ -45,7 +45,7 @@ class RemoteEngine:
     refusals raised here), ``cancel``, ``stats`` and ``close``. ``on_exit(exitcode)`` is called (on a thread of this
     class) if the child ends before ``close``."""
 
-    def __init__(self, service_kwargs: dict, *, on_exit=None, start_timeout_s: float | None = None):
+    def __init__(self, service_kwargs: dict, *, on_exit=None):
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self._sock = socket.socket(fileno=os.dup(self._conn.fileno()))  # the pixels' raw bytes
@@ -61,16 +61,18 @@ class RemoteEngine:
         self._closing = False
         self.alive = False
         self.on_exit = on_exit
-        self._await_ready(start_timeout_s)
+        try:
+            self._await_ready()
+        except BaseException:
+            self._sock.close()
+            self._conn.close()
+            raise
         self.alive = True
         self._thread = threading.Thread(target=self._receive, name="gemma3-engine-replies", daemon=True)
         self._thread.start()
 
-    def _await_ready(self, timeout_s: float | None) -> None:
+    def _await_ready(self) -> None:
         """Wait for the child to load and compile; its failure is raised here as the child raised it."""
-        if timeout_s is not None and not self._conn.poll(timeout_s):
-            self._kill()
-            raise EngineExited(f"the engine process did not start within {timeout_s:.0f} s")
         try:
             msg = self._conn.recv()
         except (EOFError, OSError):
@@ -104,7 +106,10 @@ class RemoteEngine:
 
     def cancel(self, stream: TokenStream) -> None:
         if not stream.done and self.alive:
-            self._send(("cancel", stream.id))
+            try:
+                self._send(("cancel", stream.id))
+            except EngineExited:  # gone meanwhile: its streams end as it goes
+                pass
 
     def stats(self) -> dict:
         """The child's ``BatchEngine.stats()``."""
