@@ -87,7 +87,8 @@ class RemoteEngine:
 
     # ---- calls ---------------------------------------------------------------------------------
     def submit(self, request: Request) -> TokenStream:
-        """Queue a request in the child; its refusal (ValueError, TypeError, ``QueueFull``) is raised here."""
+        """Queue a request in the child; its refusal (ValueError, TypeError, ``QueueFull``) is raised here, any other
+        failure of the child's ``submit`` as a RuntimeError with its message (the engine goes on)."""
         if not isinstance(request, Request):
             raise TypeError(f"submit takes a Request, got {type(request).__name__}")
         pixels = None
@@ -283,7 +284,7 @@ def _child_main(conn, service_kwargs: dict, parent_pid: int) -> None:
                     request = dataclasses.replace(request, pixel_values=pixels)
                 try:
                     stream = engine.submit(request)
-                except (ValueError, TypeError, QueueFull) as e:
+                except Exception as e:  # noqa: BLE001 - a refusal, or a bug failing one request, not the engine
                     send(("reply", call, (False, (type(e).__name__, str(e)))))
                     continue
                 streams[rid] = stream
