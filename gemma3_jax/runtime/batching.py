@@ -30,7 +30,6 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from gemma3_jax.model import kv_cache as kvc
 from gemma3_jax.model.gemma3 import Gemma3, check_inputs
