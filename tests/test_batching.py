@@ -371,6 +371,18 @@ def test_refused_at_submission(model):
         eng.submit(Request([2, 3], max_new_tokens=0))
     with pytest.raises(TypeError, match="Request"):
         eng.submit([2, 3])
+    # stop ids go to the device as int32: a string or an id past the vocabulary is refused here, not in the loop
+    for stop, error, match in (("ab", TypeError, "stop_ids must be a sequence of token ids"),
+                               (None, TypeError, "stop_ids must be a sequence of token ids"),
+                               ((2**70,), ValueError, r"stop_ids must lie in \[0, \d+\)"),
+                               ((-1,), ValueError, r"stop_ids must lie in \[0, \d+\)"),
+                               (tuple(range(9)), ValueError, "at most 8 stop token ids")):
+        with pytest.raises(error, match=match):
+            eng.submit(Request([2, 3], max_new_tokens=2, stop_ids=stop))
+    with pytest.raises(ValueError, match="prompt must be a non-empty list of token ids"):
+        eng.submit(Request([[2, 3], [4]]))
+    with pytest.raises(TypeError, match="pixel_values must be a float array, got dtype <U"):
+        eng.submit(Request([2, IMAGE_TOKEN] * MM_TOKENS, np.array(["x"])))
     with pytest.raises(ValueError, match="max_batch"):
         BatchEngine(model, max_batch=0)
     assert eng.stats()["queued"] == 0

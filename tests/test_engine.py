@@ -142,6 +142,11 @@ def test_engine_rejects_bad_requests(mm):
         list(engine.generate_ids([[]], max_new_tokens=4))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(temperature=1.0, top_p=0.0)
+    # refused before the prompt is prefilled (at the generator's first step), naming the argument
+    with pytest.raises(TypeError, match="stop_ids must be a sequence of token ids"):
+        next(engine.generate_ids([[2, 3]], max_new_tokens=4, stop_ids="ab"))
+    with pytest.raises(ValueError, match=r"stop_ids must lie in \[0, "):
+        next(engine.generate_ids([[2, 3]], max_new_tokens=4, stop_ids=(2**40,)))
 
 
 def test_packed_norm_weights_unpack_to_the_same_leaves(mm, mm_engine):

@@ -71,7 +71,10 @@ class Gemma3(nnx.Module):
 def check_inputs(cfg: Gemma3Config, input_ids, pixel_values=None, attention_mask=None, *, to_device: bool = True):
     """Gemma3.check_inputs without a model instance (the Engine holds only its config and state); with
     ``to_device=False`` the checked inputs stay host (numpy) arrays."""
-    ids = np.asarray(input_ids)
+    try:
+        ids = np.asarray(input_ids)
+    except (ValueError, TypeError) as e:  # ragged rows, say: name the argument
+        raise ValueError(f"input_ids must be a [B, L] integer array: {e}") from None
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must be a [B, L] integer array, got shape {ids.shape} dtype {ids.dtype}")
     if ids.shape[1] == 0:
@@ -85,8 +88,13 @@ def check_inputs(cfg: Gemma3Config, input_ids, pixel_values=None, attention_mask
         if not cfg.is_multimodal:
             raise ValueError("pixel_values given to a text-only model (its config has no vision_config)")
         if not isinstance(pixel_values, jax.Array):
-            pixel_values = np.asarray(pixel_values)
+            try:
+                pixel_values = np.asarray(pixel_values)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"pixel_values must be a float array [num_images, C, H, W]: {e}") from None
             if not np.issubdtype(pixel_values.dtype, np.floating) and pixel_values.dtype != jnp.bfloat16:
+                if pixel_values.dtype.kind not in "biu":  # strings and objects do not convert
+                    raise TypeError(f"pixel_values must be a float array, got dtype {pixel_values.dtype}")
                 pixel_values = pixel_values.astype(np.float32)
         v = cfg.vision
         want = (v.num_channels, v.image_size, v.image_size)

@@ -36,7 +36,7 @@ from gemma3_jax.model.gemma3 import Gemma3, check_inputs
 from gemma3_jax.runtime.compiled_shapes import COMPILE_THREAD, CompiledShapes
 from gemma3_jax.runtime.engine import StepWeights, VisionStep, compiled_step
 from gemma3_jax.runtime.features import FeatureCache, PendingKey
-from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams
+from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams, check_stop_ids
 from gemma3_jax.runtime.slots import SlotState, SlotSteps, pack_rows, packed_width, unpack_rows
 
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -272,7 +272,10 @@ class BatchEngine:
         ``QueueFull`` while ``max_queue`` requests wait."""
         if not isinstance(request, Request):
             raise TypeError(f"submit takes a Request, got {type(request).__name__}")
-        prompt = np.asarray(request.prompt)
+        try:
+            prompt = np.asarray(request.prompt)
+        except (ValueError, TypeError) as e:  # ragged, say
+            raise ValueError(f"prompt must be a non-empty list of token ids: {e}") from None
         if prompt.ndim != 1 or len(prompt) == 0:
             raise ValueError(f"prompt must be a non-empty list of token ids, got shape {prompt.shape}")
         n = request.max_new_tokens
@@ -280,8 +283,7 @@ class BatchEngine:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {n!r}")
         if not isinstance(request.params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(request.params).__name__}")
-        if len(request.stop_ids) > MAX_STOP_IDS:
-            raise ValueError(f"at most {MAX_STOP_IDS} stop token ids, got {len(request.stop_ids)}")
+        check_stop_ids(request.stop_ids, self.cfg.text.vocab_size)
         if isinstance(request.seed, bool) or not isinstance(request.seed, int):
             raise TypeError(f"seed must be an int, got {request.seed!r}")
         kvc.check_fits(len(prompt), n, self.cache_length)

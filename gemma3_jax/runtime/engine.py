@@ -21,7 +21,7 @@ from flax import nnx
 
 from gemma3_jax.model import kv_cache as kvc
 from gemma3_jax.model.gemma3 import NUMERICS_OPTIONS, Gemma3, check_inputs, decoder_forward
-from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams, sample
+from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams, check_stop_ids, sample
 
 # Prompt lengths are padded up to one of these (each is compiled once). Up to 256 tokens a prefill's GEMMs read
 # their weights in the same time however many rows they have (they are memory bound there), so coarse
@@ -411,6 +411,7 @@ class Engine:
         ``streaming``: a reader shows tokens as they come, so decode chunks start at one step and grow (doubling,
         up to ``chunk``) only while a chunk takes under ``STREAM_CHUNK_S``: text appears token by token on a slow
         device instead of in bursts of ``chunk``; the tokens are the same either way."""
+        stop_ids = check_stop_ids(stop_ids, self.cfg.text.vocab_size)  # before any work (a generator: at first next)
         timings = timings if timings is not None else Timings()
         key, sub = jax.random.split(jax.random.key(seed))
         cache, token, _ = self.prefill(
@@ -419,8 +420,6 @@ class Engine:
         first = np.asarray(token)
         yield first[:, None]
 
-        if len(stop_ids) > MAX_STOP_IDS:
-            raise ValueError(f"at most {MAX_STOP_IDS} stop token ids, got {len(stop_ids)}: {list(stop_ids)}")
         stops = np.full((MAX_STOP_IDS,), -1, np.int32)  # a fixed-size argument: no recompile per stop set
         stops[: len(stop_ids)] = stop_ids
         done = jnp.asarray(np.isin(first, stops[: len(stop_ids)]) | (max_new_tokens <= 1))

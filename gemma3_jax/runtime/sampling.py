@@ -17,6 +17,24 @@ MIN_TEMPERATURE = 1e-6
 MAX_STOP_IDS = 8
 
 
+def check_stop_ids(stop_ids, vocab_size: int) -> tuple[int, ...]:
+    """Stop token ids as a tuple of ints in [0, vocab_size), at most ``MAX_STOP_IDS``; anything else is refused
+    naming the argument (they go to the device as an int32 array, where a string or an id past int32 would fail
+    inside an engine's loop)."""
+    if isinstance(stop_ids, (str, bytes)) or not hasattr(stop_ids, "__iter__"):
+        raise TypeError(f"stop_ids must be a sequence of token ids (ints), got {stop_ids!r}")
+    ids = list(stop_ids)
+    if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in ids):
+        raise TypeError(f"stop_ids must be a sequence of token ids (ints), got {ids!r}")
+    ids = [int(t) for t in ids]
+    if len(ids) > MAX_STOP_IDS:
+        raise ValueError(f"at most {MAX_STOP_IDS} stop token ids, got {len(ids)}: {ids}")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"stop_ids must lie in [0, {vocab_size}) (the vocabulary), got {bad}")
+    return tuple(ids)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """``temperature`` 0 (or below ``MIN_TEMPERATURE``) is greedy. ``top_k == 0`` and ``top_p == 1`` switch those
