@@ -132,6 +132,52 @@ def test_hash_is_memoized_and_a_bad_memo_is_ignored(cache, tmp_path, monkeypatch
     assert json.loads(memo.read_text())[str(path.resolve())]["sha256"] == gc.file_sha256(path)
 
 
+def test_hash_is_of_the_file_as_opened(cache, tmp_path, monkeypatch):
+    """A new file renamed over the path while it is hashed (another process assembling the packaged GGUF) leaves
+    the opened one whole: its hash stands (this raised in CI). A write into the opened file is still caught."""
+    import hashlib
+
+    sha256 = hashlib.sha256  # gc.hashlib is this module: patching it patches hashlib.sha256 itself
+    old, new = os.urandom(3 << 20), os.urandom(3 << 20)
+    path = tmp_path / "f.gguf"
+
+    def hashing(interfere):
+        real = sha256()
+
+        class Digest:  # interferes once, after the first 8 MiB piece (the whole file here) was read
+            done = False
+
+            def update(self, data):
+                if not Digest.done:
+                    Digest.done = True
+                    interfere()
+                real.update(data)
+
+            def hexdigest(self):
+                return real.hexdigest()
+
+        return Digest
+
+    def rename_over():
+        (tmp_path / "new.tmp").write_bytes(new)
+        os.replace(tmp_path / "new.tmp", path)
+
+    path.write_bytes(old)
+    monkeypatch.setattr(gc.hashlib, "sha256", hashing(rename_over))
+    assert gc.file_sha256(path) == sha256(old).hexdigest()
+    monkeypatch.setattr(gc.hashlib, "sha256", sha256)
+    assert gc.file_sha256(path) == sha256(new).hexdigest()  # the memo keyed the old file, not this one
+
+    def write_into():
+        with open(path, "ab") as f:
+            f.write(b"x")
+
+    path.write_bytes(old)
+    monkeypatch.setattr(gc.hashlib, "sha256", hashing(write_into))
+    with pytest.raises(ValueError, match="changed while it was being read"):
+        gc.file_sha256(path)
+
+
 def _truncate(out):
     with open(out / "model.safetensors", "r+b") as f:
         f.truncate(f.seek(0, 2) - 100)

@@ -87,13 +87,19 @@ def file_sha256(path: str | Path, progress: bool = False) -> str:
 
     digest, buf = hashlib.sha256(), bytearray(8 << 20)
     view = memoryview(buf)
-    with open(path, "rb") as f, tqdm(total=before[0], unit="B", unit_scale=True, desc=f"hashing {path.name}",
-                                     disable=not progress or before[0] < 1 << 30, leave=False) as bar:  # fmt: skip
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-            bar.update(n)
-    if _stat_key(path.stat()) != before:
-        raise ValueError(f"{path} changed while it was being read; try again when nothing writes to it")
+    # The file as opened is what is hashed and checked: another process renaming a new file over the path meanwhile
+    # (packaged_gguf's writers) leaves this one whole (only its ctime moves, as its last link goes), while a write
+    # into it moves its mtime.
+    unchanged = lambda key: key[:2] + key[3:]  # noqa: E731 - size, mtime, inode, device
+    with open(path, "rb") as f:
+        before = _stat_key(os.fstat(f.fileno()))
+        with tqdm(total=before[0], unit="B", unit_scale=True, desc=f"hashing {path.name}",
+                  disable=not progress or before[0] < 1 << 30, leave=False) as bar:
+            while n := f.readinto(buf):
+                digest.update(view[:n])
+                bar.update(n)
+        if unchanged(_stat_key(os.fstat(f.fileno()))) != unchanged(before):
+            raise ValueError(f"{path} changed while it was being read; try again when nothing writes to it")
     sha = digest.hexdigest()
     memo.pop(str(path), None)
     memo[str(path)] = {"stat": before, "sha256": sha}
