@@ -381,6 +381,12 @@ def test_refused_at_submission(model):
             eng.submit(Request([2, 3], max_new_tokens=2, stop_ids=stop))
     with pytest.raises(ValueError, match="prompt must be a non-empty list of token ids"):
         eng.submit(Request([[2, 3], [4]]))
+    kept = eng.submit(Request([2, 3], max_new_tokens=2, stop_ids=(t for t in np.array([1, 7]))))  # as checked
+    assert kept.request.stop_ids == (1, 7)
+    eng.cancel(kept)
+    kept = eng.submit(Request([2, 3], max_new_tokens=2, stop_ids=np.array([1, 7])))
+    assert kept.request.stop_ids == (1, 7)
+    eng.cancel(kept)
     with pytest.raises(TypeError, match="pixel_values must be a float array, got dtype <U"):
         eng.submit(Request([2, IMAGE_TOKEN] * MM_TOKENS, np.array(["x"])))
     with pytest.raises(ValueError, match="max_batch"):

@@ -283,7 +283,10 @@ class BatchEngine:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {n!r}")
         if not isinstance(request.params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(request.params).__name__}")
-        check_stop_ids(request.stop_ids, self.cfg.text.vocab_size)
+        # kept as checked: a generator given would be spent, and an array compared elementwise, later
+        stop_ids = check_stop_ids(request.stop_ids, self.cfg.text.vocab_size)
+        if type(request.stop_ids) is not tuple or stop_ids != request.stop_ids:
+            request = dataclasses.replace(request, stop_ids=stop_ids)
         if isinstance(request.seed, bool) or not isinstance(request.seed, int):
             raise TypeError(f"seed must be an int, got {request.seed!r}")
         kvc.check_fits(len(prompt), n, self.cache_length)
