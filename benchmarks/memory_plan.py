@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="sequences held in the KV cache")
     ap.add_argument("--quantize", default=None, help="int8 or fp8 text weights (gemma3_jax.model.quant)")
     args = ap.parse_args()
-    print(f"| model | context | " + " | ".join(f"N={n} (GiB/device)" for n in DEVICES) + " | " +
+    print("| model | context | " + " | ".join(f"N={n} (GiB/device)" for n in DEVICES) + " | " +
           " | ".join(f"smallest N, {g}" for g, _ in GPUS) + " |")
     print("|---" * (2 + len(DEVICES) + len(GPUS)) + "|")
     for name in SIZES:
