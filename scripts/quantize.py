@@ -41,7 +41,9 @@ def main(argv=None) -> int:
 
     try:
         t = time.perf_counter()
-        src = Path(args.model).expanduser() if args.model else packaged_gguf()
+        if args.model == "":
+            raise ValueError("the model path is empty")
+        src = Path(args.model).expanduser() if args.model is not None else packaged_gguf()
         dest = Path(args.out).expanduser()
         if src.is_file():  # a .gguf file
             out = quantize_gguf(src, dest, args.quantize, args.dtype)

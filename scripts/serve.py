@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
         for flag in ("max_queue", "max_body_bytes", "max_image_bytes"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        listener = listen(args.host, args.port)  # before the weights load: a port in use is one line, at once
         media = None
         if args.allowed_local_media is not None:
             media = Path(args.allowed_local_media)
@@ -132,9 +134,21 @@ def main(argv=None) -> int:
     # signal again for the handler it found: this one, so a clean stop exits 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    server.run(sockets=[listener])
     service.close()
     return exit_code
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port), bound here so a port in use or a host that is not this machine's is an
+    ``OSError`` naming them before anything loads (uvicorn's own bind failure came only after, and did not exit)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        sock = socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(False)
+    return sock
 
 
 if __name__ == "__main__":

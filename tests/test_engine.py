@@ -142,6 +142,9 @@ def test_engine_rejects_bad_requests(mm):
         list(engine.generate_ids([[]], max_new_tokens=4))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match=r"temperature must be finite \(in float32\)"):
+        SamplingParams(temperature=1e39)  # a Python float, but inf in the float32 the steps divide in
+    assert SamplingParams(temperature=1.0, top_k=10**30).top_k == 2**31 - 1  # every token either way; int32 holds it
     # refused before the prompt is prefilled (at the generator's first step), naming the argument
     with pytest.raises(TypeError, match="stop_ids must be a sequence of token ids"):
         next(engine.generate_ids([[2, 3]], max_new_tokens=4, stop_ids="ab"))

@@ -220,3 +220,13 @@ def test_memory_plan_counts_the_quantized_bytes(pair):
     for name, p in params(qmodel).items():
         if quant.rule(name):  # requantizing the dequantized weights gives the same bytes and scales
             assert np.array_equal(np.asarray(again[name][...]).view(np.uint8), np.asarray(p[...]).view(np.uint8)), name
+
+
+def test_quantize_script_refuses_an_empty_model_path(tmp_path):
+    """``--model ""`` quantized the default GGUF into --out (a falsy path read as "not given")."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "quantize.py"), "--model", "", "--quantize", "int8",
+                        "--out", str(tmp_path / "q")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == "error: the model path is empty", r.stderr[-2000:]
+    assert not (tmp_path / "q").exists()

@@ -134,6 +134,18 @@ CHAT = "/v1/chat/completions"
 TEXT = [{"role": "user", "content": "hi"}]
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixel data: PIL checks the pixel count when it opens one."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
 @pytest.mark.parametrize("path, body, status, match", [
     pytest.param(CHAT, b"{not json", 400, "not valid JSON", id="malformed_json"),
     pytest.param(CHAT, {"messages": [{"role": "user", "content": [
@@ -149,6 +161,15 @@ TEXT = [{"role": "user", "content": "hi"}]
         {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, 400, "local image paths are off",
         id="local_path"),
     pytest.param(CHAT, {"messages": TEXT, "n": 2}, 400, "'n' must be 1", id="n_2"),
+    pytest.param(CHAT, {"messages": TEXT, "n": True}, 400, "'n' must be 1", id="n_true"),
+    pytest.param(CHAT, {"messages": TEXT, "presence_penalty": 0.5}, 400, "'presence_penalty' is not supported",
+                 id="presence_penalty"),
+    pytest.param(CHAT, {"messages": TEXT, "response_format": {"type": "json_object"}}, 400,
+                 "'response_format' is not supported", id="json_mode"),
+    pytest.param(CHAT, b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply", id="deep_json"),
+    pytest.param(CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + base64.b64encode(png_header(20000, 20000)).decode()}}]}]}, 413,
+        "too many pixels", id="pixel_bomb"),
     pytest.param(CHAT, {"messages": TEXT, "max_tokens": 5000}, 400, "exceeds the cache length", id="beyond_cache"),
     pytest.param(CHAT, {"messages": TEXT, "temperature": "hot"}, 400, "'temperature' must be a number",
                  id="bad_temperature"),
@@ -169,6 +190,27 @@ def test_errors_are_openai_json_and_the_server_stays_up(server, path, body, stat
     err = r.json()["error"]
     assert re.search(match, err["message"]), err
     assert httpx.get(f"{server}/health", timeout=10).json()["status"] == "ok"
+
+
+@on_server_worker
+def test_a_top_k_past_int32_samples_as_all_and_the_engine_serves_on(server):
+    """A top_k past the vocabulary keeps every token; one past int32 ended the engine's thread (every later request
+    hung) before."""
+    for top_k in (10**30, 0):
+        r = post(server, CHAT, {"messages": TEXT, "max_tokens": 2, "temperature": 1.0, "top_k": top_k, "seed": 1})
+        assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_local_image_paths_no_file_can_have_are_400(tmp_path):
+    from gemma3_jax.server import protocol as p
+
+    for url, match in (("a\x00.png", "no image at 'a\\x00.png'"), ("\udcff.png", "no image at '\\udcff.png'"),
+                       ("", "'' is outside")):
+        with pytest.raises(p.APIError, match=re.escape(match)) as e:
+            p.load_image(url, tmp_path, 1 << 20, "messages[0].content[0]")
+        assert e.value.status == 400
+        e.value.message.encode()  # the message goes out as JSON text: no lone surrogate left in it
 
 
 @on_server_worker
@@ -397,3 +439,14 @@ def test_bad_flags_end_in_one_line_and_exit_2(files, flags, match):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and match in errors[0], r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def test_a_port_in_use_is_one_line_before_anything_loads(files):
+    """uvicorn's own bind failure came after the weights loaded and the process never exited (SIGTERM is the
+    server's own there): the port is bound first now."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        test_bad_flags_end_in_one_line_and_exit_2(files, ["--port", str(port), "--no-engine-process"],
+                                                  f"cannot listen on 127.0.0.1:{port}")

@@ -164,6 +164,17 @@ def test_bad_requests_are_refused_at_submit(service, kwargs, error, match):
     assert service.engine.stats()["queued"] == 0
 
 
+def test_a_single_image_is_one_image(service, ckpts):
+    """``images=`` a path, a PIL image or an array is that one image, as Generator.generate takes them (a path was
+    split into characters, an [H, W, 3] array taken as H grayscale images)."""
+    from PIL import Image
+
+    path = ckpts["images"][0]
+    want = service.submit(prompt="What is it?", images=[path], max_new_tokens=3, temperature=0).result()
+    for single in (str(path), Image.open(path), np.asarray(Image.open(path).convert("RGB"))):
+        assert service.submit(prompt="What is it?", images=single, max_new_tokens=3, temperature=0).result() == want
+
+
 def test_base_model_refuses_messages(ckpts):
     with Service.from_pretrained(ckpts["base"], **SETTINGS) as base:
         with pytest.raises(ValueError, match="no chat template"):

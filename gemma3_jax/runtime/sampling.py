@@ -35,6 +35,9 @@ def check_stop_ids(stop_ids, vocab_size: int) -> tuple[int, ...]:
     return tuple(ids)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the compiled steps divide the logits by temperature in float32
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """``temperature`` 0 (or below ``MIN_TEMPERATURE``) is greedy. ``top_k == 0`` and ``top_p == 1`` switch those
@@ -52,9 +55,10 @@ class SamplingParams:
             object.__setattr__(self, name, float(value))  # a static argument of the compiled steps: hashable
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
             raise TypeError(f"top_k must be an int, got {self.top_k!r}")
-        object.__setattr__(self, "top_k", int(self.top_k))
-        if not 0 <= self.temperature < math.inf:  # inf would sample uniformly, NaN never compares
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        # any k past the vocabulary keeps every token, so a larger one means the same; the engines hold it in int32
+        object.__setattr__(self, "top_k", min(int(self.top_k), 2**31 - 1))
+        if not 0 <= self.temperature <= FLOAT32_MAX:  # inf (float32's too) would sample uniformly; NaN never compares
+            raise ValueError(f"temperature must be finite (in float32) and >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:

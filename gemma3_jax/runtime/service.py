@@ -220,7 +220,10 @@ class Service:
         elif prompt is not None:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-            ids, pixels = ckpt.build_inputs([prompt], None if images is None else [list(images)], chat=False)
+            if images is not None:  # a list of images, or a single one (as Generator.generate takes them): a
+                # path is not split into characters, an array's rows are not taken for images
+                images = list(images) if isinstance(images, (list, tuple)) else [images]
+            ids, pixels = ckpt.build_inputs([prompt], None if images is None else [images], chat=False)
             ids = ids[0]
         else:
             ids = _token_ids(token_ids)

@@ -74,6 +74,8 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise p.bad(f"the body is not valid JSON: {e}") from None
+        except RecursionError:  # arrays or objects nested past the parser's depth: no request is built that way
+            raise p.bad("the body is not valid JSON: nested too deeply") from None
         if not isinstance(body, dict):
             raise p.bad("the body must be a JSON object")
         model = body.get("model")

@@ -21,6 +21,9 @@ IGNORED = {"model", "stream", "stream_options", "n", "user", "logprobs", "top_lo
 CHAT_FIELDS = {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
 COMPLETION_FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
 DEFAULT_MAX_TOKENS = 256
+# accepted fields this server cannot honour: only their "off" values pass, any other is refused, not ignored
+NOT_SUPPORTED = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},),
+                 "response_format": ({"type": "text"},), "best_of": (1,), "suffix": ("",)}
 
 
 class APIError(Exception):
@@ -56,8 +59,12 @@ def sampling(body: dict, known: set[str]) -> dict:
     unknown = sorted(set(body) - known - IGNORED)
     if unknown:
         raise bad(f"unknown field {unknown[0]!r}", unknown[0])
+    for name, off in NOT_SUPPORTED.items():
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or value not in off):
+            raise bad(f"'{name}' is not supported (only {off[0]!r} or leaving it out), got {str(value)[:80]}", name)
     n = body.get("n", 1)
-    if n != 1:
+    if isinstance(n, bool) or n != 1:
         raise bad(f"'n' must be 1 (one choice per request), got {n!r}", "n")
     for flag in ("stream", "echo"):
         if body.get(flag) not in (None, True, False):
@@ -150,20 +157,24 @@ def load_image(url: str, media_dir: Path | None, max_bytes: int, where: str):
         if media_dir is None:
             raise bad(f"{where}: local image paths are off (the server was started without --allowed-local-media)",
                       "messages")
+        shown = ascii(url)  # quoted and escaped: a path may hold NUL, lone surrogates or nothing at all
         try:
             path = path.resolve(strict=True)
-        except OSError:
-            raise bad(f"{where}: no image at {url}", "messages") from None
-        if not path.is_relative_to(media_dir):
-            raise bad(f"{where}: {url} is outside the allowed media directory", "messages")
+        except (OSError, ValueError):  # ValueError: NUL or a lone surrogate, which no file name holds
+            raise bad(f"{where}: no image at {shown}", "messages") from None
+        if not url or not path.is_relative_to(media_dir):
+            raise bad(f"{where}: {shown} is outside the allowed media directory", "messages")
         if path.stat().st_size > max_bytes:
-            raise APIError(413, f"{where}: {url} is over the {max_bytes}-byte image limit", param="messages")
-        source, name = path, url
+            raise APIError(413, f"{where}: {shown} is over the {max_bytes}-byte image limit", param="messages")
+        source, name = path, shown
     try:
         image = Image.open(source)
         image.load()
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise bad(f"{where}: {name} is not a readable image ({type(e).__name__})", "messages") from None
+    except Image.DecompressionBombError:  # its pixel count, not its bytes, is over PIL's limit
+        raise APIError(413, f"{where}: {name} has too many pixels to decode (over PIL's limit of "
+                       f"{Image.MAX_IMAGE_PIXELS * 2})", param="messages") from None
     return image
 
 
