@@ -389,6 +389,9 @@ def test_refused_at_submission(model):
     eng.cancel(kept)
     with pytest.raises(TypeError, match="pixel_values must be a float array, got dtype <U"):
         eng.submit(Request([2, IMAGE_TOKEN] * MM_TOKENS, np.array(["x"])))
+    size = model.cfg.vision.image_size  # NaN pixels gave NaN image features and a wrong answer, silently
+    with pytest.raises(ValueError, match="pixel_values hold NaN or infinite values"):
+        eng.submit(Request([2] + [IMAGE_TOKEN] * MM_TOKENS, np.full((1, 3, size, size), np.nan, np.float32)))
     with pytest.raises(ValueError, match="max_batch"):
         BatchEngine(model, max_batch=0)
     assert eng.stats()["queued"] == 0

@@ -142,6 +142,13 @@ def test_engine_rejects_bad_requests(mm):
         list(engine.generate_ids([[]], max_new_tokens=4))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(temperature=1.0, top_p=0.0)
+    # prompt rows that are not int ids: refused naming the row (a float was truncated into the padded ids before)
+    for rows, error, match in (([[2, 3.7]], TypeError, "prompt 0 must be a list of int token ids"),
+                               ([[2], "abc"], TypeError, "prompt 1 must be a list of int token ids"),
+                               ([[2], [[2, 3]]], TypeError, "prompt 1 must be a list of int token ids"),
+                               ([], ValueError, "no prompts: the list of prompts is empty")):
+        with pytest.raises(error, match=match):
+            next(engine.generate_ids(rows, max_new_tokens=2))
     with pytest.raises(ValueError, match=r"temperature must be finite \(in float32\)"):
         SamplingParams(temperature=1e39)  # a Python float, but inf in the float32 the steps divide in
     assert SamplingParams(temperature=1.0, top_k=10**30).top_k == 2**31 - 1  # every token either way; int32 holds it

@@ -299,6 +299,7 @@ def test_a_stop_string_is_one_string_not_its_characters(gen):
     ({"eos_token_id": ["<eos>"]}, "eos_token_id must be token ids"),
     ([1, 2], "holds a JSON list, expected an object"),
     ({"eos_token_id": [1, 2**40]}, r"eos_token_id must be token ids \(ints in \[0, 2\^31\)\)"),
+    ({"do_sample": "false", "temperature": 0.7}, "generation_config.json: do_sample must be true or false, got 'false'"),
 ])
 def test_bad_generation_config(content, match, tmp_path):
     import json

@@ -62,6 +62,8 @@ def generation_defaults(checkpoint: str | Path | None) -> dict:
         return {}
     g = read_json(file)
     out = {}
+    if g.get("do_sample") not in (None, True, False):  # "false" is truthy: it would sample
+        raise ValueError(f"{file}: do_sample must be true or false, got {g['do_sample']!r}")
     if g.get("do_sample"):  # transformers' defaults where the file is silent: temperature 1, top_k 50, top_p 1
         out = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
         out.update({k: g[k] for k in ("temperature", "top_k", "top_p") if g.get(k) is not None})

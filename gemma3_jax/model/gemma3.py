@@ -96,6 +96,8 @@ def check_inputs(cfg: Gemma3Config, input_ids, pixel_values=None, attention_mask
                 if pixel_values.dtype.kind not in "biu":  # strings and objects do not convert
                     raise TypeError(f"pixel_values must be a float array, got dtype {pixel_values.dtype}")
                 pixel_values = pixel_values.astype(np.float32)
+            elif not np.isfinite(pixel_values).all():  # the vision tower would turn them into NaN features, silently
+                raise ValueError("pixel_values hold NaN or infinite values")
         v = cfg.vision
         want = (v.num_channels, v.image_size, v.image_size)
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != want:

@@ -336,8 +336,17 @@ class Engine:
                          timings: Timings):
         """Checks, pads to a bucket and compiles: (vision call or None, text call, its arguments; the text call's
         image features (args[3]) are the vision call's output shape until the vision call runs)."""
+        if len(prompts) == 0:
+            raise ValueError("no prompts: the list of prompts is empty")
+        for row, p in enumerate(prompts):  # checked before the padded copy below, which would truncate 3.7 to 3
+            try:
+                a = None if isinstance(p, (str, bytes)) else np.asarray(p)
+            except (ValueError, TypeError):  # ragged
+                a = None
+            if a is None or a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+                raise TypeError(f"prompt {row} must be a list of int token ids, got {str(p)[:60]}")
         lengths = np.array([len(p) for p in prompts], np.int32)
-        if len(prompts) == 0 or (lengths == 0).any():
+        if (lengths == 0).any():
             raise ValueError("empty prompt: every prompt needs at least one token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
