@@ -217,6 +217,8 @@ def test_sampling_is_reproducible_per_request(model, solo):
     eng.run()
     assert got.tokens == by_itself and all(o.done for o in others)
     assert alone(solo, request([3, "img", 10], 21, new=16, params=params, seed=8)) != by_itself
+    # a seed past 32 bits is a seed of its own (its low 32 bits alone were kept before: 2**32 + 7 sampled as 7)
+    assert alone(solo, request([3, "img", 10], 21, new=16, params=params, seed=2**32 + 7)) != by_itself
 
 
 def test_sampled_rows_do_not_depend_on_each_other(monkeypatch):

@@ -119,6 +119,7 @@ def test_sampling_is_seeded(mm_engine):
     a, b, c = run(1), run(1), run(2)
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
+    assert (a != run(2**32 + 1)).any()  # jax.random.key keeps 32 bits: 2**32 + 1 was seed 1
     greedy = np.concatenate(list(engine.generate_ids(prompts, px, max_new_tokens=16, stop_ids=())), axis=1)
     assert (a != greedy).any()
 

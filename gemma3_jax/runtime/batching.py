@@ -36,7 +36,7 @@ from gemma3_jax.model.gemma3 import Gemma3, check_inputs
 from gemma3_jax.runtime.compiled_shapes import COMPILE_THREAD, CompiledShapes
 from gemma3_jax.runtime.engine import StepWeights, VisionStep, compiled_step
 from gemma3_jax.runtime.features import FeatureCache, PendingKey
-from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams, check_stop_ids
+from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams, check_stop_ids, seed32
 from gemma3_jax.runtime.slots import SlotState, SlotSteps, pack_rows, packed_width, unpack_rows
 
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -289,6 +289,8 @@ class BatchEngine:
             request = dataclasses.replace(request, stop_ids=stop_ids)
         if isinstance(request.seed, bool) or not isinstance(request.seed, int):
             raise TypeError(f"seed must be an int, got {request.seed!r}")
+        if not 0 <= request.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2^63), got {request.seed}")
         kvc.check_fits(len(prompt), n, self.cache_length)
         # token range, image count; nothing goes to the device here (the images do when their request is admitted)
         ids, _, _ = check_inputs(self.cfg, prompt[None], request.pixel_values, to_device=False)
@@ -522,7 +524,7 @@ class BatchEngine:
             max_new[r] = req.max_new_tokens
             stops[r, : len(req.stop_ids)] = req.stop_ids
             temp[r], top_k[r], top_p[r] = req.params.temperature, req.params.top_k, req.params.top_p
-            seeds[r] = req.seed & 0xFFFFFFFF
+            seeds[r] = seed32(req.seed)
         # device_put copies the host array as it is; jnp.asarray dispatches an XLA conversion (~0.5 ms of host time)
         packed = jax.device_put(pack_rows(ids, seg, slot=slot, start=start, length=length, last=last,
                                           max_new=max_new, seed=seeds, stops=stops, temperature=temp, top_k=top_k,

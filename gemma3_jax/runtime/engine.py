@@ -21,7 +21,7 @@ from flax import nnx
 
 from gemma3_jax.model import kv_cache as kvc
 from gemma3_jax.model.gemma3 import NUMERICS_OPTIONS, Gemma3, check_inputs, decoder_forward
-from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams, check_stop_ids, sample
+from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams, check_stop_ids, sample, seed32
 
 # Prompt lengths are padded up to one of these (each is compiled once). Up to 256 tokens a prefill's GEMMs read
 # their weights in the same time however many rows they have (they are memory bound there), so coarse
@@ -422,7 +422,7 @@ class Engine:
         device instead of in bursts of ``chunk``; the tokens are the same either way."""
         stop_ids = check_stop_ids(stop_ids, self.cfg.text.vocab_size)  # before any work (a generator: at first next)
         timings = timings if timings is not None else Timings()
-        key, sub = jax.random.split(jax.random.key(seed))
+        key, sub = jax.random.split(jax.random.key(seed32(seed)))
         cache, token, _ = self.prefill(
             prompts, pixel_values, params=params, key=sub, max_new_tokens=max_new_tokens, timings=timings
         )

@@ -34,6 +34,18 @@ def check_stop_ids(stop_ids, vocab_size: int) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def seed32(seed: int) -> int:
+    """A request seed (0 <= seed < 2**63) as the 32 bits the engines' keys hold: itself below 2**32; above, all 64 bits
+    mixed (splitmix64's finaliser), since jax.random.key keeps only the low 32 bits (2**32 sampled as 0 did)."""
+    if 0 <= seed < 2**32:
+        return seed
+    x = seed & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    return (x ^ (x >> 32)) & 0xFFFFFFFF
+
+
 FLOAT32_MAX = 3.4028234663852886e38  # the compiled steps divide the logits by temperature in float32
 
 
