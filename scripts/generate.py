@@ -154,8 +154,9 @@ def main(argv=None) -> int:
         # The prompt is built and checked against the cache before the weights load.
         ids, pixels = ckpt.build_inputs([prompt], [args.image], chat=chat, system=args.system)
         check_fits(len(ids[0]), args.max_new_tokens, cache_length)
-        gen = Generator.from_checkpoint(ckpt, dtype=args.dtype, cache_length=cache_length,
-                                        tensor_parallel=args.tensor_parallel, quantize=args.quantize)
+        gen = Generator.from_checkpoint(ckpt, dtype=args.dtype, cache_length=cache_length,  # cache set up above
+                                        tensor_parallel=args.tensor_parallel, quantize=args.quantize,
+                                        compilation_cache=False)
         print(f"loaded in {gen.load_s:.1f} s", file=sys.stderr)
 
         def stream(row: int, delta: str) -> None:

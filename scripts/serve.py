@@ -79,8 +79,11 @@ def main(argv=None) -> int:
     try:
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-        for flag in ("max_queue", "max_body_bytes", "max_image_bytes"):
-            if getattr(args, flag) < 1:
+        # checked here too, not only by the engine: refused in the engine's process they left its semaphores to
+        # multiprocessing's tracker, whose warning followed the error line
+        for flag in ("max_queue", "max_body_bytes", "max_image_bytes", "max_batch", "chunk_tokens", "step_tokens",
+                     "cache_length"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
         listener = listen(args.host, args.port)  # before the weights load: a port in use is one line, at once
         media = None

@@ -165,6 +165,8 @@ def test_prompt_file_and_stdin(base_ckpt, tmp_path, capsys, monkeypatch):
     ("missing_file", "prompt file not found"),
     ("latin1_file", r"not UTF-8 text \(byte 9: b.\\xe9.\)"),
     ("surrogate_argv", r"--prompt is not valid UTF-8 \(character 3\)"),
+    ("surrogate_stop", r"a stop string is not valid Unicode: character 2"),  # accepted before: it never matched
+    ("surrogate_system", r"system is not valid Unicode: character 0"),  # named the rendered prompt before
     ("empty_file", "is empty"),
 ])
 def test_bad_prompt_sources(case, match, base_ckpt, tmp_path, capsys, no_weights):
@@ -173,8 +175,9 @@ def test_bad_prompt_sources(case, match, base_ckpt, tmp_path, capsys, no_weights
         f.write_bytes("hello caf\xe9".encode("latin-1"))
     if case == "empty_file":
         f.write_text(" \n")
-    argv = {"surrogate_argv": ["--prompt", "abc\udcff"]}.get(case, ["--prompt-file", f if case != "missing_file"
-                                                                     else tmp_path / "absent.txt"])
+    argv = {"surrogate_argv": ["--prompt", "abc\udcff"], "surrogate_stop": ["--prompt", "hi", "--stop", "ab\udcff"],
+            "surrogate_system": ["--prompt", "hi", "--system", "\udcff"]}.get(
+        case, ["--prompt-file", f if case != "missing_file" else tmp_path / "absent.txt"])
     assert re.search(match, one_error(*run(capsys, "--model", base_ckpt, *argv)))
 
 
@@ -346,6 +349,21 @@ def test_second_cli_run_reads_the_compilation_cache(base_ckpt, tmp_path):
             pytest.fail("the first run wrote no compiled prefill into the cache")
     assert list((tmp_path / "xla").glob("jit_decode*"))
     assert times[1] < times[0], times
+
+
+def test_a_cache_directory_that_cannot_be_made_is_one_note(base_ckpt, tmp_path):
+    """The CLI sets the cache up before anything compiles and the Generator it builds does not again: one note (it
+    was printed twice), and the run completes without the cache."""
+    import os
+    import subprocess
+
+    (tmp_path / "a_file").write_text("")
+    env = {**os.environ, "GEMMA3_JAX_COMPILATION_CACHE": str(tmp_path / "a_file")}
+    run_ = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--model", str(base_ckpt),
+                           "--prompt", "Hello", "--max-new-tokens", "2"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert run_.returncode == 0, run_.stderr[-2000:]
+    assert run_.stderr.count("note: compilation cache off") == 1, run_.stderr[-2000:]
 
 
 def test_streaming_starts_with_single_steps(base_ckpt):

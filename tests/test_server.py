@@ -441,6 +441,17 @@ def test_bad_flags_end_in_one_line_and_exit_2(files, flags, match):
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
 
 
+@pytest.mark.parametrize("flag", ["--max-batch", "--chunk-tokens", "--step-tokens"])
+def test_engine_sizes_are_refused_in_one_line(files, flag):
+    """Refused in the engine's process, a zero size was followed by multiprocessing's warning of leaked
+    semaphores (two more lines)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]),
+               JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(files["it"]), flag, "0"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {flag} must be >= 1, got 0", r.stderr[-2000:]
+
+
 def test_a_port_in_use_is_one_line_before_anything_loads(files):
     """uvicorn's own bind failure came after the weights loaded and the process never exited (SIGTERM is the
     server's own there): the port is bound first now."""

@@ -24,7 +24,7 @@ from gemma3_jax.model.kernels import platform
 from gemma3_jax.model.quant import check_mode
 from gemma3_jax.checkpoints.loading import checkpoint_files
 from gemma3_jax.preprocessing.processor import BOI, Processor, check_messages, render_chat
-from gemma3_jax.preprocessing.tokenizer import Tokenizer, read_json
+from gemma3_jax.preprocessing.tokenizer import Tokenizer, check_text, read_json
 from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams
 
 DEFAULT_CACHE_LENGTH = 4096
@@ -198,8 +198,8 @@ class Checkpoint:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise TypeError(f"prompt {i} must be a str, got {type(p).__name__}")
-        if system is not None and not isinstance(system, str):
-            raise TypeError(f"system must be a str, got {type(system).__name__}")
+        if system is not None:  # checked here so its error names it, not the prompt it is rendered into
+            check_text(system, "system")
         images = _image_lists(images, len(prompts))
         for i, p in enumerate(prompts):
             if not p.strip() and not images[i]:
@@ -263,6 +263,7 @@ def check_generation_args(max_new_tokens, seed, stop) -> tuple[int, int, tuple[s
     for s in stop:
         if not isinstance(s, str):
             raise TypeError(f"stop strings must be str, got {s!r}")
+        check_text(s, "a stop string")  # a lone surrogate (invalid UTF-8 in argv) could never match
     return max_new_tokens, seed, tuple(s for s in stop if s)
 
 
