@@ -381,8 +381,14 @@ def test_refused_at_submission(model):
                                (tuple(range(9)), ValueError, "at most 8 stop token ids")):
         with pytest.raises(error, match=match):
             eng.submit(Request([2, 3], max_new_tokens=2, stop_ids=stop))
-    with pytest.raises(ValueError, match="prompt must be a non-empty list of token ids"):
-        eng.submit(Request([[2, 3], [4]]))
+    # the prompt's ids: the same check (and message) as Service's token_ids and Engine's prompt rows
+    for prompt, error, match in (([[2, 3], [4]], TypeError, "prompt must be a list of int token ids"),
+                                 ([2, 3.7], TypeError, "prompt must be a list of int token ids, got shape"),
+                                 ([True, False], TypeError, "prompt must be a list of int token ids"),
+                                 ("ab", TypeError, "prompt must be a list of int token ids, got str"),
+                                 ([], ValueError, "empty prompt")):
+        with pytest.raises(error, match=match):
+            eng.submit(Request(prompt))
     kept = eng.submit(Request([2, 3], max_new_tokens=2, stop_ids=(t for t in np.array([1, 7]))))  # as checked
     assert kept.request.stop_ids == (1, 7)
     eng.cancel(kept)

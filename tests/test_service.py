@@ -153,9 +153,9 @@ def test_token_ids_and_cancel(service):
     pytest.param(dict(prompt="x", temperature=-1), ValueError, "temperature", id="negative_temperature"),
     pytest.param(dict(prompt="x", stop=3), TypeError, "stop", id="stop_not_str"),
     pytest.param(dict(token_ids="abc"), TypeError, "token_ids", id="token_ids_str"),
-    pytest.param(dict(token_ids=[2, 1.7]), TypeError, "token_ids must be a list of ints, got shape", id="token_id_float"),
-    pytest.param(dict(token_ids=[[2, 3], [4]]), ValueError, "token_ids must be a list of ints", id="token_ids_ragged"),
-    pytest.param(dict(token_ids=[2, 2**70]), TypeError, "token_ids must be a list of ints", id="token_id_huge"),
+    pytest.param(dict(token_ids=[2, 1.7]), TypeError, "token_ids must be a list of int token ids, got shape", id="token_id_float"),
+    pytest.param(dict(token_ids=[[2, 3], [4]]), TypeError, "token_ids must be a list of int token ids", id="token_ids_ragged"),
+    pytest.param(dict(token_ids=[2, 2**70]), TypeError, "token_ids must be a list of int token ids", id="token_id_huge"),
     pytest.param(dict(token_ids=[2, 10**9]), ValueError, "out of range", id="token_id_out_of_range"),
 ])
 def test_bad_requests_are_refused_at_submit(service, kwargs, error, match):

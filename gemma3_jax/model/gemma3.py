@@ -68,6 +68,22 @@ class Gemma3(nnx.Module):
         return check_inputs(self.cfg, input_ids, pixel_values, attention_mask)
 
 
+def token_id_row(value, what: str) -> np.ndarray:
+    """One prompt's token ids (a list, tuple or array) as a 1-D integer numpy array. A float (3.7 would be
+    truncated to 3 later), a bool, a string, a nested or ragged list is refused naming ``what``; emptiness and the
+    ids' range are the caller's and check_inputs' to judge."""
+    arr = None
+    if not isinstance(value, (str, bytes, dict, set)):
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError, OverflowError):  # ragged rows, say
+            arr = None
+    if arr is None or arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        shown = f"shape {arr.shape} dtype {arr.dtype}" if arr is not None else type(value).__name__
+        raise TypeError(f"{what} must be a list of int token ids, got {shown}: {str(value)[:60]}")
+    return arr
+
+
 def check_inputs(cfg: Gemma3Config, input_ids, pixel_values=None, attention_mask=None, *, to_device: bool = True):
     """Gemma3.check_inputs without a model instance (the Engine holds only its config and state); with
     ``to_device=False`` the checked inputs stay host (numpy) arrays."""

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3_jax.model import kv_cache as kvc
-from gemma3_jax.model.gemma3 import Gemma3, check_inputs
+from gemma3_jax.model.gemma3 import Gemma3, check_inputs, token_id_row
 from gemma3_jax.runtime.compiled_shapes import COMPILE_THREAD, CompiledShapes
 from gemma3_jax.runtime.engine import StepWeights, VisionStep, compiled_step
 from gemma3_jax.runtime.features import FeatureCache, PendingKey
@@ -272,12 +272,9 @@ class BatchEngine:
         ``QueueFull`` while ``max_queue`` requests wait."""
         if not isinstance(request, Request):
             raise TypeError(f"submit takes a Request, got {type(request).__name__}")
-        try:
-            prompt = np.asarray(request.prompt)
-        except (ValueError, TypeError) as e:  # ragged, say
-            raise ValueError(f"prompt must be a non-empty list of token ids: {e}") from None
-        if prompt.ndim != 1 or len(prompt) == 0:
-            raise ValueError(f"prompt must be a non-empty list of token ids, got shape {prompt.shape}")
+        prompt = token_id_row(request.prompt, "prompt")
+        if len(prompt) == 0:
+            raise ValueError("empty prompt: a request needs at least one token")
         n = request.max_new_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {n!r}")

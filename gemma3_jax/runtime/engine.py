@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from gemma3_jax.model import kv_cache as kvc
-from gemma3_jax.model.gemma3 import NUMERICS_OPTIONS, Gemma3, check_inputs, decoder_forward
+from gemma3_jax.model.gemma3 import NUMERICS_OPTIONS, Gemma3, check_inputs, decoder_forward, token_id_row
 from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams, check_stop_ids, sample, seed32
 
 # Prompt lengths are padded up to one of these (each is compiled once). Up to 256 tokens a prefill's GEMMs read
@@ -339,12 +339,7 @@ class Engine:
         if len(prompts) == 0:
             raise ValueError("no prompts: the list of prompts is empty")
         for row, p in enumerate(prompts):  # checked before the padded copy below, which would truncate 3.7 to 3
-            try:
-                a = None if isinstance(p, (str, bytes)) else np.asarray(p)
-            except (ValueError, TypeError):  # ragged
-                a = None
-            if a is None or a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
-                raise TypeError(f"prompt {row} must be a list of int token ids, got {str(p)[:60]}")
+            token_id_row(p, f"prompt {row}")
         lengths = np.array([len(p) for p in prompts], np.int32)
         if (lengths == 0).any():
             raise ValueError("empty prompt: every prompt needs at least one token")

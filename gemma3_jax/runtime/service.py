@@ -27,6 +27,7 @@ import numpy as np
 from gemma3_jax.checkpoints.checkpoint import Checkpoint, check_generation_args
 from gemma3_jax.checkpoints.loading import load_pretrained
 from gemma3_jax.checkpoints.quantized import effective_mode, stored_mode
+from gemma3_jax.model.gemma3 import token_id_row
 from gemma3_jax.preprocessing.tokenizer import StreamDecoder
 from gemma3_jax.runtime.batching import BatchEngine, Request, Stream
 from gemma3_jax.runtime.compile_cache import enable_compilation_cache
@@ -226,7 +227,7 @@ class Service:
             ids, pixels = ckpt.build_inputs([prompt], None if images is None else [images], chat=False)
             ids = ids[0]
         else:
-            ids = _token_ids(token_ids)
+            ids = [int(t) for t in token_id_row(token_ids, "token_ids")]
             pixels = None if images is None else np.asarray(images)
         request = Request(ids, pixels, max_new_tokens=max_new_tokens, params=params, seed=seed,
                           stop_ids=tuple(ckpt.stop_ids))
@@ -264,16 +265,3 @@ class Service:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _token_ids(token_ids) -> list[int]:
-    """``token_ids`` as a list of Python ints: integers only (``int(1.7)`` would be a silent wrong prompt)."""
-    if not isinstance(token_ids, (list, tuple, np.ndarray)):
-        raise TypeError(f"token_ids must be a list of ints, got {type(token_ids).__name__}")
-    try:
-        arr = np.asarray(token_ids)
-    except (ValueError, TypeError, OverflowError) as e:  # ragged, say
-        raise ValueError(f"token_ids must be a list of ints: {e}") from None
-    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"token_ids must be a list of ints, got shape {arr.shape} dtype {arr.dtype}")
-    return [int(t) for t in arr]
