@@ -25,6 +25,17 @@ def pytest_configure(config):
         config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
     compile_cache.enable_compilation_cache()  # this process's own compiles too
 
+def pytest_runtest_setup(item):
+    """Under ``--dist loadgroup`` a test marked ``xdist_group`` must carry its group in its node id, which is what
+    pytest-xdist schedules by: with pytest 9.2 it silently did not, and each worker built the groups' shared
+    fixtures (the real 270M's conversion, ~80 s) again. Such tests fail, saying why, rather than lose that
+    without a word."""
+    if getattr(item.config.option, "loadgroup", False) and item.get_closest_marker("xdist_group") \
+            and "@" not in item.nodeid:
+        pytest.fail(f"--dist loadgroup did not group this test marked xdist_group: this pytest ({pytest.__version__}) "
+                    "and pytest-xdist do not work together (see pyproject.toml's test extra)", pytrace=False)
+
+
 TOL = 1e-4  # max |dlogit| <= TOL * max |logit|
 
 
