@@ -25,7 +25,6 @@ import dataclasses
 import itertools
 import threading
 import time
-from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,92 +35,12 @@ from gemma3_jax.model.gemma3 import Gemma3, check_inputs, token_id_row
 from gemma3_jax.runtime.compiled_shapes import COMPILE_THREAD, CompiledShapes
 from gemma3_jax.runtime.engine import StepWeights, VisionStep, compiled_step
 from gemma3_jax.runtime.features import FeatureCache, PendingKey
+from gemma3_jax.runtime.requests import QueueFull, Request, TokenStream  # noqa: F401 (QueueFull: imported from here too)
 from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams, check_stop_ids, seed32
 from gemma3_jax.runtime.slots import SlotState, SlotSteps, pack_rows, packed_width, unpack_rows
 
-FINISH_REASONS = ("stop", "length", "cancelled")
 GAP_BOUNDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)  # seconds: the buckets of ``BatchEngine.delivery_gaps``
 THREAD_STATES = ("idle", "waiting", "host")  # the keys of ``BatchEngine.thread_s``
-
-
-class QueueFull(RuntimeError):
-    """``submit`` while ``max_queue`` requests already wait for a slot: try again later."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """One prompt as token ids (image tokens included) and its images [I, C, S, S] in the processor's float range.
-    The engine reads ``pixel_values`` (without copying them) until the request's first token: keep them unchanged
-    until then."""
-
-    prompt: Sequence[int]
-    pixel_values: np.ndarray | None = None
-    max_new_tokens: int = 64
-    params: SamplingParams = SamplingParams()
-    seed: int = 0
-    stop_ids: Sequence[int] = (1, 106)
-
-
-class TokenStream:
-    """A request's new tokens as they come, and how it ended, filled in by its engine under the engine's lock
-    (``engine._cond``): a ``BatchEngine`` here, or one in another process (``runtime.engine_process``). Iterating
-    yields lists of new token ids until the request finishes (reading drives the engine when no thread runs it)."""
-
-    def __init__(self, engine, request_id: int):
-        self.engine, self.id = engine, request_id
-        self.tokens: list[int] = []
-        self.finish_reason: str | None = None
-        self.submitted = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.arrivals: list[tuple[float, int]] = []  # (time.perf_counter(), tokens) per delivery: latency stats
-        self._listeners: list = []  # called (engine's lock held) when tokens arrive or the request ends
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def cancel(self) -> None:
-        self.engine.cancel(self)
-
-    def listen(self, fn) -> None:
-        """Call ``fn()`` (on the engine's thread, quick and not blocking) whenever tokens arrive or the request ends,
-        so a reader can wait for its own stream alone (e.g. an asyncio event) instead of on the engine's lock."""
-        with self.engine._cond:
-            self._listeners.append(fn)
-            if self.done:
-                fn()
-
-    def poll(self, seen: int) -> tuple[list[int], bool]:
-        """(tokens after the first ``seen``, whether the request has ended) without waiting."""
-        with self.engine._cond:
-            return self.tokens[seen:], self.done
-
-    def _notify(self) -> None:
-        for fn in self._listeners:
-            fn()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        seen = 0
-        while True:
-            with self.engine._cond:
-                while len(self.tokens) == seen and not self.done:
-                    if self.engine._thread is None:
-                        break
-                    self.engine._cond.wait()
-                new, finished = self.tokens[seen:], self.done
-            if new:
-                seen += len(new)
-                yield new
-            if finished and seen == len(self.tokens):
-                return
-            if self.engine._thread is None and not new and not self.engine.step() and not self.done:
-                raise RuntimeError(f"request {self.id} is neither queued, running nor finished")
-
-    def result(self) -> list[int]:
-        """Every new token, after the request finished."""
-        for _ in self:
-            pass
-        return self.tokens
 
 
 class Stream(TokenStream):

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from gemma3_jax.runtime.batching import QueueFull, Request, TokenStream
+from gemma3_jax.runtime.requests import QueueFull, Request, TokenStream
 
 # A thread woken by a finished device call waits for the GIL up to Python's switch interval (5 ms by default) while
 # another thread holds it; the engine's process and a server's process with the engine in it use this instead.

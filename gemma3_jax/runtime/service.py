@@ -29,11 +29,12 @@ from gemma3_jax.checkpoints.loading import load_pretrained
 from gemma3_jax.checkpoints.quantized import effective_mode, stored_mode
 from gemma3_jax.model.gemma3 import token_id_row
 from gemma3_jax.preprocessing.tokenizer import StreamDecoder
-from gemma3_jax.runtime.batching import BatchEngine, Request, Stream
+from gemma3_jax.runtime.batching import BatchEngine, Stream
 from gemma3_jax.runtime.compile_cache import enable_compilation_cache
 from gemma3_jax.runtime.engine import STREAM_CHUNK_S
-from gemma3_jax.runtime.sampling import SamplingParams
 from gemma3_jax.runtime.generator import first_stop, print_plan, resolve_dtype
+from gemma3_jax.runtime.requests import Request
+from gemma3_jax.runtime.sampling import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)

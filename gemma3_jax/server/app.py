@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from gemma3_jax.runtime.batching import QueueFull
+from gemma3_jax.runtime.requests import QueueFull
 from gemma3_jax.runtime.engine_process import EngineExited
 from gemma3_jax.runtime.service import Service
 from gemma3_jax.server import protocol as p
