@@ -396,7 +396,7 @@ def bench_peer(args, spec: Spec, res: dict) -> None:
                 break
     if cuda:
         peer["peak_bytes"] = int(torch.cuda.max_memory_allocated())
-    del model
+    model = None  # freed before ours runs (peer_decode reads it from this scope: not a del)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

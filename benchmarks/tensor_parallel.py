@@ -166,7 +166,7 @@ def section_allreduce(args, spec, res) -> None:
                 prompts = [make_prompt(spec.cfg, tokens, imgs, rng) for _ in range(b)]
                 px = make_pixels(spec.cfg, imgs * b, rng)
 
-                def run():
+                def run(eng=eng):
                     return [np.asarray(c) for c in eng.generate_ids(prompts, px, max_new_tokens=steps + 1,
                                                                     stop_ids=())]
 
