@@ -137,8 +137,13 @@ def main(argv=None) -> int:
     # signal again for the handler it found: this one, so a clean stop exits 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run(sockets=[listener])
-    service.close()
+    try:
+        server.run(sockets=[listener])
+    finally:  # whatever ends serving, the engine (and its process) stops: an engine process left behind hangs exit
+        service.close()
+    if server.force_exit and exit_code == 0:  # a second Ctrl-C: uvicorn cut the running requests off
+        print("error: stopped by a second interrupt before the running requests finished", file=sys.stderr)
+        exit_code = 130
     return exit_code
 
 
@@ -155,4 +160,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while loading or compiling (the engine's process is stopped at once)
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)

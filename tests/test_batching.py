@@ -14,7 +14,7 @@ import pytest
 
 import gemma3_jax
 from fixtures.hf_checkpoints import IMAGE_TOKEN, MM_TOKENS, _row
-from gemma3_jax.runtime.batching import BatchEngine, FeatureCache, QueueFull, Request
+from gemma3_jax.runtime.batching import BatchEngine, EngineClosed, FeatureCache, QueueFull, Request
 from gemma3_jax.runtime.engine import Engine
 from gemma3_jax.runtime.sampling import SamplingParams
 
@@ -440,6 +440,71 @@ def test_background_thread_serves_concurrent_readers(model, solo):
         assert out == want
     finally:
         eng.stop()
+
+
+def test_two_images_side_by_side_and_readers_without_a_thread(model, solo):
+    """Two images whose tokens make one run (one span in transformers' mask) get the static Engine's tokens (the
+    engine counted one image a run: the second image's features were left out); a run that is not whole images is
+    refused; threads reading streams of an engine no thread runs step it one at a time, and each gets what its
+    request gets alone (they stepped it at once before: too many tokens, another request's text, hangs)."""
+    import threading
+
+    side = request([3, "img", "img", 7], 6)
+    static = Engine(model, cache_length=CACHE, chunk=8)
+    want = np.concatenate(list(static.generate_ids([list(side.prompt)], side.pixel_values, max_new_tokens=12,
+                                                   stop_ids=())), axis=1)[0].tolist()
+    assert alone(solo, side) == want
+    split = list(side.prompt)
+    split.insert(4 + MM_TOKENS // 2, 5)  # a text token inside the first image
+    with pytest.raises(ValueError, match=f"must come in whole images of {MM_TOKENS}: the prompt has a run of "
+                                         f"{MM_TOKENS // 2}"):
+        solo.submit(Request(split, side.pixel_values))
+
+    reqs = [request(p, s) for p, s in REQUESTS[:3]]
+    want = [alone(solo, r) for r in reqs]
+    eng = engine(model)  # never started
+    streams = [eng.submit(r) for r in reqs]
+    out = [None] * len(streams)
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, streams[i].result()))
+               for i in range(len(streams))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert out == want
+
+
+def test_close_ends_the_readers_and_refuses_later_requests(model, solo):
+    """``close()`` while a thread reads a running request: the reader ends (it waited for ever before) with
+    ``cancelled``; later requests and ``start()`` are refused. ``stop()`` alone: the reader steps the engine and
+    gets the whole answer."""
+    import threading
+
+    req = request([3], 2, new=60)
+    want = alone(solo, req)
+    for ending in ("stop", "close"):
+        eng = engine(model)
+        eng.start()
+        stream = eng.submit(req)
+        reader = threading.Thread(target=stream.result)
+        reader.start()
+        deadline = time.monotonic() + 300
+        while not stream.tokens and time.monotonic() < deadline:
+            time.sleep(0.01)
+        getattr(eng, ending)()
+        reader.join(timeout=300)
+        assert not reader.is_alive()
+        if ending == "stop":
+            assert stream.tokens == want and stream.finish_reason == "length"
+            eng.close()
+            continue
+        assert stream.finish_reason == "cancelled" and len(stream.tokens) < 60
+        assert eng.stats()["active_slots"] == 0
+        with pytest.raises(EngineClosed, match="the engine is closed"):
+            eng.submit(req)
+        with pytest.raises(EngineClosed):
+            eng.start()
+        eng.close()  # twice: nothing more
 
 
 @pytest.mark.slow

@@ -84,3 +84,35 @@ def test_a_failure_in_the_engine_process_is_raised_in_the_caller(checkpoint):
     path, _ = checkpoint
     with pytest.raises(ValueError, match="tensor_parallel"):
         Service.from_pretrained(path, engine_process=True, tensor_parallel=64, **SETTINGS)
+
+
+def test_a_program_that_ends_without_close_exits(checkpoint, tmp_path):
+    """A script leaves a Service with the engine on a thread and one with the engine in a process, each with a
+    request running, without ``close()``: it exits 0 at once. It aborted ("terminate called ...", the thread inside
+    a device call while the interpreter went down), and with the engine process it never exited (multiprocessing's
+    exit hook joined a child that waits for its parent)."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "leave.py"
+    script.write_text(textwrap.dedent(f"""
+        from gemma3_jax.runtime.service import Service
+
+        if __name__ == "__main__":  # the engine process is spawned: it imports this file again
+            settings = {SETTINGS!r}
+            for engine_process in (False, True):
+                service = Service.from_pretrained({str(checkpoint[0])!r}, engine_process=engine_process, **settings)
+                stream = service.submit(prompt="A long story", max_new_tokens=200, temperature=0)
+                next(iter(stream))
+            print("leaving", flush=True)
+    """))
+    root = Path(__file__).parents[1]
+    began = time.monotonic()
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=root,
+                         env=dict(os.environ, PYTHONPATH=str(root)))
+    assert run.returncode == 0 and run.stdout.strip().endswith("leaving"), (run.returncode, run.stderr[-3000:])
+    assert "terminate called" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert time.monotonic() - began < 500

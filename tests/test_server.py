@@ -5,6 +5,7 @@ import base64
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -461,3 +462,26 @@ def test_a_port_in_use_is_one_line_before_anything_loads(files):
         port = taken.getsockname()[1]
         test_bad_flags_end_in_one_line_and_exit_2(files, ["--port", str(port), "--no-engine-process"],
                                                   f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_ctrl_c_while_the_engine_starts_is_one_line(files):
+    """Ctrl-C while the engine's process compiles: one line and status 130 (a KeyboardInterrupt traceback before,
+    then a wait for the child to finish starting, then the child's BrokenPipeError traceback)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]),
+               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(files["it"]),
+                             "--port", "0", "--dtype", "float32", "--cache-length", "256", "--max-batch", "2",
+                             "--chunk-tokens", "32"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "compiling the first steps" in line:  # the engine's process, warming up
+                break
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert rest.strip() == "error: interrupted" and "Traceback" not in rest, rest

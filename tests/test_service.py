@@ -115,6 +115,72 @@ def test_stop_string_ends_the_text_and_frees_the_slot(service):
     assert service.stats()["active_slots"] == 0 and service.stats().get("cancelled", 0) >= 1
 
 
+def test_readings_share_one_place_in_the_text(service):
+    """A loop left early and ``result()`` after it, two ``async for`` readers of one stream, two threads: every
+    token once, the text whole (``result()`` after a loop repeated the text from its start; two async readers each
+    took every token)."""
+    import threading
+
+    ask = dict(prompt="Once upon a time", max_new_tokens=40, temperature=0)
+    whole = service.submit(**ask)
+    whole.result()
+
+    def check(stream, deltas):
+        assert stream.text == whole.text and stream.token_ids == whole.token_ids
+        assert sorted(t for d in deltas for t in d.token_ids) == sorted(whole.token_ids)
+
+    stream = service.submit(**ask)
+    it = iter(stream)
+    early = [next(it), next(it)]
+    del it  # the loop left: the request goes on
+    assert stream.result() == whole.text and stream.token_ids == whole.token_ids
+    assert "".join(d.text for d in early) == whole.text[: len("".join(d.text for d in early))]
+
+    async def two_readers(stream):
+        async def read():
+            return [d async for d in stream]
+        a, b = await asyncio.gather(read(), read())
+        return a + b
+
+    stream = service.submit(**ask)
+    check(stream, asyncio.run(two_readers(stream)))
+
+    stream, got = service.submit(**ask), [[], []]
+    threads = [threading.Thread(target=lambda i=i: got[i].extend(stream)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    check(stream, got[0] + got[1])
+
+
+def test_a_cancelled_reading_task_cancels_its_request(service):
+    """The asyncio task reading a stream is cancelled (a timeout, a client gone): the request is cancelled and its
+    slot freed at the next step (it ran on to max_new_tokens before)."""
+    async def main():
+        stream = service.submit(prompt="A long story", max_new_tokens=200, temperature=0)
+
+        async def read():
+            async for _ in stream:
+                pass
+
+        task = asyncio.create_task(read())
+        while not stream.token_ids:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return stream
+
+    stream = asyncio.run(main())
+    stream.result()
+    assert stream.finish_reason == "cancelled" and len(stream.token_ids) < 200
+    deadline = time.time() + 30
+    while service.stats()["active_slots"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert service.stats()["active_slots"] == 0
+
+
 def test_resent_image_is_not_encoded_again(service, ckpts):
     from PIL import Image
 

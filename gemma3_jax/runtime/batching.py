@@ -19,6 +19,7 @@ reader's.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import collections
 import dataclasses
@@ -35,7 +36,7 @@ from gemma3_jax.model.gemma3 import Gemma3, check_inputs, token_id_row
 from gemma3_jax.runtime.compiled_shapes import COMPILE_THREAD, CompiledShapes
 from gemma3_jax.runtime.engine import StepWeights, VisionStep, compiled_step
 from gemma3_jax.runtime.features import FeatureCache, PendingKey
-from gemma3_jax.runtime.requests import QueueFull, Request, TokenStream  # noqa: F401 (QueueFull: imported from here too)
+from gemma3_jax.runtime.requests import EngineClosed, QueueFull, Request, TokenStream  # noqa: F401 (QueueFull: imported from here too)
 from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams, check_stop_ids, seed32
 from gemma3_jax.runtime.slots import SlotState, SlotSteps, pack_rows, packed_width, unpack_rows
 
@@ -51,7 +52,7 @@ class Stream(TokenStream):
         super().__init__(engine, request_id)
         self.request = request
         self._image_mask = image_mask
-        self._image_starts = np.flatnonzero(image_mask & ~np.r_[False, image_mask[:-1]])
+        self._image_starts = image_starts(image_mask, engine._image_tokens)
         self._images = [] if request.pixel_values is None else np.asarray(request.pixel_values, np.float32)
         self._image_prints = [engine.features.fingerprint(im) for im in self._images]
         self._image_keys = [engine.features.key_later(im) for im in self._images]  # hashed while the request waits
@@ -75,6 +76,14 @@ class _Call:
     dispatched: float = 0.0  # time.perf_counter() when the call was entered
     record: dict | None = None  # this call's entry in ``BatchEngine.calls`` when calls are recorded
     host_ms: dict = dataclasses.field(default_factory=dict)  # the host's time in each part of the dispatch
+
+
+def image_starts(image_mask: np.ndarray, tokens: int) -> np.ndarray:
+    """The position of each image's first token: image tokens come in runs of whole images (``tokens`` each), and
+    two images side by side make one run (which transformers' mask treats as one span)."""
+    starts = np.flatnonzero(image_mask & ~np.r_[False, image_mask[:-1]])
+    ends = np.flatnonzero(image_mask & ~np.r_[image_mask[1:], False]) + 1
+    return np.concatenate([np.arange(a, b, max(tokens, 1)) for a, b in zip(starts, ends)] + [np.zeros(0, np.int64)])
 
 
 def _pow2(n: int, least: int = 1) -> int:
@@ -143,6 +152,8 @@ class BatchEngine:
         self._slots: list[Stream | None] = [None] * max_batch
         self._ids = itertools.count()
         self._cond = threading.Condition()
+        self._step_lock = threading.Lock()  # one step at a time: readers step the engine when no thread runs it
+        self._closed = False
         self._thread: threading.Thread | None = None
         self._stop = False
         self._cancelled: list[Stream] = []
@@ -191,6 +202,8 @@ class BatchEngine:
         ``QueueFull`` while ``max_queue`` requests wait."""
         if not isinstance(request, Request):
             raise TypeError(f"submit takes a Request, got {type(request).__name__}")
+        if self._closed:
+            raise EngineClosed("the engine is closed: it serves no more requests")
         prompt = token_id_row(request.prompt, "prompt")
         if len(prompt) == 0:
             raise ValueError("empty prompt: a request needs at least one token")
@@ -211,10 +224,18 @@ class BatchEngine:
         # token range, image count; nothing goes to the device here (the images do when their request is admitted)
         ids, _, _ = check_inputs(self.cfg, prompt[None], request.pixel_values, to_device=False)
         image_mask = ids[0] == self.cfg.image_token_id
+        runs = np.diff(np.flatnonzero(np.diff(np.r_[0, image_mask.astype(np.int8), 0])))[::2]
+        if self._image_tokens and (runs % self._image_tokens).any():
+            # a chunk ends at a run's end: an image split over two runs could straddle two chunks
+            odd = int(runs[runs % self._image_tokens != 0][0])
+            raise ValueError(f"image tokens (id {self.cfg.image_token_id}) must come in whole images of "
+                             f"{self._image_tokens}: the prompt has a run of {odd}")
         with self._cond:
             self._check_queue()  # before the images are hashed for a request that would be refused
         stream = Stream(self, -1, request, image_mask)
         with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is closed: it serves no more requests")
             self._check_queue()
             stream.id = next(self._ids)
             self._queue.append(stream)
@@ -302,6 +323,10 @@ class BatchEngine:
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> bool:
         """Admit, dispatch one call, read the previous call's tokens; returns whether there was any work."""
+        with self._step_lock:
+            return not self._closed and self._step()
+
+    def _step(self) -> bool:
         began, waited, cpu = time.perf_counter(), self.thread_s["waiting"], time.thread_time()
         prefilling, decoding, queued = self._schedule()
         if not prefilling and self._pending is not None and any(last for _, last in self._pending.rows):
@@ -622,13 +647,19 @@ class BatchEngine:
 
     def start(self) -> None:
         """Run steps on a background thread (readers then wait instead of stepping)."""
+        if self._closed:
+            raise EngineClosed("the engine is closed: it serves no more requests")
         if self._thread is not None:
             return
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="gemma3-batching", daemon=True)
         self._thread.start()
+        # a program that ends without close(): the thread must not be inside a device call while the interpreter
+        # goes down (that aborted the process)
+        atexit.register(self.close)
 
     def stop(self) -> None:
+        """Stop the background thread after its current step; readers then step the engine themselves."""
         thread = self._thread
         if thread is None:
             return
@@ -636,11 +667,25 @@ class BatchEngine:
             self._stop = True
             self._cond.notify_all()
         thread.join()
-        self._thread = None
+        with self._cond:
+            self._thread = None
+            self._cond.notify_all()  # readers waiting for the thread step the engine now
+        atexit.unregister(self.close)
 
     def close(self) -> None:
-        """``stop``, and end the image-hashing and compiling threads."""
+        """Stop for good: the thread stops, requests still queued or running end as ``cancelled``, later ones are
+        refused (``EngineClosed``), and the image-hashing and compiling threads end."""
+        with self._cond:
+            if self._closed:
+                return
         self.stop()
+        with self._step_lock:  # a reader's step finishes first
+            with self._cond:
+                self._closed = True
+                for stream in [*self._queue, *(s for s in self._slots if s is not None)]:
+                    self._finish(stream, "cancelled")
+                self._queue.clear()
+                self._cond.notify_all()
         self.features.close()
         self.shapes.close()
 

@@ -14,6 +14,7 @@ The child ignores SIGINT and SIGTERM (its parent stops it through ``close``) and
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import itertools
 import multiprocessing
@@ -27,7 +28,7 @@ import time
 
 import numpy as np
 
-from gemma3_jax.runtime.requests import QueueFull, Request, TokenStream
+from gemma3_jax.runtime.requests import EngineClosed, QueueFull, Request, TokenStream
 
 # A thread woken by a finished device call waits for the GIL up to Python's switch interval (5 ms by default) while
 # another thread holds it; the engine's process and a server's process with the engine in it use this instead.
@@ -36,7 +37,7 @@ _ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "QueueFull": QueueF
            "FileNotFoundError": FileNotFoundError, "ImportError": ImportError}
 
 
-class EngineExited(RuntimeError):
+class EngineExited(EngineClosed):
     """The engine's process is gone (it crashed, was killed or was closed): no request can be served any more."""
 
 
@@ -63,13 +64,17 @@ class RemoteEngine:
         self.on_exit = on_exit
         try:
             self._await_ready()
-        except BaseException:
+        except BaseException:  # Ctrl-C too: the child is stopped now, not after it has loaded and compiled
+            self._kill()
             self._sock.close()
             self._conn.close()
             raise
         self.alive = True
         self._thread = threading.Thread(target=self._receive, name="gemma3-engine-replies", daemon=True)
         self._thread.start()
+        # a program that ends without close(): multiprocessing's own exit hook would join the child, which ignores
+        # its SIGTERM and waits for this process to go first (a hang); this hook runs before it
+        atexit.register(self.close)
 
     def _await_ready(self) -> None:
         """Wait for the child to load and compile; its failure is raised here as the child raised it."""
@@ -121,6 +126,7 @@ class RemoteEngine:
         if self._closing:
             return
         self._closing = True
+        atexit.unregister(self.close)
         if self.alive:
             try:
                 self._send(("close",))
@@ -219,6 +225,11 @@ def _child_main(conn, service_kwargs: dict, parent_pid: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # the parent decides when this process stops
         signal.signal(sig, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(parent_pid,), name="gemma3-parent-watch", daemon=True).start()
+    from tqdm import tqdm
+
+    # tqdm's default lock is a multiprocessing semaphore: a child stopped by the parent (Ctrl-C while it started)
+    # left it behind, and the resource tracker warned of it as the parent exited
+    tqdm.set_lock(threading.RLock())
     from gemma3_jax.runtime.service import Service
 
     try:
@@ -227,7 +238,10 @@ def _child_main(conn, service_kwargs: dict, parent_pid: int) -> None:
             print("compiling the first steps ...", file=sys.stderr, flush=True)
         service.warm_up()
     except Exception as e:  # noqa: BLE001 - every failure goes to the parent, which raises it
-        conn.send(("failed", type(e).__name__, str(e).splitlines()[0] if str(e) else type(e).__name__))
+        try:
+            conn.send(("failed", type(e).__name__, str(e).splitlines()[0] if str(e) else type(e).__name__))
+        except OSError:  # the parent is gone
+            pass
         return
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     sock = socket.socket(fileno=os.dup(conn.fileno()))
@@ -267,7 +281,11 @@ def _child_main(conn, service_kwargs: dict, parent_pid: int) -> None:
 
     sender = threading.Thread(target=send_tokens, name="gemma3-engine-tokens", daemon=True)
     sender.start()
-    send(("ready", (str(service.checkpoint.path), service.checkpoint.name)))
+    try:
+        send(("ready", (str(service.checkpoint.path), service.checkpoint.name)))
+    except OSError:  # the parent stopped waiting (Ctrl-C while this process started)
+        service.close()
+        return
     try:
         while True:
             msg = conn.recv()

@@ -22,6 +22,10 @@ class QueueFull(RuntimeError):
     """``submit`` while ``max_queue`` requests already wait for a slot: try again later."""
 
 
+class EngineClosed(RuntimeError):
+    """The engine was closed (or its process is gone): it serves no more requests."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """One prompt as token ids (image tokens included) and its images [I, C, S, S] in the processor's float range.
@@ -65,10 +69,28 @@ class TokenStream:
             if self.done:
                 fn()
 
+    def unlisten(self, fn) -> None:
+        with self.engine._cond:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
+
     def poll(self, seen: int) -> tuple[list[int], bool]:
         """(tokens after the first ``seen``, whether the request has ended) without waiting."""
         with self.engine._cond:
             return self.tokens[seen:], self.done
+
+    def wait(self, seen: int) -> tuple[list[int], bool]:
+        """As ``poll``, once there are tokens after the first ``seen`` or the request has ended. With no engine
+        thread the reader steps the engine itself (one step at a time, whichever readers there are)."""
+        while True:
+            with self.engine._cond:
+                while len(self.tokens) == seen and not self.done and self.engine._thread is not None:
+                    self.engine._cond.wait()
+                new, finished = self.tokens[seen:], self.done
+            if new or finished:
+                return new, finished
+            if not self.engine.step() and not self.done:
+                raise RuntimeError(f"request {self.id} is neither queued, running nor finished")
 
     def _notify(self) -> None:
         for fn in self._listeners:
@@ -77,19 +99,12 @@ class TokenStream:
     def __iter__(self) -> Iterator[list[int]]:
         seen = 0
         while True:
-            with self.engine._cond:
-                while len(self.tokens) == seen and not self.done:
-                    if self.engine._thread is None:
-                        break
-                    self.engine._cond.wait()
-                new, finished = self.tokens[seen:], self.done
+            new, finished = self.wait(seen)
+            seen += len(new)
             if new:
-                seen += len(new)
                 yield new
             if finished and seen == len(self.tokens):
                 return
-            if self.engine._thread is None and not new and not self.engine.step() and not self.done:
-                raise RuntimeError(f"request {self.id} is neither queued, running nor finished")
 
     def result(self) -> list[int]:
         """Every new token, after the request finished."""

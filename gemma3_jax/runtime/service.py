@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -46,7 +47,11 @@ class Delta:
 
 
 class TextStream:
-    """One request's text as it comes, with stop strings applied. Iterate (or ``async for``) for ``Delta``s."""
+    """One request's text as it comes, with stop strings applied. Iterate (or ``async for``) for ``Delta``s; the
+    readings share one place in the text, so each delta goes to one reader (a loop left early and ``result()``
+    after it, or several readers at once, neither repeat nor lose text). Leaving a loop early leaves the request
+    running (``result()`` still gives all of it): ``cancel()`` frees its slot; a cancelled asyncio task reading it
+    cancels it."""
 
     def __init__(self, stream: Stream, service: Service, stop: tuple[str, ...], prompt_tokens: int):
         self._stream, self._service, self._stop = stream, service, stop
@@ -55,7 +60,7 @@ class TextStream:
         self.text = ""
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
-        self._iter: Iterator[list[int]] | None = None
+        self._lock = threading.Lock()  # held while a delta is taken, never while waiting for one
 
     @property
     def id(self) -> int:
@@ -82,8 +87,12 @@ class TextStream:
         """Deltas as the engine's thread delivers them: this stream's own event wakes the reader, so many streams
         read by one event loop neither hold a thread each nor all wake on every delivery."""
         if self._stream.engine._thread is None:  # no engine thread: reading drives the engine
-            while (delta := await asyncio.to_thread(self._next)) is not None:
-                yield delta
+            try:
+                while (delta := await asyncio.to_thread(self._next)) is not None:
+                    yield delta
+            except asyncio.CancelledError:  # the reading task was cancelled: nobody reads this request any more
+                self.cancel()
+                raise
             return
         loop, ready = asyncio.get_running_loop(), asyncio.Event()
 
@@ -94,19 +103,23 @@ class TextStream:
                 pass
 
         self._stream.listen(wake)
-        seen = len(self.token_ids)
-        while self.finish_reason is None:
-            tokens, ended = self._stream.poll(seen)
-            if tokens:
-                seen += len(tokens)
-                delta = self._take(tokens)
-            elif ended:
-                delta = self._take(None)
-            else:
-                await ready.wait()
-                ready.clear()
-                continue
-            yield delta
+        try:
+            while True:
+                with self._lock:  # never held across an await: poll does not wait
+                    if self.finish_reason is not None:
+                        return
+                    tokens, ended = self._stream.poll(len(self.token_ids))
+                    delta = self._take(tokens) if tokens else self._take(None) if ended else None
+                if delta is None:
+                    await ready.wait()
+                    ready.clear()
+                    continue
+                yield delta
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        finally:
+            self._stream.unlisten(wake)
 
     def result(self) -> str:
         """The whole text, after the request finished."""
@@ -115,12 +128,19 @@ class TextStream:
         return self.text
 
     def _next(self) -> Delta | None:
-        """The next delta, or None once finished (a blocking wait for the engine's thread)."""
-        if self.finish_reason is not None:
-            return None
-        if self._iter is None:
-            self._iter = iter(self._stream)
-        return self._take(next(self._iter, None))
+        """The next delta, or None once finished (a blocking wait for the engine)."""
+        while True:
+            with self._lock:
+                if self.finish_reason is not None:
+                    return None
+                seen = len(self.token_ids)
+            tokens, ended = self._stream.wait(seen)
+            with self._lock:
+                if self.finish_reason is not None:
+                    return None
+                if len(self.token_ids) != seen:  # another reader took these meanwhile
+                    continue
+                return self._take(tokens if tokens else None)
 
     def _take(self, tokens: list[int] | None) -> Delta:
         """The delta of newly arrived ``tokens`` (None: the request ended), stop strings applied."""
