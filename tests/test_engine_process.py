@@ -116,3 +116,26 @@ def test_a_program_that_ends_without_close_exits(checkpoint, tmp_path):
     assert run.returncode == 0 and run.stdout.strip().endswith("leaving"), (run.returncode, run.stderr[-3000:])
     assert "terminate called" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert time.monotonic() - began < 500
+
+
+def test_a_script_without_a_main_guard_is_told_so(checkpoint, tmp_path):
+    """The engine's process runs the caller's script again (spawn): started outside ``if __name__ ==
+    "__main__":``, the child printed multiprocessing's ~70-line bootstrapping traceback and the caller read only
+    "exited with code 1 while starting". Now the child exits quietly and the caller's error names the guard."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "unguarded.py"
+    script.write_text("from gemma3_jax.runtime.engine_process import EngineExited\n"
+                      "from gemma3_jax.runtime.service import Service\n"
+                      "try:\n"
+                      f"    Service.from_pretrained({str(checkpoint[0])!r}, engine_process=True, **{SETTINGS!r})\n"
+                      "except EngineExited as e:\n"
+                      "    print(e)\n")
+    root = Path(__file__).parents[1]
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=root,
+                         env=dict(os.environ, PYTHONPATH=str(root)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert 'if __name__ == "__main__":' in run.stdout, run.stdout
+    assert "bootstrapping" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]

@@ -36,7 +36,7 @@ from gemma3_jax.model.gemma3 import Gemma3, check_inputs, token_id_row
 from gemma3_jax.runtime.compiled_shapes import COMPILE_THREAD, CompiledShapes
 from gemma3_jax.runtime.engine import StepWeights, VisionStep, compiled_step
 from gemma3_jax.runtime.features import FeatureCache, PendingKey
-from gemma3_jax.runtime.requests import EngineClosed, QueueFull, Request, TokenStream  # noqa: F401 (QueueFull: imported from here too)
+from gemma3_jax.runtime.requests import EngineClosed, QueueFull, Request, TokenStream
 from gemma3_jax.runtime.sampling import MAX_STOP_IDS, SamplingParams, check_stop_ids, seed32
 from gemma3_jax.runtime.slots import SlotState, SlotSteps, pack_rows, packed_width, unpack_rows
 

@@ -37,6 +37,9 @@ _ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "QueueFull": QueueF
            "FileNotFoundError": FileNotFoundError, "ImportError": ImportError}
 
 
+_NO_MAIN_GUARD = 75  # the child's exit code when the caller's script starts an engine outside its main guard
+
+
 class EngineExited(EngineClosed):
     """The engine's process is gone (it crashed, was killed or was closed): no request can be served any more."""
 
@@ -47,6 +50,11 @@ class RemoteEngine:
     class) if the child ends before ``close``."""
 
     def __init__(self, service_kwargs: dict, *, on_exit=None):
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # This is the engine's own process running the caller's script again (spawn imports it), so the script
+            # started the engine outside ``if __name__ == "__main__":``: exit quietly with a code the caller names,
+            # instead of multiprocessing's traceback here.
+            raise SystemExit(_NO_MAIN_GUARD)
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self._sock = socket.socket(fileno=os.dup(self._conn.fileno()))  # the pixels' raw bytes
@@ -82,6 +90,10 @@ class RemoteEngine:
             msg = self._conn.recv()
         except (EOFError, OSError):
             self.process.join(5)
+            if self.process.exitcode == _NO_MAIN_GUARD:
+                raise EngineExited("the engine process could not start: the script that starts it runs again in it "
+                                   "(multiprocessing's spawn), so it must do so under "
+                                   "`if __name__ == \"__main__\":`") from None
             raise EngineExited(f"the engine process exited with code {self.process.exitcode} while starting") from None
         if msg[0] != "ready":
             self._kill()
