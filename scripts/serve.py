@@ -79,8 +79,7 @@ def main(argv=None) -> int:
     try:
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-        # checked here too, not only by the engine: refused in the engine's process they left its semaphores to
-        # multiprocessing's tracker, whose warning followed the error line
+        # checked here too, not only by the engine: refused before the weights load and the engine's process starts
         for flag in ("max_queue", "max_body_bytes", "max_image_bytes", "max_batch", "chunk_tokens", "step_tokens",
                      "cache_length"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:

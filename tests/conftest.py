@@ -4,8 +4,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jax
-import pytest
+
+def _compile_fast() -> None:
+    """The suite compiles hundreds of small programs and runs each a few times, so LLVM's optimizations cost more
+    than they save (the test files took 12-20% longer with them). Set before JAX starts; the subprocesses tests
+    start inherit it. Not where a CUDA plugin is installed: there it would slow the GPU kernels it compiles."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+
+
+_compile_fast()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository root: fixtures/
 jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity: no reduced-precision dots

@@ -13,15 +13,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).parents[1]
 TOL = 1e-5  # relative to the largest logit (float32; only the order of the partial sums changes)
 
 
+def devices(n: int) -> str:
+    """XLA_FLAGS for ``n`` CPU devices, keeping the run's own flags (tests/conftest.py)."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+
+
 def run_worker(check: str, *more: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT))
+    env = dict(os.environ, XLA_FLAGS=devices(8), JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, __file__, check, *more], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -95,7 +97,7 @@ def test_two_processes_give_one_process_logits(tmp_path):
         port = sock.getsockname()[1]
 
     def start(pid, nproc):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // nproc}",
+        env = dict(os.environ, XLA_FLAGS=devices(4 // nproc),
                    JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
         return subprocess.Popen([sys.executable, __file__, "distributed", str(pid), str(nproc), str(port),
                                  str(tmp_path / f"logits_{nproc}_{pid}.npy")], env=env, stdout=subprocess.PIPE,
@@ -120,7 +122,7 @@ def test_cli_tensor_parallel(tmp_path):
     from fixtures import real_layout as rl
 
     model = rl.write_checkpoint(tmp_path / "it", "it")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=devices(8), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]))
 
     def command(n, *more):
@@ -151,7 +153,7 @@ def test_cli_tensor_parallel(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    two = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    two = dict(env, XLA_FLAGS=devices(2))
     procs = [subprocess.Popen(command(4, "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
                                       "--process-id", str(i)), env=two, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in (0, 1)]

@@ -78,12 +78,18 @@ class _Call:
     host_ms: dict = dataclasses.field(default_factory=dict)  # the host's time in each part of the dispatch
 
 
-def image_starts(image_mask: np.ndarray, tokens: int) -> np.ndarray:
-    """The position of each image's first token: image tokens come in runs of whole images (``tokens`` each), and
-    two images side by side make one run (which transformers' mask treats as one span)."""
+def image_runs(image_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of the runs of image tokens: two images side by side make one run (which transformers' mask
+    treats as one span)."""
     starts = np.flatnonzero(image_mask & ~np.r_[False, image_mask[:-1]])
     ends = np.flatnonzero(image_mask & ~np.r_[image_mask[1:], False]) + 1
-    return np.concatenate([np.arange(a, b, max(tokens, 1)) for a, b in zip(starts, ends)] + [np.zeros(0, np.int64)])
+    return starts, ends
+
+
+def image_starts(image_mask: np.ndarray, tokens: int) -> np.ndarray:
+    """The position of each image's first token: image tokens come in runs of whole images (``tokens`` each)."""
+    return np.concatenate([np.arange(a, b, max(tokens, 1)) for a, b in zip(*image_runs(image_mask))]
+                          + [np.zeros(0, np.int64)])
 
 
 def _pow2(n: int, least: int = 1) -> int:
@@ -202,8 +208,7 @@ class BatchEngine:
         ``QueueFull`` while ``max_queue`` requests wait."""
         if not isinstance(request, Request):
             raise TypeError(f"submit takes a Request, got {type(request).__name__}")
-        if self._closed:
-            raise EngineClosed("the engine is closed: it serves no more requests")
+        self._refuse_if_closed()
         prompt = token_id_row(request.prompt, "prompt")
         if len(prompt) == 0:
             raise ValueError("empty prompt: a request needs at least one token")
@@ -224,7 +229,8 @@ class BatchEngine:
         # token range, image count; nothing goes to the device here (the images do when their request is admitted)
         ids, _, _ = check_inputs(self.cfg, prompt[None], request.pixel_values, to_device=False)
         image_mask = ids[0] == self.cfg.image_token_id
-        runs = np.diff(np.flatnonzero(np.diff(np.r_[0, image_mask.astype(np.int8), 0])))[::2]
+        starts, ends = image_runs(image_mask)
+        runs = ends - starts
         if self._image_tokens and (runs % self._image_tokens).any():
             # a chunk ends at a run's end: an image split over two runs could straddle two chunks
             odd = int(runs[runs % self._image_tokens != 0][0])
@@ -234,14 +240,17 @@ class BatchEngine:
             self._check_queue()  # before the images are hashed for a request that would be refused
         stream = Stream(self, -1, request, image_mask)
         with self._cond:
-            if self._closed:
-                raise EngineClosed("the engine is closed: it serves no more requests")
+            self._refuse_if_closed()
             self._check_queue()
             stream.id = next(self._ids)
             self._queue.append(stream)
             self.counters["submitted"] += 1
             self._cond.notify_all()
         return stream
+
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise EngineClosed("the engine is closed: it serves no more requests")
 
     def _check_queue(self) -> None:
         if self.max_queue is not None and len(self._queue) >= self.max_queue:
@@ -647,8 +656,7 @@ class BatchEngine:
 
     def start(self) -> None:
         """Run steps on a background thread (readers then wait instead of stepping)."""
-        if self._closed:
-            raise EngineClosed("the engine is closed: it serves no more requests")
+        self._refuse_if_closed()
         if self._thread is not None:
             return
         self._stop = False
