@@ -74,6 +74,7 @@ def test_engine_process_serves_what_a_thread_serves(checkpoint):
         assert exits == [-signal.SIGKILL] and not remote.engine.alive
         with pytest.raises(EngineExited, match="exited"):
             remote.submit(prompt="hello", max_new_tokens=2)
+        assert remote.engine._streams == {}  # the refused request's stream is not kept
     finally:
         remote.close()
     assert not remote.engine.process.is_alive()

@@ -115,10 +115,15 @@ class RemoteEngine:
         stream = TokenStream(self, next(self._ids))
         with self._cond:
             self._streams[stream.id] = stream
-        ok, err = self._call("submit", stream.id, request, None if pixels is None else pixels.shape, payload=pixels)
+        ok = False
+        try:
+            ok, err = self._call("submit", stream.id, request, None if pixels is None else pixels.shape,
+                                 payload=pixels)
+        finally:
+            if not ok:  # refused, or the child gone during the call (EngineExited): nothing will end this stream
+                with self._cond:
+                    self._streams.pop(stream.id, None)
         if not ok:
-            with self._cond:
-                self._streams.pop(stream.id, None)
             raise _ERRORS.get(err[0], RuntimeError)(err[1])
         return stream
 
