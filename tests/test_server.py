@@ -114,6 +114,31 @@ def test_completions_and_models(client, generator):
 
 
 @on_server_worker
+def test_an_http_1_0_client_reads_the_stream(server, client):
+    """HTTP/1.0 has no chunked framing (uvicorn used it anyway, its chunk sizes landing in the events): such a client
+    gets the events at once with their length, the same text as a whole answer."""
+    import socket
+    from urllib.parse import urlsplit
+
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": NEW, "temperature": 0, "stream": True}).encode()
+    url = urlsplit(server)
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        raw = b""
+        while chunk := sock.recv(1 << 16):
+            raw += chunk
+    head, _, events = raw.partition(b"\r\n\r\n")
+    headers = dict(line.split(": ", 1) for line in head.decode().lower().split("\r\n")[1:])
+    assert b" 200 " in head.split(b"\r\n")[0] and "transfer-encoding" not in headers, head
+    assert int(headers["content-length"]) == len(events) and events.endswith(b"data: [DONE]\n\n"), events[-200:]
+    parts = [json.loads(e[6:]) for e in events.decode().split("\n\n") if e and e != "data: [DONE]"]
+    whole = client.completions.create(model="tiny-it", prompt="Once upon a time", max_tokens=NEW, temperature=0)
+    assert "".join(e["choices"][0]["text"] for e in parts) == whole.choices[0].text
+    assert parts[-1]["choices"][0]["finish_reason"] == whole.choices[0].finish_reason
+
+
+@on_server_worker
 def test_cancelled_stream_then_a_request_completes(server, client):
     with httpx.stream("POST", f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"prompt": "Tell me a long story", "max_tokens": 200, "stream": True}, timeout=120) as r:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gemma3_jax.runtime.requests import QueueFull
@@ -94,7 +94,7 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
         except (ValueError, TypeError) as e:
             raise p.bad(str(e).splitlines()[0]) from None
 
-    def streamed(stream, body: dict, cid: str, kind: str, *, first, piece, last) -> StreamingResponse:
+    async def streamed(request: Request, stream, body: dict, cid: str, kind: str, *, first, piece, last):
         """Server-sent events: ``first`` (or none), a ``piece(text)`` per delta, ``last(finish_reason)``, the usage
         when the client asked for it (``stream_options.include_usage``), then ``[DONE]``."""
 
@@ -111,6 +111,18 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
                             "choices": [], "usage": p.usage(stream.prompt_tokens, len(stream.token_ids))})
             yield "data: [DONE]\n\n"
 
+        if request.scope.get("http_version") == "1.0":
+            # uvicorn frames a body of unknown length in chunks even for an HTTP/1.0 client, which reads the chunk
+            # sizes as part of the events: such a client gets them all at once, with their length
+            parts, gen = [], _cancel_on_exit(events(), stream)
+            try:
+                async for event in gen:
+                    parts.append(event)
+                    if await request.is_disconnected():
+                        break
+            finally:
+                await gen.aclose()  # cancels a request left unfinished
+            return Response("".join(parts), media_type="text/event-stream")
         return StreamingResponse(_cancel_on_exit(events(), stream), media_type="text/event-stream")
 
     @app.get("/health")
@@ -149,10 +161,10 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
             return p.chat_response(cid, model_name, text, stream.finish_reason, stream.prompt_tokens,
                                    len(stream.token_ids))
 
-        return streamed(stream, body, cid, "chat.completion.chunk",
-                        first=p.chat_chunk(cid, model_name, {"role": "assistant", "content": ""}),
-                        piece=lambda text: p.chat_chunk(cid, model_name, {"content": text}),
-                        last=lambda reason: p.chat_chunk(cid, model_name, {}, reason))
+        return await streamed(request, stream, body, cid, "chat.completion.chunk",
+                              first=p.chat_chunk(cid, model_name, {"role": "assistant", "content": ""}),
+                              piece=lambda text: p.chat_chunk(cid, model_name, {"content": text}),
+                              last=lambda reason: p.chat_chunk(cid, model_name, {}, reason))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -176,9 +188,9 @@ def build_app(service: Service, *, model_name: str, api_key: str | None = None, 
             return p.completion_response(cid, model_name, text, stream.finish_reason, stream.prompt_tokens,
                                          len(stream.token_ids))
 
-        return streamed(stream, body, cid, "text_completion", first=None,
-                        piece=lambda text: p.completion_response(cid, model_name, text, None, 0, chunk=True),
-                        last=lambda reason: p.completion_response(cid, model_name, "", reason, 0, chunk=True))
+        return await streamed(request, stream, body, cid, "text_completion", first=None,
+                              piece=lambda text: p.completion_response(cid, model_name, text, None, 0, chunk=True),
+                              last=lambda reason: p.completion_response(cid, model_name, "", reason, 0, chunk=True))
 
     return app
 
