@@ -42,6 +42,7 @@ from gemma3_jax.runtime.slots import SlotState, SlotSteps, pack_rows, packed_wid
 
 GAP_BOUNDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)  # seconds: the buckets of ``BatchEngine.delivery_gaps``
 THREAD_STATES = ("idle", "waiting", "host")  # the keys of ``BatchEngine.thread_s``
+HANDOVER_S = 1e-4  # seconds the engine's thread lets go of the GIL after handing out first tokens
 
 
 class Stream(TokenStream):
@@ -164,6 +165,7 @@ class BatchEngine:
         self._stop = False
         self._cancelled: list[Stream] = []
         self._pending: _Call | None = None  # the last dispatched call, its tokens not yet read
+        self._unkeyed: list[tuple[PendingKey, jax.Array, bytes]] = []  # encoded this step, not yet cached
         self.counters = collections.Counter()
         self._window: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)  # (time, decode tokens)
         # each stream's gaps between deliveries of its tokens, as the engine makes them (a reader's chunk gaps, before
@@ -338,11 +340,6 @@ class BatchEngine:
     def _step(self) -> bool:
         began, waited, cpu = time.perf_counter(), self.thread_s["waiting"], time.thread_time()
         prefilling, decoding, queued = self._schedule()
-        if not prefilling and self._pending is not None and any(last for _, last in self._pending.rows):
-            # a prompt's first token waits in the last call: hand it over before spending a dispatch on decode
-            self._deliver(self._pending)
-            self._pending = None
-            prefilling, decoding, queued = self._schedule()
         t0 = time.perf_counter()
         encodes = self.features.encodes
         self._encode_admitted([s for s in prefilling if s._prefilled == 0 and s._image_keys and not s._feats])
@@ -352,6 +349,7 @@ class BatchEngine:
             call = self._prefill(prefilling, decoding)
         elif decoding:
             call = self._decode(decoding, until_free=queued)
+        self._put_encoded()  # the new images' keys were hashed while the call was dispatched
         if call is not None and self.calls is not None:
             call.record = dict(kind=call.kind, shape=call.shape, decoding=len(call.decoding),
                                prompt_tokens=call.prompt_tokens,
@@ -360,8 +358,10 @@ class BatchEngine:
                                host_ms=dict(call.host_ms, encode=(encoded - t0) * 1e3))
             self.calls.append(call.record)
         pending, self._pending = self._pending, call
-        if pending is not None:
-            self._deliver(pending)
+        if pending is not None and self._deliver(pending) and call is not None:
+            # the readers of those first tokens need the GIL, which this thread would keep through the next call's
+            # dispatch (a millisecond or more); the device has this step's call queued, so let them take it now
+            time.sleep(HANDOVER_S)
         self.thread_s["host"] += time.perf_counter() - began - (self.thread_s["waiting"] - waited)
         self.thread_cpu_s += time.thread_time() - cpu
         return call is not None or pending is not None
@@ -417,10 +417,16 @@ class BatchEngine:
                     out.append(feats)
             refs.append(out)
         encoded = self._encode([image for _, _, image in todo]) if todo else []
-        for (pending, fp, _), feats in zip(todo, encoded):  # the vision call is queued: the keys are read meanwhile
-            fc.put(pending.result(), feats, fp)
+        # cached once their keys are read, after the step's call is dispatched (``_put_encoded``)
+        self._unkeyed += [(pending, feats, fp) for (pending, fp, _), feats in zip(todo, encoded)]
         for s, out in zip(streams, refs):
             s._feats = [encoded[r] if isinstance(r, int) else r for r in out]
+
+    def _put_encoded(self) -> None:
+        """Cache the features encoded this step under their images' keys (read now: the hashing may still run)."""
+        unkeyed, self._unkeyed = self._unkeyed, []
+        for pending, feats, fp in unkeyed:
+            self.features.put(pending.result(), feats, fp)
 
     def _rows(self, prefilling: list[Stream], budget: int) -> list[tuple[Stream, int, int]]:
         """The prompts' next chunks in one call: up to ``prefill_rows`` rows and ``budget`` tokens, and no more
@@ -594,8 +600,9 @@ class BatchEngine:
             return self.decode_steps
         return max(1, int(min(self.stream_s / max(self._step_s, 1e-9), self.decode_steps)))
 
-    def _deliver(self, call: _Call) -> None:
-        """Read a dispatched call's tokens (waiting for it) and hand them to their streams."""
+    def _deliver(self, call: _Call) -> bool:
+        """Read a dispatched call's tokens (waiting for it) and hand them to their streams; whether any of them was
+        a prompt's first token."""
         t0 = time.perf_counter()
         first = None if call.first is None else np.asarray(call.first)
         tokens = None if call.tokens is None else np.asarray(call.tokens)
@@ -613,11 +620,13 @@ class BatchEngine:
         if call.record is not None:  # the host waited wait_ms for the device to finish this call, until ready
             call.record.update(wait_ms=(now - t0) * 1e3, ready=now,
                                steps=0 if produced is None else int(produced.max(initial=0)))
+        firsts = False
         with self._cond:
             for r, (s, last) in enumerate(call.rows):
                 if last and not s.done:
                     s.first_token_at = now
                     self._push(s, [int(first[r])])
+                    firsts = True
             if tokens is not None:
                 total = 0
                 for s, slot in call.decoding:
@@ -628,6 +637,7 @@ class BatchEngine:
                 self.counters["decode_steps"] += int(produced.max(initial=0))
                 self._window.append((time.perf_counter(), total))
             self._cond.notify_all()
+        return firsts
 
     def _push(self, stream: Stream, tokens: list[int]) -> None:
         """New tokens of a stream; finishes it on a stop id or its token limit (as the device did)."""
