@@ -407,8 +407,13 @@ def section_ttft(model, cfg, args, res, rng, spec):
     del eng
     variants = res["ttft"]["options"] = {}
     for name in args.ttft_options:  # the same request under other XLA options: lone TTFT and the static prefill
-        options = named_options(name, model.kernels.platform)
+        base, _, extra = name.partition("+")
+        options = named_options(base, model.kernels.platform)
         eng = make_engine(model, args, round_up(n + spec.new), options=options)
+        if extra == "nohandover":  # the engine's thread keeps the GIL after handing out a first token
+            eng.handover_s = None
+        elif extra:
+            raise ValueError(f"unknown ttft option {name!r}: OPTIONS[+nohandover]")
         submits: list[float] = []
         times = lone_ttfts(eng, req, 10, submits)[2:]
         del eng
@@ -565,7 +570,8 @@ def main() -> int:
     ap.add_argument("--profile-options", type=lambda v: v.split(","), default=["default"],
                     help="compiler options of the profiled engine: default, graphs (every call one CUDA graph)")
     ap.add_argument("--ttft-options", type=lambda v: [x for x in v.split(",") if x], default=[],
-                    help="ttft: also time the lone request under these options (default, graphs, nocb)")
+                    help="ttft: also time the lone request under these options (default, graphs, nocb; "
+                         "+nohandover: without the engine's GIL hand-over after a first token)")
     args = ap.parse_args()
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     if sections - set(SECTIONS):

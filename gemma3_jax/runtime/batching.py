@@ -166,6 +166,7 @@ class BatchEngine:
         self._cancelled: list[Stream] = []
         self._pending: _Call | None = None  # the last dispatched call, its tokens not yet read
         self._unkeyed: list[tuple[PendingKey, jax.Array, bytes]] = []  # encoded this step, not yet cached
+        self.handover_s: float | None = HANDOVER_S  # None: keep the GIL after first tokens (for A/B timings)
         self.counters = collections.Counter()
         self._window: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)  # (time, decode tokens)
         # each stream's gaps between deliveries of its tokens, as the engine makes them (a reader's chunk gaps, before
@@ -358,10 +359,10 @@ class BatchEngine:
                                host_ms=dict(call.host_ms, encode=(encoded - t0) * 1e3))
             self.calls.append(call.record)
         pending, self._pending = self._pending, call
-        if pending is not None and self._deliver(pending) and call is not None:
+        if pending is not None and self._deliver(pending) and call is not None and self.handover_s is not None:
             # the readers of those first tokens need the GIL, which this thread would keep through the next call's
             # dispatch (a millisecond or more); the device has this step's call queued, so let them take it now
-            time.sleep(HANDOVER_S)
+            time.sleep(self.handover_s)
         self.thread_s["host"] += time.perf_counter() - began - (self.thread_s["waiting"] - waited)
         self.thread_cpu_s += time.thread_time() - cpu
         return call is not None or pending is not None
