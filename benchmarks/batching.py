@@ -433,15 +433,13 @@ def section_ttft(model, cfg, args, res, rng, spec):
     del eng
     variants = res["ttft"]["options"] = {}
     for name in args.ttft_options:  # the same request under other XLA options: lone TTFT and the static prefill
-        base, *extras = name.split("+")
-        if set(extras) - {"nohandover", "latecopy"}:
-            raise ValueError(f"unknown ttft option {name!r}: OPTIONS[+nohandover][+latecopy]")
+        base, _, extra = name.partition("+")
         options = named_options(base, model.kernels.platform)
         eng = make_engine(model, args, round_up(n + spec.new), options=options)
-        if "nohandover" in extras:  # the engine's thread keeps the GIL after handing out a first token
+        if extra == "nohandover":  # the engine's thread keeps the GIL after handing out a first token
             eng.handover_s = None
-        if "latecopy" in extras:  # the images go to the device when the request is admitted, not at submission
-            eng.copy_at_submit = False
+        elif extra:
+            raise ValueError(f"unknown ttft option {name!r}: OPTIONS[+nohandover]")
         submits: list[float] = []
         times = lone_ttfts(eng, req, 10, submits)[2:]
         del eng
@@ -599,8 +597,7 @@ def main() -> int:
                     help="compiler options of the profiled engine: default, graphs (every call one CUDA graph)")
     ap.add_argument("--ttft-options", type=lambda v: [x for x in v.split(",") if x], default=[],
                     help="ttft: also time the lone request under these options (default, graphs, nocb; "
-                         "+nohandover: without the engine's GIL hand-over after a first token; +latecopy: the "
-                         "images copied to the device at admission, not submission)")
+                         "+nohandover: without the engine's GIL hand-over after a first token)")
     args = ap.parse_args()
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     if sections - set(SECTIONS):

@@ -57,7 +57,6 @@ class Stream(TokenStream):
         self._images = [] if request.pixel_values is None else np.asarray(request.pixel_values, np.float32)
         self._image_prints = [engine.features.fingerprint(im) for im in self._images]
         self._image_keys = [engine.features.key_later(im) for im in self._images]  # hashed while the request waits
-        self._device_images: list[jax.Array] = []  # the images' copies to the device, when begun at submission
         self._feats: list[jax.Array] = []  # one [T, D] per image from admission until the prompt is prefilled
         self._slot: int | None = None
         self._prefilled = 0  # prompt positions already in the slot
@@ -168,7 +167,6 @@ class BatchEngine:
         self._pending: _Call | None = None  # the last dispatched call, its tokens not yet read
         self._unkeyed: list[tuple[PendingKey, jax.Array, bytes]] = []  # encoded this step, not yet cached
         self.handover_s: float | None = HANDOVER_S  # None: keep the GIL after first tokens (for A/B timings)
-        self.copy_at_submit = True  # False: a request's images go to the device when it is admitted (A/B timings)
         self.counters = collections.Counter()
         self._window: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)  # (time, decode tokens)
         # each stream's gaps between deliveries of its tokens, as the engine makes them (a reader's chunk gaps, before
@@ -244,10 +242,6 @@ class BatchEngine:
         with self._cond:
             self._check_queue()  # before the images are hashed for a request that would be refused
         stream = Stream(self, -1, request, image_mask)
-        if len(stream._images) and self.copy_at_submit and not self._queue and None in self._slots:
-            # it will be admitted at the next step: its images' copies to the device run meanwhile (device_put
-            # returns at once), and a waiting request holds no device memory
-            stream._device_images = jax.device_put(list(stream._images))
         with self._cond:
             self._refuse_if_closed()
             self._check_queue()
@@ -280,7 +274,7 @@ class BatchEngine:
 
     def _finish(self, stream: Stream, reason: str) -> None:
         stream.finish_reason = reason
-        stream._feats, stream._images, stream._device_images = [], [], []
+        stream._feats, stream._images = [], []
         stream._notify()
         if stream._slot is not None:
             self._slots[stream._slot] = None
@@ -411,7 +405,7 @@ class BatchEngine:
 
         for s in streams:
             out: list[int | jax.Array] = []
-            for fp, pending, image in zip(s._image_prints, s._image_keys, s._device_images or s._images):
+            for fp, pending, image in zip(s._image_prints, s._image_keys, s._images):
                 if not fc.may_hold(fp) and fp not in new_prints:
                     out.append(encode(pending, fp, image))
                     continue
