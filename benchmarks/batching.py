@@ -375,12 +375,12 @@ def section_ttft(model, cfg, args, res, rng, spec):
                   dispatch_ms=c["dispatch_ms"], host_ms=c["host_ms"], wait_ms=c.get("wait_ms"),
                   ready_ms=(c.get("ready", t) - t) * 1e3)
              for c in eng.calls]
-    res["ttft_submit_parts_ms"] = submit_parts(cfg, eng, req)
-    log(f"    submit's parts (ms, median of 20): {res['ttft_submit_parts_ms']}")
+    parts = submit_parts(cfg, eng, req)
+    log(f"    submit's parts (ms, median of 20): {parts}")
     res["ttft"] = dict(tokens=n, images=imgs, ttft_ms=statistics.median(threaded[1:]) * 1e3,
                        ttft_min_ms=min(threaded[1:]) * 1e3, stepped_ms=statistics.median(times[1:]) * 1e3,
                        first_token_at_ms=statistics.median(first[1:]) * 1e3, first_ms=threaded[0] * 1e3,
-                       last_submit_ms=(submitted - t) * 1e3, last_calls=calls)
+                       last_submit_ms=(submitted - t) * 1e3, last_calls=calls, submit_parts_ms=parts)
     log(f"    last request: submit {res['ttft']['last_submit_ms']:.2f} ms; calls (ms from submit): " + "; ".join(
         f"{c['kind']} {c['shape']} at {c['at_ms']:.2f} dispatch {c['dispatch_ms']:.2f} ready {c['ready_ms']:.2f}"
         for c in calls))
@@ -433,13 +433,8 @@ def section_ttft(model, cfg, args, res, rng, spec):
     del eng
     variants = res["ttft"]["options"] = {}
     for name in args.ttft_options:  # the same request under other XLA options: lone TTFT and the static prefill
-        base, _, extra = name.partition("+")
-        options = named_options(base, model.kernels.platform)
+        options = named_options(name, model.kernels.platform)
         eng = make_engine(model, args, round_up(n + spec.new), options=options)
-        if extra == "nohandover":  # the engine's thread keeps the GIL after handing out a first token
-            eng.handover_s = None
-        elif extra:
-            raise ValueError(f"unknown ttft option {name!r}: OPTIONS[+nohandover]")
         submits: list[float] = []
         times = lone_ttfts(eng, req, 10, submits)[2:]
         del eng
@@ -596,8 +591,7 @@ def main() -> int:
     ap.add_argument("--profile-options", type=lambda v: v.split(","), default=["default"],
                     help="compiler options of the profiled engine: default, graphs (every call one CUDA graph)")
     ap.add_argument("--ttft-options", type=lambda v: [x for x in v.split(",") if x], default=[],
-                    help="ttft: also time the lone request under these options (default, graphs, nocb; "
-                         "+nohandover: without the engine's GIL hand-over after a first token)")
+                    help="ttft: also time the lone request under these options (default, graphs, nocb)")
     args = ap.parse_args()
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     if sections - set(SECTIONS):

@@ -42,7 +42,6 @@ from gemma3_jax.runtime.slots import SlotState, SlotSteps, pack_rows, packed_wid
 
 GAP_BOUNDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)  # seconds: the buckets of ``BatchEngine.delivery_gaps``
 THREAD_STATES = ("idle", "waiting", "host")  # the keys of ``BatchEngine.thread_s``
-HANDOVER_S = 1e-4  # seconds the engine's thread lets go of the GIL after handing out first tokens
 
 
 class Stream(TokenStream):
@@ -166,7 +165,6 @@ class BatchEngine:
         self._cancelled: list[Stream] = []
         self._pending: _Call | None = None  # the last dispatched call, its tokens not yet read
         self._unkeyed: list[tuple[PendingKey, jax.Array, bytes]] = []  # encoded this step, not yet cached
-        self.handover_s: float | None = HANDOVER_S  # None: keep the GIL after first tokens (for A/B timings)
         self.counters = collections.Counter()
         self._window: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)  # (time, decode tokens)
         # each stream's gaps between deliveries of its tokens, as the engine makes them (a reader's chunk gaps, before
@@ -359,10 +357,8 @@ class BatchEngine:
                                host_ms=dict(call.host_ms, encode=(encoded - t0) * 1e3))
             self.calls.append(call.record)
         pending, self._pending = self._pending, call
-        if pending is not None and self._deliver(pending) and call is not None and self.handover_s is not None:
-            # the readers of those first tokens need the GIL, which this thread would keep through the next call's
-            # dispatch (a millisecond or more); the device has this step's call queued, so let them take it now
-            time.sleep(self.handover_s)
+        if pending is not None:
+            self._deliver(pending)
         self.thread_s["host"] += time.perf_counter() - began - (self.thread_s["waiting"] - waited)
         self.thread_cpu_s += time.thread_time() - cpu
         return call is not None or pending is not None
@@ -601,9 +597,8 @@ class BatchEngine:
             return self.decode_steps
         return max(1, int(min(self.stream_s / max(self._step_s, 1e-9), self.decode_steps)))
 
-    def _deliver(self, call: _Call) -> bool:
-        """Read a dispatched call's tokens (waiting for it) and hand them to their streams; whether any of them was
-        a prompt's first token."""
+    def _deliver(self, call: _Call) -> None:
+        """Read a dispatched call's tokens (waiting for it) and hand them to their streams."""
         t0 = time.perf_counter()
         first = None if call.first is None else np.asarray(call.first)
         tokens = None if call.tokens is None else np.asarray(call.tokens)
@@ -621,13 +616,11 @@ class BatchEngine:
         if call.record is not None:  # the host waited wait_ms for the device to finish this call, until ready
             call.record.update(wait_ms=(now - t0) * 1e3, ready=now,
                                steps=0 if produced is None else int(produced.max(initial=0)))
-        firsts = False
         with self._cond:
             for r, (s, last) in enumerate(call.rows):
                 if last and not s.done:
                     s.first_token_at = now
                     self._push(s, [int(first[r])])
-                    firsts = True
             if tokens is not None:
                 total = 0
                 for s, slot in call.decoding:
@@ -638,7 +631,6 @@ class BatchEngine:
                 self.counters["decode_steps"] += int(produced.max(initial=0))
                 self._window.append((time.perf_counter(), total))
             self._cond.notify_all()
-        return firsts
 
     def _push(self, stream: Stream, tokens: list[int]) -> None:
         """New tokens of a stream; finishes it on a stop id or its token limit (as the device did)."""
