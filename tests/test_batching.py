@@ -296,6 +296,20 @@ def test_images_are_encoded_once(model, solo):
     assert eng.features.encodes == 2 and eng.features.nbytes > 0
 
 
+def test_an_image_encoded_one_step_is_cached_for_the_next(model):
+    """The features of a step's new images are cached once the step's call is dispatched (their keys are read
+    then): a request with the same image admitted at the next step, the first still running, takes them."""
+    eng = engine(model)
+    first = request([5, "img", 20], 1)
+    a = eng.submit(first)
+    eng.step()  # admits and encodes a, dispatches its prefill
+    assert eng.features.encodes == 1 and not a.done
+    b = eng.submit(Request(first.prompt, first.pixel_values.copy(), max_new_tokens=3, stop_ids=()))
+    eng.run()
+    assert eng.features.encodes == 1 and eng.features.hits == 1
+    assert a.finish_reason == b.finish_reason == "length"
+
+
 def test_image_key_is_the_content():
     """The feature cache's key hashes pieces of the image on several threads: equal for equal content and shape
     (whatever the array), different for one changed value, another shape of the same bytes or another dtype."""
