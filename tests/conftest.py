@@ -7,7 +7,7 @@ from pathlib import Path
 
 def _compile_fast() -> None:
     """The suite compiles hundreds of small programs and runs each a few times, so LLVM's optimizations cost more
-    than they save (the test files took 12-20% longer with them). Set before JAX starts; the subprocesses tests
+    than they save (the test files took 12-25% longer with them). Set before JAX starts; the subprocesses tests
     start inherit it. Not where a CUDA plugin is installed: there it would slow the GPU kernels it compiles."""
     import importlib.util
 
