@@ -321,7 +321,7 @@ def test_image_key_is_the_content():
     assert key == cache.key(np.asfortranarray(image)) == FeatureCache(1 << 20, hash_threads=1).key(image.copy())
     assert len({key, cache.key(changed), cache.key(image.reshape(3, -1)), cache.key(image.astype(np.float64)),
                 cache.key(image[:1])}) == 5
-    big = np.random.default_rng(1).random((3, 896, 896), np.float32)  # 10 pieces: runs of 3-4 a thread
+    big = np.random.default_rng(1).random((3, 896, 896), np.float32)  # 10 pieces over 1-16 threads
     assert len({FeatureCache(1 << 20, hash_threads=t).key(big) for t in (1, 3, 4, 16)}) == 1
 
 

@@ -17,19 +17,15 @@ _HASH_PIECE = 1 << 20  # bytes of an image hashed as one piece
 _PRINT_VALUES = 1 << 14  # values of an image a fingerprint reads
 
 
-def _digests(pieces: list) -> list[bytes]:
-    return [hashlib.sha256(p).digest() for p in pieces]
-
-
 class PendingKey:
     """An image's content key being hashed on the cache's threads; ``result()`` waits for it."""
 
-    def __init__(self, head: bytes, groups: list):
-        self._head, self._groups, self._key = head, groups, None  # each group: its pieces' digests, or a future
+    def __init__(self, head: bytes, digests: list):
+        self._head, self._digests, self._key = head, digests, None
 
     def result(self) -> bytes:
         if self._key is None:
-            parts = [d for g in self._groups for d in (g if isinstance(g, list) else g.result())]
+            parts = [d if isinstance(d, bytes) else d.result() for d in self._digests]
             self._key = hashlib.sha256(self._head + b"".join(parts)).digest()
         return self._key
 
@@ -65,20 +61,18 @@ class FeatureCache:
 
     def key_later(self, image: np.ndarray) -> PendingKey:
         """SHA-256 over the shape, dtype and SHA-256 digests of 1 MiB slices of the bytes, the slices hashed on the
-        cache's threads (hashlib lets go of the GIL), one run of consecutive slices a thread: each task started
-        wakes a thread that needs the GIL, which the submitting thread then waits for. The key does not depend on
-        the number of threads; the image must not change until the key is read."""
+        cache's threads (hashlib lets go of the GIL). The key does not depend on the number of threads; the image
+        must not change until the key is read."""
         image = np.ascontiguousarray(image)
         data = memoryview(image).cast("B") if image.size else memoryview(b"")
         parts = [data[i: i + _HASH_PIECE] for i in range(0, len(data), _HASH_PIECE)] or [data]
         if len(parts) > 1 and self._threads > 1:
-            n = min(self._threads, len(parts))
-            runs = [parts[len(parts) * i // n: len(parts) * (i + 1) // n] for i in range(n)]
             with self._pool_lock:  # close() on another thread waits until these are queued
                 if self._pool is None:
                     self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, "gemma3-image-hash")
-                return PendingKey(self._head(image), [self._pool.submit(_digests, run) for run in runs])
-        return PendingKey(self._head(image), [_digests(parts)])
+                return PendingKey(self._head(image), [self._pool.submit(lambda p: hashlib.sha256(p).digest(), part)
+                                                      for part in parts])
+        return PendingKey(self._head(image), [hashlib.sha256(part).digest() for part in parts])
 
     def key(self, image: np.ndarray) -> bytes:
         return self.key_later(image).result()
