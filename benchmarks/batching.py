@@ -194,7 +194,15 @@ def submit_parts(cfg, eng: BatchEngine, req: Request) -> dict:
                 isfinite=ms(lambda: np.isfinite(px).all()),
                 fingerprint=ms(lambda: eng.features.fingerprint(px[0])),
                 key_later=ms(lambda: eng.features.key_later(px[0])), key=ms(lambda: eng.features.key(px[0])),
-                device_put_ready=ms(lambda: jax.device_put(px).block_until_ready()))  # the engine's copy, waited
+                device_put_ready=ms(lambda: jax.device_put(px).block_until_ready()),  # the engine's copy, waited
+                submit_and_cancel=ms(lambda: submit_and_cancel(eng, req)))  # the whole, with its parts' caches warm
+
+
+def submit_and_cancel(eng: BatchEngine, req: Request):
+    """Submit ``req`` to an engine that is not stepping and take it back; its image's pending key (to wait for)."""
+    s = eng.submit(req)
+    eng.cancel(s)
+    return s._image_keys[0] if s._image_keys else None
 
 
 def profile_text(profiler: cProfile.Profile, order: str, lines: int) -> str:

@@ -36,7 +36,7 @@ class FeatureCache:
     Hashing a whole 896x896 image (~5 ms on one thread) is off a new image's path to its first token: a request's
     images are hashed on the cache's threads from submission, and each also gets a fingerprint (its shape, dtype
     and 16K evenly spaced values; microseconds). Equal images have equal fingerprints, so an image whose fingerprint
-    no held entry has is encoded at once and its key read after the vision call is dispatched; otherwise the key
+    no held entry has is encoded at once and its key read after the step's call is dispatched; otherwise the key
     decides, exactly."""
 
     def __init__(self, max_bytes: int, hash_threads: int | None = None):
