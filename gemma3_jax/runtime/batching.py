@@ -548,6 +548,13 @@ class BatchEngine:
         self.shapes.mark((kind, greedy_only), (b, t))
         return fn
 
+    def compile_chunk(self, kind: str, greedy_only: bool, tokens: int, rows: int = 1) -> None:
+        """Compile, without running it, the ``prefill`` or ``mixed`` call (a chunk beside decoding slots) that
+        ``rows`` text chunks of ``tokens`` tokens run as."""
+        budget = self.step_tokens if kind == "mixed" else self.chunk_tokens
+        self._compile_call(kind, greedy_only, min(_pow2(rows), self.max_batch), self._chunk_bucket(tokens, budget), 0,
+                           spec=True)
+
     def compile_covers(self, greedy_only: bool) -> None:
         """Compile, without running them, the largest prefill and mixed shapes a chunk takes, and one row of a
         chunk that an image's end stretched past the budget: with background compiles, every later call then has

@@ -257,9 +257,11 @@ class Service:
     def warm_up(self, covers: bool | None = None) -> None:
         """Compile the shortest prompt's prefill, a chunk beside a decoding slot (a mixed step) and the decode
         steps now, greedy and sampled (each compiles apart: greedy steps skip the sampling), so the first requests
-        do not wait. ``covers`` (default: with background compiles, off a CPU): also the largest prefill and mixed
-        shapes (``BatchEngine.compile_covers``), which any other chunk's shape runs padded to until its own has
-        compiled; on a CPU they take minutes to compile (the kernels are interpreted there)."""
+        do not wait: two requests run them, and a call they did not happen to make (whether the second is admitted
+        while the first still decodes is a race) compiles without running. ``covers`` (default: with background
+        compiles, off a CPU): also the largest prefill and mixed shapes (``BatchEngine.compile_covers``), which any
+        other chunk's shape runs padded to until its own has compiled; on a CPU they take minutes to compile (the
+        kernels are interpreted there)."""
         if not isinstance(self.engine, BatchEngine):  # an engine in its own process warmed up as it started
             return
         if covers is None:
@@ -271,6 +273,8 @@ class Service:
             second = self.engine.submit(Request([bos, bos], max_new_tokens=2, params=params, stop_ids=()))
             first.result()
             second.result()
+            for kind in ("prefill", "mixed"):
+                self.engine.compile_chunk(kind, params.greedy, 2)
             if covers:
                 self.engine.compile_covers(params.greedy)
 
