@@ -164,7 +164,6 @@ class BatchEngine:
         self._stop = False
         self._cancelled: list[Stream] = []
         self._pending: _Call | None = None  # the last dispatched call, its tokens not yet read
-        self._unkeyed: list[tuple[PendingKey, jax.Array, bytes]] = []  # encoded this step, not yet cached
         self.counters = collections.Counter()
         self._window: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)  # (time, decode tokens)
         # each stream's gaps between deliveries of its tokens, as the engine makes them (a reader's chunk gaps, before
@@ -341,14 +340,15 @@ class BatchEngine:
         prefilling, decoding, queued = self._schedule()
         t0 = time.perf_counter()
         encodes = self.features.encodes
-        self._encode_admitted([s for s in prefilling if s._prefilled == 0 and s._image_keys and not s._feats])
+        unkeyed = self._encode_admitted([s for s in prefilling if s._prefilled == 0 and s._image_keys and not s._feats])
         encoded = time.perf_counter()
         call = None
         if prefilling:
             call = self._prefill(prefilling, decoding)
         elif decoding:
             call = self._decode(decoding, until_free=queued)
-        self._put_encoded()  # the new images' keys were hashed while the call was dispatched
+        for pending, feats, fp in unkeyed:  # the new images' keys were hashed while the call was dispatched
+            self.features.put(pending.result(), feats, fp)
         if call is not None and self.calls is not None:
             call.record = dict(kind=call.kind, shape=call.shape, decoding=len(call.decoding),
                                prompt_tokens=call.prompt_tokens,
@@ -386,10 +386,11 @@ class BatchEngine:
             decoding = [s for s in held if s._prefilled == len(s.request.prompt)]
             return prefilling, decoding, bool(self._queue)
 
-    def _encode_admitted(self, streams: list[Stream]) -> None:
+    def _encode_admitted(self, streams: list[Stream]) -> list[tuple[PendingKey, jax.Array, bytes]]:
         """The images of newly admitted requests: from the feature cache, the rest encoded together in one call.
         An image whose fingerprint the cache does not know (nor an earlier image of this call) is new for certain;
-        the others wait for their keys."""
+        the others wait for their keys. Returns (key, features, fingerprint) of each image encoded, for the caller
+        to cache once it has dispatched its call (the key may still be hashing)."""
         fc = self.features
         todo: list[tuple[PendingKey, bytes, np.ndarray]] = []  # images to encode: key, fingerprint, pixels
         new_prints: dict[bytes, list[int]] = {}  # fingerprint -> their indexes in todo
@@ -414,16 +415,9 @@ class BatchEngine:
                     out.append(feats)
             refs.append(out)
         encoded = self._encode([image for _, _, image in todo]) if todo else []
-        # cached once their keys are read, after the step's call is dispatched (``_put_encoded``)
-        self._unkeyed += [(pending, feats, fp) for (pending, fp, _), feats in zip(todo, encoded)]
         for s, out in zip(streams, refs):
             s._feats = [encoded[r] if isinstance(r, int) else r for r in out]
-
-    def _put_encoded(self) -> None:
-        """Cache the features encoded this step under their images' keys (read now: the hashing may still run)."""
-        unkeyed, self._unkeyed = self._unkeyed, []
-        for pending, feats, fp in unkeyed:
-            self.features.put(pending.result(), feats, fp)
+        return [(pending, feats, fp) for (pending, fp, _), feats in zip(todo, encoded)]
 
     def _rows(self, prefilling: list[Stream], budget: int) -> list[tuple[Stream, int, int]]:
         """The prompts' next chunks in one call: up to ``prefill_rows`` rows and ``budget`` tokens, and no more
