@@ -28,6 +28,7 @@ so each token of a delivery is counted at (delivery gap / tokens delivered).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import cProfile
 import gc
 import gzip
@@ -47,10 +48,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import attempt, kernel_table, log, make_pixels, make_prompt, out_path, print_errors, round_up, save_json
+from benchmarks.common import (attempt, kernel_table, log, make_levels, make_pixels, make_prompt, out_path,
+                               print_errors, round_up, save_json)
 from benchmarks.common import spec_of
 from benchmarks.generate import time_decode, time_prefill
 from benchmarks.random_init import random_model
+from gemma3_jax.model.pixels import PixelLevels
 from gemma3_jax.model.quant import weight_bytes
 from gemma3_jax.runtime.batching import BatchEngine, Request
 from gemma3_jax.runtime.engine import DECODE_COMMAND_BUFFERS, Engine, default_compiler_options
@@ -179,6 +182,8 @@ def submit_parts(cfg, eng: BatchEngine, req: Request) -> dict:
     from gemma3_jax.model.gemma3 import check_inputs
 
     px, ids = req.pixel_values, np.asarray(req.prompt)[None]
+    image = PixelLevels(px.levels[0], px.table) if isinstance(px, PixelLevels) else px[0]
+    values = px.levels if isinstance(px, PixelLevels) else px
 
     def ms(fn) -> float:
         times = []
@@ -191,10 +196,10 @@ def submit_parts(cfg, eng: BatchEngine, req: Request) -> dict:
         return round(statistics.median(times[1:]) * 1e3, 3)
 
     return dict(check_inputs=ms(lambda: check_inputs(cfg, ids, px, to_device=False)),
-                isfinite=ms(lambda: np.isfinite(px).all()),
-                fingerprint=ms(lambda: eng.features.fingerprint(px[0])),
-                key_later=ms(lambda: eng.features.key_later(px[0])), key=ms(lambda: eng.features.key(px[0])),
-                device_put_ready=ms(lambda: jax.device_put(px).block_until_ready()),  # the engine's copy, waited
+                isfinite=ms(lambda: np.isfinite(values).all()),
+                fingerprint=ms(lambda: eng.features.fingerprint(image)),
+                key_later=ms(lambda: eng.features.key_later(image)), key=ms(lambda: eng.features.key(image)),
+                device_put_ready=ms(lambda: jax.block_until_ready(jax.device_put(px))),  # the engine's copy, waited
                 submit_and_cancel=ms(lambda: submit_and_cancel(eng, req)))  # the whole, with its parts' caches warm
 
 
@@ -385,10 +390,14 @@ def section_ttft(model, cfg, args, res, rng, spec):
              for c in eng.calls]
     parts = submit_parts(cfg, eng, req)
     log(f"    submit's parts (ms, median of 20): {parts}")
+    as_levels = dataclasses.replace(req, pixel_values=make_levels(cfg, imgs, rng))
+    levels_parts = submit_parts(cfg, eng, as_levels)
+    log(f"    the same with the image as uint8 levels: {levels_parts}")
     res["ttft"] = dict(tokens=n, images=imgs, ttft_ms=statistics.median(threaded[1:]) * 1e3,
                        ttft_min_ms=min(threaded[1:]) * 1e3, stepped_ms=statistics.median(times[1:]) * 1e3,
                        first_token_at_ms=statistics.median(first[1:]) * 1e3, first_ms=threaded[0] * 1e3,
-                       last_submit_ms=(submitted - t) * 1e3, last_calls=calls, submit_parts_ms=parts)
+                       last_submit_ms=(submitted - t) * 1e3, last_calls=calls, submit_parts_ms=parts,
+                       levels_submit_parts_ms=levels_parts)
     log(f"    last request: submit {res['ttft']['last_submit_ms']:.2f} ms; calls (ms from submit): " + "; ".join(
         f"{c['kind']} {c['shape']} at {c['at_ms']:.2f} dispatch {c['dispatch_ms']:.2f} ready {c['ready_ms']:.2f}"
         for c in calls))
@@ -445,6 +454,8 @@ def section_ttft(model, cfg, args, res, rng, spec):
         eng = make_engine(model, args, round_up(n + spec.new), options=options)
         submits: list[float] = []
         times = lone_ttfts(eng, req, 10, submits)[2:]
+        level_submits: list[float] = []  # the same image as uint8 levels (how Service and the server send it)
+        level_times = lone_ttfts(eng, as_levels, 10, level_submits)[2:]
         del eng
         static = Engine(model, cache_length=round_up(n + spec.new), compiler_options=options)
         walls = []
@@ -454,10 +465,15 @@ def section_ttft(model, cfg, args, res, rng, spec):
             walls.append(time.perf_counter() - t)
         # the issue's measure: the prefill without the host's input checks and copies (benchmarks.generate's)
         bare = time_prefill(static, list(req.prompt), req.pixel_values, 10)
+        bare_levels = time_prefill(static, list(req.prompt), as_levels.pixel_values, 10)
         del static
         gc.collect()
         v = variants[name] = dict(ttft_ms=statistics.median(times) * 1e3, ttft_min_ms=min(times) * 1e3,
                                   submit_ms=statistics.median(submits[2:]) * 1e3,
+                                  levels_ttft_ms=statistics.median(level_times) * 1e3,
+                                  levels_ttft_min_ms=min(level_times) * 1e3,
+                                  levels_submit_ms=statistics.median(level_submits[2:]) * 1e3,
+                                  levels_static_prefill_ms=bare_levels["median_s"] * 1e3,
                                   static_prefill_wall_ms=statistics.median(walls[2:]) * 1e3,
                                   static_prefill_wall_min_ms=min(walls[2:]) * 1e3,
                                   static_prefill_ms=bare["median_s"] * 1e3, static_prefill_min_ms=bare["min_s"] * 1e3)
@@ -465,6 +481,10 @@ def section_ttft(model, cfg, args, res, rng, spec):
             f"static Engine.prefill wall {v['static_prefill_wall_ms']:.2f} ms (min {v['static_prefill_wall_min_ms']:.2f}), "
             f"without host input prep {v['static_prefill_ms']:.2f} ms (min {v['static_prefill_min_ms']:.2f}): "
             f"TTFT / prefill {v['ttft_ms'] / v['static_prefill_ms']:.3f}")
+        log(f"options {name}, the image as uint8 levels: lone TTFT {v['levels_ttft_ms']:.2f} ms (min "
+            f"{v['levels_ttft_min_ms']:.2f}; submit {v['levels_submit_ms']:.2f}); prefill without host input prep "
+            f"{v['levels_static_prefill_ms']:.2f} ms; TTFT / the float prefill's "
+            f"{v['levels_ttft_ms'] / v['static_prefill_ms']:.3f}")
 
 
 def save_gz(name: str, text: str) -> None:

@@ -26,7 +26,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gemma3_jax.model.config import GLOBAL, SLIDING, Gemma3Config, TextConfig, VisionConfig  # noqa: E402
+from gemma3_jax.model.pixels import PixelLevels  # noqa: E402
 from gemma3_jax.model.presets import preset  # noqa: E402
+from gemma3_jax.preprocessing.processor import Processor  # noqa: E402
 
 
 
@@ -236,6 +238,15 @@ def make_prompt(cfg: Gemma3Config, n_tokens: int, n_images: int, rng) -> list[in
             out += [cfg.boi_token_id] + [cfg.image_token_id] * cfg.mm_tokens_per_image + [cfg.eoi_token_id]
     assert len(out) == n_tokens
     return out
+
+
+def make_levels(cfg: Gemma3Config, n: int, rng) -> PixelLevels | None:
+    """``n`` random images as uint8 levels with Gemma-3's processor table (how Service and the server send them)."""
+    if n == 0:
+        return None
+    v = cfg.vision
+    return PixelLevels(rng.integers(0, 256, (n, v.num_channels, v.image_size, v.image_size), dtype=np.uint8),
+                       Processor().pixel_table)
 
 
 def make_pixels(cfg: Gemma3Config, n: int, rng) -> np.ndarray | None:

@@ -21,6 +21,7 @@ import numpy as np
 from gemma3_jax.model.kv_cache import cache_nbytes
 from gemma3_jax.model.config import Gemma3Config, param_bytes
 from gemma3_jax.model.kernels import platform
+from gemma3_jax.model.pixels import PixelLevels
 from gemma3_jax.model.quant import check_mode
 from gemma3_jax.checkpoints.loading import checkpoint_files
 from gemma3_jax.preprocessing.processor import BOI, Processor, check_messages, render_chat
@@ -190,9 +191,11 @@ class Checkpoint:
         *,
         chat: bool | None = None,
         system: str | None = None,
-    ) -> tuple[list[list[int]], np.ndarray | None]:
+        levels: bool = False,
+    ) -> tuple[list[list[int]], np.ndarray | PixelLevels | None]:
         """Token ids per prompt and pixel values. Images go where the prompt's ``<start_of_image>`` markers are,
-        or, for a prompt without markers, before its text (in chat mode: first in the user turn)."""
+        or, for a prompt without markers, before its text (in chat mode: first in the user turn). ``levels``: the
+        pixel values as ``PixelLevels`` (``Processor.__call__``)."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}")
         for i, p in enumerate(prompts):
@@ -223,13 +226,15 @@ class Checkpoint:
             else:  # images without markers go first, as in chat mode
                 texts.append(p if BOI in p else BOI * len(imgs) + p)
         if self.processor is not None:
-            return self.processor(texts, images, tokenizer=self.tokenizer, add_bos=None)
+            return self.processor(texts, images, tokenizer=self.tokenizer, add_bos=None, levels=levels)
         return [self.tokenizer.encode(t, add_bos=not t.startswith("<bos>")) for t in texts], None
 
-    def build_chat(self, messages: Sequence[dict]) -> tuple[list[int], np.ndarray | None]:
+    def build_chat(self, messages: Sequence[dict], levels: bool = False
+                   ) -> tuple[list[int], np.ndarray | PixelLevels | None]:
         """A conversation's token ids (through the checkpoint's chat template, ending with the model's turn) and
-        pixel values. An image item ``{"type": "image", "image": <path, PIL image or array>}`` places its image
-        there. A checkpoint without a chat template is refused: a base model completes raw text instead."""
+        pixel values (``levels``: as ``PixelLevels``). An image item ``{"type": "image", "image": <path, PIL image
+        or array>}`` places its image there. A checkpoint without a chat template is refused: a base model completes
+        raw text instead."""
         messages = check_messages(messages)
         if self.chat_template is None:
             raise ValueError(f"{self.path} has no chat template (chat_template.jinja, chat_template.json or "
@@ -246,7 +251,7 @@ class Checkpoint:
             raise ValueError(f"images given to a text-only model ({self.path / 'config.json'} has no vision_config)")
         text = render_chat(messages, self.chat_template, add_generation_prompt=True)
         if self.processor is not None:
-            ids, pixels = self.processor([text], [images], tokenizer=self.tokenizer, add_bos=None)
+            ids, pixels = self.processor([text], [images], tokenizer=self.tokenizer, add_bos=None, levels=levels)
             return ids[0], pixels
         return self.tokenizer.encode(text, add_bos=not text.startswith("<bos>")), None
 

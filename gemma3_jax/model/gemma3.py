@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, Int
 
 from gemma3_jax.model.config import Gemma3Config
 from gemma3_jax.model.kernels import AttentionBatch, Kernels
+from gemma3_jax.model.pixels import PixelLevels, checked_levels
 from gemma3_jax.model.text import Embedding, TextModel, embed_lookup
 from gemma3_jax.model.vision import Projector, VisionTower
 
@@ -103,7 +104,9 @@ def check_inputs(cfg: Gemma3Config, input_ids, pixel_values=None, attention_mask
     if pixel_values is not None:
         if not cfg.is_multimodal:
             raise ValueError("pixel_values given to a text-only model (its config has no vision_config)")
-        if not isinstance(pixel_values, jax.Array):
+        if isinstance(pixel_values, PixelLevels):  # uint8 levels and a finite table: no scan of the image needed
+            pixel_values = checked_levels(pixel_values)
+        elif not isinstance(pixel_values, jax.Array):
             try:
                 pixel_values = np.asarray(pixel_values)
             except (ValueError, TypeError) as e:

@@ -14,6 +14,7 @@ from jaxtyping import Array, Float
 from gemma3_jax.model.config import Gemma3Config, VisionConfig
 from gemma3_jax.model.kernels import Kernels, padded_head_dim
 from gemma3_jax.model.layers import LayerNorm, RMSNorm, param
+from gemma3_jax.model.pixels import PixelLevels, as_pixels
 
 
 def patchify(pixels: Float[Array, "I C S S"], patch: int) -> Float[Array, "I P CPP"]:
@@ -99,9 +100,9 @@ class VisionTower(nnx.Module):
         self.post_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
         self.kernels = kernels
 
-    def __call__(self, pixels: Float[Array, "I C S S"]) -> Float[Array, "I P E"]:
+    def __call__(self, pixels: Float[Array, "I C S S"] | PixelLevels) -> Float[Array, "I P E"]:
         w = self.patch_embed[...]
-        pixels = self.kernels.split_images(pixels)  # under a mesh: each device its images, the layers follow
+        pixels = self.kernels.split_images(as_pixels(pixels))  # under a mesh: each device its images, the layers follow
         patches = patchify(pixels.astype(w.dtype), self.cfg.patch_size)
         x = jnp.einsum("IPK,KE->IPE", patches, w) + self.patch_bias[...] + self.pos_embed[...]
         for layer in self.layers:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gemma3_jax.model.pixels import PixelLevels, pixel_table
 from gemma3_jax.preprocessing.tokenizer import find_chat_template, read_json
 
 if TYPE_CHECKING:
@@ -369,24 +370,32 @@ class Processor:
     def preprocess(self, images: Sequence[Any]) -> tuple[np.ndarray, list[int]]:
         """Images -> (pixel_values float32 [N, 3, S, S], crops per image); with pan-and-scan each image is followed
         by its crops, so N = len(images) + sum(crops)."""
+        levels, num_crops = self.preprocess_levels(images)
+        return levels.to_float(), num_crops
+
+    def preprocess_levels(self, images: Sequence[Any]) -> tuple[PixelLevels, list[int]]:
+        """As ``preprocess``, the images as resized uint8 levels with this processor's normalization as a table
+        (``PixelLevels``; the same values once looked up): a quarter of the bytes to check, hash and copy."""
         arrays, num_crops = [], []
         for image in images:
             rgb = load_image(image)
             boxes = pan_and_scan_boxes(*rgb.shape[:2], self.pan_and_scan_min_crop_size, self.pan_and_scan_max_num_crops,
                                        self.pan_and_scan_min_ratio_to_activate) if self.do_pan_and_scan else []
-            arrays.append(self._pixels(rgb))
-            arrays.extend(self._pixels(rgb[t:b, l:r]) for t, l, b, r in boxes)
+            arrays.append(self._levels(rgb))
+            arrays.extend(self._levels(rgb[t:b, l:r]) for t, l, b, r in boxes)
             num_crops.append(len(boxes))
-        if not arrays:
-            return np.zeros((0, 3, self.image_size, self.image_size), np.float32), []
-        return np.stack(arrays), num_crops
+        stacked = np.stack(arrays) if arrays else np.zeros((0, 3, self.image_size, self.image_size), np.uint8)
+        return PixelLevels(stacked, self.pixel_table), num_crops
 
-    def _pixels(self, rgb: np.ndarray) -> np.ndarray:
+    @property
+    def pixel_table(self) -> np.ndarray:
+        """float32 [3, 256]: each channel's level as the model sees it (rescaled, then normalized)."""
+        return pixel_table(self.rescale_factor, self.image_mean, self.image_std)
+
+    def _levels(self, rgb: np.ndarray) -> np.ndarray:
         size = (self.image_size, self.image_size)
         resized = np.asarray(Image.fromarray(rgb).resize(size, resample=self.resample))
-        x = (resized.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+        return np.ascontiguousarray(resized.transpose(2, 0, 1))
 
     # ---- text
     @property
@@ -413,11 +422,13 @@ class Processor:
 
     # ---- both
     def __call__(self, texts: str | Sequence[str], images: Sequence[Any] | None = None, *, tokenizer: TokenizerLike,
-                 add_bos: bool | None = None) -> tuple[list[list[int]], np.ndarray | None]:
+                 add_bos: bool | None = None, levels: bool = False
+                 ) -> tuple[list[list[int]], np.ndarray | PixelLevels | None]:
         """Prompts (+ their images) -> (input_ids per prompt, pixel_values [N, 3, S, S] or None).
 
         ``images``: for one prompt a list of its images; for several, a list per prompt, or one flat list taken in
         marker order. ``add_bos=None`` prepends BOS unless the prompt already starts with ``<bos>`` (chat text).
+        ``levels=True``: the pixel values as ``PixelLevels`` (uint8 levels and a table) instead of float32.
         """
         if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, (str, Sequence)):
             raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
@@ -429,8 +440,8 @@ class Processor:
         per_prompt = self._split_images(images, markers)
         pixel_values, ids = [], []
         for text, imgs in zip(texts, per_prompt):
-            pv, crops = self.preprocess(imgs)
-            pixel_values.append(pv)
+            pv, crops = self.preprocess_levels(imgs)
+            pixel_values.append(pv.levels)
             expanded = self.expand(text, crops)
             bos = not expanded.startswith(BOS) if add_bos is None else add_bos
             ids.append(list(tokenizer.encode(expanded, add_bos=bos)))
@@ -440,8 +451,10 @@ class Processor:
                 if got != want:
                     raise ValueError(f"prompt {len(ids) - 1}: {got} image tokens (id {self.image_token_id}) after "
                                      f"tokenizing, expected {want}; does the tokenizer map {IMAGE_SOFT_TOKEN}?")
-        n = sum(len(p) for p in pixel_values)
-        return ids, (np.concatenate(pixel_values) if n else None)
+        if not sum(len(p) for p in pixel_values):
+            return ids, None
+        px = PixelLevels(np.concatenate(pixel_values), self.pixel_table)
+        return ids, (px if levels else px.to_float())
 
     @staticmethod
     def _split_images(images, markers: list[int]) -> list[list]:

@@ -33,6 +33,7 @@ import numpy as np
 
 from gemma3_jax.model import kv_cache as kvc
 from gemma3_jax.model.gemma3 import Gemma3, check_inputs, token_id_row
+from gemma3_jax.model.pixels import PixelLevels, as_pixels
 from gemma3_jax.runtime.compiled_shapes import COMPILE_THREAD, CompiledShapes
 from gemma3_jax.runtime.engine import StepWeights, VisionStep, compiled_step
 from gemma3_jax.runtime.features import FeatureCache, PendingKey
@@ -53,7 +54,9 @@ class Stream(TokenStream):
         self.request = request
         self._image_mask = image_mask
         self._image_starts = image_starts(image_mask, engine._image_tokens)
-        self._images = [] if request.pixel_values is None else np.asarray(request.pixel_values, np.float32)
+        px = request.pixel_values  # checked
+        self._images = ([] if px is None else [PixelLevels(px.levels[i], px.table) for i in range(len(px))]
+                        if isinstance(px, PixelLevels) else list(np.asarray(px, np.float32)))
         self._image_prints = [engine.features.fingerprint(im) for im in self._images]
         self._image_keys = [engine.features.key_later(im) for im in self._images]  # hashed while the request waits
         self._feats: list[jax.Array] = []  # one [T, D] per image from admission until the prompt is prefilled
@@ -149,7 +152,7 @@ class BatchEngine:
         # one image's zero features, made once: they pad a call's features (an eager jnp.zeros per call is an XLA
         # computation dispatched on the engine's thread, ~4 ms a call profiled on an H100's host)
         self._zero_feat = jnp.zeros(self._feat_shape, self.dtype) if self._image_tokens else None
-        self._zero_pixels: dict[tuple, jax.Array] = {}  # (shape, dtype) -> one zero image, padding vision calls
+        self._zero_pixels: dict[tuple, jax.Array] = {}  # (shape, dtype or "levels") -> a zero image, padding calls
         self._flags: tuple[np.ndarray, jax.Array] | None = None  # the last decode call's flags, host and device
         # shapes compiled ahead from specs: on one device only (specs would need each array's mesh placement)
         self.shapes = CompiledShapes(background_compile and model.kernels.shards == 1)
@@ -227,7 +230,7 @@ class BatchEngine:
             raise ValueError(f"seed must be in [0, 2^63), got {request.seed}")
         kvc.check_fits(len(prompt), n, self.cache_length)
         # token range, image count; nothing goes to the device here (the images do when their request is admitted)
-        ids, _, _ = check_inputs(self.cfg, prompt[None], request.pixel_values, to_device=False)
+        ids, pixels, _ = check_inputs(self.cfg, prompt[None], request.pixel_values, to_device=False)
         image_mask = ids[0] == self.cfg.image_token_id
         starts, ends = image_runs(image_mask)
         runs = ends - starts
@@ -238,6 +241,8 @@ class BatchEngine:
                              f"{self._image_tokens}: the prompt has a run of {odd}")
         with self._cond:
             self._check_queue()  # before the images are hashed for a request that would be refused
+        if pixels is not request.pixel_values:
+            request = dataclasses.replace(request, pixel_values=pixels)
         stream = Stream(self, -1, request, image_mask)
         with self._cond:
             self._refuse_if_closed()
@@ -297,20 +302,26 @@ class BatchEngine:
                     self.counters[f"background_compiles_{name}"] += 1
         return compiled
 
-    def _encode(self, images: list[np.ndarray]) -> list[jax.Array]:
+    def _encode(self, images: list[np.ndarray | PixelLevels]) -> list[jax.Array]:
         """Features [T, D] of each image, in one vision call padded to a power of two of images. Each image goes to
-        the device as it is and they are stacked there, and each image's features come out as an array of its own:
-        a host-side stack copied ~10 MB an image on this thread, and slicing the features was an XLA call each."""
+        the device as it is (float32 pixels, or uint8 levels with their table, looked up there) and they are stacked
+        there, and each image's features come out as an array of its own: a host-side stack copied ~10 MB an image
+        on this thread, and slicing the features was an XLA call each."""
         vw = self._vision
         n = len(images)
-        key = (images[0].shape, images[0].dtype)
+        if len({isinstance(im, PixelLevels) for im in images}) > 1:  # levels beside float pixels: one kind a call
+            images = [im.to_float() if isinstance(im, PixelLevels) else im for im in images]
+        first = images[0]
+        key = (first.shape, "levels" if isinstance(first, PixelLevels) else first.dtype)
         if key not in self._zero_pixels:  # padding images, made once (what they give is never read)
-            self._zero_pixels[key] = jax.device_put(np.zeros(*key))
+            zero = (PixelLevels(np.zeros(first.shape, np.uint8), np.zeros_like(first.table))
+                    if isinstance(first, PixelLevels) else np.zeros(first.shape, first.dtype))
+            self._zero_pixels[key] = jax.device_put(zero)
         pixels = jax.device_put(images) + [self._zero_pixels[key]] * (_pow2(n) - n)  # returns while copies run
 
         def vision(rest, groups, *pixels):
             step = vw.merge(rest, groups)
-            feats = step.projector(step.vision(jnp.stack(pixels)))
+            feats = step.projector(step.vision(jnp.stack([as_pixels(p) for p in pixels])))
             return tuple(feats[i] for i in range(len(pixels)))
 
         args = (vw.rest, vw.groups, *pixels)

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from gemma3_jax.model.pixels import PixelLevels, checked_levels
 from gemma3_jax.runtime.requests import EngineClosed, QueueFull, Request, TokenStream
 
 # A thread woken by a finished device call waits for the GIL up to Python's switch interval (5 ms by default) while
@@ -108,17 +109,22 @@ class RemoteEngine:
         failure of the child's ``submit`` as a RuntimeError with its message (the engine goes on)."""
         if not isinstance(request, Request):
             raise TypeError(f"submit takes a Request, got {type(request).__name__}")
-        pixels = None
-        if request.pixel_values is not None:
-            pixels = np.ascontiguousarray(request.pixel_values, dtype=np.float32)
+        pixels, meta, px = None, None, request.pixel_values
+        if isinstance(px, PixelLevels):  # the uint8 levels as raw bytes, the small table with the message
+            px = checked_levels(px)
+            pixels = np.ascontiguousarray(px.levels)
+            meta = (pixels.shape, pixels.dtype.str, np.asarray(px.table))
+        elif px is not None:
+            pixels = np.ascontiguousarray(px, dtype=np.float32)
+            meta = (pixels.shape, pixels.dtype.str, None)
+        if px is not None:
             request = dataclasses.replace(request, pixel_values=None)
         stream = TokenStream(self, next(self._ids))
         with self._cond:
             self._streams[stream.id] = stream
         ok = False
         try:
-            ok, err = self._call("submit", stream.id, request, None if pixels is None else pixels.shape,
-                                 payload=pixels)
+            ok, err = self._call("submit", stream.id, request, meta, payload=pixels)
         finally:
             if not ok:  # refused, or the child gone during the call (EngineExited): nothing will end this stream
                 with self._cond:
@@ -307,16 +313,18 @@ def _child_main(conn, service_kwargs: dict, parent_pid: int) -> None:
         while True:
             msg = conn.recv()
             if msg[0] == "submit":
-                _, call, rid, request, shape = msg
-                if shape is not None:
-                    pixels = np.empty(shape, np.float32)
+                _, call, rid, request, meta = msg
+                if meta is not None:
+                    shape, dtype, table = meta
+                    pixels = np.empty(shape, np.dtype(dtype))
                     view, got = memoryview(pixels).cast("B"), 0
                     while got < len(view):
                         n = sock.recv_into(view[got:])
                         if n == 0:
                             raise EOFError
                         got += n
-                    request = dataclasses.replace(request, pixel_values=pixels)
+                    request = dataclasses.replace(request, pixel_values=pixels if table is None
+                                                  else PixelLevels(pixels, table))
                 try:
                     stream = engine.submit(request)
                 except Exception as e:  # noqa: BLE001 - a refusal, or a bug failing one request, not the engine

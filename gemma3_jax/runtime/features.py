@@ -13,6 +13,8 @@ import threading
 import jax
 import numpy as np
 
+from gemma3_jax.model.pixels import PixelLevels
+
 _HASH_PIECE = 1 << 20  # bytes of an image hashed as one piece
 _PRINT_VALUES = 1 << 14  # values of an image a fingerprint reads
 
@@ -51,30 +53,37 @@ class FeatureCache:
         self._pool_lock = threading.Lock()  # submitters on several threads start the pool once
 
     @staticmethod
-    def _head(image: np.ndarray) -> bytes:
-        return str((image.shape, image.dtype.str)).encode()
+    def _content(image: np.ndarray | PixelLevels) -> tuple[bytes, np.ndarray]:
+        """(what a key starts with: shape, dtype and any levels' table; the array whose bytes it covers)."""
+        if isinstance(image, PixelLevels):  # the same levels under another table are another image
+            array = np.ascontiguousarray(image.levels)
+            table = np.ascontiguousarray(image.table, np.float32).tobytes()
+        else:
+            array, table = np.ascontiguousarray(image), b""
+        return str((array.shape, array.dtype.str)).encode() + table, array
 
-    def fingerprint(self, image: np.ndarray) -> bytes:
-        flat = np.ascontiguousarray(image).reshape(-1)
+    def fingerprint(self, image: np.ndarray | PixelLevels) -> bytes:
+        head, array = self._content(image)
+        flat = array.reshape(-1)
         sample = flat[:: max(1, flat.size // _PRINT_VALUES)]
-        return hashlib.sha256(self._head(image) + np.ascontiguousarray(sample).tobytes()).digest()
+        return hashlib.sha256(head + np.ascontiguousarray(sample).tobytes()).digest()
 
-    def key_later(self, image: np.ndarray) -> PendingKey:
-        """SHA-256 over the shape, dtype and SHA-256 digests of 1 MiB slices of the bytes, the slices hashed on the
-        cache's threads (hashlib lets go of the GIL). The key does not depend on the number of threads; the image
-        must not change until the key is read."""
-        image = np.ascontiguousarray(image)
+    def key_later(self, image: np.ndarray | PixelLevels) -> PendingKey:
+        """SHA-256 over the shape, dtype (and a ``PixelLevels``' table) and SHA-256 digests of 1 MiB slices of the
+        bytes, the slices hashed on the cache's threads (hashlib lets go of the GIL). The key does not depend on the
+        number of threads; the image must not change until the key is read."""
+        head, image = self._content(image)
         data = memoryview(image).cast("B") if image.size else memoryview(b"")
         parts = [data[i: i + _HASH_PIECE] for i in range(0, len(data), _HASH_PIECE)] or [data]
         if len(parts) > 1 and self._threads > 1:
             with self._pool_lock:  # close() on another thread waits until these are queued
                 if self._pool is None:
                     self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, "gemma3-image-hash")
-                return PendingKey(self._head(image), [self._pool.submit(lambda p: hashlib.sha256(p).digest(), part)
-                                                      for part in parts])
-        return PendingKey(self._head(image), [hashlib.sha256(part).digest() for part in parts])
+                return PendingKey(head, [self._pool.submit(lambda p: hashlib.sha256(p).digest(), part)
+                                         for part in parts])
+        return PendingKey(head, [hashlib.sha256(part).digest() for part in parts])
 
-    def key(self, image: np.ndarray) -> bytes:
+    def key(self, image: np.ndarray | PixelLevels) -> bytes:
         return self.key_later(image).result()
 
     def may_hold(self, fingerprint: bytes) -> bool:

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from gemma3_jax.model.pixels import PixelLevels
 from gemma3_jax.runtime.sampling import SamplingParams
 
 
@@ -28,12 +29,13 @@ class EngineClosed(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One prompt as token ids (image tokens included) and its images [I, C, S, S] in the processor's float range.
+    """One prompt as token ids (image tokens included) and its images [I, C, S, S] in the processor's float range,
+    or as ``PixelLevels`` (uint8 levels and the processor's table: a quarter of the bytes to check, hash and copy).
     The engine reads ``pixel_values`` (without copying them) until the request's first token: keep them unchanged
     until then."""
 
     prompt: Sequence[int]
-    pixel_values: np.ndarray | None = None
+    pixel_values: np.ndarray | PixelLevels | None = None
     max_new_tokens: int = 64
     params: SamplingParams = SamplingParams()
     seed: int = 0

@@ -29,6 +29,7 @@ from gemma3_jax.checkpoints.checkpoint import Checkpoint, check_generation_args
 from gemma3_jax.checkpoints.loading import load_pretrained
 from gemma3_jax.checkpoints.quantized import effective_mode, stored_mode
 from gemma3_jax.model.gemma3 import token_id_row
+from gemma3_jax.model.pixels import PixelLevels
 from gemma3_jax.preprocessing.tokenizer import StreamDecoder
 from gemma3_jax.runtime.batching import BatchEngine, Stream
 from gemma3_jax.runtime.compile_cache import enable_compilation_cache
@@ -227,7 +228,7 @@ class Service:
                top_p: float | None = None, seed: int = 0, stop: str | Sequence[str] = ()) -> TextStream:
         """Queue one request: exactly one of ``prompt`` (raw text; ``images`` go where its ``<start_of_image>``
         markers are, or first), ``messages`` (images inside them) or ``token_ids`` (with ``images`` as pixel values
-        [I, 3, S, S])."""
+        [I, 3, S, S] or ``PixelLevels``)."""
         given = [name for name, v in (("prompt", prompt), ("messages", messages), ("token_ids", token_ids))
                  if v is not None]
         if len(given) != 1:
@@ -238,18 +239,18 @@ class Service:
         if messages is not None:
             if images is not None:
                 raise ValueError("with messages, images go inside them ({'type': 'image', 'image': ...})")
-            ids, pixels = ckpt.build_chat(messages)
+            ids, pixels = ckpt.build_chat(messages, levels=True)  # uint8 levels: a quarter of the bytes to move
         elif prompt is not None:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
             if images is not None:  # a list of images, or a single one (as Generator.generate takes them): a
                 # path is not split into characters, an array's rows are not taken for images
                 images = list(images) if isinstance(images, (list, tuple)) else [images]
-            ids, pixels = ckpt.build_inputs([prompt], None if images is None else [images], chat=False)
+            ids, pixels = ckpt.build_inputs([prompt], None if images is None else [images], chat=False, levels=True)
             ids = ids[0]
         else:
             ids = [int(t) for t in token_id_row(token_ids, "token_ids")]
-            pixels = None if images is None else np.asarray(images)
+            pixels = None if images is None else images if isinstance(images, PixelLevels) else np.asarray(images)
         request = Request(ids, pixels, max_new_tokens=max_new_tokens, params=params, seed=seed,
                           stop_ids=tuple(ckpt.stop_ids))
         return TextStream(self.engine.submit(request), self, stop, len(ids))
