@@ -57,6 +57,7 @@ from gemma3_jax.model.pixels import PixelLevels
 from gemma3_jax.model.quant import weight_bytes
 from gemma3_jax.runtime.batching import BatchEngine, Request
 from gemma3_jax.runtime.engine import DECODE_COMMAND_BUFFERS, Engine, default_compiler_options
+from gemma3_jax.runtime.engine_process import SWITCH_INTERVAL_S
 
 SECTIONS = ("static", "offline", "long", "ttft", "profile", "peer")
 
@@ -163,18 +164,56 @@ def lone_ttfts(eng: BatchEngine, req: Request, runs: int, submits: list | None =
     """Seconds from submit to the first token read on this thread, the engine stepping on its own (first: compiles);
     each ``submit``'s own seconds go to ``submits``."""
     eng.start()
-    out = []
-    for _ in range(runs):
-        eng.features.clear()  # a new image each time: encoded, not cached (its hashing threads stay)
-        t = time.perf_counter()
-        s = eng.submit(req)
-        if submits is not None:
-            submits.append(time.perf_counter() - t)
-        next(iter(s))
-        out.append(time.perf_counter() - t)
-        s.result()
+    out = [lone_ttft(eng, req, submits) for _ in range(runs)]
     eng.stop()
     return out
+
+
+def lone_ttft(eng: BatchEngine, req: Request, submits: list | None = None, parts: list | None = None) -> float:
+    """One lone request's TTFT (s). With the engine's calls recorded, ``parts`` gets where it went (ms after
+    submit): when the engine's thread took the request up, its host time until the vision call was dispatched and
+    until the prefill call was, when the first token was ready and how long the reader then took to have it."""
+    eng.features.clear()  # a new image each time: encoded, not cached (its hashing threads stay)
+    if eng.calls is not None:
+        eng.calls.clear()
+    t = time.perf_counter()
+    s = eng.submit(req)
+    if submits is not None:
+        submits.append(time.perf_counter() - t)
+    next(iter(s))
+    out = time.perf_counter() - t
+    s.result()
+    first = next((c for c in list(eng.calls or []) if c["kind"] == "prefill" and "ready" in c), None)
+    if parts is not None and first is not None:
+        ready = (first["ready"] - t) * 1e3
+        parts.append(dict(taken_up=(first["start"] - t) * 1e3, encode=first["host_ms"]["encode"],
+                          dispatch=first["dispatch_ms"], ready=ready, to_reader=out * 1e3 - ready))
+    return out
+
+
+def interleaved_ttfts(eng: BatchEngine, cases: dict[str, tuple[Request, float]], rounds: int) -> dict[str, dict]:
+    """``lone_ttfts`` of several (request, Python switch interval) cases taken in turn, round after round, so a drift
+    of the machine (clocks, other load) falls on every case alike: per case the median and min TTFT and submit (ms),
+    the first two rounds (compiles, warm-up) left out."""
+    old = sys.getswitchinterval()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    submits: dict[str, list[float]] = {name: [] for name in cases}
+    parts: dict[str, list[dict]] = {name: [] for name in cases}
+    eng.start()
+    try:
+        for _ in range(rounds + 2):
+            for name, (req, interval) in cases.items():
+                sys.setswitchinterval(interval)
+                times[name].append(lone_ttft(eng, req, submits[name], parts[name]))
+    finally:
+        sys.setswitchinterval(old)
+        eng.stop()
+    ms = lambda xs: [x * 1e3 for x in xs[2:]]
+    median_parts = lambda ps: {k: round(statistics.median(p[k] for p in ps), 3) for k in ps[0]} if ps else {}
+    return {name: dict(ttft_ms=statistics.median(ms(times[name])), ttft_min_ms=min(ms(times[name])),
+                       ttft_p90_ms=float(np.percentile(ms(times[name]), 90)),
+                       submit_ms=statistics.median(ms(submits[name])), switch_interval_s=cases[name][1],
+                       runs=rounds, parts_ms=median_parts(parts[name][2:])) for name in cases}
 
 
 def submit_parts(cfg, eng: BatchEngine, req: Request) -> dict:
@@ -451,11 +490,13 @@ def section_ttft(model, cfg, args, res, rng, spec):
     variants = res["ttft"]["options"] = {}
     for name in args.ttft_options:  # the same request under other XLA options: lone TTFT and the static prefill
         options = named_options(name, model.kernels.platform)
-        eng = make_engine(model, args, round_up(n + spec.new), options=options)
-        submits: list[float] = []
-        times = lone_ttfts(eng, req, 10, submits)[2:]
-        level_submits: list[float] = []  # the same image as uint8 levels (how Service and the server send it)
-        level_times = lone_ttfts(eng, as_levels, 10, level_submits)[2:]
+        eng = make_engine(model, args, round_up(n + spec.new), options=options, record_calls=True)
+        # the image as float32 pixels and as uint8 levels (how Service and the server send it), each under Python's
+        # default switch interval and under the one a server process sets (a reader woken by the first token waits
+        # for the GIL up to that interval while the engine's thread dispatches the next call)
+        lone = interleaved_ttfts(eng, {f"{px}_{sw}": (req if px == "float" else as_levels, interval)
+                                       for px in ("float", "levels")
+                                       for sw, interval in (("python", 0.005), ("server", SWITCH_INTERVAL_S))}, 20)
         del eng
         static = Engine(model, cache_length=round_up(n + spec.new), compiler_options=options)
         walls = []
@@ -468,11 +509,10 @@ def section_ttft(model, cfg, args, res, rng, spec):
         bare_levels = time_prefill(static, list(req.prompt), as_levels.pixel_values, 10)
         del static
         gc.collect()
-        v = variants[name] = dict(ttft_ms=statistics.median(times) * 1e3, ttft_min_ms=min(times) * 1e3,
-                                  submit_ms=statistics.median(submits[2:]) * 1e3,
-                                  levels_ttft_ms=statistics.median(level_times) * 1e3,
-                                  levels_ttft_min_ms=min(level_times) * 1e3,
-                                  levels_submit_ms=statistics.median(level_submits[2:]) * 1e3,
+        name = name if name not in variants else f"{name}_{len(variants)}"
+        v = variants[name] = dict(lone=lone, ttft_ms=lone["float_python"]["ttft_ms"],
+                                  ttft_min_ms=lone["float_python"]["ttft_min_ms"],
+                                  submit_ms=lone["float_python"]["submit_ms"],
                                   levels_static_prefill_ms=bare_levels["median_s"] * 1e3,
                                   static_prefill_wall_ms=statistics.median(walls[2:]) * 1e3,
                                   static_prefill_wall_min_ms=min(walls[2:]) * 1e3,
@@ -481,10 +521,11 @@ def section_ttft(model, cfg, args, res, rng, spec):
             f"static Engine.prefill wall {v['static_prefill_wall_ms']:.2f} ms (min {v['static_prefill_wall_min_ms']:.2f}), "
             f"without host input prep {v['static_prefill_ms']:.2f} ms (min {v['static_prefill_min_ms']:.2f}): "
             f"TTFT / prefill {v['ttft_ms'] / v['static_prefill_ms']:.3f}")
-        log(f"options {name}, the image as uint8 levels: lone TTFT {v['levels_ttft_ms']:.2f} ms (min "
-            f"{v['levels_ttft_min_ms']:.2f}; submit {v['levels_submit_ms']:.2f}); prefill without host input prep "
-            f"{v['levels_static_prefill_ms']:.2f} ms; TTFT / the float prefill's "
-            f"{v['levels_ttft_ms'] / v['static_prefill_ms']:.3f}")
+        log(f"options {name}: the levels' prefill without host input prep {v['levels_static_prefill_ms']:.2f} ms")
+        for case, c in lone.items():
+            log(f"    {case}: lone TTFT {c['ttft_ms']:.2f} ms (min {c['ttft_min_ms']:.2f}, p90 {c['ttft_p90_ms']:.2f}; "
+                f"submit {c['submit_ms']:.2f}; {c['runs']} runs interleaved): TTFT / the float prefill's "
+                f"{c['ttft_ms'] / v['static_prefill_ms']:.3f}; median parts (ms after submit) {c['parts_ms']}")
 
 
 def save_gz(name: str, text: str) -> None:
