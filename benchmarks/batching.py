@@ -186,8 +186,8 @@ def lone_ttft(eng: BatchEngine, req: Request, submits: list | None = None, parts
     first = next((c for c in list(eng.calls or []) if c["kind"] == "prefill" and "ready" in c), None)
     if parts is not None and first is not None:
         ready = (first["ready"] - t) * 1e3
-        parts.append(dict(taken_up=(first["start"] - t) * 1e3, encode=first["host_ms"]["encode"],
-                          dispatch=first["dispatch_ms"], ready=ready, to_reader=out * 1e3 - ready))
+        parts.append(dict(taken_up=(first["start"] - t) * 1e3, **first["host_ms"], dispatch=first["dispatch_ms"],
+                          ready=ready, to_reader=out * 1e3 - ready))
     return out
 
 
@@ -209,7 +209,7 @@ def interleaved_ttfts(eng: BatchEngine, cases: dict[str, tuple[Request, float]],
         sys.setswitchinterval(old)
         eng.stop()
     ms = lambda xs: [x * 1e3 for x in xs[2:]]
-    median_parts = lambda ps: {k: round(statistics.median(p[k] for p in ps), 3) for k in ps[0]} if ps else {}
+    median_parts = lambda ps: {k: round(statistics.median(p.get(k, 0.0) for p in ps), 3) for k in ps[0]} if ps else {}
     return {name: dict(ttft_ms=statistics.median(ms(times[name])), ttft_min_ms=min(ms(times[name])),
                        ttft_p90_ms=float(np.percentile(ms(times[name]), 90)),
                        submit_ms=statistics.median(ms(submits[name])), switch_interval_s=cases[name][1],
@@ -494,9 +494,9 @@ def section_ttft(model, cfg, args, res, rng, spec):
         # the image as float32 pixels and as uint8 levels (how Service and the server send it), each under Python's
         # default switch interval and under the one a server process sets (a reader woken by the first token waits
         # for the GIL up to that interval while the engine's thread dispatches the next call)
-        lone = interleaved_ttfts(eng, {f"{px}_{sw}": (req if px == "float" else as_levels, interval)
-                                       for px in ("float", "levels")
-                                       for sw, interval in (("python", 0.005), ("server", SWITCH_INTERVAL_S))}, 20)
+        lone = interleaved_ttfts(eng, dict(float_python=(req, 0.005), float_server=(req, SWITCH_INTERVAL_S),
+                                           levels_python=(as_levels, 0.005),
+                                           levels_server=(as_levels, SWITCH_INTERVAL_S)), 20)
         del eng
         static = Engine(model, cache_length=round_up(n + spec.new), compiler_options=options)
         walls = []

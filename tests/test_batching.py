@@ -340,7 +340,7 @@ def test_images_alike_in_their_fingerprint_are_told_apart(model, solo, monkeypat
     fc = eng.features
     assert fc.fingerprint(a.pixel_values[0]) == fc.fingerprint(px[0]) and fc.key(a.pixel_values[0]) != fc.key(px[0])
     keys_read, encode = [], eng._encode
-    eng._encode = lambda images: (keys_read.append(lone._image_keys[0]._key), encode(images))[1]
+    eng._encode = lambda images, *more: (keys_read.append(lone._image_keys[0]._key), encode(images, *more))[1]
     lone = eng.submit(request([3, "img", 4], 12))
     lone.result()
     assert keys_read == [None] and fc.encodes == 1

@@ -153,6 +153,7 @@ class BatchEngine:
         # computation dispatched on the engine's thread, ~4 ms a call profiled on an H100's host)
         self._zero_feat = jnp.zeros(self._feat_shape, self.dtype) if self._image_tokens else None
         self._zero_pixels: dict[tuple, jax.Array] = {}  # (shape, dtype or "levels") -> a zero image, padding calls
+        self._tables: dict[bytes, jax.Array] = {}  # levels' tables on the device, by their bytes
         self._flags: tuple[np.ndarray, jax.Array] | None = None  # the last decode call's flags, host and device
         # shapes compiled ahead from specs: on one device only (specs would need each array's mesh placement)
         self.shapes = CompiledShapes(background_compile and model.kernels.shards == 1)
@@ -302,13 +303,14 @@ class BatchEngine:
                     self.counters[f"background_compiles_{name}"] += 1
         return compiled
 
-    def _encode(self, images: list[np.ndarray | PixelLevels]) -> list[jax.Array]:
+    def _encode(self, images: list[np.ndarray | PixelLevels], host_ms: dict | None = None) -> list[jax.Array]:
         """Features [T, D] of each image, in one vision call padded to a power of two of images. Each image goes to
         the device as it is (float32 pixels, or uint8 levels with their table, looked up there) and they are stacked
         there, and each image's features come out as an array of its own: a host-side stack copied ~10 MB an image
         on this thread, and slicing the features was an XLA call each."""
         vw = self._vision
         n = len(images)
+        t0 = time.perf_counter()
         if len({isinstance(im, PixelLevels) for im in images}) > 1:  # levels beside float pixels: one kind a call
             images = [im.to_float() if isinstance(im, PixelLevels) else im for im in images]
         first = images[0]
@@ -317,7 +319,12 @@ class BatchEngine:
             zero = (PixelLevels(np.zeros(first.shape, np.uint8), np.zeros_like(first.table))
                     if isinstance(first, PixelLevels) else np.zeros(first.shape, first.dtype))
             self._zero_pixels[key] = jax.device_put(zero)
-        pixels = jax.device_put(images) + [self._zero_pixels[key]] * (_pow2(n) - n)  # returns while copies run
+        if isinstance(first, PixelLevels):  # only the levels go over: a table is sent once (a transfer each costs)
+            tables = [self._device_table(im.table) for im in images]
+            pixels = [PixelLevels(lv, tb) for lv, tb in zip(jax.device_put([im.levels for im in images]), tables)]
+        else:
+            pixels = jax.device_put(images)  # returns while the copies run
+        pixels += [self._zero_pixels[key]] * (_pow2(n) - n)
 
         def vision(rest, groups, *pixels):
             step = vw.merge(rest, groups)
@@ -325,7 +332,22 @@ class BatchEngine:
             return tuple(feats[i] for i in range(len(pixels)))
 
         args = (vw.rest, vw.groups, *pixels)
-        return list(self._compile("vision", vision, args, None)(*args)[:n])
+        t1 = time.perf_counter()
+        compiled = self._compile("vision", vision, args, None)
+        t2 = time.perf_counter()
+        feats = list(compiled(*args)[:n])
+        if host_ms is not None:  # where the host's time before the vision tower runs goes (benchmarks.batching)
+            host_ms.update(copy=(t1 - t0) * 1e3, lookup=(t2 - t1) * 1e3, vision=(time.perf_counter() - t2) * 1e3)
+        return feats
+
+    def _device_table(self, table: np.ndarray) -> jax.Array:
+        """A levels' table on the device, by content (a server's requests share their processor's one)."""
+        key = np.ascontiguousarray(table, np.float32).tobytes()
+        if key not in self._tables:
+            if len(self._tables) >= 16:  # callers with tables of their own: keep a few
+                self._tables.clear()
+            self._tables[key] = jax.device_put(np.asarray(table, np.float32))
+        return self._tables[key]
 
     def _chunk_bucket(self, n: int, budget: int) -> int:
         """A prefill call's padded length for a longest chunk of ``n`` tokens under ``budget``, from a few lengths
@@ -351,7 +373,9 @@ class BatchEngine:
         prefilling, decoding, queued = self._schedule()
         t0 = time.perf_counter()
         encodes = self.features.encodes
-        unkeyed = self._encode_admitted([s for s in prefilling if s._prefilled == 0 and s._image_keys and not s._feats])
+        encode_ms: dict = {}
+        unkeyed = self._encode_admitted([s for s in prefilling if s._prefilled == 0 and s._image_keys and not s._feats],
+                                        encode_ms)
         encoded = time.perf_counter()
         call = None
         if prefilling:
@@ -365,7 +389,8 @@ class BatchEngine:
                                prompt_tokens=call.prompt_tokens,
                                images=self.features.encodes - encodes, start=t0,
                                dispatch_ms=(time.perf_counter() - t0) * 1e3,
-                               host_ms=dict(call.host_ms, encode=(encoded - t0) * 1e3))
+                               host_ms=dict(call.host_ms, encode=(encoded - t0) * 1e3,
+                                            **{f"encode_{k}": v for k, v in encode_ms.items()}))
             self.calls.append(call.record)
         pending, self._pending = self._pending, call
         if pending is not None:
@@ -397,7 +422,8 @@ class BatchEngine:
             decoding = [s for s in held if s._prefilled == len(s.request.prompt)]
             return prefilling, decoding, bool(self._queue)
 
-    def _encode_admitted(self, streams: list[Stream]) -> list[tuple[PendingKey, jax.Array, bytes]]:
+    def _encode_admitted(self, streams: list[Stream], host_ms: dict | None = None
+                         ) -> list[tuple[PendingKey, jax.Array, bytes]]:
         """The images of newly admitted requests: from the feature cache, the rest encoded together in one call.
         An image whose fingerprint the cache does not know (nor an earlier image of this call) is new for certain;
         the others wait for their keys. Returns (key, features, fingerprint) of each image encoded, for the caller
@@ -425,7 +451,7 @@ class BatchEngine:
                 else:
                     out.append(feats)
             refs.append(out)
-        encoded = self._encode([image for _, _, image in todo]) if todo else []
+        encoded = self._encode([image for _, _, image in todo], host_ms) if todo else []
         for s, out in zip(streams, refs):
             s._feats = [encoded[r] if isinstance(r, int) else r for r in out]
         return [(pending, feats, fp) for (pending, fp, _), feats in zip(todo, encoded)]
