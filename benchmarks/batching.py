@@ -48,8 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import (attempt, kernel_table, log, make_levels, make_pixels, make_prompt, out_path,
-                               print_errors, round_up, save_json)
+from benchmarks.common import (attempt, host_table, kernel_table, log, make_levels, make_pixels, make_prompt,
+                               out_path, print_errors, round_up, save_json)
 from benchmarks.common import spec_of
 from benchmarks.generate import time_decode, time_prefill
 from benchmarks.random_init import random_model
@@ -440,16 +440,22 @@ def section_ttft(model, cfg, args, res, rng, spec):
     log(f"    last request: submit {res['ttft']['last_submit_ms']:.2f} ms; calls (ms from submit): " + "; ".join(
         f"{c['kind']} {c['shape']} at {c['at_ms']:.2f} dispatch {c['dispatch_ms']:.2f} ready {c['ready_ms']:.2f}"
         for c in calls))
-    with tempfile.TemporaryDirectory() as logdir:  # where the time goes: the GPU's kernels over one request
+    for key, one in (("traced", req), ("levels_traced", as_levels)):  # the GPU's kernels and the host's events
         eng.features.clear()
-        with jax.profiler.trace(logdir, create_perfetto_trace=True):
-            t = time.perf_counter()
-            s = eng.submit(req)
-            while not s.tokens:
-                eng.step()
-            wall = time.perf_counter() - t
-        res["ttft"]["traced"] = dict(wall_ms=wall * 1e3, kernels=kernel_table(logdir, 1, top=40))
-        eng.run()
+        eng.submit(one).result()  # compiled and warm
+        with tempfile.TemporaryDirectory() as logdir:
+            eng.features.clear()
+            with jax.profiler.trace(logdir, create_perfetto_trace=True):
+                t = time.perf_counter()
+                s = eng.submit(one)
+                while not s.tokens:
+                    eng.step()
+                wall = time.perf_counter() - t
+            res["ttft"][key] = dict(wall_ms=wall * 1e3, kernels=kernel_table(logdir, 1, top=40),
+                                    host=host_table(logdir), calls=[dict(c) for c in eng.calls[-2:]])
+            eng.run()
+        log(f"{key}: host events (us x calls): " + "; ".join(f"{h['name'][:60]} {h['us']:.0f} x{h['calls']}"
+                                                             for h in res["ttft"][key]["host"][:25]))
     static = Engine(model, cache_length=round_up(n + spec.new))  # the static prefill's kernels, to compare
     jax.block_until_ready(static.prefill([list(req.prompt)], req.pixel_values))
     with tempfile.TemporaryDirectory() as logdir:

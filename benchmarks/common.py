@@ -172,6 +172,26 @@ def kernel_table(logdir: str, steps: int, top: int = 40) -> dict:
                 top=[dict(name=n[:120], us_per_step=v[0] / steps, calls_per_step=v[1] / steps) for n, v in rows])
 
 
+def host_table(logdir: str, top: int = 30) -> list[dict]:
+    """Host-side time per event name (threads of the CPU: JAX's dispatch, XLA's thunks and command buffer updates,
+    CUDA API calls) from the perfetto trace under ``logdir``, the longest first."""
+    files = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        return []
+    with gzip.open(files[0], "rt") as fh:
+        trace = json.load(fh)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    pnames = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    per = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("ph") == "X" and not any(g in pnames.get(e.get("pid"), "") for g in ("GPU", "gpu")):
+            r = per[e["name"]]
+            r[0] += e.get("dur", 0.0)
+            r[1] += 1
+    rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
+    return [dict(name=n[:120], us=round(v[0], 1), calls=v[1]) for n, v in rows]
+
+
 def traced(fn, args, steps: int, top: int = 40) -> dict:
     """Kernel table of one call of ``fn(*args)`` (after a warm-up call), per step (``steps`` steps a call)."""
     with tempfile.TemporaryDirectory() as logdir:
