@@ -28,6 +28,7 @@ so each token of a delivery is counted at (delivery gap / tokens delivered).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import cProfile
 import gc
@@ -55,6 +56,7 @@ from benchmarks.generate import time_decode, time_prefill
 from benchmarks.random_init import random_model
 from gemma3_jax.model.pixels import PixelLevels
 from gemma3_jax.model.quant import weight_bytes
+from gemma3_jax.runtime import engine as engine_module
 from gemma3_jax.runtime.batching import BatchEngine, Request
 from gemma3_jax.runtime.engine import DECODE_COMMAND_BUFFERS, Engine, default_compiler_options
 from gemma3_jax.runtime.engine_process import SWITCH_INTERVAL_S
@@ -149,15 +151,37 @@ def make_engine(model, args, cache_length: int, record_calls: bool = False, opti
 
 def named_options(name: str, platform: str) -> dict | None:
     """XLA options for every compiled call by name: ``default`` (each step's own), ``graphs`` (every call one CUDA
-    graph, loops included), ``nocb`` (no command buffers at all: every kernel launched by XLA's thunks)."""
-    if name == "default":
+    graph, loops included), ``nocb`` (no command buffers at all: every kernel launched by XLA's thunks),
+    ``vision_nocb`` (each step's own, the vision call's without command buffers: ``step_options``)."""
+    if name in ("default", "vision_nocb"):
         return None
     base = default_compiler_options("prefill", platform)
     if name == "graphs":
         return {**base, **DECODE_COMMAND_BUFFERS}
     if name == "nocb":
         return {**base, "xla_gpu_enable_command_buffer": ""}
-    raise ValueError(f"unknown compiler options {name!r}: default, graphs or nocb")
+    raise ValueError(f"unknown compiler options {name!r}: default, graphs, nocb or vision_nocb")
+
+
+@contextlib.contextmanager
+def step_options(name: str):
+    """For ``vision_nocb``: while in the block, steps compiled with their default options get the vision call's
+    without command buffers, so its kernels are launched one by one (the first at once) instead of as a graph that
+    may first be updated for new pixel buffers."""
+    if name != "vision_nocb":
+        yield
+        return
+    original = engine_module.default_compiler_options
+
+    def options(step: str, *args, **kw) -> dict:
+        opts = original(step, *args, **kw)
+        return {**opts, "xla_gpu_enable_command_buffer": ""} if step == "vision" else opts
+
+    engine_module.default_compiler_options = options
+    try:
+        yield
+    finally:
+        engine_module.default_compiler_options = original
 
 
 def lone_ttfts(eng: BatchEngine, req: Request, runs: int, submits: list | None = None) -> list[float]:
@@ -495,43 +519,44 @@ def section_ttft(model, cfg, args, res, rng, spec):
     del eng
     variants = res["ttft"]["options"] = {}
     for name in args.ttft_options:  # the same request under other XLA options: lone TTFT and the static prefill
-        options = named_options(name, model.kernels.platform)
-        eng = make_engine(model, args, round_up(n + spec.new), options=options, record_calls=True)
-        # the image as float32 pixels and as uint8 levels (how Service and the server send it), each under Python's
-        # default switch interval and under the one a server process sets (a reader woken by the first token waits
-        # for the GIL up to that interval while the engine's thread dispatches the next call)
-        lone = interleaved_ttfts(eng, dict(float_python=(req, 0.005), float_server=(req, SWITCH_INTERVAL_S),
-                                           levels_python=(as_levels, 0.005),
-                                           levels_server=(as_levels, SWITCH_INTERVAL_S)), 20)
-        del eng
-        static = Engine(model, cache_length=round_up(n + spec.new), compiler_options=options)
-        walls = []
-        for _ in range(10):
-            t = time.perf_counter()
-            jax.block_until_ready(static.prefill([list(req.prompt)], req.pixel_values))
-            walls.append(time.perf_counter() - t)
-        # the issue's measure: the prefill without the host's input checks and copies (benchmarks.generate's)
-        bare = time_prefill(static, list(req.prompt), req.pixel_values, 10)
-        bare_levels = time_prefill(static, list(req.prompt), as_levels.pixel_values, 10)
-        del static
-        gc.collect()
-        name = name if name not in variants else f"{name}_{len(variants)}"
-        v = variants[name] = dict(lone=lone, ttft_ms=lone["float_python"]["ttft_ms"],
-                                  ttft_min_ms=lone["float_python"]["ttft_min_ms"],
-                                  submit_ms=lone["float_python"]["submit_ms"],
-                                  levels_static_prefill_ms=bare_levels["median_s"] * 1e3,
-                                  static_prefill_wall_ms=statistics.median(walls[2:]) * 1e3,
-                                  static_prefill_wall_min_ms=min(walls[2:]) * 1e3,
-                                  static_prefill_ms=bare["median_s"] * 1e3, static_prefill_min_ms=bare["min_s"] * 1e3)
-        log(f"options {name}: lone TTFT {v['ttft_ms']:.2f} ms (min {v['ttft_min_ms']:.2f}; submit {v['submit_ms']:.2f}); "
-            f"static Engine.prefill wall {v['static_prefill_wall_ms']:.2f} ms (min {v['static_prefill_wall_min_ms']:.2f}), "
-            f"without host input prep {v['static_prefill_ms']:.2f} ms (min {v['static_prefill_min_ms']:.2f}): "
-            f"TTFT / prefill {v['ttft_ms'] / v['static_prefill_ms']:.3f}")
-        log(f"options {name}: the levels' prefill without host input prep {v['levels_static_prefill_ms']:.2f} ms")
-        for case, c in lone.items():
-            log(f"    {case}: lone TTFT {c['ttft_ms']:.2f} ms (min {c['ttft_min_ms']:.2f}, p90 {c['ttft_p90_ms']:.2f}; "
-                f"submit {c['submit_ms']:.2f}; {c['runs']} runs interleaved): TTFT / the float prefill's "
-                f"{c['ttft_ms'] / v['static_prefill_ms']:.3f}; median parts (ms after submit) {c['parts_ms']}")
+        with step_options(name):  # vision_nocb: the vision call's own options changed, during this variant
+            options = named_options(name, model.kernels.platform)
+            eng = make_engine(model, args, round_up(n + spec.new), options=options, record_calls=True)
+            # the image as float32 pixels and as uint8 levels (how Service and the server send it), each under Python's
+            # default switch interval and under the one a server process sets (a reader woken by the first token waits
+            # for the GIL up to that interval while the engine's thread dispatches the next call)
+            lone = interleaved_ttfts(eng, dict(float_python=(req, 0.005), float_server=(req, SWITCH_INTERVAL_S),
+                                               levels_python=(as_levels, 0.005),
+                                               levels_server=(as_levels, SWITCH_INTERVAL_S)), 20)
+            del eng
+            static = Engine(model, cache_length=round_up(n + spec.new), compiler_options=options)
+            walls = []
+            for _ in range(10):
+                t = time.perf_counter()
+                jax.block_until_ready(static.prefill([list(req.prompt)], req.pixel_values))
+                walls.append(time.perf_counter() - t)
+            # the issue's measure: the prefill without the host's input checks and copies (benchmarks.generate's)
+            bare = time_prefill(static, list(req.prompt), req.pixel_values, 10)
+            bare_levels = time_prefill(static, list(req.prompt), as_levels.pixel_values, 10)
+            del static
+            gc.collect()
+            name = name if name not in variants else f"{name}_{len(variants)}"
+            v = variants[name] = dict(lone=lone, ttft_ms=lone["float_python"]["ttft_ms"],
+                                      ttft_min_ms=lone["float_python"]["ttft_min_ms"],
+                                      submit_ms=lone["float_python"]["submit_ms"],
+                                      levels_static_prefill_ms=bare_levels["median_s"] * 1e3,
+                                      static_prefill_wall_ms=statistics.median(walls[2:]) * 1e3,
+                                      static_prefill_wall_min_ms=min(walls[2:]) * 1e3,
+                                      static_prefill_ms=bare["median_s"] * 1e3, static_prefill_min_ms=bare["min_s"] * 1e3)
+            log(f"options {name}: lone TTFT {v['ttft_ms']:.2f} ms (min {v['ttft_min_ms']:.2f}; submit {v['submit_ms']:.2f}); "
+                f"static Engine.prefill wall {v['static_prefill_wall_ms']:.2f} ms (min {v['static_prefill_wall_min_ms']:.2f}), "
+                f"without host input prep {v['static_prefill_ms']:.2f} ms (min {v['static_prefill_min_ms']:.2f}): "
+                f"TTFT / prefill {v['ttft_ms'] / v['static_prefill_ms']:.3f}")
+            log(f"options {name}: the levels' prefill without host input prep {v['levels_static_prefill_ms']:.2f} ms")
+            for case, c in lone.items():
+                log(f"    {case}: lone TTFT {c['ttft_ms']:.2f} ms (min {c['ttft_min_ms']:.2f}, p90 {c['ttft_p90_ms']:.2f}; "
+                    f"submit {c['submit_ms']:.2f}; {c['runs']} runs interleaved): TTFT / the float prefill's "
+                    f"{c['ttft_ms'] / v['static_prefill_ms']:.3f}; median parts (ms after submit) {c['parts_ms']}")
 
 
 def save_gz(name: str, text: str) -> None:
@@ -666,7 +691,7 @@ def main() -> int:
     ap.add_argument("--profile-options", type=lambda v: v.split(","), default=["default"],
                     help="compiler options of the profiled engine: default, graphs (every call one CUDA graph)")
     ap.add_argument("--ttft-options", type=lambda v: [x for x in v.split(",") if x], default=[],
-                    help="ttft: also time the lone request under these options (default, graphs, nocb)")
+                    help="ttft: also time the lone request under these options (default, graphs, nocb, vision_nocb)")
     args = ap.parse_args()
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     if sections - set(SECTIONS):
