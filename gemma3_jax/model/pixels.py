@@ -12,7 +12,6 @@ float32), so the vision tower sees the same values as from the processor's float
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,10 +40,6 @@ class PixelLevels:
 
     def __len__(self) -> int:
         return int(self.levels.shape[0])
-
-    def image(self, i: int) -> PixelLevels:
-        """Image ``i`` alone, [1, C, S, S] (a view of the levels)."""
-        return PixelLevels(self.levels[i: i + 1], self.table)
 
     def to_float(self) -> np.ndarray:
         """The float32 pixel values [I, C, S, S] on the host (what the processor's ``preprocess`` returns)."""
@@ -106,13 +101,3 @@ def as_pixels(px):
     offsets = (jnp.arange(table.shape[0], dtype=jnp.int32) * LEVELS)[:, None, None]
     return jnp.take(table.reshape(-1), px.levels.astype(jnp.int32) + offsets, mode="clip")
 
-
-def table_digest(table: np.ndarray) -> bytes:
-    """The table's bytes, for content keys: the same levels under another table are another image."""
-    return np.ascontiguousarray(table, np.float32).tobytes()
-
-
-def nbytes(px) -> int:
-    if isinstance(px, PixelLevels):
-        return int(np.prod(px.levels.shape)) + 4 * math.prod(px.table.shape)
-    return int(px.nbytes)
