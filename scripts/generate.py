@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         ckpt.sampling_params(args.temperature, args.top_k, args.top_p)
         cache_length = ckpt.cache_length(args.cache_length, dtype)
         # The prompt is built and checked against the cache before the weights load.
-        ids, pixels = ckpt.build_inputs([prompt], [args.image], chat=chat, system=args.system)
+        ids, pixels = ckpt.build_inputs([prompt], [args.image], chat=chat, system=args.system, levels=True)
         check_fits(len(ids[0]), args.max_new_tokens, cache_length)
         gen = Generator.from_checkpoint(ckpt, dtype=args.dtype, cache_length=cache_length,  # cache set up above
                                         tensor_parallel=args.tensor_parallel, quantize=args.quantize,
