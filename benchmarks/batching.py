@@ -215,22 +215,37 @@ def lone_ttft(eng: BatchEngine, req: Request, submits: list | None = None, parts
     return out
 
 
-def interleaved_ttfts(eng: BatchEngine, cases: dict[str, tuple[Request, float]], rounds: int) -> dict[str, dict]:
-    """``lone_ttfts`` of several (request, Python switch interval) cases taken in turn, round after round, so a drift
-    of the machine (clocks, other load) falls on every case alike: per case the median and min TTFT and submit (ms),
-    the first two rounds (compiles, warm-up) left out."""
-    old = sys.getswitchinterval()
+def hand_over(eng: BatchEngine):
+    """An experiment on ``eng``: its thread sleeps 0.1 ms after handing out a prompt's first token, so the reader it
+    woke takes the GIL before the next call's dispatch (which holds it ~0.6 ms on an H100's host) instead of after."""
+    deliver = eng._deliver
+
+    def _deliver(call) -> None:
+        deliver(call)
+        if call.rows:
+            time.sleep(1e-4)
+
+    return _deliver
+
+
+def interleaved_ttfts(eng: BatchEngine, cases: dict[str, tuple], rounds: int) -> dict[str, dict]:
+    """``lone_ttfts`` of several cases, (request, Python switch interval[, a replacement for ``eng._deliver``]),
+    taken in turn, round after round, so a drift of the machine (clocks, other load) falls on every case alike: per
+    case the median and min TTFT and submit (ms), the first two rounds (compiles, warm-up) left out."""
+    old, deliver = sys.getswitchinterval(), eng._deliver
     times: dict[str, list[float]] = {name: [] for name in cases}
     submits: dict[str, list[float]] = {name: [] for name in cases}
     parts: dict[str, list[dict]] = {name: [] for name in cases}
     eng.start()
     try:
         for _ in range(rounds + 2):
-            for name, (req, interval) in cases.items():
+            for name, (req, interval, *other) in cases.items():
                 sys.setswitchinterval(interval)
+                eng._deliver = other[0] if other else deliver
                 times[name].append(lone_ttft(eng, req, submits[name], parts[name]))
     finally:
         sys.setswitchinterval(old)
+        eng._deliver = deliver
         eng.stop()
     ms = lambda xs: [x * 1e3 for x in xs[2:]]
     median_parts = lambda ps: {k: round(statistics.median(p.get(k, 0.0) for p in ps), 3) for k in ps[0]} if ps else {}
@@ -527,7 +542,8 @@ def section_ttft(model, cfg, args, res, rng, spec):
             # for the GIL up to that interval while the engine's thread dispatches the next call)
             lone = interleaved_ttfts(eng, dict(float_python=(req, 0.005), float_server=(req, SWITCH_INTERVAL_S),
                                                levels_python=(as_levels, 0.005),
-                                               levels_server=(as_levels, SWITCH_INTERVAL_S)), 20)
+                                               levels_server=(as_levels, SWITCH_INTERVAL_S),
+                                           levels_server_hand_over=(as_levels, SWITCH_INTERVAL_S, hand_over(eng))), 20)
             del eng
             static = Engine(model, cache_length=round_up(n + spec.new), compiler_options=options)
             walls = []
