@@ -217,7 +217,8 @@ def lone_ttft(eng: BatchEngine, req: Request, submits: list | None = None, parts
 
 def hand_over(eng: BatchEngine):
     """An experiment on ``eng``: its thread sleeps 0.1 ms after handing out a prompt's first token, so the reader it
-    woke takes the GIL before the next call's dispatch (which holds it ~0.6 ms on an H100's host) instead of after."""
+    woke may take the GIL before the next call's dispatch instead of after (a first token reached its reader 0.65 ms
+    after it was ready on an H100, under Python's switch interval and the server's alike)."""
     deliver = eng._deliver
 
     def _deliver(call) -> None:
