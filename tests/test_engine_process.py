@@ -6,9 +6,11 @@ import asyncio
 import os
 import signal
 
+import numpy as np
 import pytest
 
 from fixtures import real_layout as rl
+from gemma3_jax.model.pixels import PixelLevels
 from gemma3_jax.runtime.engine_process import EngineExited
 from gemma3_jax.runtime.service import Service
 
@@ -57,6 +59,11 @@ def test_engine_process_serves_what_a_thread_serves(checkpoint):
         with pytest.raises(ValueError) as refused_there:  # the child's engine refused it; raised here
             remote.submit(prompt="word " * 300, max_new_tokens=8)
         assert str(refused_there.value) == str(refused.value)
+        table = np.zeros((3, 256), np.float32)
+        with pytest.raises(ValueError, match=r"pixel_values\.levels must be a uint8"):  # not uint8
+            remote.submit(token_ids=[2, 100], images=PixelLevels(np.zeros((1, 3, 8, 8), np.int64), table))
+        with pytest.raises(ValueError, match=r"pixel_values must be \[num_images"):  # not the model.s size
+            remote.submit(token_ids=[2, 100], images=PixelLevels(np.zeros((1, 3, 8, 8), np.uint8), table))
 
         long = remote.submit(prompt="A long story", max_new_tokens=200, temperature=0)
         first = next(iter(long))
