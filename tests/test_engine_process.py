@@ -62,7 +62,7 @@ def test_engine_process_serves_what_a_thread_serves(checkpoint):
         table = np.zeros((3, 256), np.float32)
         with pytest.raises(ValueError, match=r"pixel_values\.levels must be a uint8"):  # not uint8
             remote.submit(token_ids=[2, 100], images=PixelLevels(np.zeros((1, 3, 8, 8), np.int64), table))
-        with pytest.raises(ValueError, match=r"pixel_values must be \[num_images"):  # not the model.s size
+        with pytest.raises(ValueError, match=r"pixel_values must be \[num_images"):  # not the model's image size
             remote.submit(token_ids=[2, 100], images=PixelLevels(np.zeros((1, 3, 8, 8), np.uint8), table))
 
         long = remote.submit(prompt="A long story", max_new_tokens=200, temperature=0)
