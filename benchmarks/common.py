@@ -146,16 +146,25 @@ def save_json(path: str | None, obj) -> None:
 
 
 # ---- GPU kernel time from a profiler trace ------------------------------------------------------
-def kernel_table(logdir: str, steps: int, top: int = 40) -> dict:
-    """GPU kernel time per kernel name from the perfetto trace JAX wrote under ``logdir``."""
+def trace_events(logdir: str) -> tuple[list[dict], dict[int, str], set[int]] | None:
+    """(events, process name by pid, the GPU's pids) of the perfetto trace JAX wrote under ``logdir``; None without
+    one."""
     files = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not files:
-        return {"error": f"no perfetto trace under {logdir}: {glob.glob(os.path.join(logdir, '**'), recursive=True)[:20]}"}
+        return None
     with gzip.open(files[0], "rt") as fh:
         trace = json.load(fh)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     pnames = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {pid for pid, n in pnames.items() if "GPU" in n or "gpu" in n}
+    return events, pnames, {pid for pid, n in pnames.items() if "GPU" in n or "gpu" in n}
+
+
+def kernel_table(logdir: str, steps: int, top: int = 40) -> dict:
+    """GPU kernel time per kernel name from the perfetto trace JAX wrote under ``logdir``."""
+    found = trace_events(logdir)
+    if found is None:
+        return {"error": f"no perfetto trace under {logdir}: {glob.glob(os.path.join(logdir, '**'), recursive=True)[:20]}"}
+    events, pnames, gpu = found
     per = defaultdict(lambda: [0.0, 0])
     first, last = float("inf"), 0.0
     for e in events:
@@ -175,16 +184,13 @@ def kernel_table(logdir: str, steps: int, top: int = 40) -> dict:
 def host_table(logdir: str, top: int = 30) -> list[dict]:
     """Host-side time per event name (threads of the CPU: JAX's dispatch, XLA's thunks and command buffer updates,
     CUDA API calls) from the perfetto trace under ``logdir``, the longest first."""
-    files = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)
-    if not files:
+    found = trace_events(logdir)
+    if found is None:
         return []
-    with gzip.open(files[0], "rt") as fh:
-        trace = json.load(fh)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    pnames = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    events, _, gpu = found
     per = defaultdict(lambda: [0.0, 0])
     for e in events:
-        if e.get("ph") == "X" and not any(g in pnames.get(e.get("pid"), "") for g in ("GPU", "gpu")):
+        if e.get("ph") == "X" and e.get("pid") not in gpu:
             r = per[e["name"]]
             r[0] += e.get("dur", 0.0)
             r[1] += 1
