@@ -50,7 +50,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import (attempt, host_table, kernel_table, log, make_levels, make_pixels, make_prompt,
-                               out_path, print_errors, round_up, save_json)
+                               out_path, print_errors, round_up, save_json, timeline)
 from benchmarks.common import spec_of
 from benchmarks.generate import time_decode, time_prefill
 from benchmarks.random_init import random_model
@@ -487,15 +487,18 @@ def section_ttft(model, cfg, args, res, rng, spec):
             eng.features.clear()
             with jax.profiler.trace(logdir, create_perfetto_trace=True):
                 t = time.perf_counter()
-                s = eng.submit(one)
+                with jax.profiler.TraceAnnotation("lone_submit"):
+                    s = eng.submit(one)
                 while not s.tokens:
                     eng.step()
                 wall = time.perf_counter() - t
             res["ttft"][key] = dict(wall_ms=wall * 1e3, kernels=kernel_table(logdir, 1, top=40),
-                                    host=host_table(logdir), calls=[dict(c) for c in eng.calls[-2:]])
+                                    host=host_table(logdir), timeline=timeline(logdir, "lone_submit"),
+                                    calls=[dict(c) for c in eng.calls[-2:]])
             eng.run()
         log(f"{key}: host events (us x calls): " + "; ".join(f"{h['name'][:60]} {h['us']:.0f} x{h['calls']}"
                                                              for h in res["ttft"][key]["host"][:25]))
+        log_timeline(key, res["ttft"][key]["timeline"])
     static = Engine(model, cache_length=round_up(n + spec.new))  # the static prefill's kernels, to compare
     jax.block_until_ready(static.prefill([list(req.prompt)], req.pixel_values))
     with tempfile.TemporaryDirectory() as logdir:
@@ -503,7 +506,9 @@ def section_ttft(model, cfg, args, res, rng, spec):
             t = time.perf_counter()
             jax.block_until_ready(static.prefill([list(req.prompt)], req.pixel_values))
             wall = time.perf_counter() - t
-        res["ttft"]["static_traced"] = dict(wall_ms=wall * 1e3, kernels=kernel_table(logdir, 1, top=40))
+        res["ttft"]["static_traced"] = dict(wall_ms=wall * 1e3, kernels=kernel_table(logdir, 1, top=40),
+                                            timeline=timeline(logdir))
+    log_timeline("static prefill", res["ttft"]["static_traced"]["timeline"])
     del static
     ours = {r["name"]: r for r in res["ttft"]["traced"]["kernels"].get("top", [])}
     theirs = {r["name"]: r for r in res["ttft"]["static_traced"]["kernels"].get("top", [])}
@@ -574,6 +579,11 @@ def section_ttft(model, cfg, args, res, rng, spec):
                 log(f"    {case}: lone TTFT {c['ttft_ms']:.2f} ms (min {c['ttft_min_ms']:.2f}, p90 {c['ttft_p90_ms']:.2f}; "
                     f"submit {c['submit_ms']:.2f}; {c['runs']} runs interleaved): TTFT / the float prefill's "
                     f"{c['ttft_ms'] / v['static_prefill_ms']:.3f}; median parts (ms after submit) {c['parts_ms']}")
+
+
+def log_timeline(what: str, rows: list[dict]) -> None:
+    log(f"{what}: timeline (ms after submit: host events and GPU gaps of 0.1 ms or more):\n" + "\n".join(
+        f"    {r['at_ms']:8.3f} {r['ms']:7.3f} {r['what']:9} {r['tid'] or '':>8} {r['name']}" for r in rows))
 
 
 def save_gz(name: str, text: str) -> None:

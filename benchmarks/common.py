@@ -198,6 +198,36 @@ def host_table(logdir: str, top: int = 30) -> list[dict]:
     return [dict(name=n[:120], us=round(v[0], 1), calls=v[1]) for n, v in rows]
 
 
+def timeline(logdir: str, anchor: str | None = None, min_us: float = 100.0, top: int = 80) -> list[dict]:
+    """In time order, ms after the first event named ``anchor`` (e.g. a ``jax.profiler.TraceAnnotation``; else the
+    trace's first event): the host's events of at least ``min_us`` and the GPU's idle gaps of at least that between
+    kernels, with its first kernel's start, so it shows what the GPU waited for."""
+    found = trace_events(logdir)
+    if found is None:
+        return []
+    events, _, gpu = found
+    spans = [e for e in events if e.get("ph") == "X"]
+    if not spans:
+        return []
+    named = [e["ts"] for e in spans if e["name"] == anchor]
+    origin = min(named) if named else min(e["ts"] for e in spans)
+    kernels = sorted((e for e in spans if e.get("pid") in gpu), key=lambda e: e["ts"])
+    rows = [dict(at_ms=(e["ts"] - origin) / 1e3, ms=e.get("dur", 0.0) / 1e3, what="host", name=e["name"][:100],
+                 tid=e.get("tid")) for e in spans if e.get("pid") not in gpu and e.get("dur", 0.0) >= min_us]
+    if kernels:
+        rows.append(dict(at_ms=(kernels[0]["ts"] - origin) / 1e3, ms=0.0, what="gpu", name="first kernel: "
+                         + kernels[0]["name"][:80], tid=None))
+        end = kernels[0]["ts"] + kernels[0].get("dur", 0.0)
+        for e in kernels[1:]:
+            if e["ts"] - end >= min_us:
+                rows.append(dict(at_ms=(end - origin) / 1e3, ms=(e["ts"] - end) / 1e3, what="gpu idle",
+                                 name="until " + e["name"][:80], tid=None))
+            end = max(end, e["ts"] + e.get("dur", 0.0))
+        rows.append(dict(at_ms=(end - origin) / 1e3, ms=0.0, what="gpu", name="last kernel ends", tid=None))
+    rows = sorted((r for r in rows if r["at_ms"] >= 0), key=lambda r: r["at_ms"])  # from the anchor on
+    return [dict(r, at_ms=round(r["at_ms"], 3), ms=round(r["ms"], 3)) for r in rows[:top]]
+
+
 def traced(fn, args, steps: int, top: int = 40) -> dict:
     """Kernel table of one call of ``fn(*args)`` (after a warm-up call), per step (``steps`` steps a call)."""
     with tempfile.TemporaryDirectory() as logdir:
