@@ -480,12 +480,15 @@ def section_ttft(model, cfg, args, res, rng, spec):
     log(f"    last request: submit {res['ttft']['last_submit_ms']:.2f} ms; calls (ms from submit): " + "; ".join(
         f"{c['kind']} {c['shape']} at {c['at_ms']:.2f} dispatch {c['dispatch_ms']:.2f} ready {c['ready_ms']:.2f}"
         for c in calls))
-    for key, one in (("traced", req), ("levels_traced", as_levels)):  # the GPU's kernels and the host's events
+    # the GPU's kernels and the host's events; the last without Python's function events, which slow the host
+    for key, one, python in (("traced", req, 1), ("levels_traced", as_levels, 1), ("levels_traced_no_python", as_levels, 0)):
         eng.features.clear()
         eng.submit(one).result()  # compiled and warm
+        options = jax.profiler.ProfileOptions()
+        options.python_tracer_level = python
         with tempfile.TemporaryDirectory() as logdir:
             eng.features.clear()
-            with jax.profiler.trace(logdir, create_perfetto_trace=True):
+            with jax.profiler.trace(logdir, create_perfetto_trace=True, profiler_options=options):
                 t = time.perf_counter()
                 with jax.profiler.TraceAnnotation("lone_submit"):
                     s = eng.submit(one)
@@ -504,10 +507,11 @@ def section_ttft(model, cfg, args, res, rng, spec):
     with tempfile.TemporaryDirectory() as logdir:
         with jax.profiler.trace(logdir, create_perfetto_trace=True):
             t = time.perf_counter()
-            jax.block_until_ready(static.prefill([list(req.prompt)], req.pixel_values))
+            with jax.profiler.TraceAnnotation("static_prefill"):
+                jax.block_until_ready(static.prefill([list(req.prompt)], req.pixel_values))
             wall = time.perf_counter() - t
         res["ttft"]["static_traced"] = dict(wall_ms=wall * 1e3, kernels=kernel_table(logdir, 1, top=40),
-                                            timeline=timeline(logdir))
+                                            timeline=timeline(logdir, "static_prefill"))
     log_timeline("static prefill", res["ttft"]["static_traced"]["timeline"])
     del static
     ours = {r["name"]: r for r in res["ttft"]["traced"]["kernels"].get("top", [])}

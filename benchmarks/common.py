@@ -198,10 +198,11 @@ def host_table(logdir: str, top: int = 30) -> list[dict]:
     return [dict(name=n[:120], us=round(v[0], 1), calls=v[1]) for n, v in rows]
 
 
-def timeline(logdir: str, anchor: str | None = None, min_us: float = 100.0, top: int = 80) -> list[dict]:
+def timeline(logdir: str, anchor: str | None = None, min_us: float = 100.0, host_rows: int = 60) -> list[dict]:
     """In time order, ms after the first event named ``anchor`` (e.g. a ``jax.profiler.TraceAnnotation``; else the
-    trace's first event): the host's events of at least ``min_us`` and the GPU's idle gaps of at least that between
-    kernels, with its first kernel's start, so it shows what the GPU waited for."""
+    trace's first event): the GPU's first kernel, every start of another XLA module on it and every idle gap of at
+    least ``min_us`` between its kernels, and the first ``host_rows`` of the host's events of at least that, so it
+    shows what the GPU waited for."""
     found = trace_events(logdir)
     if found is None:
         return []
@@ -211,21 +212,25 @@ def timeline(logdir: str, anchor: str | None = None, min_us: float = 100.0, top:
         return []
     named = [e["ts"] for e in spans if e["name"] == anchor]
     origin = min(named) if named else min(e["ts"] for e in spans)
-    kernels = sorted((e for e in spans if e.get("pid") in gpu), key=lambda e: e["ts"])
-    rows = [dict(at_ms=(e["ts"] - origin) / 1e3, ms=e.get("dur", 0.0) / 1e3, what="host", name=e["name"][:100],
-                 tid=e.get("tid")) for e in spans if e.get("pid") not in gpu and e.get("dur", 0.0) >= min_us]
-    if kernels:
-        rows.append(dict(at_ms=(kernels[0]["ts"] - origin) / 1e3, ms=0.0, what="gpu", name="first kernel: "
-                         + kernels[0]["name"][:80], tid=None))
-        end = kernels[0]["ts"] + kernels[0].get("dur", 0.0)
-        for e in kernels[1:]:
-            if e["ts"] - end >= min_us:
-                rows.append(dict(at_ms=(end - origin) / 1e3, ms=(e["ts"] - end) / 1e3, what="gpu idle",
-                                 name="until " + e["name"][:80], tid=None))
-            end = max(end, e["ts"] + e.get("dur", 0.0))
-        rows.append(dict(at_ms=(end - origin) / 1e3, ms=0.0, what="gpu", name="last kernel ends", tid=None))
-    rows = sorted((r for r in rows if r["at_ms"] >= 0), key=lambda r: r["at_ms"])  # from the anchor on
-    return [dict(r, at_ms=round(r["at_ms"], 3), ms=round(r["ms"], 3)) for r in rows[:top]]
+    row = lambda ts, dur, what, name, tid=None: dict(at_ms=round((ts - origin) / 1e3, 3), ms=round(dur / 1e3, 3),
+                                                     what=what, name=name[:100], tid=tid)
+    kernels = sorted((e for e in spans if e.get("pid") in gpu and e["ts"] >= origin), key=lambda e: e["ts"])
+    rows = []
+    end, module = None, None
+    for e in kernels:
+        mod = e.get("args", {}).get("hlo_module")
+        if end is not None and e["ts"] - end >= min_us:
+            rows.append(row(end, e["ts"] - end, "gpu idle", "until " + e["name"]))
+        if end is None or mod != module:
+            rows.append(row(e["ts"], 0.0, "gpu", f"{mod or '?'} starts: {e['name']}"))
+            module = mod
+        end = e["ts"] + e.get("dur", 0.0) if end is None else max(end, e["ts"] + e.get("dur", 0.0))
+    if end is not None:
+        rows.append(row(end, 0.0, "gpu", "last kernel ends"))
+    host = sorted((e for e in spans if e.get("pid") not in gpu and e["ts"] >= origin and e.get("dur", 0.0) >= min_us),
+                  key=lambda e: e["ts"])[:host_rows]
+    rows += [row(e["ts"], e.get("dur", 0.0), "host", e["name"], e.get("tid")) for e in host]
+    return sorted(rows, key=lambda r: r["at_ms"])
 
 
 def traced(fn, args, steps: int, top: int = 40) -> dict:
