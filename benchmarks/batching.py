@@ -502,6 +502,9 @@ def section_ttft(model, cfg, args, res, rng, spec):
         log(f"{key}: host events (us x calls): " + "; ".join(f"{h['name'][:60]} {h['us']:.0f} x{h['calls']}"
                                                              for h in res["ttft"][key]["host"][:25]))
         log_timeline(key, res["ttft"][key]["timeline"])
+        log(f"{key}: GPU us per XLA module: " + "; ".join(
+            f"{m} {v['us_per_step']:.0f} x{v['calls_per_step']:.0f}"
+            for m, v in res["ttft"][key]["kernels"].get("modules", {}).items()))
     static = Engine(model, cache_length=round_up(n + spec.new))  # the static prefill's kernels, to compare
     jax.block_until_ready(static.prefill([list(req.prompt)], req.pixel_values))
     with tempfile.TemporaryDirectory() as logdir:

@@ -165,20 +165,30 @@ def kernel_table(logdir: str, steps: int, top: int = 40) -> dict:
     if found is None:
         return {"error": f"no perfetto trace under {logdir}: {glob.glob(os.path.join(logdir, '**'), recursive=True)[:20]}"}
     events, pnames, gpu = found
-    per = defaultdict(lambda: [0.0, 0])
-    first, last = float("inf"), 0.0
+    per = defaultdict(lambda: [0.0, 0, set()])
+    modules = defaultdict(lambda: [0.0, 0])  # XLA module (a compiled call) -> kernel time, launches
+    first, last, arg_keys = float("inf"), 0.0, set()
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu:
+            module = e.get("args", {}).get("hlo_module", "?")
+            arg_keys |= set(e.get("args", {}))
             r = per[e["name"]]
             r[0] += e.get("dur", 0.0)
             r[1] += 1
+            r[2].add(module)
+            m = modules[module]
+            m[0] += e.get("dur", 0.0)
+            m[1] += 1
             first, last = min(first, e["ts"]), max(last, e["ts"] + e.get("dur", 0.0))
     total = sum(v[0] for v in per.values())
     rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
     # span: first kernel start to last kernel end on the GPU (span - total = gaps between kernels)
     return dict(total_us_per_step=total / steps, span_us_per_step=(last - first) / steps if per else 0.0,
                 launches_per_step=sum(v[1] for v in per.values()) / steps, processes=sorted(set(pnames.values()))[:10],
-                top=[dict(name=n[:120], us_per_step=v[0] / steps, calls_per_step=v[1] / steps) for n, v in rows])
+                modules={m: dict(us_per_step=v[0] / steps, calls_per_step=v[1] / steps) for m, v in modules.items()},
+                arg_keys=sorted(arg_keys)[:20],
+                top=[dict(name=n[:120], us_per_step=v[0] / steps, calls_per_step=v[1] / steps,
+                          modules=sorted(v[2])[:4]) for n, v in rows])
 
 
 def host_table(logdir: str, top: int = 30) -> list[dict]:
