@@ -184,6 +184,11 @@ def step_options(name: str):
         engine_module.default_compiler_options = original
 
 
+# A lone request meets an idle engine: the last one's tail (a decode call dispatched before its final token was
+# known, which the GPU runs ~3 ms) is over before the next is submitted.
+IDLE_S = 0.01
+
+
 def lone_ttfts(eng: BatchEngine, req: Request, runs: int, submits: list | None = None) -> list[float]:
     """Seconds from submit to the first token read on this thread, the engine stepping on its own (first: compiles);
     each ``submit``'s own seconds go to ``submits``."""
@@ -193,13 +198,16 @@ def lone_ttfts(eng: BatchEngine, req: Request, runs: int, submits: list | None =
     return out
 
 
-def lone_ttft(eng: BatchEngine, req: Request, submits: list | None = None, parts: list | None = None) -> float:
-    """One lone request's TTFT (s). With the engine's calls recorded, ``parts`` gets where it went (ms after
-    submit): when the engine's thread took the request up, its host time until the vision call was dispatched and
-    until the prefill call was, when the first token was ready and how long the reader then took to have it."""
+def lone_ttft(eng: BatchEngine, req: Request, submits: list | None = None, parts: list | None = None,
+              idle_s: float = IDLE_S) -> float:
+    """One lone request's TTFT (s), submitted ``idle_s`` after the last one ended. With the engine's calls recorded,
+    ``parts`` gets where it went (ms after submit): when the engine's thread took the request up, its host time
+    until the vision call was dispatched and until the prefill call was, when the first token was ready and how
+    long the reader then took to have it."""
     eng.features.clear()  # a new image each time: encoded, not cached (its hashing threads stay)
     if eng.calls is not None:
         eng.calls.clear()
+    time.sleep(idle_s)
     t = time.perf_counter()
     s = eng.submit(req)
     if submits is not None:
@@ -215,25 +223,11 @@ def lone_ttft(eng: BatchEngine, req: Request, submits: list | None = None, parts
     return out
 
 
-def hand_over(eng: BatchEngine):
-    """An experiment on ``eng``: its thread sleeps 0.1 ms after handing out a prompt's first token, so the reader it
-    woke may take the GIL before the next call's dispatch instead of after (a first token reached its reader 0.65 ms
-    after it was ready on an H100, under Python's switch interval and the server's alike)."""
-    deliver = eng._deliver
-
-    def _deliver(call) -> None:
-        deliver(call)
-        if call.rows:
-            time.sleep(1e-4)
-
-    return _deliver
-
-
 def interleaved_ttfts(eng: BatchEngine, cases: dict[str, tuple], rounds: int) -> dict[str, dict]:
-    """``lone_ttfts`` of several cases, (request, Python switch interval[, a replacement for ``eng._deliver``]),
+    """``lone_ttfts`` of several cases, (request, Python switch interval[, seconds the engine idles before]),
     taken in turn, round after round, so a drift of the machine (clocks, other load) falls on every case alike: per
     case the median and min TTFT and submit (ms), the first two rounds (compiles, warm-up) left out."""
-    old, deliver = sys.getswitchinterval(), eng._deliver
+    old = sys.getswitchinterval()
     times: dict[str, list[float]] = {name: [] for name in cases}
     submits: dict[str, list[float]] = {name: [] for name in cases}
     parts: dict[str, list[dict]] = {name: [] for name in cases}
@@ -242,11 +236,9 @@ def interleaved_ttfts(eng: BatchEngine, cases: dict[str, tuple], rounds: int) ->
         for _ in range(rounds + 2):
             for name, (req, interval, *other) in cases.items():
                 sys.setswitchinterval(interval)
-                eng._deliver = other[0] if other else deliver
-                times[name].append(lone_ttft(eng, req, submits[name], parts[name]))
+                times[name].append(lone_ttft(eng, req, submits[name], parts[name], *other))
     finally:
         sys.setswitchinterval(old)
-        eng._deliver = deliver
         eng.stop()
     ms = lambda xs: [x * 1e3 for x in xs[2:]]
     median_parts = lambda ps: {k: round(statistics.median(p.get(k, 0.0) for p in ps), 3) for k in ps[0]} if ps else {}
@@ -484,6 +476,8 @@ def section_ttft(model, cfg, args, res, rng, spec):
     for key, one, python in (("traced", req, 1), ("levels_traced", as_levels, 1), ("levels_traced_no_python", as_levels, 0)):
         eng.features.clear()
         eng.submit(one).result()  # compiled and warm
+        eng.run()  # and its last decode call read: the engine idle
+        time.sleep(IDLE_S)
         options = jax.profiler.ProfileOptions()
         options.python_tracer_level = python
         with tempfile.TemporaryDirectory() as logdir:
@@ -556,7 +550,7 @@ def section_ttft(model, cfg, args, res, rng, spec):
             lone = interleaved_ttfts(eng, dict(float_python=(req, 0.005), float_server=(req, SWITCH_INTERVAL_S),
                                                levels_python=(as_levels, 0.005),
                                                levels_server=(as_levels, SWITCH_INTERVAL_S),
-                                           levels_server_hand_over=(as_levels, SWITCH_INTERVAL_S, hand_over(eng))), 20)
+                                           levels_server_back_to_back=(as_levels, SWITCH_INTERVAL_S, 0.0)), 20)
             del eng
             static = Engine(model, cache_length=round_up(n + spec.new), compiler_options=options)
             walls = []
