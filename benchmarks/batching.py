@@ -185,7 +185,7 @@ def step_options(name: str):
 
 
 # A lone request meets an idle engine: the last one's tail (a decode call dispatched before its final token was
-# known, which the GPU runs ~3 ms) is over before the next is submitted.
+# known, still on the GPU when that token is read) is over before the next is submitted.
 IDLE_S = 0.01
 
 

@@ -167,11 +167,10 @@ def kernel_table(logdir: str, steps: int, top: int = 40) -> dict:
     events, pnames, gpu = found
     per = defaultdict(lambda: [0.0, 0, set()])
     modules = defaultdict(lambda: [0.0, 0])  # XLA module (a compiled call) -> kernel time, launches
-    first, last, arg_keys = float("inf"), 0.0, set()
+    first, last = float("inf"), 0.0
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu:
             module = e.get("args", {}).get("hlo_module", "?")
-            arg_keys |= set(e.get("args", {}))
             r = per[e["name"]]
             r[0] += e.get("dur", 0.0)
             r[1] += 1
@@ -186,7 +185,6 @@ def kernel_table(logdir: str, steps: int, top: int = 40) -> dict:
     return dict(total_us_per_step=total / steps, span_us_per_step=(last - first) / steps if per else 0.0,
                 launches_per_step=sum(v[1] for v in per.values()) / steps, processes=sorted(set(pnames.values()))[:10],
                 modules={m: dict(us_per_step=v[0] / steps, calls_per_step=v[1] / steps) for m, v in modules.items()},
-                arg_keys=sorted(arg_keys)[:20],
                 top=[dict(name=n[:120], us_per_step=v[0] / steps, calls_per_step=v[1] / steps,
                           modules=sorted(v[2])[:4]) for n, v in rows])
 
