@@ -49,16 +49,19 @@ class Stream(TokenStream):
     """A request submitted to a ``BatchEngine``: its tokens (``TokenStream``), and its prompt's and images' state
     while the engine admits and prefills it."""
 
-    def __init__(self, engine: BatchEngine, request_id: int, request: Request, image_mask: np.ndarray):
+    def __init__(self, engine: BatchEngine, request_id: int, request: Request, image_mask: np.ndarray,
+                 runs: tuple[np.ndarray, np.ndarray]):
         super().__init__(engine, request_id)
         self.request = request
         self._image_mask = image_mask
-        self._image_starts = image_starts(image_mask, engine._image_tokens)
+        self._image_starts = image_starts(runs, engine._image_tokens)
         px = request.pixel_values  # checked
         self._images = ([] if px is None else [PixelLevels(px.levels[i], px.table) for i in range(len(px))]
                         if isinstance(px, PixelLevels) else list(np.asarray(px, np.float32)))
-        self._image_prints = [engine.features.fingerprint(im) for im in self._images]
-        self._image_keys = [engine.features.key_later(im) for im in self._images]  # hashed while the request waits
+        # each image's fingerprint, and its key hashed on the cache's threads while the request waits
+        prints_keys = [engine.features.fingerprint_and_key_later(im) for im in self._images]
+        self._image_prints = [fp for fp, _ in prints_keys]
+        self._image_keys = [key for _, key in prints_keys]
         self._feats: list[jax.Array] = []  # one [T, D] per image from admission until the prompt is prefilled
         self._slot: int | None = None
         self._prefilled = 0  # prompt positions already in the slot
@@ -89,10 +92,10 @@ def image_runs(image_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
-def image_starts(image_mask: np.ndarray, tokens: int) -> np.ndarray:
-    """The position of each image's first token: image tokens come in runs of whole images (``tokens`` each)."""
-    return np.concatenate([np.arange(a, b, max(tokens, 1)) for a, b in zip(*image_runs(image_mask))]
-                          + [np.zeros(0, np.int64)])
+def image_starts(runs: tuple[np.ndarray, np.ndarray], tokens: int) -> np.ndarray:
+    """The position of each image's first token, from ``image_runs``: image tokens come in runs of whole images
+    (``tokens`` each)."""
+    return np.concatenate([np.arange(a, b, max(tokens, 1)) for a, b in zip(*runs)] + [np.zeros(0, np.int64)])
 
 
 def _pow2(n: int, least: int = 1) -> int:
@@ -244,7 +247,7 @@ class BatchEngine:
             self._check_queue()  # before the images are hashed for a request that would be refused
         if pixels is not request.pixel_values:
             request = dataclasses.replace(request, pixel_values=pixels)
-        stream = Stream(self, -1, request, image_mask)
+        stream = Stream(self, -1, request, image_mask, (starts, ends))
         with self._cond:
             self._refuse_if_closed()
             self._check_queue()

@@ -16,7 +16,7 @@ import numpy as np
 from gemma3_jax.model.pixels import PixelLevels
 
 _HASH_PIECE = 1 << 20  # bytes of an image hashed as one piece
-_PRINT_VALUES = 1 << 14  # values of an image a fingerprint reads
+_PRINT_VALUES = 1 << 12  # values of an image a fingerprint reads
 
 
 class PendingKey:
@@ -37,7 +37,7 @@ class FeatureCache:
 
     Hashing a whole 896x896 image (~5 ms on one thread) is off a new image's path to its first token: a request's
     images are hashed on the cache's threads from submission, and each also gets a fingerprint (its shape, dtype
-    and 16K evenly spaced values; microseconds). Equal images have equal fingerprints, so an image whose fingerprint
+    and 4K evenly spaced values; microseconds). Equal images have equal fingerprints, so an image whose fingerprint
     no held entry has is encoded at once and its key read after the step's call is dispatched; otherwise the key
     decides, exactly."""
 
@@ -63,16 +63,26 @@ class FeatureCache:
         return str((array.shape, array.dtype.str)).encode() + table, array
 
     def fingerprint(self, image: np.ndarray | PixelLevels) -> bytes:
-        head, array = self._content(image)
-        flat = array.reshape(-1)
-        sample = flat[:: max(1, flat.size // _PRINT_VALUES)]
-        return hashlib.sha256(head + np.ascontiguousarray(sample).tobytes()).digest()
+        return self._fingerprint(*self._content(image))
 
     def key_later(self, image: np.ndarray | PixelLevels) -> PendingKey:
         """SHA-256 over the shape, dtype (and a ``PixelLevels``' table) and SHA-256 digests of 1 MiB slices of the
         bytes, the slices hashed on the cache's threads (hashlib lets go of the GIL). The key does not depend on the
         number of threads; the image must not change until the key is read."""
-        head, image = self._content(image)
+        return self._key_later(*self._content(image))
+
+    def fingerprint_and_key_later(self, image: np.ndarray | PixelLevels) -> tuple[bytes, PendingKey]:
+        """``fingerprint`` and ``key_later`` of one image, its content read once (a request's submit)."""
+        head, array = self._content(image)
+        return self._fingerprint(head, array), self._key_later(head, array)
+
+    @staticmethod
+    def _fingerprint(head: bytes, array: np.ndarray) -> bytes:
+        flat = array.reshape(-1)
+        sample = flat[:: max(1, flat.size // _PRINT_VALUES)]
+        return hashlib.sha256(head + np.ascontiguousarray(sample).tobytes()).digest()
+
+    def _key_later(self, head: bytes, image: np.ndarray) -> PendingKey:
         data = memoryview(image).cast("B") if image.size else memoryview(b"")
         parts = [data[i: i + _HASH_PIECE] for i in range(0, len(data), _HASH_PIECE)] or [data]
         if len(parts) > 1 and self._threads > 1:
