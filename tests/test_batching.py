@@ -127,8 +127,10 @@ def test_background_compile_runs_covering_shapes(model, solo):
     assert eng.shapes.padded_calls > 0 and inline() == covers
     eng.shapes.wait()
     assert eng.shapes.errors == [] and eng.stats()["background_compiles_mixed"] > 0
-    ready = eng.shapes.ready(("mixed", True))
+    ready = eng.shapes.ready(("mixed", True, False))
     assert len(ready) > 1 and (3, 32) in ready  # the cover (all 3 slots, 32 tokens) and shapes met since
+    # prefill calls of first chunks ran on the general shapes while their own (``fresh``) compiled in the background
+    assert eng.shapes.ready(("prefill", True, True)) and eng.stats()["background_compiles_prefill"] > 0
     before = eng.shapes.padded_calls
     streams = [eng.submit(r) for r in reqs]  # the same again: most of their shapes are compiled now
     eng.run()
@@ -156,9 +158,16 @@ def test_compiled_shapes_pick():
     shapes.wait()
     assert "ZeroDivisionError" in shapes.errors[0] and (1, 8) not in shapes.ready("g")
     assert shapes.pick("g", (1, 8), lambda: 1 / 0) == (1, 8)  # and the shape is then the caller's to compile
+    assert shapes.covered("g", (2, 100)) and not shapes.covered("g", (16, 8)) and not shapes.covered("h", (1, 1))
+    shapes.later("h", (1, 8), lambda: done.append(4))  # compiled for later calls, nothing run padded meanwhile
+    shapes.later("g", (2, 64), lambda: 1 / 0)  # ready already: nothing
+    shapes.wait()
+    assert done[-1] == 4 and shapes.ready("h") == {(1, 8)} and shapes.padded_calls == 2
     off = CompiledShapes(background=False)
     off.mark("g", (8, 256))
     assert off.pick("g", (2, 64), lambda: 1 / 0) == (2, 64)
+    off.later("g", (2, 64), lambda: 1 / 0)  # no background compiles: nothing
+    assert off.ready("g") == {(8, 256)}
     shapes.close()
     assert shapes.pick("g", (2, 32), lambda: 1 / 0) == (2, 32)  # closed: nothing more in the background
     shapes.wait()

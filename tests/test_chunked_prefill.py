@@ -4,6 +4,8 @@ A chunk attends to the keys its slot already holds plus its own; chunk ends snap
 Every position's logits of every chunk are compared with the full forward's, so an error at any chunk edge shows.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,9 +33,10 @@ def steps(model):
     def features(px):
         return model.image_features(px)
 
-    @jax.jit
-    def chunk_call(cache, ids, feats, chunk):
-        hidden, cache = text.prefill_chunk(embed_with_features(cfg, text.embedding(), ids, feats), cache, chunk)
+    @functools.partial(jax.jit, static_argnames="fresh")
+    def chunk_call(cache, ids, feats, chunk, fresh=False):
+        hidden, cache = text.prefill_chunk(embed_with_features(cfg, text.embedding(), ids, feats), cache, chunk,
+                                           fresh)
         return text.logits(hidden), cache
 
     @jax.jit
@@ -51,8 +54,9 @@ def prompt(pieces, seed=0):
     return np.array(ids, np.int32), rng.standard_normal((n_images, 3, 28, 28)).astype(np.float32)
 
 
-def chunked_logits(model, steps, ids, px, ends, slot=1, pad_to=None):
-    """Logits of every position, the prompt prefilled chunk by chunk into ``slot`` of a fresh cache."""
+def chunked_logits(model, steps, ids, px, ends, slot=1, pad_to=None, fresh_first=True):
+    """Logits of every position, the prompt prefilled chunk by chunk into ``slot`` of a fresh cache; the first
+    chunk as the engine runs a prefill call of first chunks (``fresh``) unless ``fresh_first`` is False."""
     features, chunk_call, _ = steps
     feats = None if px is None or len(px) == 0 else features(jnp.asarray(px))
     is_image = ids == IMAGE_TOKEN
@@ -70,7 +74,7 @@ def chunked_logits(model, steps, ids, px, ends, slot=1, pad_to=None):
         chunk_feats = feats[image:image + k] if k else None
         image += k
         chunk = kvc.PromptChunk(jnp.asarray([slot]), jnp.asarray([start]), jnp.asarray([n]), jnp.asarray(seg))
-        logits, cache = chunk_call(cache, jnp.asarray(chunk_ids), chunk_feats, chunk)
+        logits, cache = chunk_call(cache, jnp.asarray(chunk_ids), chunk_feats, chunk, fresh=fresh_first and start == 0)
         out.append(np.asarray(logits)[0, :n])
         start = end
     assert int(cache.lengths[slot]) == len(ids) and int(cache.lengths.sum()) == len(ids)
@@ -129,9 +133,38 @@ def test_edges_at_image_boundaries(model, steps):
 
 
 def test_padded_chunks_and_other_slots(model, steps):
-    """Chunks padded to a fixed length (what a compiled bucket does) into another slot give the same logits."""
+    """Chunks padded to a fixed length (what a compiled bucket does) into another slot give the same logits, the
+    first chunk through either path."""
     ids, px = prompt(LAYOUTS["past the window"])
-    check(model, steps, ids, px, edges(ids, 7), slot=2, pad_to=16)
+    for fresh_first in (True, False):
+        check(model, steps, ids, px, edges(ids, 7), slot=2, pad_to=16, fresh_first=fresh_first)
+
+
+@pytest.mark.parametrize("n", [5, 8, 13])  # within the window of 8, at it, past it
+def test_fresh_chunks_leave_the_cache_as_the_general_path(model, steps, n):
+    """First chunks through ``fresh`` (the chunk alone as context, written as one slab a row) leave every position
+    a row holds as the general path does, other slots untouched, and a padding row (slot past the cache) writes
+    nothing; the logits agree."""
+    _, chunk_call, _ = steps
+    ids = prompt([n - 1])[0]
+    t = 8 if n <= 8 else 16  # one slab into the ring while the chunk fits it, the general write past it
+    rows = np.zeros((2, t), np.int32)
+    rows[0, :n] = ids
+    chunk = kvc.PromptChunk(jnp.asarray([1, SLOTS]), jnp.asarray([0, 0]), jnp.asarray([n, 0]),
+                            jnp.full((2, t), -1, jnp.int32))
+    start = kvc.init_cache(model.cfg.text, SLOTS, CACHE, jnp.float32)
+    start = start._replace(k=tuple(k + 1.0 for k in start.k), v=tuple(v - 1.0 for v in start.v))  # not zeros
+    got_logits, got = chunk_call(start, jnp.asarray(rows), None, chunk, fresh=True)
+    want_logits, want = chunk_call(start, jnp.asarray(rows), None, chunk, fresh=False)
+    scale = float(np.abs(np.asarray(want_logits[0, :n])).max())
+    assert np.abs(np.asarray(got_logits[0, :n]) - np.asarray(want_logits[0, :n])).max() <= CHUNK_TOL * scale
+    np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
+    for g, w, s in zip(got.k + got.v, want.k + want.v, start.k + start.v):
+        g, w, s = np.asarray(g), np.asarray(w), np.asarray(s)
+        held = min(n, g.shape[1])  # a ring of W slots holds the last W positions
+        slots = np.arange(n - held, n) % g.shape[1]
+        assert np.abs(g[1, slots] - w[1, slots]).max() <= CHUNK_TOL * max(1.0, float(np.abs(w).max()))
+        np.testing.assert_array_equal(g[[0, 2]], s[[0, 2]])
 
 
 def test_chunk_end():

@@ -94,9 +94,14 @@ class PromptChunk(NamedTuple):
         return self.start[:, None] + jnp.arange(self.segment_ids.shape[1], dtype=jnp.int32)[None, :]
 
 
-def write_chunk(buf: Float[Array, "S C K H"], new: Float[Array, "B T K H"], chunk: PromptChunk, ring: bool):
-    """Write the chunk's valid keys or values into its rows (ring: slot p % W, only the last W positions)."""
+def write_chunk(buf: Float[Array, "S C K H"], new: Float[Array, "B T K H"], chunk: PromptChunk, ring: bool,
+                fresh: bool = False):
+    """Write the chunk's valid keys or values into its rows (ring: slot p % W, only the last W positions).
+    ``fresh``: every row's chunk starts its prompt (start 0), so it lands at slots 0 .. T-1 of its row as one slab
+    (its padding too: positions a row does not hold yet are never read before they are written)."""
     slots, t = buf.shape[1], new.shape[1]
+    if fresh and t <= slots:
+        return buf.at[chunk.slot, :t].set(new.astype(buf.dtype), mode="drop")
     offset = jnp.arange(t, dtype=jnp.int32)[None, :]
     valid = offset < chunk.length[:, None]
     if ring:
@@ -108,13 +113,17 @@ def write_chunk(buf: Float[Array, "S C K H"], new: Float[Array, "B T K H"], chun
     return buf.at[chunk.slot[:, None], idx].set(new.astype(buf.dtype), mode="drop")
 
 
-def chunk_context(buf: Float[Array, "S C K H"], new: Float[Array, "B T K H"], chunk: PromptChunk, ring: bool):
+def chunk_context(buf: Float[Array, "S C K H"], new: Float[Array, "B T K H"], chunk: PromptChunk, ring: bool,
+                  fresh: bool = False):
     """The keys (or values) the chunk's queries attend over, and where its queries sit among them.
 
     Global layers: the row with the chunk written at its positions (Sk = C; queries at ``start``). Sliding layers:
     the ring unrolled into position order (positions ``start - W .. start - 1``, those before 0 cut by
-    ``kv_start``), then the chunk (Sk = W + T; queries at W). Returns (keys [B, Sk, K, H], q_offset [B],
-    kv_start [B], kv_lengths [B])."""
+    ``kv_start``), then the chunk (Sk = W + T; queries at W). ``fresh`` (every chunk starts its prompt): the chunk
+    alone (Sk = T; queries at 0). Returns (keys [B, Sk, K, H], q_offset [B], kv_start [B], kv_lengths [B])."""
+    if fresh:
+        zeros = jnp.zeros_like(chunk.start)
+        return new.astype(buf.dtype), zeros, zeros, chunk.length
     rows = jnp.take(buf, chunk.slot, axis=0, mode="clip")
     if not ring:
         local = chunk._replace(slot=jnp.arange(rows.shape[0], dtype=jnp.int32))
@@ -128,9 +137,11 @@ def chunk_context(buf: Float[Array, "S C K H"], new: Float[Array, "B T K H"], ch
     return keys, q_offset, jnp.maximum(slots - chunk.start, 0), slots + chunk.length
 
 
-def chunk_segment_ids(chunk: PromptChunk, context_length: int, ring: bool) -> Int[Array, "B Sk"]:
+def chunk_segment_ids(chunk: PromptChunk, context_length: int, ring: bool, fresh: bool = False) -> Int[Array, "B Sk"]:
     """Segment ids over ``chunk_context``'s keys: the chunk's own, -1 (text) for every earlier position."""
     b, t = chunk.segment_ids.shape
+    if fresh:
+        return chunk.segment_ids
     if ring:
         return jnp.concatenate([jnp.full((b, context_length - t), -1, jnp.int32), chunk.segment_ids], axis=1)
     seg = jnp.full((b, context_length), -1, jnp.int32)

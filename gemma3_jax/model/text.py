@@ -110,21 +110,21 @@ class Attention(nnx.Module):
         v_buf = kvc.write_step(v_buf, v[:, 0], pos, ring)
         return kernels.cached_attention(q[:, 0], k_buf, v_buf, pos, scale=self.scale), k_buf, v_buf
 
-    def chunk(self, x: Float[Array, "B T D"], cos, sin, k_buf, v_buf, chunk: kvc.PromptChunk):
+    def chunk(self, x: Float[Array, "B T D"], cos, sin, k_buf, v_buf, chunk: kvc.PromptChunk, fresh: bool = False):
         """A prompt chunk of each row after the positions its cache row already holds: attends over those and
-        its own keys, and writes its keys and values into the row."""
-        out, k_buf, v_buf = self.chunk_heads(*self.project(x, cos, sin), k_buf, v_buf, chunk)
+        its own keys, and writes its keys and values into the row. ``fresh``: every chunk starts its prompt."""
+        out, k_buf, v_buf = self.chunk_heads(*self.project(x, cos, sin), k_buf, v_buf, chunk, fresh)
         return self.output(out), k_buf, v_buf
 
-    def chunk_heads(self, q, k, v, k_buf, v_buf, chunk: kvc.PromptChunk):
+    def chunk_heads(self, q, k, v, k_buf, v_buf, chunk: kvc.PromptChunk, fresh: bool = False):
         """``chunk`` from its queries, keys and values up to the attention output [B, T, N, H]."""
         ring = self.sliding_window is not None
-        keys, q_offset, kv_start, kv_lengths = kvc.chunk_context(k_buf, k, chunk, ring)
-        values = kvc.chunk_context(v_buf, v, chunk, ring)[0]
-        seg = kvc.chunk_segment_ids(chunk, keys.shape[1], ring)
+        keys, q_offset, kv_start, kv_lengths = kvc.chunk_context(k_buf, k, chunk, ring, fresh)
+        values = kvc.chunk_context(v_buf, v, chunk, ring, fresh)[0]
+        seg = kvc.chunk_segment_ids(chunk, keys.shape[1], ring, fresh)
         batch = AttentionBatch(chunk.positions, seg, kv_lengths, q_offset, kv_start)
         out = self.kernels.attention(q, keys, values, batch, sliding_window=self.sliding_window, scale=self.scale)
-        return out, kvc.write_chunk(k_buf, k, chunk, ring), kvc.write_chunk(v_buf, v, chunk, ring)
+        return out, kvc.write_chunk(k_buf, k, chunk, ring, fresh), kvc.write_chunk(v_buf, v, chunk, ring, fresh)
 
     def mixed(self, x: Float[Array, "R D"], decode_rope, chunk_rope, k_buf, v_buf, pos: Int[Array, "S"],
               chunk: kvc.PromptChunk):
@@ -155,9 +155,9 @@ class DecoderLayer(nnx.Module):
         h, kv = self.attn(self.input_norm(x), cos, sin, batch)
         return self.feed_forward(x + self.post_attn_norm(h)), kv
 
-    def chunk(self, x, cos, sin, k_buf, v_buf, chunk: kvc.PromptChunk):
+    def chunk(self, x, cos, sin, k_buf, v_buf, chunk: kvc.PromptChunk, fresh: bool = False):
         """``__call__`` for a prompt chunk after the positions its cache row holds (``Attention.chunk``)."""
-        h, k_buf, v_buf = self.attn.chunk(self.input_norm(x), cos, sin, k_buf, v_buf, chunk)
+        h, k_buf, v_buf = self.attn.chunk(self.input_norm(x), cos, sin, k_buf, v_buf, chunk, fresh)
         return self.feed_forward(x + self.post_attn_norm(h)), k_buf, v_buf
 
     def mixed(self, x: Float[Array, "R D"], decode_rope, chunk_rope, k_buf, v_buf, pos, chunk: kvc.PromptChunk):
@@ -216,15 +216,16 @@ class TextModel(nnx.Module):
         return self.final_norm(x), kvs
 
     def prefill_chunk(
-        self, embeddings: Float[Array, "B T D"], cache: kvc.KVCache, chunk: kvc.PromptChunk
+        self, embeddings: Float[Array, "B T D"], cache: kvc.KVCache, chunk: kvc.PromptChunk, fresh: bool = False
     ) -> tuple[Float[Array, "B T D"], kvc.KVCache]:
         """Each row's next prompt chunk into its cache row (``chunk.slot``): hidden states after the final norm,
-        and the cache holding the chunk's keys with the rows' lengths moved past it."""
+        and the cache holding the chunk's keys with the rows' lengths moved past it. ``fresh`` (static): every
+        row's chunk starts its prompt, so it attends over itself alone and is written as one slab a row."""
         tables = self.rope_tables(chunk.positions)
         x, ks, vs = embeddings, [], []
         for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v):
             cos, sin = tables[layer.layer_type]
-            x, k_buf, v_buf = layer.chunk(x, cos, sin, k_buf, v_buf, chunk)
+            x, k_buf, v_buf = layer.chunk(x, cos, sin, k_buf, v_buf, chunk, fresh)
             ks.append(k_buf)
             vs.append(v_buf)
         lengths = cache.lengths.at[chunk.slot].set(chunk.start + chunk.length, mode="drop")

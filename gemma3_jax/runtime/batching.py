@@ -491,8 +491,18 @@ class BatchEngine:
             feats += s._feats[np.searchsorted(s._image_starts, st): np.searchsorted(s._image_starts, e)]
         nf = _pow2(len(feats)) if feats else 0
         b, t = min(_pow2(len(rows)), self.max_batch), self._chunk_bucket(max(e - st for _, st, e in rows), budget)
-        b, t = self.shapes.pick((kind, greedy_only), (b, t),  # the lambdas compile the shape asked for
-                                lambda b=b, t=t, nf=nf: self._compile_call(kind, greedy_only, b, t, nf, spec=True))
+        # every chunk starts its prompt: a call of its own shapes that skips the empty context (``prefill_chunk``);
+        # with background compiles, a compiled general shape serves until one that covers this is compiled (with
+        # none either, this one is compiled now)
+        fresh = kind == "prefill" and all(st == 0 for _, st, _ in rows)
+        if (fresh and self.shapes.background and not self.shapes.covered((kind, greedy_only, True), (b, t))
+                and self.shapes.covered((kind, greedy_only, False), (b, t))):
+            self.shapes.later((kind, greedy_only, True), (b, t),
+                              lambda b=b, t=t, nf=nf: self._compile_call(kind, greedy_only, b, t, nf, True, spec=True))
+            fresh = False
+        b, t = self.shapes.pick((kind, greedy_only, fresh), (b, t),  # the lambdas compile the shape asked for
+                                lambda b=b, t=t, nf=nf: self._compile_call(kind, greedy_only, b, t, nf, fresh,
+                                                                           spec=True))
         ids = np.full((b, t), self.cfg.text.pad_token_id, np.int32)
         seg = np.full((b, t), -1, np.int32)
         slot = np.full((b,), self.max_batch, np.int32)
@@ -527,7 +537,7 @@ class BatchEngine:
             self._embedding, packed, feat_arg)
         t3 = time.perf_counter()
         args = (self._text.flat, self.cache, self.state, embeddings, packed)
-        fn = self._compile_call(kind, greedy_only, b, t, nf, args=args)
+        fn = self._compile_call(kind, greedy_only, b, t, nf, fresh, args=args)
         if decoding:
             self.cache, self.state, tokens, produced, first = fn(*args)  # [S] each: shaped on the host when read
         else:
@@ -561,9 +571,11 @@ class BatchEngine:
         self.shapes.mark(("embed", b, t), (nf,))
         return fn
 
-    def _compile_call(self, kind: str, greedy_only: bool, b: int, t: int, nf: int, args=None, spec: bool = False):
-        """The prefill or mixed call for ``b`` rows of ``t`` tokens; ``spec``: from shapes alone, with its embed
-        calls for ``nf`` features and for the most that fit (so a call padded to this shape has an embed too)."""
+    def _compile_call(self, kind: str, greedy_only: bool, b: int, t: int, nf: int, fresh: bool = False, args=None,
+                      spec: bool = False):
+        """The prefill or mixed call for ``b`` rows of ``t`` tokens (``fresh``: a prefill whose chunks all start
+        their prompts); ``spec``: from shapes alone, with its embed calls for ``nf`` features and for the most that
+        fit (so a call padded to this shape has an embed too)."""
         steps, tw = self._steps, self._text
         if spec:
             tokens = self._image_tokens
@@ -572,22 +584,24 @@ class BatchEngine:
             hidden = jax.ShapeDtypeStruct((b, t, self.cfg.text.hidden_size), self.dtype)
             args = (tw.flat, self._cache_spec, self._state_spec, hidden,
                     jax.ShapeDtypeStruct((b, packed_width(t)), jnp.int32))
-        step = steps.mixed if kind == "mixed" else steps.prefill
+        extra = dict(fresh=True) if fresh else {}
 
         def call(weights, cache, state, embeddings, packed):
             _, chunk, row = unpack_rows(packed)
-            return step(tw.merge_flat(weights), cache, state, embeddings, chunk, row, greedy_only)
+            step = steps.mixed if kind == "mixed" else steps.prefill
+            return step(tw.merge_flat(weights), cache, state, embeddings, chunk, row, greedy_only, **extra)
 
-        fn = self._compile(kind, call, args, greedy_only, donate=(1, 2))
-        self.shapes.mark((kind, greedy_only), (b, t))
+        fn = self._compile(kind, call, args, (greedy_only, fresh), donate=(1, 2))
+        self.shapes.mark((kind, greedy_only, fresh), (b, t))
         return fn
 
     def compile_chunk(self, kind: str, greedy_only: bool, tokens: int, rows: int = 1) -> None:
         """Compile, without running it, the ``prefill`` or ``mixed`` call (a chunk beside decoding slots) that
-        ``rows`` text chunks of ``tokens`` tokens run as."""
+        ``rows`` text chunks of ``tokens`` tokens, each a whole prompt, run as."""
         budget = self.step_tokens if kind == "mixed" else self.chunk_tokens
+        # a short prompt's one chunk starts it: prefill calls of such chunks run the fresh variant
         self._compile_call(kind, greedy_only, min(_pow2(rows), self.max_batch), self._chunk_bucket(tokens, budget), 0,
-                           spec=True)
+                           kind == "prefill", spec=True)
 
     def compile_covers(self, greedy_only: bool) -> None:
         """Compile, without running them, the largest prefill and mixed shapes a chunk takes, and one row of a

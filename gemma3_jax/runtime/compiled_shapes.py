@@ -61,6 +61,21 @@ class CompiledShapes:
             self.padded_calls += 1
             return min(covers, key=lambda c: (math.prod(c), c))
 
+    def covered(self, group: Hashable, shape: Shape) -> bool:
+        """Whether ``shape`` of ``group`` or a compiled shape at least as large on every axis is ready."""
+        with self._lock:
+            return any(len(c) == len(shape) and all(a >= b for a, b in zip(c, shape)) for c in self._ready[group])
+
+    def later(self, group: Hashable, shape: Shape, compile_shape: Callable[[], None]) -> None:
+        """Compile ``shape`` of ``group`` on the background thread for calls to come (nothing without background
+        compiles, or when it is ready, queued or failed)."""
+        shape = tuple(shape)
+        with self._lock:
+            if (not self.background or self._closed or shape in self._ready[group] or (group, shape) in self._pending
+                    or (group, shape) in self._failed):
+                return
+            self._pending[group, shape] = self._pool.submit(self._run, group, shape, compile_shape)
+
     def _run(self, group: Hashable, shape: Shape, compile_shape: Callable[[], None]) -> None:
         try:
             compile_shape()

@@ -129,9 +129,10 @@ class SlotSteps:
         return embed_with_features(self.cfg, embedding, unpack_rows(packed)[0], feats)
 
     def prefill(self, text, cache: kvc.KVCache, state: SlotState, embeddings: Float[Array, "B T D"],
-                chunk: kvc.PromptChunk, row: RowSettings, greedy_only: bool):
-        """One chunk per row into its slot. Returns (cache, state, first token [B]: meaningful where ``last``)."""
-        hidden, cache = text.prefill_chunk(embeddings, cache, chunk)
+                chunk: kvc.PromptChunk, row: RowSettings, greedy_only: bool, fresh: bool = False):
+        """One chunk per row into its slot. Returns (cache, state, first token [B]: meaningful where ``last``).
+        ``fresh``: every chunk starts its prompt (``TextModel.prefill_chunk``)."""
+        hidden, cache = text.prefill_chunk(embeddings, cache, chunk, fresh)
         logits = text.logits(_last_rows(hidden, chunk)[None])[0]
         state, token = self._first_tokens(logits, state, chunk, row, greedy_only)
         return cache, state, token
