@@ -199,14 +199,16 @@ def lone_ttfts(eng: BatchEngine, req: Request, runs: int, submits: list | None =
 
 
 def lone_ttft(eng: BatchEngine, req: Request, submits: list | None = None, parts: list | None = None,
-              idle_s: float = IDLE_S) -> float:
-    """One lone request's TTFT (s), submitted ``idle_s`` after the last one ended. With the engine's calls recorded,
+              idle_s: float = IDLE_S, early_reads: bool = True) -> float:
+    """One lone request's TTFT (s), submitted ``idle_s`` after the last one ended (``early_reads``: the engine's
+    setting of that name for this request). With the engine's calls recorded,
     ``parts`` gets where it went (ms after submit): when the engine's thread took the request up, its host time
     until the vision call was dispatched and until the prefill call was, when the first token was ready and how
     long the reader then took to have it."""
     eng.features.clear()  # a new image each time: encoded, not cached (its hashing threads stay)
     if eng.calls is not None:
         eng.calls.clear()
+    eng.early_reads = early_reads
     time.sleep(idle_s)
     t = time.perf_counter()
     s = eng.submit(req)
@@ -224,7 +226,7 @@ def lone_ttft(eng: BatchEngine, req: Request, submits: list | None = None, parts
 
 
 def interleaved_ttfts(eng: BatchEngine, cases: dict[str, tuple], rounds: int) -> dict[str, dict]:
-    """``lone_ttfts`` of several cases, (request, Python switch interval[, seconds the engine idles before]),
+    """``lone_ttfts`` of several cases, (request, Python switch interval[, idle seconds before[, early_reads]]),
     taken in turn, round after round, so a drift of the machine (clocks, other load) falls on every case alike: per
     case the median and min TTFT and submit (ms), the first two rounds (compiles, warm-up) left out."""
     old = sys.getswitchinterval()
@@ -550,7 +552,9 @@ def section_ttft(model, cfg, args, res, rng, spec):
             lone = interleaved_ttfts(eng, dict(float_python=(req, 0.005), float_server=(req, SWITCH_INTERVAL_S),
                                                levels_python=(as_levels, 0.005),
                                                levels_server=(as_levels, SWITCH_INTERVAL_S),
-                                           levels_server_back_to_back=(as_levels, SWITCH_INTERVAL_S, 0.0)), 20)
+                                           levels_server_back_to_back=(as_levels, SWITCH_INTERVAL_S, 0.0),
+                                           levels_server_late_reads=(as_levels, SWITCH_INTERVAL_S, IDLE_S, False)),
+                                      20)
             del eng
             static = Engine(model, cache_length=round_up(n + spec.new), compiler_options=options)
             walls = []
