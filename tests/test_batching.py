@@ -190,6 +190,19 @@ def test_stream_s_bounds_a_decode_call(model, solo):
             engine(model, stream_s=bad)
 
 
+def test_no_decode_call_after_the_last_token_is_in_flight(model, solo):
+    """A decode call is dispatched before the previous call is read, except when that call brings every stream to
+    its token limit: one more would run no step on the GPU, in the way of the next request. A guess that falls
+    short (a stop id ends no stream here: it is one row among others) still finishes every stream."""
+    want = {n: alone(solo, request([5], 9, new=n)) for n in (1, 5, 6)}
+    for n, calls in ((1, 0), (5, 1), (6, 2)):  # decode_steps 4: the first token comes with the prefill
+        before = solo.counters["decode_calls"]
+        assert alone(solo, request([5], 9, new=n)) == want[n] and len(want[n]) == n
+        assert solo.counters["decode_calls"] - before == calls, n
+    with_stop = request([5], 9, new=6, stop_ids=(want[6][2],))  # ends after 3 tokens, in the first decode call
+    assert alone(solo, with_stop) == want[6][:3]
+
+
 def test_cancel_in_queue_and_mid_prefill_frees_the_slot(model, solo):
     eng = engine(model, max_batch=1, chunk_tokens=4)
     long = eng.submit(request([60], 11, new=30))
