@@ -53,7 +53,7 @@ class CompiledShapes:
             ready = self._ready[group]
             if shape in ready or not self.background or self._closed or (group, shape) in self._failed:
                 return shape
-            covers = [c for c in ready if len(c) == len(shape) and all(a >= b for a, b in zip(c, shape))]
+            covers = self._covers(group, shape)
             if not covers:
                 return shape
             if (group, shape) not in self._pending:
@@ -61,10 +61,14 @@ class CompiledShapes:
             self.padded_calls += 1
             return min(covers, key=lambda c: (math.prod(c), c))
 
+    def _covers(self, group: Hashable, shape: Shape) -> list[Shape]:
+        """The compiled shapes of ``group`` at least as large as ``shape`` on every axis (under the lock)."""
+        return [c for c in self._ready[group] if len(c) == len(shape) and all(a >= b for a, b in zip(c, shape))]
+
     def covered(self, group: Hashable, shape: Shape) -> bool:
         """Whether ``shape`` of ``group`` or a compiled shape at least as large on every axis is ready."""
         with self._lock:
-            return any(len(c) == len(shape) and all(a >= b for a, b in zip(c, shape)) for c in self._ready[group])
+            return bool(self._covers(group, tuple(shape)))
 
     def later(self, group: Hashable, shape: Shape, compile_shape: Callable[[], None]) -> None:
         """Compile ``shape`` of ``group`` on the background thread for calls to come (nothing without background
