@@ -178,9 +178,8 @@ class BatchEngine:
         self._stop = False
         self._cancelled: list[Stream] = []
         self._pending: _Call | None = None  # the last dispatched call, its tokens not yet read
-        # each call's outputs start their copies to the host as soon as it is dispatched: queued only when read,
-        # after the next call was dispatched, a lone request's first token reached the host 0.85 ms after its
-        # kernel, 0.43 ms when queued early (H100 traces; False: a benchmark's baseline)
+        # each call's outputs start their copies to the host as soon as it is dispatched, not when read (after the
+        # next call is dispatched), so a first token reaches the host sooner (False: a benchmark's baseline)
         self.early_reads = True
         self.counters = collections.Counter()
         self._window: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)  # (time, decode tokens)
@@ -660,9 +659,9 @@ class BatchEngine:
 
     def _pending_ends(self, decoding: list[Stream]) -> bool:
         """Whether the call not yet read is expected to bring every decoding stream to its token limit: a decode
-        call dispatched now would run no step, yet hold the GPU ~0.6 ms (H100) from a request arriving then. A
-        wrong guess (a stop id, or a call stopped early for a queued request) costs one step's overlap: the stream
-        still decodes after this step reads the pending call."""
+        call dispatched now would run no step, yet hold the GPU from a request arriving then. A wrong guess (a stop
+        id, or a call stopped early for a queued request) costs one step's overlap: the stream still decodes after
+        this step reads the pending call."""
         call = self._pending
         if call is None:
             return False
