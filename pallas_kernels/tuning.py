@@ -101,6 +101,17 @@ def gemv_mlp_configs(dim: int, hidden: int, weight_bytes: int = 2) -> tuple[Gemv
             GemvConfig(2 if dim % 2 == 0 else 1, splits, num_warps=warps[1]))
 
 
+# Attention splits up to which batch-1 decode combines them in the output product's programs (``combine_gemv``):
+# every program re-reads its kv head's partials (P * G * H f32), so past this the separate combine reads less.
+COMBINE_GEMV_MAX_SPLITS = 16
+
+
+def gemv_o_config(weight_bytes: int = 2) -> GemvConfig:
+    """Batch-1 decode's output product with the attention combine (``combine_gemv``, split by kv head): rows a
+    program large enough that re-reading the partials stays small beside the weight rows."""
+    return GemvConfig(block_n=32 if weight_bytes == 1 else 16, splits=1, num_warps=4)
+
+
 def compiler_params(num_warps: int | None, num_stages: int | None):
     """Triton compiler params across jax versions (CompilerParams in new jax, TritonCompilerParams before)."""
     from jax.experimental.pallas import triton as plgpu

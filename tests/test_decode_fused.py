@@ -123,8 +123,8 @@ def test_head_dim_72_is_not_fused():
 @pytest.mark.parametrize("b,impl", [(2, "pallas"), (1, "pallas")])
 def test_model_decode_fused_equals_reference(tiny_mm, b, impl):
     """The model's decode step through the fused kernel equals its unfused jnp path (float32), ring wrapped.
-    At batch 1 with "pallas" the MLP runs through the matrix-vector kernels and residual_norm adds down's
-    partial sums (the GPU's batch-1 path)."""
+    At batch 1 with "pallas" the MLP runs through the matrix-vector kernels, the output product combines the
+    attention's splits, and residual_norm adds both products' partial sums (the GPU's batch-1 path)."""
     model = gemma3_jax.load_pretrained(tiny_mm[0], dtype=jnp.float32, progress=False)
     cfg = model.cfg.text
     rng = np.random.default_rng(4)
@@ -136,6 +136,7 @@ def test_model_decode_fused_equals_reference(tiny_mm, b, impl):
     steps = {name: jax.jit(lambda c, t, m=texts[name]: m.decode_step(m.embed_tokens(t[:, None]), c)) for name in caches}
     jaxpr = str(jax.make_jaxpr(steps[impl])(cache, tokens[:, 0]))
     assert ("gemv_geglu" in jaxpr) == (b == 1)  # the path under test is the one that ran
+    assert ("combine_gemv" in jaxpr) == (b == 1)  # and batch 1's output product combines the attention splits
     worst = 0.0
     for i in range(length):
         outs = {}

@@ -27,13 +27,13 @@ from jaxtyping import Array, Float, Int
 from gemma3_jax.model import quant
 from pallas_kernels.attention import image_span_attention, packed_self_attention
 from pallas_kernels.attention import padded_head_dim as _padded_head_dim
-from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.decode_attention import combine_splits, decode_attention
 from pallas_kernels.decode_fused import decode_attention_fused, supports_head_dim
-from pallas_kernels.gemv import gemv, gemv_geglu
+from pallas_kernels.gemv import combine_gemv, gemv, gemv_geglu
 from pallas_kernels.reference import decode_attention_reference, reference_attention
 from pallas_kernels.residual_norm import residual_norm
 from pallas_kernels.segments import segment_ids_from_image_mask
-from pallas_kernels.tuning import gemv_mlp_configs, gemv_qkv_config
+from pallas_kernels.tuning import COMBINE_GEMV_MAX_SPLITS, gemv_mlp_configs, gemv_o_config, gemv_qkv_config
 
 IMPLEMENTATIONS = ("pallas", "reference")
 CHOICES = ("auto", *IMPLEMENTATIONS)
@@ -199,20 +199,39 @@ class Kernels:
         return gemv(x, w, scale, block_n=g.block_n, splits=g.splits, num_warps=g.num_warps, interpret=self.interpret)
 
     def decode_step_attention(self, qkv, q_norm, k_norm, eps, cos, sin, k_buf, v_buf, pos, *, ring: bool,
-                              scale: float):
+                              scale: float, partials: bool = False):
         """q/k RMSNorm + RoPE, the cache write and attention in one kernel: qkv [B, N + 2K, H] raw projections,
         cos/sin [B, H] -> (out [B, N, H], k_buf, v_buf). Only where ``fused_step`` holds. Under tensor parallelism
-        each device's part of ``qkv`` is its group of heads, laid out as a whole model's (``model.sharding``)."""
+        each device's part of ``qkv`` is its group of heads, laid out as a whole model's (``model.sharding``).
+        ``partials`` (no mesh): the attention splits' partials in out's place, for ``step_output``."""
 
         def run(qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, pos):
             return decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, pos, ring=ring, scale=scale,
-                                          eps=eps, interpret=self.interpret)
+                                          eps=eps, interpret=self.interpret, combine=not partials)
 
+        if partials and self.mesh is not None:
+            raise ValueError("the attention partials are for batch-1 decode without tensor parallelism")
         if self.mesh is None:
             return run(qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, pos)
         heads, buf = self._heads(1, 3), self._heads(2, 4)
         return self._per_shard(run, (heads, P(), P(), P(), P(), buf, buf, P()), (heads, buf, buf))(
             qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, pos)
+
+    def step_output(self, partials, o_proj: Float[Array, "D N H"], o_scale: Float[Array, "D"] | None,
+                    dtype) -> Float[Array, "... 1 D"]:
+        """The output product of a batch-1 decode step from ``decode_step_attention(..., partials=True)``: f32 partial
+        sums [K, B, 1, D] that ``residual_norm`` adds (the combine done in the product's programs), or, with more
+        attention splits than ``COMBINE_GEMV_MAX_SPLITS``, the combine's output times o_proj [B, 1, D]."""
+        acc, m, l = partials
+        b, kh, splits, g, h = acc.shape
+        d = o_proj.shape[0]
+        if splits > COMBINE_GEMV_MAX_SPLITS:
+            out = combine_splits(acc, m, l, g, h, dtype, self.interpret)
+            return quant.einsum("BNH,DNH->BD", out, o_proj, o_scale)[:, None]
+        cfg = gemv_o_config(o_proj.dtype.itemsize)
+        parts = combine_gemv(acc, m, l, o_proj.reshape(d, -1), o_scale, dtype=dtype, block_n=cfg.block_n,
+                             num_warps=cfg.num_warps, interpret=self.interpret)
+        return parts[:, :, None]
 
     def cached_attention(self, q: Float[Array, "B N H"], k_buf, v_buf, pos: Int[Array, "B"], *,
                          scale: float) -> Float[Array, "B N H"]:

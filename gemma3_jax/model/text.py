@@ -87,24 +87,30 @@ class Attention(nnx.Module):
         return quant.einsum("...NH,DNH->...D", out, self.o_proj[...], value(self.o_scale))
 
     def step(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"], gemv_b1: bool = False):
-        """One token per row at position ``pos``: writes its key/value into the cache, attends over it.
-        ``gemv_b1``: the q|k|v product through the matrix-vector kernel (``Kernels.gemv``)."""
+        """One token per row at position ``pos``: writes its key/value into the cache, attends over it; the output
+        [B, 1, D], or with ``gemv_b1`` (the products through the matrix-vector kernels, ``Kernels.gemv``) and the
+        fused attention its f32 partial sums [K, B, 1, D] (``Kernels.step_output``) for ``residual_norm``."""
         b, m, h, d = x.shape[0], *self.qkv_proj.shape
         scale = value(self.qkv_scale)
         qkv = self.kernels.qkv_product(x[:, 0], self.qkv_proj[...].reshape(m * h, d), gemv_b1,
                                        None if scale is None else scale.reshape(m * h, *scale.shape[2:])
                                        ).reshape(b, m, h)
-        out, k_buf, v_buf = self.step_heads(qkv, cos, sin, k_buf, v_buf, pos)
+        partials = gemv_b1 and self.kernels.fused_step(h)  # the combine goes into the output product's kernel
+        out, k_buf, v_buf = self.step_heads(qkv, cos, sin, k_buf, v_buf, pos, partials)
+        if partials:
+            return self.kernels.step_output(out, self.o_proj[...], value(self.o_scale), x.dtype), k_buf, v_buf
         return self.output(out)[:, None], k_buf, v_buf
 
-    def step_heads(self, qkv: Float[Array, "B M H"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"]):
-        """``step`` from the raw q|k|v products up to the attention output [B, N, H]."""
+    def step_heads(self, qkv: Float[Array, "B M H"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"],
+                   partials: bool = False):
+        """``step`` from the raw q|k|v products up to the attention output [B, N, H] (``partials``: the fused
+        kernel's split partials, ``Kernels.decode_step_attention``)."""
         ring = self.sliding_window is not None
         kernels = self.kernels
         if kernels.fused_step(qkv.shape[-1]):
             return kernels.decode_step_attention(
                 qkv, self.q_norm.weight[...], self.k_norm.weight[...], self.q_norm.eps, cos[:, 0], sin[:, 0],
-                k_buf, v_buf, pos, ring=ring, scale=self.scale)
+                k_buf, v_buf, pos, ring=ring, scale=self.scale, partials=partials)
         q, k, v = self.heads(qkv[:, None], cos, sin)
         k_buf = kvc.write_step(k_buf, k[:, 0], pos, ring)
         v_buf = kvc.write_step(v_buf, v[:, 0], pos, ring)
