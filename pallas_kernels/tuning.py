@@ -101,6 +101,11 @@ def gemv_mlp_configs(dim: int, hidden: int, weight_bytes: int = 2) -> tuple[Gemv
             GemvConfig(2 if dim % 2 == 0 else 1, splits, num_warps=warps[1]))
 
 
+# Bytes of the next product's weight that batch-1 decode's residual norms read into L2 (residual_norm's
+# prefetch), about what the memory system moves while the norm's one program waits on its loads. Off until a GPU
+# run shows the products gaining more than the norms lose (`benchmarks.generate --prefetch-bytes N`).
+DECODE_PREFETCH_BYTES = 0
+
 # Attention splits up to which batch-1 decode combines them in the output product's programs (``combine_gemv``):
 # every program re-reads its kv head's partials (P * G * H f32), so past this the separate combine reads less.
 COMBINE_GEMV_MAX_SPLITS = 16

@@ -4,6 +4,8 @@ float32 and bf16; and the model's fused decode step against its unfused referenc
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,12 +122,18 @@ def test_head_dim_72_is_not_fused():
     assert not pallas.fused_step(72) and pallas.fused_step(256)
 
 
-@pytest.mark.parametrize("b,impl", [(2, "pallas"), (1, "pallas")])
+@pytest.mark.parametrize("b,impl", [(2, "pallas"), (1, "pallas"), (1, "prefetch"), (1, "separate_combine")])
 def test_model_decode_fused_equals_reference(tiny_mm, b, impl):
     """The model's decode step through the fused kernel equals its unfused jnp path (float32), ring wrapped.
     At batch 1 with "pallas" the MLP runs through the matrix-vector kernels, the output product combines the
-    attention's splits, and residual_norm adds both products' partial sums (the GPU's batch-1 path)."""
+    attention's splits, and residual_norm adds both products' partial sums (the GPU's batch-1 path). "prefetch":
+    the same, with the norms also reading the next weights into L2 (``Kernels.prefetch_bytes``): no number moves.
+    "separate_combine": batch 1 with the combine as its own kernel (``Kernels.combine_max_splits`` = 0)."""
     model = gemma3_jax.load_pretrained(tiny_mm[0], dtype=jnp.float32, progress=False)
+    prefetch, combined = impl == "prefetch", b == 1 and impl != "separate_combine"
+    if impl != "pallas":
+        fields = dict(prefetch_bytes=1 << 12) if prefetch else dict(combine_max_splits=0)
+        impl = dataclasses.replace(Kernels.resolve("pallas"), **fields)
     cfg = model.cfg.text
     rng = np.random.default_rng(4)
     length = 3 * cfg.sliding_window + 5
@@ -136,7 +144,8 @@ def test_model_decode_fused_equals_reference(tiny_mm, b, impl):
     steps = {name: jax.jit(lambda c, t, m=texts[name]: m.decode_step(m.embed_tokens(t[:, None]), c)) for name in caches}
     jaxpr = str(jax.make_jaxpr(steps[impl])(cache, tokens[:, 0]))
     assert ("gemv_geglu" in jaxpr) == (b == 1)  # the path under test is the one that ran
-    assert ("combine_gemv" in jaxpr) == (b == 1)  # and batch 1's output product combines the attention splits
+    assert ("combine_gemv" in jaxpr) == combined  # and batch 1's output product combines the attention splits
+    assert ("residual_norm_prefetch" in jaxpr) == prefetch
     worst = 0.0
     for i in range(length):
         outs = {}

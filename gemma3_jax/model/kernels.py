@@ -33,7 +33,13 @@ from pallas_kernels.gemv import combine_gemv, gemv, gemv_geglu
 from pallas_kernels.reference import decode_attention_reference, reference_attention
 from pallas_kernels.residual_norm import residual_norm
 from pallas_kernels.segments import segment_ids_from_image_mask
-from pallas_kernels.tuning import COMBINE_GEMV_MAX_SPLITS, gemv_mlp_configs, gemv_o_config, gemv_qkv_config
+from pallas_kernels.tuning import (
+    COMBINE_GEMV_MAX_SPLITS,
+    DECODE_PREFETCH_BYTES,
+    gemv_mlp_configs,
+    gemv_o_config,
+    gemv_qkv_config,
+)
 
 IMPLEMENTATIONS = ("pallas", "reference")
 CHOICES = ("auto", *IMPLEMENTATIONS)
@@ -77,7 +83,10 @@ class Kernels:
     its residual adds with their norms and, at batch 1, its matrix-vector products. ``fuse_decode``: with
     "pallas" decode, q/k norms, RoPE, the cache write and the attention as one kernel where the head dim allows
     (off: XLA does the first three, the decode attention kernel the last). ``mesh``: tensor parallelism over its
-    one axis (``model.sharding``): each op runs per device under ``shard_map`` on that device's heads."""
+    one axis (``model.sharding``): each op runs per device under ``shard_map`` on that device's heads.
+    ``prefetch_bytes``: at batch 1, how much of the next product's weight each residual norm reads into L2
+    while it waits on its own loads (0: none). ``combine_max_splits``: at batch 1, up to how many attention
+    splits the output product combines them in its own programs (0: always the separate combine kernel)."""
 
     prefill: str = "pallas"
     decode: str = "pallas"
@@ -85,6 +94,8 @@ class Kernels:
     fuse_decode: bool = True
     platform: str = "gpu"
     mesh: Mesh | None = None
+    prefetch_bytes: int = DECODE_PREFETCH_BYTES
+    combine_max_splits: int = COMBINE_GEMV_MAX_SPLITS
 
     def __post_init__(self):
         for name in ("prefill", "decode"):
@@ -221,11 +232,11 @@ class Kernels:
                     dtype) -> Float[Array, "... 1 D"]:
         """The output product of a batch-1 decode step from ``decode_step_attention(..., partials=True)``: f32 partial
         sums [K, B, 1, D] that ``residual_norm`` adds (the combine done in the product's programs), or, with more
-        attention splits than ``COMBINE_GEMV_MAX_SPLITS``, the combine's output times o_proj [B, 1, D]."""
+        attention splits than ``combine_max_splits``, the combine's output times o_proj [B, 1, D]."""
         acc, m, l = partials
         b, kh, splits, g, h = acc.shape
         d = o_proj.shape[0]
-        if splits > COMBINE_GEMV_MAX_SPLITS:
+        if splits > self.combine_max_splits:
             out = combine_splits(acc, m, l, g, h, dtype, self.interpret)
             return quant.einsum("BNH,DNH->BD", out, o_proj, o_scale)[:, None]
         cfg = gemv_o_config(o_proj.dtype.itemsize)
@@ -264,12 +275,20 @@ class Kernels:
                    interpret=self.interpret)
         return out[:, :, None]
 
-    def residual_norm(self, x, delta, post, following):
+    def residual_norm(self, x, delta, post, following, prefetch=None, starts=(0,)):
         """(x + post(delta), following(x + post(delta))) for RMSNorm modules ``post`` and ``following``: one
-        kernel with "pallas" decode (``delta`` may be ``decode_mlp``'s partial sums)."""
+        kernel with "pallas" decode (``delta`` may be ``decode_mlp``'s partial sums). ``prefetch``: the next
+        product's weight [N, K] at batch 1, of which ``prefetch_bytes`` from the rows ``starts`` on (split evenly
+        between them) are read into L2 meanwhile."""
         if self.decode == "reference":
             x = x + post(delta)
             return x, following(x)
+        row_bytes = 0 if prefetch is None else prefetch.shape[1] * prefetch.dtype.itemsize
+        rows = self.prefetch_bytes // (len(starts) * row_bytes) if row_bytes else 0
+        if rows:
+            return residual_norm(x, delta, post.weight[...], following.weight[...], eps=post.eps,
+                                 interpret=self.interpret, prefetch=prefetch,
+                                 prefetch_rows=tuple((s, int(rows)) for s in starts))
 
         def run(x, delta, post_w, following_w):  # on replicated activations: each device runs it whole
             return residual_norm(x, delta, post_w, following_w, eps=post.eps, interpret=self.interpret)

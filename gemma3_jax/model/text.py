@@ -249,14 +249,23 @@ class TextModel(nnx.Module):
             not quant.grouped(self.quantize)  # the matrix-vector kernels read per-channel scales only
         # x: the residual stream; xn: its normed copy for the next sub-block. Each residual add and the norm
         # after it are one op (Kernels.residual_norm), the last one with the final norm.
+        # At batch 1 the norms also read the start of the next product's weight into L2 (gate|up's two halves;
+        # the next layer's q|k|v, or the lm_head after the last layer).
         x, xn, ks, vs = embeddings, layers[0].input_norm(embeddings), [], []
         for i, (layer, k_buf, v_buf) in enumerate(zip(layers, cache.k, cache.v)):
             cos, sin = tables[layer.layer_type]
             h, k_buf, v_buf = layer.attn.step(xn, cos, sin, k_buf, v_buf, pos, gemv_b1)
-            x, xn = kernels.residual_norm(x, h, layer.post_attn_norm, layer.pre_ffw_norm)
-            following = layers[i + 1].input_norm if i + 1 < len(layers) else self.final_norm
+            gate_up = layer.mlp.gate_up[...] if gemv_b1 else None
+            x, xn = kernels.residual_norm(x, h, layer.post_attn_norm, layer.pre_ffw_norm, gate_up,
+                                          (0, self.cfg.intermediate_size))
+            last = i + 1 == len(layers)
+            following = self.final_norm if last else layers[i + 1].input_norm
             mlp = kernels.decode_mlp(layer.mlp, xn, gemv_b1)
-            x, xn = kernels.residual_norm(x, mlp, layer.post_ffw_norm, following)
+            nxt = None
+            if gemv_b1:
+                nxt = self.embed[...] if last else layers[i + 1].attn.qkv_proj[...]
+                nxt = nxt.reshape(-1, nxt.shape[-1])
+            x, xn = kernels.residual_norm(x, mlp, layer.post_ffw_norm, following, nxt)
             ks.append(k_buf)
             vs.append(v_buf)
         return xn, kvc.KVCache(tuple(ks), tuple(vs), pos + 1)
