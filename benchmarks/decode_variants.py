@@ -5,7 +5,7 @@ settings make, so every variant runs over one random 4B model (and its quantized
 Each variant gets its own Engine; the prefill calls they share compile once (a persistent compilation cache).
 Reports ms per decode step (256 new tokens after the 1-image prompt, median of 2 runs a round) per round.
 
-    python -m benchmarks.decode_variants [--modes bf16,int8] [--variants default,separate_combine,prefetch_6m]
+    python -m benchmarks.decode_variants [--modes bf16,int8] [--variants default,combine,combine_prefetch_6m]
         [--rounds 2] [--small] [--out PATH]
 
 Writes --out, else $OUT/decode_variants.json, else ./decode_variants.json.
@@ -32,16 +32,18 @@ from gemma3_jax.runtime.engine import Engine
 VARIANTS = {  # name -> Kernels fields changed from the library's defaults
     "default": {},
     "separate_combine": {"combine_max_splits": 0},  # the attention combine as its own kernel, XLA's output product
+    "combine": {"combine_max_splits": 16},  # the combine inside the output product (gemv.combine_gemv)
     "prefetch_3m": {"prefetch_bytes": 3 << 20},
     "prefetch_6m": {"prefetch_bytes": 6 << 20},
     "prefetch_12m": {"prefetch_bytes": 12 << 20},
+    "combine_prefetch_6m": {"combine_max_splits": 16, "prefetch_bytes": 6 << 20},
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--modes", default="bf16,int8", help="bf16 and/or quantize modes (int8, fp8)")
-    ap.add_argument("--variants", default="default,separate_combine,prefetch_6m", help=f"of {list(VARIANTS)}")
+    ap.add_argument("--variants", default="default,combine,combine_prefetch_6m", help=f"of {list(VARIANTS)}")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="tiny config (CPU check of the script)")
     ap.add_argument("--out", default=out_path("decode_variants.json", fallback_dir="."))

@@ -107,8 +107,9 @@ def gemv_mlp_configs(dim: int, hidden: int, weight_bytes: int = 2) -> tuple[Gemv
 DECODE_PREFETCH_BYTES = 0
 
 # Attention splits up to which batch-1 decode combines them in the output product's programs (``combine_gemv``):
-# every program re-reads its kv head's partials (P * G * H f32), so past this the separate combine reads less.
-COMBINE_GEMV_MAX_SPLITS = 16
+# every program re-reads its kv head's partials (P * G * H f32), so past ~16 the separate combine reads less.
+# 0 (the separate combine) until the kernel has been compiled and timed on a GPU (`benchmarks.decode_variants`).
+COMBINE_GEMV_MAX_SPLITS = 0
 
 
 def gemv_o_config(weight_bytes: int = 2) -> GemvConfig:

@@ -122,18 +122,18 @@ def test_head_dim_72_is_not_fused():
     assert not pallas.fused_step(72) and pallas.fused_step(256)
 
 
-@pytest.mark.parametrize("b,impl", [(2, "pallas"), (1, "pallas"), (1, "prefetch"), (1, "separate_combine")])
+@pytest.mark.parametrize("b,impl", [(2, "pallas"), (1, "pallas"), (1, "combine"), (1, "prefetch")])
 def test_model_decode_fused_equals_reference(tiny_mm, b, impl):
     """The model's decode step through the fused kernel equals its unfused jnp path (float32), ring wrapped.
-    At batch 1 with "pallas" the MLP runs through the matrix-vector kernels, the output product combines the
-    attention's splits, and residual_norm adds both products' partial sums (the GPU's batch-1 path). "prefetch":
-    the same, with the norms also reading the next weights into L2 (``Kernels.prefetch_bytes``): no number moves.
-    "separate_combine": batch 1 with the combine as its own kernel (``Kernels.combine_max_splits`` = 0)."""
+    At batch 1 with "pallas" the MLP runs through the matrix-vector kernels and residual_norm adds down's partial
+    sums (the GPU's batch-1 path). "combine": the output product also combines the attention's splits
+    (``Kernels.combine_max_splits``); "prefetch": that, and the norms read the next weights into L2
+    (``Kernels.prefetch_bytes``), which moves no number."""
     model = gemma3_jax.load_pretrained(tiny_mm[0], dtype=jnp.float32, progress=False)
-    prefetch, combined = impl == "prefetch", b == 1 and impl != "separate_combine"
+    prefetch, combined = impl == "prefetch", impl in ("combine", "prefetch")
     if impl != "pallas":
-        fields = dict(prefetch_bytes=1 << 12) if prefetch else dict(combine_max_splits=0)
-        impl = dataclasses.replace(Kernels.resolve("pallas"), **fields)
+        impl = dataclasses.replace(Kernels.resolve("pallas"), combine_max_splits=16,
+                                   prefetch_bytes=(1 << 12) if prefetch else 0)
     cfg = model.cfg.text
     rng = np.random.default_rng(4)
     length = 3 * cfg.sliding_window + 5

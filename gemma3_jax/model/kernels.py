@@ -15,6 +15,7 @@ runs the reference, because interpreted decode kernels make a CPU's decode sever
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -236,11 +237,12 @@ class Kernels:
         acc, m, l = partials
         b, kh, splits, g, h = acc.shape
         d = o_proj.shape[0]
-        if splits > self.combine_max_splits:
+        if splits > self.combine_max_splits or g & (g - 1):  # Triton's blocks: G query heads a power of two
             out = combine_splits(acc, m, l, g, h, dtype, self.interpret)
             return quant.einsum("BNH,DNH->BD", out, o_proj, o_scale)[:, None]
         cfg = gemv_o_config(o_proj.dtype.itemsize)
-        parts = combine_gemv(acc, m, l, o_proj.reshape(d, -1), o_scale, dtype=dtype, block_n=cfg.block_n,
+        block_n = math.gcd(cfg.block_n, d)  # a power of two that divides the rows
+        parts = combine_gemv(acc, m, l, o_proj.reshape(d, -1), o_scale, dtype=dtype, block_n=block_n,
                              num_warps=cfg.num_warps, interpret=self.interpret)
         return parts[:, :, None]
 
