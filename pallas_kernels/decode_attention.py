@@ -198,14 +198,19 @@ def choose_splits(b: int, kh: int, n_blocks: int, num_splits: int | None = None)
     return 1 << (want.bit_length() - 1)
 
 
-def _combine_kernel(acc_ref, m_ref, l_ref, o_ref):
-    """One query row of one (row, kv head): log-sum-exp over all splits at once (one load of each)."""
-    f32 = jnp.float32
-    m, l, acc = m_ref[...], l_ref[...], acc_ref[...].astype(f32)  # [P], [P], [P, H]
+def combine_row(m, l, acc):
+    """Log-sum-exp of one query row's split partials m, l [P] (log2 units) and acc [P, H] f32 -> [H] f32.
+
+    Shared by the separate combine and the output product's in-kernel combine, so both round alike."""
     m_max = jnp.max(m)
     w = jnp.exp2(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))  # empty splits: exp2(-inf) = 0, never NaN
     l_sum = jnp.sum(w * l)
-    out = jnp.sum(acc * w[:, None], axis=0) / jnp.where(l_sum == 0.0, 1.0, l_sum)  # no key: exact zeros
+    return jnp.sum(acc * w[:, None], axis=0) / jnp.where(l_sum == 0.0, 1.0, l_sum)  # no key: exact zeros
+
+
+def _combine_kernel(acc_ref, m_ref, l_ref, o_ref):
+    """One query row of one (row, kv head): log-sum-exp over all splits at once (one load of each)."""
+    out = combine_row(m_ref[...], l_ref[...], acc_ref[...].astype(jnp.float32))
     o_ref[...] = out.astype(o_ref.dtype)
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import DTYPES
+from pallas_kernels.decode_attention import combine_row
 from pallas_kernels.residual_norm import pow2_pieces
 from pallas_kernels.tuning import compiler_params
 
@@ -101,11 +102,7 @@ def _combine_gemv_kernel(acc_ref, m_ref, l_ref, *refs, g, rows, dtype):
     for b in range(rows):
         total = None
         for r in range(g):
-            m, l, acc = m_ref[b, :, r], l_ref[b, :, r], acc_ref[b, :, r, :]  # [P], [P], [P, H]
-            m_max = jnp.max(m)
-            wt = jnp.exp2(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))  # empty splits weigh 0, never NaN
-            l_sum = jnp.sum(wt * l)
-            out = jnp.sum(acc * wt[:, None], axis=0) / jnp.where(l_sum == 0.0, 1.0, l_sum)
+            out = combine_row(m_ref[b, :, r], l_ref[b, :, r], acc_ref[b, :, r, :])
             out = out.astype(dt).astype(f32)  # the attention output's rounding, as the separate combine stores it
             t = jnp.sum(ws[r].astype(f32) * out[None, :], axis=1)
             total = t if total is None else total + t
