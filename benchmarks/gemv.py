@@ -7,12 +7,8 @@ when timed by wall clock, which is also reported) and TB/s of weight bytes from 
 Triton GEMV or cuBLAS, with its reduction kernel) and, for gate|up, the separate GELU·up kernel. Every Pallas
 config is first checked against its f32 reference (a row that fails is an error, not a timing).
 
-    python -m benchmarks.gemv [--batches 1,8] [--cases qkv,o,gate_up,down,o_combine] [--weights bf16,int8,fp8]
-        [--quick] [--grid full|small] [--out PATH]
-
-``o_combine`` (batch 1 only): the output product fed by the decode attention's split partials (P = 8 and 16,
-the 4B's 4 kv heads of 2 query heads): XLA's side is the separate combine kernel then the einsum, Pallas's
-``combine_gemv`` (partial sums per kv head, added by residual_norm in the model).
+    python -m benchmarks.gemv [--batches 1,8] [--cases qkv,o,gate_up,down] [--weights bf16,int8,fp8] [--quick]
+        [--grid full|small] [--out PATH]
 
 ``--weights int8`` / ``fp8``: the same products over 1-byte weights with a float32 scale per row (``model.quant``),
 XLA's side being the model's product for them (``quant.einsum``: the weight converted to bf16 in the product).
@@ -34,15 +30,12 @@ from gemma3_jax.model import quant
 from gemma3_jax.model.layers import gelu_tanh
 from gemma3_jax.runtime.engine import default_compiler_options
 from pallas_kernels.common import interpret_mode
-from pallas_kernels.decode_attention import combine_splits
-from pallas_kernels.gemv import combine_gemv, gemv, gemv_geglu
-from pallas_kernels.reference import combine_gemv_reference, gemv_geglu_reference, gemv_reference
+from pallas_kernels.gemv import gemv, gemv_geglu
+from pallas_kernels.reference import gemv_geglu_reference, gemv_reference
 
 COPIES = 8
 D, F, QKV, O_IN = 2560, 10240, 16 * 256, 8 * 256
-CASES = {"qkv": (QKV, D), "o": (D, O_IN), "gate_up": (2 * F, D), "down": (D, F),  # name -> w [N, K]
-         "o_combine": (D, O_IN)}
-KV_HEADS, GROUP, HEAD = 4, 2, 256  # o_combine's attention partials: O_IN = KV_HEADS * GROUP * HEAD
+CASES = {"qkv": (QKV, D), "o": (D, O_IN), "gate_up": (2 * F, D), "down": (D, F)}  # name -> w [N, K]
 
 
 def xla_product(name, x, w, scale=None):
@@ -54,9 +47,6 @@ def xla_product(name, x, w, scale=None):
 
 def configs(name, b, quick, one_byte, grid="full"):
     # 1-byte rows: twice the rows a program for the same bytes in flight, so the grids reach further
-    if name == "o_combine":
-        out = [dict(block_n=bn, num_warps=nw) for bn, nw in itertools.product((8, 16, 32, 64), (4, 8))]
-        return out[:2] if quick else out
     if grid == "small":
         if name == "gate_up":
             return [dict(block_n=bn, num_warps=nw) for bn, nw in itertools.product((1, 2, 4), (2, 4, 8))]
@@ -72,16 +62,7 @@ def configs(name, b, quick, one_byte, grid="full"):
     return out if not quick else out[:3]
 
 
-def attention_partials(key, splits):
-    """Random (acc, m, l) of the decode attention's splits at batch 1, the last split empty (m = -inf)."""
-    shape = (1, KV_HEADS, splits, GROUP)
-    l = jax.random.uniform(jax.random.fold_in(key, 1), shape, jnp.float32, 1.0, 8.0)
-    m = jax.random.normal(jax.random.fold_in(key, 2), shape, jnp.float32).at[:, :, -1].set(-jnp.inf)
-    acc = jax.random.normal(jax.random.fold_in(key, 3), (*shape, HEAD), jnp.float32) * l[..., None]
-    return acc, m, l.at[:, :, -1].set(0.0)
-
-
-def run_case(name, b, quick, opts, weights="bf16", grid="full", splits=8):
+def run_case(name, b, quick, opts, weights="bf16", grid="full"):
     n, k = CASES[name]
     key = jax.random.key(0)
     ws = [(jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
@@ -89,25 +70,18 @@ def run_case(name, b, quick, opts, weights="bf16", grid="full", splits=8):
     # (w, scale) pairs: bf16 without a scale, or quantized per row (the scales' bytes are counted too)
     ws = [(w, None) if weights == "bf16" else quant.quantize(w, weights, 1) for w in ws]
     x = jax.random.normal(jax.random.fold_in(key, 99), (b, k), jnp.bfloat16)
-    if name == "o_combine":  # x is the attention's partials, combined in the product
-        x = attention_partials(jax.random.fold_in(key, 98), splits)
     one_byte = weights != "bf16"
     mbytes = n * k * (1 if one_byte else 2) / 1e6 + (n * 4 / 1e6 if one_byte else 0)
     gbytes = mbytes * COPIES / 1e3
-    res = {"name": name, "b": b, "n": n, "k": k, "weights": weights, "weight_mb": round(mbytes, 3), "rows": [],
-           **({"attention_splits": splits} if name == "o_combine" else {})}
+    res = {"name": name, "b": b, "n": n, "k": k, "weights": weights, "weight_mb": round(mbytes, 3), "rows": []}
 
     def record(label, product, **cfg):
         with attempt(res, f"{name} b{b} {label}"):
             if cfg:  # a wrong kernel is not a result
                 got = product(x, *ws[0])
                 got = got.sum(0) if got.ndim == 3 else got.astype(jnp.float32)
-                if name == "o_combine":
-                    want = combine_gemv_reference(*x, *ws[0], dtype=jnp.bfloat16)
-                elif name == "gate_up":
-                    want = gemv_geglu_reference(x, *ws[0]).astype(jnp.float32)
-                else:
-                    want = gemv_reference(x, *ws[0])
+                want = (gemv_geglu_reference(x, *ws[0]).astype(jnp.float32) if name == "gate_up"
+                        else gemv_reference(x, *ws[0]))
                 err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
                 if not err <= 1e-2:
                     raise AssertionError(f"{name} b{b} {cfg}: compiled vs reference {err:.2e} > 1e-2")
@@ -121,17 +95,10 @@ def run_case(name, b, quick, opts, weights="bf16", grid="full", splits=8):
             print(f"{name:8s} {weights:4s} b={b} {label:44s} {us:8.2f} us  {gbytes / COPIES / us * 1e3:5.2f} TB/s  "
                   f"(wall {wall_us:.2f} us)", flush=True)
 
-    if name == "o_combine":  # the model before: the combine kernel, then XLA's product
-        record("xla", lambda x, w, s: quant.einsum(
-            "BK,NK->BN", combine_splits(*x, GROUP, HEAD, jnp.bfloat16, interpret_mode()).reshape(1, k), w, s))
-    else:
-        record("xla", lambda x, w, s: xla_product(name, x, w, s))
+    record("xla", lambda x, w, s: xla_product(name, x, w, s))
     for cfg in configs(name, b, quick, one_byte, grid):
         label = "pallas " + " ".join(f"{k_}={v}" for k_, v in cfg.items())
-        if name == "o_combine":
-            record(label, lambda x, w, s, c=cfg: combine_gemv(*x, w, s, dtype=jnp.bfloat16, **c,
-                                                              interpret=interpret_mode()), **cfg)
-        elif name == "gate_up":
+        if name == "gate_up":
             record(label, lambda x, w, s, c=cfg: gemv_geglu(x, w, s, **c, interpret=interpret_mode()), **cfg)
         else:
             record(label, lambda x, w, s, c=cfg: gemv(x, w, s, **c, interpret=interpret_mode()), **cfg)
@@ -157,13 +124,6 @@ def main():
         if weights not in ("bf16", "int8", "fp8"):  # the kernels take 2- and 1-byte rows (int4 runs XLA's product)
             ap.error(f"--weights takes bf16, int8 and fp8, got {weights!r}")
         for name in args.cases.split(","):
-            if name not in CASES:
-                ap.error(f"--cases takes {', '.join(CASES)}, got {name!r}")
-            if name == "o_combine":  # batch 1's path; the splits of a short and a longer cache
-                for splits in (8, 16):
-                    out["cases"].append(run_case(name, 1, args.quick, opts, weights, args.grid, splits))
-                    save_json(args.out, out)
-                continue
             for b in map(int, args.batches.split(",")):
                 out["cases"].append(run_case(name, b, args.quick, opts, weights, args.grid))
                 save_json(args.out, out)

@@ -201,7 +201,7 @@ def choose_splits(b: int, kh: int, n_blocks: int, num_splits: int | None = None)
 def combine_row(m, l, acc):
     """Log-sum-exp of one query row's split partials m, l [P] (log2 units) and acc [P, H] f32 -> [H] f32.
 
-    Shared by the separate combine and the output product's in-kernel combine, so both round alike."""
+    Empty splits (m = -inf, l = 0) weigh nothing; a row with no key at all comes out as exact zeros."""
     m_max = jnp.max(m)
     w = jnp.exp2(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))  # empty splits: exp2(-inf) = 0, never NaN
     l_sum = jnp.sum(w * l)

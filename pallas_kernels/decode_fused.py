@@ -180,10 +180,8 @@ def check_fused_args(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, ring,
 
 def decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, *, ring, scale, eps,
                            interpret=False, block_k=None, num_splits=None, num_warps=None, num_stages=None,
-                           fast_exp2=None, combine=True):
+                           fast_exp2=None):
     """-> (out [B, N, H] in qkv's dtype, k_cache, v_cache with the new token written). See the module doc.
-    ``combine=False``: the splits' partials (acc [B, K, P, G, H], m, l [B, K, P, G], f32) in out's place, for a
-    consumer that combines them itself (``gemv.combine_gemv``).
 
     pos [B] integer. A global buffer (ring=False) must have room, pos < S: refused (ValueError) when pos is
     concrete; traced, the engine checks it on the host and a token beyond it is not stored. Bad arguments raise
@@ -194,20 +192,19 @@ def decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos,
     checks.static_int("num_warps", num_warps)
     checks.static_int("num_stages", num_stages)
     checks.flag("interpret", interpret)
-    checks.flag("combine", combine)
     return _decode_attention_fused(
         qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, ring=bool(ring), scale=float(scale), eps=float(eps),
         interpret=bool(interpret), block_k=block_k, num_splits=num_splits, num_warps=num_warps,
-        num_stages=num_stages, fast_exp2=fast_exp2, combine=bool(combine))
+        num_stages=num_stages, fast_exp2=fast_exp2)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("ring", "scale", "eps", "interpret", "block_k", "num_splits", "num_warps", "num_stages",
-                     "fast_exp2", "combine"),
+                     "fast_exp2"),
 )
 def _decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos, *, ring, scale, eps, interpret,
-                            block_k, num_splits, num_warps, num_stages, fast_exp2, combine):
+                            block_k, num_splits, num_warps, num_stages, fast_exp2):
     """decode_attention_fused after its argument checks."""
     b, m, h = qkv.shape
     _, s, kh, _ = k_cache.shape
@@ -268,6 +265,4 @@ def _decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, pos
     )(meta, qkv, q_norm, k_norm, cos, sin, k_cache, v_cache)
     if padded != s:
         k_cache, v_cache = k_cache[:, :s], v_cache[:, :s]
-    if not combine:
-        return (acc, m_, l_), k_cache, v_cache
     return combine_splits(acc, m_, l_, g, h, qkv.dtype, interpret), k_cache, v_cache

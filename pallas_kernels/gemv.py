@@ -9,10 +9,6 @@ larger batches the row-by-row products are slower than XLA's tensor-core GEMV).
 - ``gemv``: with ``splits`` > 1 the K range is split over that many programs per row block and the f32
   partial sums [splits, B, N] are returned for the consumer to add (``residual_norm`` takes them), which
   saves the separate reduction kernel XLA's split-K GEMV runs.
-- ``combine_gemv``: decode attention's output product fed by its split partials: each program combines the
-  partial softmax sums of one kv head's query heads (log-sum-exp over the attention splits, as
-  ``decode_attention.combine_splits``) and multiplies them into its rows of the output weight, returning f32
-  partial sums split by kv head for ``residual_norm``: the combine needs no kernel of its own.
 - ``gemv_geglu``: the gate|up product of Gemma's MLP with its epilogue, ``gelu_tanh(gate) * up`` in the
   activation dtype: each program reads matching rows of the gate and up halves of w [2F, K] (two BlockSpecs on
   one array), so the MLP's elementwise kernel disappears. Roundings as transformers in bf16: gate and up
@@ -35,7 +31,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import DTYPES
-from pallas_kernels.decode_attention import combine_row
 from pallas_kernels.residual_norm import pow2_pieces
 from pallas_kernels.tuning import compiler_params
 
@@ -92,23 +87,6 @@ def _geglu_kernel(x_ref, wg_ref, wu_ref, *refs, pieces, rows):
         o_ref[b, :] = (act * u).astype(dt)
 
 
-def _combine_gemv_kernel(acc_ref, m_ref, l_ref, *refs, g, rows, dtype):
-    """refs: g weight refs [block_n, H] (this kv head's query heads), a scale ref if quantized, o_ref."""
-    *w_refs, o_ref = refs
-    s_ref = w_refs.pop() if len(w_refs) > g else None
-    f32, dt = jnp.float32, dtype
-    ws = [w[...] for w in w_refs]  # weight loads first: in flight while the partials are combined
-    s = s_ref[...] if s_ref is not None else None
-    for b in range(rows):
-        total = None
-        for r in range(g):
-            out = combine_row(m_ref[b, :, r], l_ref[b, :, r], acc_ref[b, :, r, :])
-            out = out.astype(dt).astype(f32)  # the attention output's rounding, as the separate combine stores it
-            t = jnp.sum(ws[r].astype(f32) * out[None, :], axis=1)
-            total = t if total is None else total + t
-        o_ref[b, :] = total if s is None else total * s
-
-
 def _check(x, w, scale, block_n, splits, rows_w):
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x must be [B, K] and w [N, K]: {x.shape=} {w.shape=}")
@@ -158,38 +136,6 @@ def gemv(x, w, scale=None, *, block_n=8, splits=1, num_warps=4, interpret=False)
         interpret=interpret,
         name="gemv",
     )(x, w, *([] if scale is None else [scale]))
-
-
-@functools.partial(jax.jit, static_argnames=("dtype", "block_n", "num_warps", "interpret"))
-def combine_gemv(acc, m, l, w, scale=None, *, dtype, block_n=8, num_warps=4, interpret=False):
-    """The attention output's product from its split partials: f32 partial sums [K, B, D], one per kv head,
-    whose sum is ``combine_splits(acc, m, l) @ w^T`` (the combined output rounded to ``dtype`` first).
-
-    acc [B, K, P, G, H], m and l [B, K, P, G] f32 as ``decode_attention_fused(..., combine=False)`` returns them
-    (P a power of two; m in log2 units; empty splits m = -inf, l = 0); w [D, K * G * H], head n = kv head * G + row
-    (``o_proj`` [D, N, H] reshaped), bf16/fp16/fp32 in ``dtype``, or int8 / float8_e4m3fn with ``scale`` [D]."""
-    b, kh, p, g, h = acc.shape
-    d = w.shape[0]
-    if m.shape != (b, kh, p, g) or l.shape != m.shape or acc.dtype != jnp.float32:
-        raise ValueError(f"acc must be f32 [B, K, P, G, H] and m, l [B, K, P, G]: {acc.shape=} {acc.dtype=} "
-                         f"{m.shape=} {l.shape=}")
-    if p & (p - 1) or h & (h - 1):
-        raise ValueError(f"the splits and the head dim must be powers of two: {acc.shape=}")
-    _check(jnp.zeros((b, kh * g * h), dtype), w, scale, block_n, 1, d)
-    per_head = [pl.BlockSpec((block_n, h), lambda i, hh, r=r: (i, hh * g + r)) for r in range(g)]
-    return pl.pallas_call(
-        functools.partial(_combine_gemv_kernel, g=g, rows=b, dtype=jnp.dtype(dtype)),
-        grid=(d // block_n, kh),
-        in_specs=[pl.BlockSpec((b, None, p, g, h), lambda i, hh: (0, hh, 0, 0, 0)),
-                  pl.BlockSpec((b, None, p, g), lambda i, hh: (0, hh, 0, 0)),
-                  pl.BlockSpec((b, None, p, g), lambda i, hh: (0, hh, 0, 0)), *per_head]
-        + ([] if scale is None else [pl.BlockSpec((block_n,), lambda i, hh: (i,))]),
-        out_specs=pl.BlockSpec((None, b, block_n), lambda i, hh: (hh, 0, i)),
-        out_shape=jax.ShapeDtypeStruct((kh, b, d), jnp.float32),
-        compiler_params=compiler_params(num_warps, 1),
-        interpret=interpret,
-        name="combine_gemv",
-    )(acc, m, l, *([w] * g), *([] if scale is None else [scale]))
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "num_warps", "interpret"))

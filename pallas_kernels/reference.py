@@ -176,18 +176,6 @@ def gemv_reference(x, w, scale=None):
     return jnp.einsum("BK,NK->BN", x.astype(jnp.float32), wf, precision=jax.lax.Precision.HIGHEST)
 
 
-def combine_gemv_reference(acc, m, l, w, scale=None, *, dtype):
-    """f32 [B, D]: the log-sum-exp combine of the split partials (acc [B, K, P, G, H], m in log2 units), rounded to
-    ``dtype``, times w [D, K * G * H] (dequantized with ``scale``), in f32."""
-    b, kh, p, g, h = acc.shape
-    m_max = jnp.max(m, axis=2, keepdims=True)
-    wt = jnp.exp2(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))
-    l_sum = jnp.sum(wt * l, axis=2)
-    out = jnp.sum(acc * wt[..., None], axis=2) / jnp.where(l_sum == 0.0, 1.0, l_sum)[..., None]
-    out = out.astype(dtype).astype(jnp.float32).reshape(b, kh * g * h)
-    return gemv_reference(out, w, scale)
-
-
 def gemv_geglu_reference(x, w_gate_up, scale=None):
     """The same roundings as ``gemv_geglu`` around f32 products (of the dequantized weight with ``scale``)."""
     dt, f32 = x.dtype, jnp.float32

@@ -101,23 +101,6 @@ def gemv_mlp_configs(dim: int, hidden: int, weight_bytes: int = 2) -> tuple[Gemv
             GemvConfig(2 if dim % 2 == 0 else 1, splits, num_warps=warps[1]))
 
 
-# Bytes of the next product's weight that batch-1 decode's residual norms read into L2 (residual_norm's
-# prefetch), about what the memory system moves while the norm's one program waits on its loads. Off until a GPU
-# run shows the products gaining more than the norms lose (`benchmarks.generate --prefetch-bytes N`).
-DECODE_PREFETCH_BYTES = 0
-
-# Attention splits up to which batch-1 decode combines them in the output product's programs (``combine_gemv``):
-# every program re-reads its kv head's partials (P * G * H f32), so past ~16 the separate combine reads less.
-# 0 (the separate combine) until the kernel has been compiled and timed on a GPU (`benchmarks.decode_variants`).
-COMBINE_GEMV_MAX_SPLITS = 0
-
-
-def gemv_o_config(weight_bytes: int = 2) -> GemvConfig:
-    """Batch-1 decode's output product with the attention combine (``combine_gemv``, split by kv head): rows a
-    program large enough that re-reading the partials stays small beside the weight rows."""
-    return GemvConfig(block_n=32 if weight_bytes == 1 else 16, splits=1, num_warps=4)
-
-
 def compiler_params(num_warps: int | None, num_stages: int | None):
     """Triton compiler params across jax versions (CompilerParams in new jax, TritonCompilerParams before)."""
     from jax.experimental.pallas import triton as plgpu

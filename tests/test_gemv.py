@@ -7,12 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_norm
-
-from pallas_kernels.decode_attention import combine_splits
-from pallas_kernels.decode_fused import decode_attention_fused
-from pallas_kernels.gemv import combine_gemv, gemv, gemv_geglu
-from pallas_kernels.reference import combine_gemv_reference, gemv_geglu_reference, gemv_reference
+from pallas_kernels.gemv import gemv, gemv_geglu
+from pallas_kernels.reference import gemv_geglu_reference, gemv_reference
 
 INTERPRET = jax.default_backend() != "gpu"
 
@@ -176,62 +172,3 @@ def test_bad_quantized_inputs_name_the_value():
             fn(x, q.astype(jnp.bfloat16), scale, interpret=True)
         with pytest.raises(ValueError, match="x must be bf16/fp16/fp32"):
             fn(x.astype(jnp.int8), q, scale, interpret=True)
-
-
-# ---- the attention output's product from the split partials --------------------------------------------------
-
-
-def _partials(b, kh, g, h, s, dtype, splits, seed):
-    """(acc, m, l) of the fused decode kernel over random caches, with rows at different positions: some splits
-    of the short rows hold no key (m = -inf), as in a decode step early in a long buffer."""
-    rng = np.random.default_rng(seed)
-    mk = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)  # noqa: E731
-    pos = jnp.asarray(rng.integers(0, s, b), jnp.int32).at[0].set(2)
-    angles = pos[:, None].astype(jnp.float32) * jnp.linspace(0.0, 1.0, h)[None]
-    (acc, m, l), _, _ = decode_attention_fused(
-        mk(b, kh * g + 2 * kh, h), mk(h) * 0.2, mk(h) * 0.2, jnp.cos(angles).astype(dtype),
-        jnp.sin(angles).astype(dtype), mk(b, s, kh, h), mk(b, s, kh, h), pos, ring=False, scale=h**-0.5, eps=1e-6,
-        interpret=INTERPRET, block_k=16, num_splits=splits, combine=False)
-    return acc, m, l
-
-
-@pytest.mark.parametrize("b,kh,g,h,d,block_n,splits", [(1, 4, 2, 32, 64, 8, 4), (2, 1, 4, 64, 48, 16, 2),
-                                                       (1, 2, 1, 128, 32, 4, 8)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_combine_gemv(b, kh, g, h, d, block_n, splits, dtype):
-    """The partials' sum over kv heads equals the separate combine's output (rounded to the dtype) times w: f32
-    products, so only the summation order differs (the combine's own rounding is the same)."""
-    acc, m, l = _partials(b, kh, g, h, 64, dtype, splits, seed=d + g)
-    assert bool(jnp.any(m == -jnp.inf)), "no empty split: the case does not test them"
-    _, w = _inputs(1, d, kh * g * h, dtype, seed=d)
-    got = combine_gemv(acc, m, l, w, dtype=dtype, block_n=block_n, interpret=INTERPRET)
-    assert got.shape == (kh, b, d) and got.dtype == jnp.float32
-    out = combine_splits(acc, m, l, g, h, dtype, interpret=INTERPRET).reshape(b, kh * g * h)
-    want = gemv_reference(out, w)
-    tol = 1e-5 if dtype == jnp.float32 else 2 ** -8  # bf16: one ulp of an output element moved by the sum order
-    assert rel_norm(got.sum(0), want) <= tol
-    assert rel_norm(combine_gemv_reference(acc, m, l, w, dtype=dtype), want) <= tol
-    # a head multiplied by another head's columns is seen
-    assert rel_norm(gemv_reference(out, jnp.roll(w, h, axis=1)), want) > 0.1
-
-
-@pytest.mark.parametrize("wdtype", WDTYPES)
-def test_combine_gemv_quantized(wdtype):
-    acc, m, l = _partials(1, 4, 2, 32, 64, jnp.bfloat16, 4, seed=3)
-    q, scale = _quantized(32, 4 * 2 * 32, wdtype, seed=4)
-    got = combine_gemv(acc, m, l, q, scale, dtype=jnp.bfloat16, block_n=8, interpret=INTERPRET).sum(0)
-    want = combine_gemv_reference(acc, m, l, q, scale, dtype=jnp.bfloat16)
-    assert _close(got, want, scale, 1e-5)
-    for wrong in (jnp.ones_like(scale), jnp.roll(scale, 1)):
-        assert not _close(combine_gemv_reference(acc, m, l, q, wrong, dtype=jnp.bfloat16), want, scale, 1e-5)
-
-
-def test_combine_gemv_bad_inputs_name_the_value():
-    acc, m, l = _partials(1, 2, 2, 32, 32, jnp.float32, 2, seed=0)
-    _, w = _inputs(1, 16, 2 * 2 * 32, jnp.float32)
-    with pytest.raises(ValueError, match=r"acc must be f32 \[B, K, P, G, H\]"):
-        combine_gemv(acc, m[..., :1], l, w, dtype=jnp.float32, interpret=True)
-    with pytest.raises(ValueError, match=r"x must be \[B, K\] and w \[N, K\]"):
-        combine_gemv(acc, m, l, w[:, :64], dtype=jnp.float32, interpret=True)
-    with pytest.raises(ValueError, match="share a dtype"):
-        combine_gemv(acc, m, l, w, dtype=jnp.bfloat16, interpret=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.reference import residual_norm_reference
-from pallas_kernels.residual_norm import PREFETCH_TILE_BYTES, pow2_pieces, prefetch_plan, residual_norm
+from pallas_kernels.residual_norm import pow2_pieces, residual_norm
 
 INTERPRET = jax.default_backend() != "gpu"
 
@@ -60,26 +60,3 @@ def test_partial_sums_as_delta(splits, dtype):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="partial sums must be float32"):
         residual_norm(x, parts.astype(jnp.bfloat16), w1, w2, eps=1e-6, interpret=True)
-
-
-@pytest.mark.parametrize("dtype,windows", [(jnp.bfloat16, ((0, 24), (64, 24))), (jnp.int8, ((8, 40),))])
-def test_prefetch_reads_the_windows_and_changes_nothing(dtype, windows):
-    """The prefetch programs read exactly the windows' rows (rounded out to whole tiles): their checksums equal
-    the windows' sums; the residual norm's outputs are those of the call without them, bit for bit."""
-    rng = np.random.default_rng(7)
-    x = jnp.asarray(rng.standard_normal((1, 1, 256)), jnp.bfloat16)
-    parts = jnp.asarray(rng.standard_normal((4, 1, 1, 256)), jnp.float32)
-    wp, wn = (jnp.asarray(rng.standard_normal(256) * 0.1, jnp.bfloat16) for _ in range(2))
-    w = jnp.asarray(rng.integers(-100, 100, (128, 640)), dtype)
-    want = residual_norm(x, parts, wp, wn, eps=1e-6, interpret=INTERPRET)
-    got = residual_norm(x, parts, wp, wn, eps=1e-6, interpret=INTERPRET, prefetch=w, prefetch_rows=windows,
-                        checksums=True)
-    for a, b in zip(got[:2], want):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    tile, plan = prefetch_plan(w.shape, w.dtype.itemsize, windows)
-    assert tile * 640 * w.dtype.itemsize <= PREFETCH_TILE_BYTES
-    rows = np.concatenate([np.arange(first * tile, (first + count) * tile) for first, count in plan])
-    for start, count in windows:  # every window's rows are covered
-        assert set(range(start, start + count)) <= set(rows.tolist())
-    want_sums = np.asarray(w, np.float64)[rows].reshape(-1, tile * 640).sum(1)
-    np.testing.assert_allclose(np.asarray(got[2]), want_sums, rtol=1e-6)

@@ -15,7 +15,6 @@ runs the reference, because interpreted decode kernels make a CPU's decode sever
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
@@ -28,19 +27,13 @@ from jaxtyping import Array, Float, Int
 from gemma3_jax.model import quant
 from pallas_kernels.attention import image_span_attention, packed_self_attention
 from pallas_kernels.attention import padded_head_dim as _padded_head_dim
-from pallas_kernels.decode_attention import combine_splits, decode_attention
+from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.decode_fused import decode_attention_fused, supports_head_dim
-from pallas_kernels.gemv import combine_gemv, gemv, gemv_geglu
+from pallas_kernels.gemv import gemv, gemv_geglu
 from pallas_kernels.reference import decode_attention_reference, reference_attention
 from pallas_kernels.residual_norm import residual_norm
 from pallas_kernels.segments import segment_ids_from_image_mask
-from pallas_kernels.tuning import (
-    COMBINE_GEMV_MAX_SPLITS,
-    DECODE_PREFETCH_BYTES,
-    gemv_mlp_configs,
-    gemv_o_config,
-    gemv_qkv_config,
-)
+from pallas_kernels.tuning import gemv_mlp_configs, gemv_qkv_config
 
 IMPLEMENTATIONS = ("pallas", "reference")
 CHOICES = ("auto", *IMPLEMENTATIONS)
@@ -84,10 +77,7 @@ class Kernels:
     its residual adds with their norms and, at batch 1, its matrix-vector products. ``fuse_decode``: with
     "pallas" decode, q/k norms, RoPE, the cache write and the attention as one kernel where the head dim allows
     (off: XLA does the first three, the decode attention kernel the last). ``mesh``: tensor parallelism over its
-    one axis (``model.sharding``): each op runs per device under ``shard_map`` on that device's heads.
-    ``prefetch_bytes``: at batch 1, how much of the next product's weight each residual norm reads into L2
-    while it waits on its own loads (0: none). ``combine_max_splits``: at batch 1, up to how many attention
-    splits the output product combines them in its own programs (0: always the separate combine kernel)."""
+    one axis (``model.sharding``): each op runs per device under ``shard_map`` on that device's heads."""
 
     prefill: str = "pallas"
     decode: str = "pallas"
@@ -95,8 +85,6 @@ class Kernels:
     fuse_decode: bool = True
     platform: str = "gpu"
     mesh: Mesh | None = None
-    prefetch_bytes: int = DECODE_PREFETCH_BYTES
-    combine_max_splits: int = COMBINE_GEMV_MAX_SPLITS
 
     def __post_init__(self):
         for name in ("prefill", "decode"):
@@ -211,40 +199,20 @@ class Kernels:
         return gemv(x, w, scale, block_n=g.block_n, splits=g.splits, num_warps=g.num_warps, interpret=self.interpret)
 
     def decode_step_attention(self, qkv, q_norm, k_norm, eps, cos, sin, k_buf, v_buf, pos, *, ring: bool,
-                              scale: float, partials: bool = False):
+                              scale: float):
         """q/k RMSNorm + RoPE, the cache write and attention in one kernel: qkv [B, N + 2K, H] raw projections,
         cos/sin [B, H] -> (out [B, N, H], k_buf, v_buf). Only where ``fused_step`` holds. Under tensor parallelism
-        each device's part of ``qkv`` is its group of heads, laid out as a whole model's (``model.sharding``).
-        ``partials`` (no mesh): the attention splits' partials in out's place, for ``step_output``."""
+        each device's part of ``qkv`` is its group of heads, laid out as a whole model's (``model.sharding``)."""
 
         def run(qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, pos):
             return decode_attention_fused(qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, pos, ring=ring, scale=scale,
-                                          eps=eps, interpret=self.interpret, combine=not partials)
+                                          eps=eps, interpret=self.interpret)
 
-        if partials and self.mesh is not None:
-            raise ValueError("the attention partials are for batch-1 decode without tensor parallelism")
         if self.mesh is None:
             return run(qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, pos)
         heads, buf = self._heads(1, 3), self._heads(2, 4)
         return self._per_shard(run, (heads, P(), P(), P(), P(), buf, buf, P()), (heads, buf, buf))(
             qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, pos)
-
-    def step_output(self, partials, o_proj: Float[Array, "D N H"], o_scale: Float[Array, "D"] | None,
-                    dtype) -> Float[Array, "... 1 D"]:
-        """The output product of a batch-1 decode step from ``decode_step_attention(..., partials=True)``: f32 partial
-        sums [K, B, 1, D] that ``residual_norm`` adds (the combine done in the product's programs), or, with more
-        attention splits than ``combine_max_splits``, the combine's output times o_proj [B, 1, D]."""
-        acc, m, l = partials
-        b, kh, splits, g, h = acc.shape
-        d = o_proj.shape[0]
-        if splits > self.combine_max_splits or g & (g - 1):  # Triton's blocks: G query heads a power of two
-            out = combine_splits(acc, m, l, g, h, dtype, self.interpret)
-            return quant.einsum("BNH,DNH->BD", out, o_proj, o_scale)[:, None]
-        cfg = gemv_o_config(o_proj.dtype.itemsize)
-        block_n = math.gcd(cfg.block_n, d)  # a power of two that divides the rows
-        parts = combine_gemv(acc, m, l, o_proj.reshape(d, -1), o_scale, dtype=dtype, block_n=block_n,
-                             num_warps=cfg.num_warps, interpret=self.interpret)
-        return parts[:, :, None]
 
     def cached_attention(self, q: Float[Array, "B N H"], k_buf, v_buf, pos: Int[Array, "B"], *,
                          scale: float) -> Float[Array, "B N H"]:
@@ -277,20 +245,12 @@ class Kernels:
                    interpret=self.interpret)
         return out[:, :, None]
 
-    def residual_norm(self, x, delta, post, following, prefetch=None, starts=(0,)):
+    def residual_norm(self, x, delta, post, following):
         """(x + post(delta), following(x + post(delta))) for RMSNorm modules ``post`` and ``following``: one
-        kernel with "pallas" decode (``delta`` may be ``decode_mlp``'s partial sums). ``prefetch``: the next
-        product's weight [N, K] at batch 1, of which ``prefetch_bytes`` from the rows ``starts`` on (split evenly
-        between them) are read into L2 meanwhile."""
+        kernel with "pallas" decode (``delta`` may be ``decode_mlp``'s partial sums)."""
         if self.decode == "reference":
             x = x + post(delta)
             return x, following(x)
-        row_bytes = 0 if prefetch is None else prefetch.shape[1] * prefetch.dtype.itemsize
-        rows = self.prefetch_bytes // (len(starts) * row_bytes) if row_bytes else 0
-        if rows:
-            return residual_norm(x, delta, post.weight[...], following.weight[...], eps=post.eps,
-                                 interpret=self.interpret, prefetch=prefetch,
-                                 prefetch_rows=tuple((s, int(rows)) for s in starts))
 
         def run(x, delta, post_w, following_w):  # on replicated activations: each device runs it whole
             return residual_norm(x, delta, post_w, following_w, eps=post.eps, interpret=self.interpret)

@@ -87,30 +87,24 @@ class Attention(nnx.Module):
         return quant.einsum("...NH,DNH->...D", out, self.o_proj[...], value(self.o_scale))
 
     def step(self, x: Float[Array, "B 1 D"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"], gemv_b1: bool = False):
-        """One token per row at position ``pos``: writes its key/value into the cache, attends over it; the output
-        [B, 1, D], or with ``gemv_b1`` (the products through the matrix-vector kernels, ``Kernels.gemv``) and the
-        fused attention its f32 partial sums [K, B, 1, D] (``Kernels.step_output``) for ``residual_norm``."""
+        """One token per row at position ``pos``: writes its key/value into the cache, attends over it.
+        ``gemv_b1``: the q|k|v product through the matrix-vector kernel (``Kernels.gemv``)."""
         b, m, h, d = x.shape[0], *self.qkv_proj.shape
         scale = value(self.qkv_scale)
         qkv = self.kernels.qkv_product(x[:, 0], self.qkv_proj[...].reshape(m * h, d), gemv_b1,
                                        None if scale is None else scale.reshape(m * h, *scale.shape[2:])
                                        ).reshape(b, m, h)
-        partials = gemv_b1 and self.kernels.fused_step(h)  # the combine goes into the output product's kernel
-        out, k_buf, v_buf = self.step_heads(qkv, cos, sin, k_buf, v_buf, pos, partials)
-        if partials:
-            return self.kernels.step_output(out, self.o_proj[...], value(self.o_scale), x.dtype), k_buf, v_buf
+        out, k_buf, v_buf = self.step_heads(qkv, cos, sin, k_buf, v_buf, pos)
         return self.output(out)[:, None], k_buf, v_buf
 
-    def step_heads(self, qkv: Float[Array, "B M H"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"],
-                   partials: bool = False):
-        """``step`` from the raw q|k|v products up to the attention output [B, N, H] (``partials``: the fused
-        kernel's split partials, ``Kernels.decode_step_attention``)."""
+    def step_heads(self, qkv: Float[Array, "B M H"], cos, sin, k_buf, v_buf, pos: Int[Array, "B"]):
+        """``step`` from the raw q|k|v products up to the attention output [B, N, H]."""
         ring = self.sliding_window is not None
         kernels = self.kernels
         if kernels.fused_step(qkv.shape[-1]):
             return kernels.decode_step_attention(
                 qkv, self.q_norm.weight[...], self.k_norm.weight[...], self.q_norm.eps, cos[:, 0], sin[:, 0],
-                k_buf, v_buf, pos, ring=ring, scale=self.scale, partials=partials)
+                k_buf, v_buf, pos, ring=ring, scale=self.scale)
         q, k, v = self.heads(qkv[:, None], cos, sin)
         k_buf = kvc.write_step(k_buf, k[:, 0], pos, ring)
         v_buf = kvc.write_step(v_buf, v[:, 0], pos, ring)
@@ -249,23 +243,14 @@ class TextModel(nnx.Module):
             not quant.grouped(self.quantize)  # the matrix-vector kernels read per-channel scales only
         # x: the residual stream; xn: its normed copy for the next sub-block. Each residual add and the norm
         # after it are one op (Kernels.residual_norm), the last one with the final norm.
-        # At batch 1 the norms also read the start of the next product's weight into L2 (gate|up's two halves;
-        # the next layer's q|k|v, or the lm_head after the last layer).
         x, xn, ks, vs = embeddings, layers[0].input_norm(embeddings), [], []
         for i, (layer, k_buf, v_buf) in enumerate(zip(layers, cache.k, cache.v)):
             cos, sin = tables[layer.layer_type]
             h, k_buf, v_buf = layer.attn.step(xn, cos, sin, k_buf, v_buf, pos, gemv_b1)
-            gate_up = layer.mlp.gate_up[...] if gemv_b1 else None
-            x, xn = kernels.residual_norm(x, h, layer.post_attn_norm, layer.pre_ffw_norm, gate_up,
-                                          (0, self.cfg.intermediate_size))
-            last = i + 1 == len(layers)
-            following = self.final_norm if last else layers[i + 1].input_norm
+            x, xn = kernels.residual_norm(x, h, layer.post_attn_norm, layer.pre_ffw_norm)
+            following = layers[i + 1].input_norm if i + 1 < len(layers) else self.final_norm
             mlp = kernels.decode_mlp(layer.mlp, xn, gemv_b1)
-            nxt = None
-            if gemv_b1:
-                nxt = self.embed[...] if last else layers[i + 1].attn.qkv_proj[...]
-                nxt = nxt.reshape(-1, nxt.shape[-1])
-            x, xn = kernels.residual_norm(x, mlp, layer.post_ffw_norm, following, nxt)
+            x, xn = kernels.residual_norm(x, mlp, layer.post_ffw_norm, following)
             ks.append(k_buf)
             vs.append(v_buf)
         return xn, kvc.KVCache(tuple(ks), tuple(vs), pos + 1)
