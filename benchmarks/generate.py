@@ -49,7 +49,7 @@ from benchmarks.common import Ceilings, Spec, attempt, log, make_pixels, make_pr
 from benchmarks.common import measure_ceilings, out_path, print_errors, round_up, save_json, spec_of  # noqa: E402
 from benchmarks.random_init import random_model  # noqa: E402
 from gemma3_jax.model.config import GLOBAL, SLIDING, Gemma3Config  # noqa: E402
-from gemma3_jax.model.quant import quantize_model, weight_bytes  # noqa: E402
+from gemma3_jax.model.quant import bytes_per_weight, quantize_model, weight_bytes  # noqa: E402
 from gemma3_jax.runtime.engine import Engine, Timings, bucket_length  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root: where ``python -m benchmarks.generate`` runs
@@ -85,11 +85,11 @@ def prefill_floor(cfg: Gemma3Config, n_tokens: int, n_images: int, ceil: Ceiling
     return dict(flop=flop, floor_s=s)
 
 
-def decode_floor(cfg: Gemma3Config, batch: int, context: int, ceil: Ceilings, weight_size: int = 2) -> dict:
-    """One step at ``context`` held positions per row: text weights (``weight_size`` bytes each: 2 for bf16, 1
-    quantized) + tied lm_head + KV read once."""
+def decode_floor(cfg: Gemma3Config, batch: int, context: int, ceil: Ceilings, weight_size: float = 2) -> dict:
+    """One step at ``context`` held positions per row: text weights (``weight_size`` bytes each, scales included:
+    2 for bf16, ``quant.bytes_per_weight`` quantized) + tied lm_head + KV read once."""
     c, t = counts(cfg), cfg.text
-    weights = weight_size * (c["text_layers"] + c["embed"])
+    weights = round(weight_size * (c["text_layers"] + c["embed"]))
     kv = sum(batch * min(context, t.sliding_window if t.is_sliding(i) else context) * t.num_kv_heads * t.head_dim * 4
              for i in range(t.num_layers))
     flop = 2 * (c["text_layers"] + c["embed"]) * batch + kv  # ~2 FLOP per KV element read (q.k, p.v)
@@ -229,7 +229,7 @@ def bench_ours(args, spec: Spec, sections: set[str], res: dict, cache_dir: str |
                 prompts = [make_prompt(cfg, *spec.short, rng) for _ in range(b)]
                 px = make_pixels(cfg, spec.short[1] * b, rng)
                 r = time_decode(short_engine, prompts, px, spec.new, args.decode_runs)
-                r.update(decode_floor(cfg, b, spec.short[0] + spec.new // 2, ceil, 1 if args.quantize else 2),
+                r.update(decode_floor(cfg, b, spec.short[0] + spec.new // 2, ceil, bytes_per_weight(args.quantize) if args.quantize else 2),
                          prompt_tokens=spec.short[0])
                 res.setdefault("decode", {})[f"b{b}"] = r
                 save_json(OUT_PATH, res)
@@ -254,7 +254,7 @@ def bench_ours(args, spec: Spec, sections: set[str], res: dict, cache_dir: str |
             res.setdefault("prefill", {})["long"] = r
             log(f"prefill long {n} tok: {r['median_s'] * 1e3:.1f} ms (compile {r['compile_s']:.1f} s)")
             r = time_decode(eng, [prompt], px, spec.long_new, 1)
-            r.update(decode_floor(cfg, 1, n + spec.long_new // 2, ceil, 1 if args.quantize else 2), prompt_tokens=n)
+            r.update(decode_floor(cfg, 1, n + spec.long_new // 2, ceil, bytes_per_weight(args.quantize) if args.quantize else 2), prompt_tokens=n)
             res.setdefault("decode", {})["long_b1"] = r
             save_json(OUT_PATH, res)
             log(f"decode after {n} tok, b1: {r['tok_per_s']:.1f} tok/s")
@@ -449,8 +449,8 @@ def main() -> int:
     ap.add_argument("--peer-compile", choices=("auto", "off"), default="auto",
                     help="transformers' auto torch.compile of the static-cache decode step")
     ap.add_argument("--no-peer-decode", action="store_true", help="peer: prefill only")
-    ap.add_argument("--quantize", default=None, help="int8 or fp8: our model's text weights quantized "
-                    "(gemma3_jax.model.quant); floors count 1 byte per weight")
+    ap.add_argument("--quantize", default=None, help="int8, fp8 or int4: our model's text weights "
+                    "quantized (gemma3_jax.model.quant); floors count the mode's bytes per weight with its scales")
     ap.add_argument("--cold-start", action="store_true", help="also time a start with an empty compilation cache")
     ap.add_argument("--second-start-timeout", type=int, default=300)
     ap.add_argument("--second-start", action="store_true", help=argparse.SUPPRESS)

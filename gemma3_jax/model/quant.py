@@ -200,6 +200,14 @@ def quantize_model(model: nnx.Module, mode: str) -> nnx.Module:
     return new
 
 
+def bytes_per_weight(mode: str) -> float:
+    """Bytes a product weight takes in ``mode`` with its scales where they come per group (int4: 0.5 + 4 / 32);
+    per-channel scales are left out, a row's scale being negligible beside its thousands of weights."""
+    if mode not in MODES:
+        raise ValueError(f"quantize must be one of {MODES}: {mode!r}")
+    return BITS[mode] / 8 + (4 / GROUP[mode] if mode in GROUP else 0)
+
+
 def weight_bytes(model: nnx.Module) -> int:
     """Bytes of every parameter as held (quantized weights at one byte or half of one, their scales included)."""
     bits = lambda dt: 4 if dt == jnp.int4 else 8 * dt.itemsize
