@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import gemma3_jax
-from fixtures.hf_checkpoints import BOI, EOI, IMAGE_TOKEN, MM_TOKENS, _row
+from fixtures.hf_checkpoints import IMAGE_TOKEN, MM_TOKENS, _row
 from gemma3_jax.model import kv_cache as kvc
 from gemma3_jax.model.gemma3 import embed_with_features
 
