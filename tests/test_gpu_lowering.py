@@ -1,0 +1,129 @@
+"""Every Pallas kernel the GPU runs lowers to Triton, checked on the CPU: the model's GPU paths (prefill with
+images, the chunked prefill, decode at batch 1 and 8, each quantize mode) traced with the GPU's kernels and
+lowered for CUDA without a GPU.
+
+The interpret-mode tests prove the kernels' numbers but never reach the Triton lowering, where an op Pallas cannot
+lower (a reshape, a gather, a dtype) fails only on a GPU. Lowering stops short of Triton's own compile to PTX,
+so a kernel that lowers can still fail there or run slowly: the GPU benchmarks remain the check for that."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from gemma3_jax.model import kv_cache as kvc
+from gemma3_jax.model.gemma3 import Gemma3, decoder_forward
+from gemma3_jax.model.kernels import Kernels
+from gemma3_jax.model.presets import preset
+
+GPU = Kernels(prefill="pallas", decode="pallas", interpret=False, platform="gpu")
+
+
+def small_4b() -> object:
+    """The 4B's widths and heads with two text layers (one sliding, one global) and one vision layer."""
+    cfg = preset("gemma3_4b")
+    text = dataclasses.replace(cfg.text, num_layers=2, layer_types=(cfg.text.layer_types[0], "full_attention"))
+    return dataclasses.replace(cfg, text=text, vision=dataclasses.replace(cfg.vision, num_layers=1))
+
+
+def abstract(quantize=None):
+    """(graphdef, state of shapes) of the model with the GPU's kernels: nothing is allocated."""
+    model = nnx.eval_shape(lambda: Gemma3(small_4b(), jnp.bfloat16, GPU, quantize))
+    return nnx.split(model)
+
+
+def lower_for_cuda(fn, *args) -> str:
+    """The StableHLO of ``fn`` lowered for CUDA; each Pallas kernel is in it as a Triton custom call."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def shape(s, dtype):
+    return jax.ShapeDtypeStruct(s, dtype)
+
+
+def triton_kernels(text: str) -> set[str]:
+    """The names of the Triton kernels in a lowered module (a kernel called by several layers is listed once)."""
+    return set(re.findall(r'@__gpu\$xla\.gpu\.triton\(.*?name = "(\w+)"', text))
+
+
+def test_prefill_with_an_image_lowers():
+    graphdef, state = abstract()
+    cfg = small_4b()
+    n = 320
+
+    def prefill(state, ids, pixels, lengths):
+        model = nnx.merge(graphdef, state)
+        feats = model.image_features(pixels)
+        hidden, _ = decoder_forward(cfg, model.text, ids, feats, lengths)
+        return model.text.logits(hidden[:, -1:])
+
+    side = cfg.vision.image_size
+    text = lower_for_cuda(prefill, state, shape((1, n), jnp.int32), shape((1, 3, side, side), jnp.float32),
+                          shape((1,), jnp.int32))
+    assert {"packed_self_attention", "image_span_attention"} <= triton_kernels(text)  # vision, text
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "fp8", "int4"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_decode_step_lowers(quantize, batch):
+    graphdef, state = abstract(quantize)
+    cfg = small_4b().text
+    cache = jax.eval_shape(lambda: kvc.init_cache(cfg, batch, 2048, jnp.bfloat16))
+
+    def step(state, cache, token):
+        text = nnx.merge(graphdef, state).text
+        return text.decode_step(text.embed_tokens(token[:, None]), cache)
+
+    text = lower_for_cuda(step, state, cache, shape((batch,), jnp.int32))
+    # at batch 1 the q|k|v and MLP products too, for the per-channel modes (int4's grouped products are XLA's)
+    expected = {"decode_attention_fused", "decode_combine", "residual_norm"}
+    if batch == 1 and quantize != "int4":
+        expected |= {"gemv", "gemv_geglu"}
+    assert triton_kernels(text) == expected
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_serving_steps_lower(fresh):
+    """The batching engine's steps: prompt chunks after earlier keys (or starting their prompts), and decode rows
+    with chunks in one pass."""
+    graphdef, state = abstract()
+    cfg = small_4b().text
+    slots, rows, t = 4, 2, 256
+    cache = jax.eval_shape(lambda: kvc.init_cache(cfg, slots, 2048, jnp.bfloat16))
+    ints = lambda *s: shape(s, jnp.int32)  # noqa: E731
+    chunk = kvc.PromptChunk(ints(rows), ints(rows), ints(rows), ints(rows, t))
+
+    def prefill(state, cache, ids, chunk):
+        text = nnx.merge(graphdef, state).text
+        return text.prefill_chunk(text.embed_tokens(ids), cache, chunk, fresh)
+
+    def mixed(state, cache, token, ids, chunk, advance):
+        text = nnx.merge(graphdef, state).text
+        return text.mixed_step(text.embed_tokens(token[:, None]), text.embed_tokens(ids), cache, chunk, advance)
+
+    assert "image_span_attention" in triton_kernels(lower_for_cuda(prefill, state, cache, ints(rows, t), chunk))
+    if not fresh:
+        names = triton_kernels(lower_for_cuda(mixed, state, cache, ints(slots), ints(rows, t), chunk,
+                                              shape((slots,), jnp.bool_)))
+        assert {"decode_attention_fused", "decode_combine", "image_span_attention"} <= names
+
+
+def test_a_kernel_triton_cannot_lower_fails_here():
+    """The check above can fail: an op without a Triton lowering rule is refused on the CPU, as a GPU would."""
+    from jax.experimental import pallas as pl
+
+    from pallas_kernels.tuning import compiler_params
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = jnp.sort(x_ref[...])
+
+    def fn(x):
+        return pl.pallas_call(kernel, out_shape=shape((16,), jnp.float32), compiler_params=compiler_params(4, 1))(x)
+
+    with pytest.raises(NotImplementedError, match="sort"):
+        lower_for_cuda(fn, shape((16,), jnp.float32))
