@@ -12,6 +12,8 @@ config is first checked against its f32 reference (a row that fails is an error,
 
 ``--weights int8`` / ``fp8``: the same products over 1-byte weights with a float32 scale per row (``model.quant``),
 XLA's side being the model's product for them (``quant.einsum``: the weight converted to bf16 in the product).
+``--weights int4``: 4-bit weights with a scale per 32 inputs, Pallas's side ``gemv_int4`` (XLA's: the weight
+dequantized to bf16, then the product).
 ``--grid small``: fewer configs a case.
 
 Writes --out, else $OUT/bench_gemv.json, else ./bench_gemv.json.
@@ -31,11 +33,13 @@ from gemma3_jax.model.layers import gelu_tanh
 from gemma3_jax.runtime.engine import default_compiler_options
 from pallas_kernels.common import interpret_mode
 from pallas_kernels.gemv import gemv, gemv_geglu
+from pallas_kernels.gemv_int4 import gemv4, gemv4_geglu, words
 from pallas_kernels.reference import gemv_geglu_reference, gemv_reference
 
 COPIES = 8
 D, F, QKV, O_IN = 2560, 10240, 16 * 256, 8 * 256
-CASES = {"qkv": (QKV, D), "o": (D, O_IN), "gate_up": (2 * F, D), "down": (D, F)}  # name -> w [N, K]
+CASES = {"qkv": (QKV, D), "o": (D, O_IN), "gate_up": (2 * F, D), "down": (D, F),  # name -> w [N, K]
+         "lm_head": (262_144, D)}  # not in the default --cases (8 copies of the table)
 
 
 def xla_product(name, x, w, scale=None):
@@ -50,13 +54,13 @@ def configs(name, b, quick, one_byte, grid="full"):
     if grid == "small":
         if name == "gate_up":
             return [dict(block_n=bn, num_warps=nw) for bn, nw in itertools.product((1, 2, 4), (2, 4, 8))]
-        splits = (2, 4) if name == "down" else (1, 2)
+        splits = (2, 4) if name == "down" else (1,) if name == "lm_head" else (1, 2)
         return [dict(block_n=bn, splits=s, num_warps=nw)
                 for bn, s, nw in itertools.product((2, 4, 8), splits, (4, 8) if name == "down" else (4,))]
     if name == "gate_up":
         grid = itertools.product((1, 2, 4, 8) if one_byte else (1, 2, 4), (2, 4, 8))
         return [dict(block_n=bn, num_warps=nw) for bn, nw in grid] if not quick else [dict(block_n=4, num_warps=4)]
-    splits = {"qkv": (1, 2, 4), "o": (1, 2, 4), "down": (2, 4, 8, 16) if one_byte else (4, 8, 16)}[name]
+    splits = {"qkv": (1, 2, 4), "o": (1, 2, 4), "lm_head": (1,), "down": (2, 4, 8, 16) if one_byte else (4, 8, 16)}[name]
     grid = itertools.product((2, 4, 8, 16, 32) if one_byte else (2, 4, 8, 16), splits, (4, 8))
     out = [dict(block_n=bn, splits=s, num_warps=nw) for bn, s, nw in grid]
     return out if not quick else out[:3]
@@ -70,8 +74,9 @@ def run_case(name, b, quick, opts, weights="bf16", grid="full"):
     # (w, scale) pairs: bf16 without a scale, or quantized per row (the scales' bytes are counted too)
     ws = [(w, None) if weights == "bf16" else quant.quantize(w, weights, 1) for w in ws]
     x = jax.random.normal(jax.random.fold_in(key, 99), (b, k), jnp.bfloat16)
-    one_byte = weights != "bf16"
-    mbytes = n * k * (1 if one_byte else 2) / 1e6 + (n * 4 / 1e6 if one_byte else 0)
+    one_byte = weights != "bf16"  # int4 takes the 1-byte grids: its rows are shorter still
+    scale_bytes = 0 if weights == "bf16" else ws[0][1].size * 4
+    mbytes = (n * k * quant.BITS.get(weights, 16) / 8 + scale_bytes) / 1e6
     gbytes = mbytes * COPIES / 1e3
     res = {"name": name, "b": b, "n": n, "k": k, "weights": weights, "weight_mb": round(mbytes, 3), "rows": []}
 
@@ -98,7 +103,10 @@ def run_case(name, b, quick, opts, weights="bf16", grid="full"):
     record("xla", lambda x, w, s: xla_product(name, x, w, s))
     for cfg in configs(name, b, quick, one_byte, grid):
         label = "pallas " + " ".join(f"{k_}={v}" for k_, v in cfg.items())
-        if name == "gate_up":
+        if weights == "int4":  # the int4 array's words: a bitcast, inside the timed call as in the model
+            kernel = gemv4_geglu if name == "gate_up" else gemv4
+            record(label, lambda x, w, s, c=cfg, f=kernel: f(x, words(w), s, **c, interpret=interpret_mode()), **cfg)
+        elif name == "gate_up":
             record(label, lambda x, w, s, c=cfg: gemv_geglu(x, w, s, **c, interpret=interpret_mode()), **cfg)
         else:
             record(label, lambda x, w, s, c=cfg: gemv(x, w, s, **c, interpret=interpret_mode()), **cfg)
@@ -112,7 +120,7 @@ def run_case(name, b, quick, opts, weights="bf16", grid="full"):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few configs only (CPU check of the script)")
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default="qkv,o,gate_up,down", help=f"of {list(CASES)}")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--weights", default="bf16", help="comma list of bf16, int8, fp8")
     ap.add_argument("--grid", default="full", choices=("full", "small"))
@@ -121,8 +129,8 @@ def main():
     opts = default_compiler_options("decode", jax.default_backend())  # as the model's decode step compiles
     out = {"device": str(jax.devices()[0]), "jax": jax.__version__, "copies": COPIES, "cases": []}
     for weights in args.weights.split(","):
-        if weights not in ("bf16", "int8", "fp8"):  # the kernels take 2- and 1-byte rows (int4 runs XLA's product)
-            ap.error(f"--weights takes bf16, int8 and fp8, got {weights!r}")
+        if weights not in ("bf16", "int8", "fp8", "int4"):
+            ap.error(f"--weights takes bf16, int8, fp8 and int4, got {weights!r}")
         for name in args.cases.split(","):
             for b in map(int, args.batches.split(",")):
                 out["cases"].append(run_case(name, b, args.quick, opts, weights, args.grid))

@@ -6,6 +6,7 @@ from pallas_kernels.attention import image_span_attention, packed_self_attention
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.decode_fused import decode_attention_fused
 from pallas_kernels.gemv import gemv, gemv_geglu
+from pallas_kernels.gemv_int4 import gemv4, gemv4_geglu
 from pallas_kernels.reference import (
     decode_attention_fused_reference,
     decode_attention_reference,
@@ -24,6 +25,8 @@ __all__ = [
     "decode_attention_fused_reference",
     "decode_attention_reference",
     "gemv",
+    "gemv4",
+    "gemv4_geglu",
     "gemv_geglu",
     "gemv_geglu_reference",
     "gemv_reference",

@@ -169,9 +169,12 @@ def decode_attention_fused_reference(qkv, q_norm, k_norm, cos, sin, k_cache, v_c
 
 def gemv_reference(x, w, scale=None):
     """f32 products of the inputs, [B, N] f32; with ``scale`` [N], w (int8 / float8_e4m3fn) is dequantized to
-    f32 ``w * scale[:, None]`` first."""
+    f32 ``w * scale[:, None]`` first; with ``scale`` [N, K / G] (int4), each group of G inputs by its scale."""
     wf = w.astype(jnp.float32)
-    if scale is not None:
+    if scale is not None and scale.ndim == 2:
+        n, k = w.shape
+        wf = (wf.reshape(n, scale.shape[1], k // scale.shape[1]) * scale.astype(jnp.float32)[..., None]).reshape(n, k)
+    elif scale is not None:
         wf = wf * scale.astype(jnp.float32)[:, None]
     return jnp.einsum("BK,NK->BN", x.astype(jnp.float32), wf, precision=jax.lax.Precision.HIGHEST)
 

@@ -80,10 +80,10 @@ def test_decode_step_lowers(quantize, batch):
         return text.decode_step(text.embed_tokens(token[:, None]), cache)
 
     text = lower_for_cuda(step, state, cache, shape((batch,), jnp.int32))
-    # at batch 1 the q|k|v and MLP products too, for the per-channel modes (int4's grouped products are XLA's)
+    # at batch 1 the q|k|v and MLP products too (4-bit weights: their own kernels)
     expected = {"decode_attention_fused", "decode_combine", "residual_norm"}
-    if batch == 1 and quantize != "int4":
-        expected |= {"gemv", "gemv_geglu"}
+    if batch == 1:
+        expected |= {"gemv4", "gemv4_geglu"} if quantize == "int4" else {"gemv", "gemv_geglu"}
     assert triton_kernels(text) == expected
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from flax import nnx
 
 import gemma3_jax
 from fixtures.hf_checkpoints import _row
+from gemma3_jax.model import kv_cache as kvc
 from gemma3_jax.model import quant
 from gemma3_jax.model.kernels import Kernels, with_kernels
 from gemma3_jax.runtime.batching import BatchEngine, Request
@@ -135,8 +137,8 @@ def test_prefill_logits_equal_the_dequantized_model(pair):
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_decode_equals_the_dequantized_model(pair, batch):
-    """Greedy decode through the Pallas decode kernels (batch 1: the quantized GEMV kernels, XLA's product for
-    int4; batch 2: XLA's products over the quantized weights) gives the dequantized model's tokens."""
+    """Greedy decode through the Pallas decode kernels (batch 1: the quantized GEMV kernels, int4's own for its
+    grouped scales; batch 2: XLA's products over the quantized weights) gives the dequantized model's tokens."""
     mode, qmodel, ref = pair
     kernels = Kernels(prefill="pallas", decode="pallas", interpret=True, platform="cpu")
     prompts = [prompt(s) for s in range(batch)]
@@ -147,9 +149,12 @@ def test_decode_equals_the_dequantized_model(pair, batch):
         eng = Engine(with_kernels(model, kernels), cache_length=96, chunk=8)
         return np.concatenate(list(eng.generate_ids(ids, px, max_new_tokens=12, stop_ids=())), axis=1)
 
-    if batch == 1:
-        gemv_used = kernels.gemv(1, qmodel.cfg.text.hidden_size, qmodel.cfg.text.intermediate_size)
-        assert gemv_used
+    if batch == 1:  # the kernels under test are the ones the step runs
+        text = with_kernels(qmodel, kernels).text
+        cache = kvc.init_cache(qmodel.cfg.text, 1, 16, qmodel.dtype)
+        step = jax.make_jaxpr(lambda c, t: text.decode_step(text.embed_tokens(t[:, None]), c))
+        jaxpr = str(step(cache, jnp.zeros((1,), jnp.int32)))
+        assert ("gemv4_geglu" if quant.grouped(mode) else "gemv_geglu") in jaxpr
     assert np.array_equal(run(qmodel), run(ref)), mode
 
 

@@ -30,10 +30,11 @@ from pallas_kernels.attention import padded_head_dim as _padded_head_dim
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.decode_fused import decode_attention_fused, supports_head_dim
 from pallas_kernels.gemv import gemv, gemv_geglu
+from pallas_kernels.gemv_int4 import gemv4, gemv4_geglu, words
 from pallas_kernels.reference import decode_attention_reference, reference_attention
 from pallas_kernels.residual_norm import residual_norm
 from pallas_kernels.segments import segment_ids_from_image_mask
-from pallas_kernels.tuning import gemv_mlp_configs, gemv_qkv_config
+from pallas_kernels.tuning import gemv_int4_configs, gemv_mlp_configs, gemv_qkv_config
 
 IMPLEMENTATIONS = ("pallas", "reference")
 CHOICES = ("auto", *IMPLEMENTATIONS)
@@ -195,8 +196,21 @@ class Kernels:
         """x @ w^T (``scale``: w quantized per row, ``model.quant``)."""
         if not gemv_b1:
             return quant.einsum("BD,MD->BM", x, w, scale)
+        if w.dtype == jnp.int4:  # a scale per group of inputs
+            g = gemv_int4_configs(x.shape[1])[0]
+            return gemv4(x, words(w), scale, block_n=g.block_n, splits=1, num_warps=g.num_warps,
+                         interpret=self.interpret)
         g = gemv_qkv_config(w.dtype.itemsize)
         return gemv(x, w, scale, block_n=g.block_n, splits=g.splits, num_warps=g.num_warps, interpret=self.interpret)
+
+    def logits_product(self, x: Float[Array, "R D"], w, scale) -> Float[Array, "R V"]:
+        """x @ w^T for the lm_head (``scale``: w quantized). One row over 4-bit weights runs ``gemv_int4``: XLA's
+        product would dequantize the whole table first."""
+        if w.dtype == jnp.int4 and x.shape[0] == 1 and self.decode == "pallas" and self.mesh is None:
+            g = gemv_int4_configs(x.shape[1])[3]
+            return gemv4(x, words(w), scale, block_n=g.block_n, splits=1, num_warps=g.num_warps,
+                         interpret=self.interpret)
+        return quant.einsum("RD,VD->RV", x, w, scale)
 
     def decode_step_attention(self, qkv, q_norm, k_norm, eps, cos, sin, k_buf, v_buf, pos, *, ring: bool,
                               scale: float):
@@ -237,8 +251,15 @@ class Kernels:
         if not gemv_b1:
             return mlp(x)
         d, f = mlp.down.shape
-        up, down = gemv_mlp_configs(d, f, mlp.gate_up[...].dtype.itemsize)
         scales = [None if s is None else s[...] for s in (mlp.gate_up_scale, mlp.down_scale)]
+        if mlp.gate_up[...].dtype == jnp.int4:  # a scale per group of inputs
+            _, up, down, _ = gemv_int4_configs(f)
+            h = gemv4_geglu(x[:, 0], words(mlp.gate_up[...]), scales[0], block_n=up.block_n,
+                            num_warps=up.num_warps, interpret=self.interpret)
+            out = gemv4(h, words(mlp.down[...]), scales[1], block_n=down.block_n, splits=down.splits,
+                        num_warps=down.num_warps, interpret=self.interpret)
+            return out[:, :, None]
+        up, down = gemv_mlp_configs(d, f, mlp.gate_up[...].dtype.itemsize)
         h = gemv_geglu(x[:, 0], mlp.gate_up[...], scales[0], block_n=up.block_n, num_warps=up.num_warps,
                        interpret=self.interpret)
         out = gemv(h, mlp.down[...], scales[1], block_n=down.block_n, splits=down.splits, num_warps=down.num_warps,

@@ -10,9 +10,9 @@ the lm_head's output channels, so one scale per row serves both). Norms and the 
 
 ``int4`` (symmetric, levels -7..7) keeps one scale per ``GROUP`` consecutive weights along the last input axis, as
 GGUF's Q4_0 does: a 4-bit grid per output channel would be too coarse. Its scales vary along the contraction, so its
-products dequantize the weight (to the activation dtype) before the product instead of scaling the sum; no Pallas
-matrix-vector kernel reads it yet (batch-1 decode runs XLA's product). Under tensor parallelism a group never
-straddles two devices (``check_split``).
+products dequantize the weight (to the activation dtype) before the product instead of scaling the sum; at batch 1
+decode reads the 4-bit words in its own Pallas kernels (``pallas_kernels.gemv_int4``), which scale each group's
+sum. Under tensor parallelism a group never straddles two devices (``check_split``).
 """
 
 from __future__ import annotations

@@ -197,7 +197,9 @@ class TextModel(nnx.Module):
         }
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-        logits = quant.einsum("BTD,VD->BTV", hidden, self.embed[...], value(self.embed_scale))
+        b, t, d = hidden.shape
+        logits = self.kernels.logits_product(hidden.reshape(b * t, d), self.embed[...], value(self.embed_scale))
+        logits = logits.reshape(b, t, -1)
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap
@@ -239,8 +241,7 @@ class TextModel(nnx.Module):
         pos = cache.lengths
         tables = self.rope_tables(pos[:, None])
         layers = list(self.layers)
-        gemv_b1 = kernels.gemv(embeddings.shape[0], self.cfg.hidden_size, self.cfg.intermediate_size) and \
-            not quant.grouped(self.quantize)  # the matrix-vector kernels read per-channel scales only
+        gemv_b1 = kernels.gemv(embeddings.shape[0], self.cfg.hidden_size, self.cfg.intermediate_size)
         # x: the residual stream; xn: its normed copy for the next sub-block. Each residual add and the norm
         # after it are one op (Kernels.residual_norm), the last one with the final norm.
         x, xn, ks, vs = embeddings, layers[0].input_norm(embeddings), [], []
