@@ -112,6 +112,15 @@ def _check(x, w, scale, block_n, splits, rows_w):
         raise ValueError(f"splits must divide K into multiples of 16: {splits=} {k=}")
 
 
+def split_output(b: int, n: int, block_n: int, splits: int, dtype):
+    """(out_shape, out_spec) of a product over a (row block, K split) grid: [B, N] in ``dtype``, or with
+    ``splits`` > 1 the f32 partial sums [splits, B, N] for the consumer to add."""
+    if splits > 1:
+        return (jax.ShapeDtypeStruct((splits, b, n), jnp.float32),
+                pl.BlockSpec((None, b, block_n), lambda i, s: (s, 0, i)))
+    return jax.ShapeDtypeStruct((b, n), dtype), pl.BlockSpec((b, block_n), lambda i, s: (0, i))
+
+
 @functools.partial(jax.jit, static_argnames=("block_n", "splits", "num_warps", "interpret"))
 def gemv(x, w, scale=None, *, block_n=8, splits=1, num_warps=4, interpret=False):
     """x [B, K] @ w [N, K]^T: [B, N] in x's dtype (``splits`` = 1) or f32 partial sums [splits, B, N].
@@ -121,17 +130,14 @@ def gemv(x, w, scale=None, *, block_n=8, splits=1, num_warps=4, interpret=False)
     _check(x, w, scale, block_n, splits, w.shape[0])
     (b, k), n = x.shape, w.shape[0]
     ks = k // splits
-    partial = splits > 1
-    out_shape = (splits, b, n) if partial else (b, n)
-    out_spec = (pl.BlockSpec((None, b, block_n), lambda i, s: (s, 0, i)) if partial
-                else pl.BlockSpec((b, block_n), lambda i, s: (0, i)))
+    out_shape, out_spec = split_output(b, n, block_n, splits, x.dtype)
     return pl.pallas_call(
         functools.partial(_gemv_kernel, pieces=pow2_pieces(ks), rows=b),
         grid=(n // block_n, splits),
         in_specs=[pl.BlockSpec((b, ks), lambda i, s: (0, s)), pl.BlockSpec((block_n, ks), lambda i, s: (i, s))]
         + ([] if scale is None else [pl.BlockSpec((block_n,), lambda i, s: (i,))]),
         out_specs=out_spec,
-        out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32 if partial else x.dtype),
+        out_shape=out_shape,
         compiler_params=compiler_params(num_warps, 1),
         interpret=interpret,
         name="gemv",

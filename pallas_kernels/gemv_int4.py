@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import DTYPES
-from pallas_kernels.gemv import MAX_ROWS, gelu_tanh_f32
+from pallas_kernels.gemv import MAX_ROWS, gelu_tanh_f32, split_output
 from pallas_kernels.residual_norm import pow2_pieces
 from pallas_kernels.tuning import compiler_params
 
@@ -118,10 +118,7 @@ def gemv4(x, w, scale, *, block_n=8, splits=1, num_warps=4, interpret=False):
     _check(x, w, scale, block_n, splits, w.shape[0])
     (b, k), n = x.shape, w.shape[0]
     ks = k // splits
-    partial = splits > 1
-    out_shape = (splits, b, n) if partial else (b, n)
-    out_spec = (pl.BlockSpec((None, b, block_n), lambda i, s: (s, 0, i)) if partial
-                else pl.BlockSpec((b, block_n), lambda i, s: (0, i)))
+    out_shape, out_spec = split_output(b, n, block_n, splits, x.dtype)
     return pl.pallas_call(
         functools.partial(_gemv4_kernel, pieces=pow2_pieces(ks // NIBBLES), rows=b),
         grid=(n // block_n, splits),
@@ -129,7 +126,7 @@ def gemv4(x, w, scale, *, block_n=8, splits=1, num_warps=4, interpret=False):
                   pl.BlockSpec((block_n, ks // NIBBLES), lambda i, s: (i, s)),
                   pl.BlockSpec((block_n, ks // GROUP), lambda i, s: (i, s))],
         out_specs=out_spec,
-        out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32 if partial else x.dtype),
+        out_shape=out_shape,
         compiler_params=compiler_params(num_warps, 1),
         interpret=interpret,
         name="gemv4",

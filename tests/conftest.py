@@ -21,6 +21,7 @@ def _compile_fast() -> None:
 _compile_fast()
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository root: fixtures/
@@ -63,6 +64,16 @@ def rel_err(ours, ref, valid=None) -> float:
     if valid is not None:
         diff, ref = diff[valid], ref[valid]
     return float(diff.max() / np.abs(ref).max())
+
+
+def summed_partials(got, splits: int, b: int, n: int, dtype):
+    """A matrix-vector kernel's output checked for its shape and dtype ([splits, B, N] f32 partial sums when split,
+    else [B, N] in ``dtype``) and returned as [B, N]."""
+    if splits > 1:
+        assert got.shape == (splits, b, n) and got.dtype == jnp.float32
+        return got.sum(0)
+    assert got.shape == (b, n) and got.dtype == dtype
+    return got
 
 
 def rel_norm(out, ref) -> float:

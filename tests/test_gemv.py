@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import summed_partials
 
 from pallas_kernels.gemv import gemv, gemv_geglu
 from pallas_kernels.reference import gemv_geglu_reference, gemv_reference
@@ -29,11 +30,7 @@ def test_gemv(b, n, k, block_n, splits, dtype):
     x, w = _inputs(b, n, k, dtype, seed=n + k)
     got = gemv(x, w, block_n=block_n, splits=splits, interpret=INTERPRET)
     want = gemv_reference(x, w)
-    if splits > 1:
-        assert got.shape == (splits, b, n) and got.dtype == jnp.float32
-        got = got.sum(0)
-    else:
-        assert got.shape == (b, n) and got.dtype == dtype
+    got = summed_partials(got, splits, b, n, dtype)
     tol = 1e-5 if dtype == jnp.float32 else 2 ** -7
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(np.asarray(got, np.float32) / scale, np.asarray(want) / scale, atol=tol)
@@ -117,11 +114,7 @@ def test_gemv_quantized(b, n, k, block_n, splits, dtype, wdtype):
     q, scale = _quantized(n, k, wdtype, seed=n + k + 1)
     got = gemv(x, q, scale, block_n=block_n, splits=splits, interpret=INTERPRET)
     want = gemv_reference(x, q, scale)
-    if splits > 1:
-        assert got.shape == (splits, b, n) and got.dtype == jnp.float32
-        got = got.sum(0)
-    else:
-        assert got.shape == (b, n) and got.dtype == dtype
+    got = summed_partials(got, splits, b, n, dtype)
     tol = 1e-5 if got.dtype == jnp.float32 else 2 ** -7
     assert _close(got, want, scale, tol)
     # the check sees a scale ignored or taken from the neighbouring row

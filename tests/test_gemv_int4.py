@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import summed_partials
 
 from gemma3_jax.model import quant
 from pallas_kernels.gemv_int4 import gemv4, gemv4_geglu, words
@@ -49,11 +50,7 @@ def test_gemv4(b, n, k, block_n, splits, dtype):
     x, q, scale = inputs(b, n, k, dtype, seed=n + k + b, full_range=splits == 3)
     got = gemv4(x, words(q), scale, block_n=block_n, splits=splits, interpret=INTERPRET)
     want = gemv_reference(x, q, scale)
-    if splits > 1:
-        assert got.shape == (splits, b, n) and got.dtype == jnp.float32
-        got = got.sum(0)
-    else:
-        assert got.shape == (b, n) and got.dtype == dtype
+    got = summed_partials(got, splits, b, n, dtype)
     tol = 1e-5 if got.dtype == jnp.float32 else 2**-7
     assert rel(got, want) <= tol
     # the check sees a group's scale taken from its neighbour, and the nibbles of a word taken in reverse
