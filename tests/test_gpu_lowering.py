@@ -9,7 +9,12 @@ so a kernel that lowers can still fail there or run slowly: the GPU benchmarks r
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +26,7 @@ from gemma3_jax.model.gemma3 import Gemma3, decoder_forward
 from gemma3_jax.model.kernels import Kernels
 from gemma3_jax.model.presets import preset
 
+ROOT = Path(__file__).parents[1]
 GPU = Kernels(prefill="pallas", decode="pallas", interpret=False, platform="gpu")
 
 
@@ -31,10 +37,14 @@ def small_4b() -> object:
     return dataclasses.replace(cfg, text=text, vision=dataclasses.replace(cfg.vision, num_layers=1))
 
 
-def abstract(quantize=None):
-    """(graphdef, state of shapes) of the model with the GPU's kernels: nothing is allocated."""
-    model = nnx.eval_shape(lambda: Gemma3(small_4b(), jnp.bfloat16, GPU, quantize))
-    return nnx.split(model)
+def abstract(quantize=None, mesh=None):
+    """(graphdef, state of shapes) of the model with the GPU's kernels, split over ``mesh`` if given (tensor
+    parallelism): nothing is allocated."""
+    if mesh is not None:
+        from gemma3_jax.model.sharding import split_model
+
+        return nnx.split(split_model(small_4b(), jnp.bfloat16, GPU, mesh, quantize))
+    return nnx.split(nnx.eval_shape(lambda: Gemma3(small_4b(), jnp.bfloat16, GPU, quantize)))
 
 
 def lower_for_cuda(fn, *args) -> str:
@@ -51,40 +61,57 @@ def triton_kernels(text: str) -> set[str]:
     return set(re.findall(r'@__gpu\$xla\.gpu\.triton\(.*?name = "(\w+)"', text))
 
 
-def test_prefill_with_an_image_lowers():
-    graphdef, state = abstract()
-    cfg = small_4b()
+def prefill_kernels(mesh=None) -> set[str]:
+    graphdef, state = abstract(mesh=mesh)
     n = 320
 
     def prefill(state, ids, pixels, lengths):
         model = nnx.merge(graphdef, state)
-        feats = model.image_features(pixels)
-        hidden, _ = decoder_forward(cfg, model.text, ids, feats, lengths)
+        hidden, _ = decoder_forward(model.cfg, model.text, ids, model.image_features(pixels), lengths)
         return model.text.logits(hidden[:, -1:])
 
-    side = cfg.vision.image_size
-    text = lower_for_cuda(prefill, state, shape((1, n), jnp.int32), shape((1, 3, side, side), jnp.float32),
-                          shape((1,), jnp.int32))
-    assert {"packed_self_attention", "image_span_attention"} <= triton_kernels(text)  # vision, text
+    side = small_4b().vision.image_size
+    return triton_kernels(lower_for_cuda(prefill, state, shape((1, n), jnp.int32),
+                                         shape((1, 3, side, side), jnp.float32), shape((1,), jnp.int32)))
 
 
-@pytest.mark.parametrize("quantize", [None, "int8", "fp8", "int4"])
-@pytest.mark.parametrize("batch", [1, 8])
-def test_decode_step_lowers(quantize, batch):
-    graphdef, state = abstract(quantize)
-    cfg = small_4b().text
+def test_prefill_with_an_image_lowers():
+    assert {"packed_self_attention", "image_span_attention"} <= prefill_kernels()  # vision, text
+
+
+def decode_kernels(batch: int, quantize=None, mesh=None) -> set[str]:
+    graphdef, state = abstract(quantize, mesh)
+    cfg = nnx.merge(graphdef, state).cfg.text  # under a mesh: each device's share of the heads
     cache = jax.eval_shape(lambda: kvc.init_cache(cfg, batch, 2048, jnp.bfloat16))
 
     def step(state, cache, token):
         text = nnx.merge(graphdef, state).text
         return text.decode_step(text.embed_tokens(token[:, None]), cache)
 
-    text = lower_for_cuda(step, state, cache, shape((batch,), jnp.int32))
+    return triton_kernels(lower_for_cuda(step, state, cache, shape((batch,), jnp.int32)))
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "fp8", "int4"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_decode_step_lowers(quantize, batch):
     # at batch 1 the q|k|v and MLP products too (4-bit weights: their own kernels)
     expected = {"decode_attention_fused", "decode_combine", "residual_norm"}
     if batch == 1:
         expected |= {"gemv4", "gemv4_geglu"} if quantize == "int4" else {"gemv", "gemv_geglu"}
-    assert triton_kernels(text) == expected
+    assert decode_kernels(batch, quantize) == expected
+
+
+def test_tensor_parallel_steps_lower():
+    """Split over two devices (CPU devices, in a subprocess), each device's kernels under shard_map lower too:
+    the decode step's, in bf16 and int4, and the prefill's with an image."""
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    names = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(names["decode bf16"]) == {"decode_attention_fused", "decode_combine", "residual_norm"}
+    assert set(names["decode int4"]) == set(names["decode bf16"])  # no batch-1 GEMV under tensor parallelism
+    assert {"packed_self_attention", "image_span_attention"} <= set(names["prefill"])
 
 
 @pytest.mark.parametrize("fresh", [False, True])
@@ -127,3 +154,11 @@ def test_a_kernel_triton_cannot_lower_fails_here():
 
     with pytest.raises(NotImplementedError, match="sort"):
         lower_for_cuda(fn, shape((16,), jnp.float32))
+
+
+if __name__ == "__main__":  # the tensor-parallel check's subprocess: several CPU devices from its XLA_FLAGS
+    from gemma3_jax.model.sharding import make_mesh
+
+    tp = make_mesh(2)
+    print(json.dumps({"decode bf16": sorted(decode_kernels(1, mesh=tp)),
+                      "decode int4": sorted(decode_kernels(1, "int4", tp)), "prefill": sorted(prefill_kernels(tp))}))
