@@ -203,6 +203,7 @@ def bench_ours(args, spec: Spec, sections: set[str], res: dict, cache_dir: str |
     jax.block_until_ready(nnx.state(model))
     res["init_s"] = time.perf_counter() - t
     res["quantize"], res["text_weight_bytes"] = args.quantize, weight_bytes(model.text)
+    weight_size = bytes_per_weight(args.quantize) if args.quantize else 2  # bytes a text weight, for the floors
     log(f"random model ready in {res['init_s']:.1f} s")
     runs = args.runs
 
@@ -229,7 +230,7 @@ def bench_ours(args, spec: Spec, sections: set[str], res: dict, cache_dir: str |
                 prompts = [make_prompt(cfg, *spec.short, rng) for _ in range(b)]
                 px = make_pixels(cfg, spec.short[1] * b, rng)
                 r = time_decode(short_engine, prompts, px, spec.new, args.decode_runs)
-                r.update(decode_floor(cfg, b, spec.short[0] + spec.new // 2, ceil, bytes_per_weight(args.quantize) if args.quantize else 2),
+                r.update(decode_floor(cfg, b, spec.short[0] + spec.new // 2, ceil, weight_size),
                          prompt_tokens=spec.short[0])
                 res.setdefault("decode", {})[f"b{b}"] = r
                 save_json(OUT_PATH, res)
@@ -254,7 +255,7 @@ def bench_ours(args, spec: Spec, sections: set[str], res: dict, cache_dir: str |
             res.setdefault("prefill", {})["long"] = r
             log(f"prefill long {n} tok: {r['median_s'] * 1e3:.1f} ms (compile {r['compile_s']:.1f} s)")
             r = time_decode(eng, [prompt], px, spec.long_new, 1)
-            r.update(decode_floor(cfg, 1, n + spec.long_new // 2, ceil, bytes_per_weight(args.quantize) if args.quantize else 2), prompt_tokens=n)
+            r.update(decode_floor(cfg, 1, n + spec.long_new // 2, ceil, weight_size), prompt_tokens=n)
             res.setdefault("decode", {})["long_b1"] = r
             save_json(OUT_PATH, res)
             log(f"decode after {n} tok, b1: {r['tok_per_s']:.1f} tok/s")

@@ -9,6 +9,7 @@ use the entry of the next power of two (the kernels compute them in power-of-two
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +102,22 @@ def gemv_mlp_configs(dim: int, hidden: int, weight_bytes: int = 2) -> tuple[Gemv
             GemvConfig(2 if dim % 2 == 0 else 1, splits, num_warps=warps[1]))
 
 
-def gemv_int4_configs(hidden: int) -> tuple[GemvConfig, GemvConfig, GemvConfig, GemvConfig]:
-    """Batch-1 decode over 4-bit weights (``gemv_int4``): q|k|v, gate|up, down (split over K in up to four, each
-    split a whole number of 32-input groups), lm_head. The best of ``benchmarks.gemv --weights int4 --grid small``
-    (H100, 4B shapes): q|k|v 5.9 us, gate|up 18.1, down 11.0."""
+class Int4Configs(NamedTuple):
+    qkv: GemvConfig
+    gate_up: GemvConfig
+    down: GemvConfig
+    lm_head: GemvConfig
+
+
+def gemv_int4_configs(hidden: int) -> Int4Configs:
+    """Batch-1 decode over 4-bit weights (``gemv_int4``), down split over K in up to four (each split a whole
+    number of 32-input groups of its ``hidden`` inputs). The best of ``benchmarks.gemv --weights int4 --grid
+    small`` (H100, 4B shapes): q|k|v 5.9 us, gate|up 18.1, down 11.0."""
     splits = next((s for s in (4, 2) if hidden % (32 * s) == 0), 1)
-    return (GemvConfig(block_n=4, splits=1, num_warps=4), GemvConfig(block_n=4, splits=1, num_warps=4),
-            GemvConfig(block_n=8, splits=splits, num_warps=4), GemvConfig(block_n=8, splits=1, num_warps=4))
+    return Int4Configs(qkv=GemvConfig(block_n=4, splits=1, num_warps=4),
+                       gate_up=GemvConfig(block_n=4, splits=1, num_warps=4),
+                       down=GemvConfig(block_n=8, splits=splits, num_warps=4),
+                       lm_head=GemvConfig(block_n=8, splits=1, num_warps=4))
 
 
 def compiler_params(num_warps: int | None, num_stages: int | None):

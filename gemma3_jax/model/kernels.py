@@ -197,9 +197,7 @@ class Kernels:
         if not gemv_b1:
             return quant.einsum("BD,MD->BM", x, w, scale)
         if w.dtype == jnp.int4:  # a scale per group of inputs
-            g = gemv_int4_configs(x.shape[1])[0]
-            return gemv4(x, words(w), scale, block_n=g.block_n, splits=1, num_warps=g.num_warps,
-                         interpret=self.interpret)
+            return self._gemv4(x, w, scale, gemv_int4_configs(x.shape[1]).qkv)
         g = gemv_qkv_config(w.dtype.itemsize)
         return gemv(x, w, scale, block_n=g.block_n, splits=g.splits, num_warps=g.num_warps, interpret=self.interpret)
 
@@ -207,10 +205,13 @@ class Kernels:
         """x @ w^T for the lm_head (``scale``: w quantized). One row over 4-bit weights runs ``gemv_int4``: XLA's
         product would dequantize the whole table first."""
         if w.dtype == jnp.int4 and x.shape[0] == 1 and self.decode == "pallas" and self.mesh is None:
-            g = gemv_int4_configs(x.shape[1])[3]
-            return gemv4(x, words(w), scale, block_n=g.block_n, splits=1, num_warps=g.num_warps,
-                         interpret=self.interpret)
+            return self._gemv4(x, w, scale, gemv_int4_configs(x.shape[1]).lm_head)
         return quant.einsum("RD,VD->RV", x, w, scale)
+
+    def _gemv4(self, x, w, scale, cfg):
+        """x @ w^T over an int4 w [N, K] with its scale per 32 inputs, through ``gemv_int4`` with ``cfg``."""
+        return gemv4(x, words(w), scale, block_n=cfg.block_n, splits=cfg.splits, num_warps=cfg.num_warps,
+                     interpret=self.interpret)
 
     def decode_step_attention(self, qkv, q_norm, k_norm, eps, cos, sin, k_buf, v_buf, pos, *, ring: bool,
                               scale: float):
@@ -253,12 +254,10 @@ class Kernels:
         d, f = mlp.down.shape
         scales = [None if s is None else s[...] for s in (mlp.gate_up_scale, mlp.down_scale)]
         if mlp.gate_up[...].dtype == jnp.int4:  # a scale per group of inputs
-            _, up, down, _ = gemv_int4_configs(f)
-            h = gemv4_geglu(x[:, 0], words(mlp.gate_up[...]), scales[0], block_n=up.block_n,
-                            num_warps=up.num_warps, interpret=self.interpret)
-            out = gemv4(h, words(mlp.down[...]), scales[1], block_n=down.block_n, splits=down.splits,
-                        num_warps=down.num_warps, interpret=self.interpret)
-            return out[:, :, None]
+            cfg = gemv_int4_configs(f)
+            h = gemv4_geglu(x[:, 0], words(mlp.gate_up[...]), scales[0], block_n=cfg.gate_up.block_n,
+                            num_warps=cfg.gate_up.num_warps, interpret=self.interpret)
+            return self._gemv4(h, mlp.down[...], scales[1], cfg.down)[:, :, None]
         up, down = gemv_mlp_configs(d, f, mlp.gate_up[...].dtype.itemsize)
         h = gemv_geglu(x[:, 0], mlp.gate_up[...], scales[0], block_n=up.block_n, num_warps=up.num_warps,
                        interpret=self.interpret)
