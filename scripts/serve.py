@@ -115,14 +115,22 @@ def main(argv=None) -> int:
     server = uvicorn.Server(config)
 
     original = server.startup
+    exit_code = 0
+    early: list[int] = []  # signals that came after the engine was ready, before uvicorn took them over
 
     async def startup(sockets=None):
-        await original(sockets)
+        nonlocal exit_code
+        await original(sockets)  # uvicorn's own handlers are in place from here on
+        if early:  # a stop asked for while starting: stop now, as a Ctrl-C a moment earlier would have
+            server.should_exit = True
+            if signal.SIGINT in early:
+                print("error: interrupted", file=sys.stderr, flush=True)
+                exit_code = 130
+            return
         port = server.servers[0].sockets[0].getsockname()[1] if server.servers else args.port
         print(f"serving {name} at http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
 
     server.startup = startup
-    exit_code = 0
 
     def engine_exited(code):  # on the engine's reply thread: stop serving, exit non-zero
         nonlocal exit_code
@@ -133,9 +141,10 @@ def main(argv=None) -> int:
     if not args.no_engine_process:
         service.engine.on_exit = engine_exited
     # uvicorn handles SIGTERM / Ctrl-C (stop accepting, let running requests finish, bounded), then raises the
-    # signal again for the handler it found: this one, so a clean stop exits 0
+    # signal again for the handler it found: this one, so a clean stop exits 0. Until uvicorn installs its own,
+    # this one keeps the signal for startup (a handler that did nothing lost a Ctrl-C there: the server served on).
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+        signal.signal(sig, lambda sig, _: early.append(sig))
     try:
         server.run(sockets=[listener])
     finally:  # whatever ends serving, the engine (and its process) stops: an engine process left behind hangs exit

@@ -510,3 +510,31 @@ def test_ctrl_c_while_the_engine_starts_is_one_line(files):
         proc.kill()
     assert proc.returncode == 130, "".join(lines) + rest
     assert rest.strip() == "error: interrupted" and "Traceback" not in rest, rest
+
+
+# serve.py run with uvicorn.Server.run wrapped so that a Ctrl-C arrives just before uvicorn installs its handlers
+_CTRL_C_BEFORE_UVICORN = """
+import os, runpy, signal, sys
+import uvicorn
+run = uvicorn.Server.run
+def interrupted_run(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    return run(self, *args, **kwargs)
+uvicorn.Server.run = interrupted_run
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_between_the_engine_ready_and_serving_stops(files):
+    """A Ctrl-C after the engine is ready but before uvicorn's own handlers are in place: one line and status 130,
+    nothing served (the handler there did nothing before, and the server served on as if never interrupted)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]),
+               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_BEFORE_UVICORN, str(ROOT / "scripts" / "serve.py"),
+                           "--model", str(files["it"]), "--port", "0", "--dtype", "float32", "--cache-length", "256",
+                           "--max-batch", "2", "--chunk-tokens", "32"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert "serving" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: interrupted", proc.stderr
