@@ -512,29 +512,34 @@ def test_ctrl_c_while_the_engine_starts_is_one_line(files):
     assert rest.strip() == "error: interrupted" and "Traceback" not in rest, rest
 
 
-# serve.py run with uvicorn.Server.run wrapped so that a Ctrl-C arrives just before uvicorn installs its handlers
-_CTRL_C_BEFORE_UVICORN = """
+# serve.py run with uvicorn.Server.run wrapped so that a signal (argv[1]) arrives just before uvicorn installs its
+# handlers
+_STOP_BEFORE_UVICORN = """
 import os, runpy, signal, sys
 import uvicorn
 run = uvicorn.Server.run
 def interrupted_run(self, *args, **kwargs):
-    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), getattr(signal, SIG))
     return run(self, *args, **kwargs)
 uvicorn.Server.run = interrupted_run
-sys.argv = sys.argv[1:]
+SIG, sys.argv = sys.argv[1], sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_ctrl_c_between_the_engine_ready_and_serving_stops(files):
-    """A Ctrl-C after the engine is ready but before uvicorn's own handlers are in place: one line and status 130,
-    nothing served (the handler there did nothing before, and the server served on as if never interrupted)."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_between_the_engine_ready_and_serving_stops(files, sig):
+    """A Ctrl-C (or a SIGTERM) after the engine is ready but before uvicorn's own handlers are in place: nothing is
+    served; a Ctrl-C ends in one line and status 130, a SIGTERM in a clean exit 0, as once serving (the handler there
+    did nothing before, and the server served on as if never stopped)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]),
                JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-c", _CTRL_C_BEFORE_UVICORN, str(ROOT / "scripts" / "serve.py"),
+    proc = subprocess.run([sys.executable, "-c", _STOP_BEFORE_UVICORN, sig, str(ROOT / "scripts" / "serve.py"),
                            "--model", str(files["it"]), "--port", "0", "--dtype", "float32", "--cache-length", "256",
                            "--max-batch", "2", "--chunk-tokens", "32"], env=env, capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 130, proc.stderr
     assert "serving" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == "error: interrupted", proc.stderr
+    if sig == "SIGINT":
+        assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1] == "error: interrupted", proc.stderr
+    else:
+        assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr
