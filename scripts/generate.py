@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,24 @@ def read_prompt(args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # A Ctrl-C's KeyboardInterrupt raised inside a gc callback (JAX registers one) was printed as a traceback and
+    # dropped, and the run went on to the end: it is kept here and honoured at the next step, and not printed.
+    interrupted = []
+
+    def on_interrupt(*_):
+        interrupted.append(True)
+        raise KeyboardInterrupt
+
+    def honour_interrupt() -> None:
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def unraisable(u, default=sys.unraisablehook) -> None:
+        if not isinstance(u.exc_value, KeyboardInterrupt):
+            default(u)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    sys.unraisablehook = unraisable
     import jax
 
     from gemma3_jax.model.kv_cache import check_fits
@@ -129,6 +148,7 @@ def main(argv=None) -> int:
 
     enable_compilation_cache()  # before anything compiles: JAX reads the setting once
     try:
+        honour_interrupt()
         distributed = (args.coordinator_address, args.num_processes, args.process_id)
         if any(v is not None for v in distributed):
             if any(v is None for v in distributed):
@@ -158,8 +178,10 @@ def main(argv=None) -> int:
                                         tensor_parallel=args.tensor_parallel, quantize=args.quantize,
                                         compilation_cache=False)
         print(f"loaded in {gen.load_s:.1f} s", file=sys.stderr)
+        honour_interrupt()
 
         def stream(row: int, delta: str) -> None:
+            honour_interrupt()
             sys.stdout.write(delta)
             sys.stdout.flush()
 
@@ -188,4 +210,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while Python imports what main imports
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

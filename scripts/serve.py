@@ -66,6 +66,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Signals until uvicorn takes them over. A Ctrl-C's KeyboardInterrupt raised inside a gc callback (JAX registers
+    # one) was printed as a traceback and dropped, and the server started as if never interrupted: it is kept here
+    # and honoured when serving would start, and not printed.
+    early: list[int] = []
+
+    def on_interrupt(sig, _):
+        early.append(sig)
+        raise KeyboardInterrupt
+
+    def unraisable(u, default=sys.unraisablehook) -> None:
+        if not isinstance(u.exc_value, KeyboardInterrupt):
+            default(u)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    sys.unraisablehook = unraisable
     try:
         import uvicorn
 
@@ -75,6 +90,9 @@ def main(argv=None) -> int:
         return 2
     from gemma3_jax.runtime.engine_process import SWITCH_INTERVAL_S, EngineExited
     from gemma3_jax.runtime.service import Service
+
+    if early:  # a Ctrl-C dropped while importing: before anything loads
+        raise KeyboardInterrupt
 
     try:
         if not 0 <= args.port <= 65535:
@@ -116,12 +134,11 @@ def main(argv=None) -> int:
 
     original = server.startup
     exit_code = 0
-    early: list[int] = []  # signals that came after the engine was ready, before uvicorn took them over
 
     async def startup(sockets=None):
         nonlocal exit_code
         await original(sockets)  # uvicorn's own handlers are in place from here on
-        if early:  # a stop asked for while starting: stop now, as a Ctrl-C a moment earlier would have
+        if early:  # a stop asked for while starting (or a Ctrl-C dropped before): stop now, serving nothing
             server.should_exit = True
             if signal.SIGINT in early:
                 print("error: interrupted", file=sys.stderr, flush=True)
@@ -142,7 +159,7 @@ def main(argv=None) -> int:
         service.engine.on_exit = engine_exited
     # uvicorn handles SIGTERM / Ctrl-C (stop accepting, let running requests finish, bounded), then raises the
     # signal again for the handler it found: this one, so a clean stop exits 0. Until uvicorn installs its own,
-    # this one keeps the signal for startup (a handler that did nothing lost a Ctrl-C there: the server served on).
+    # this one keeps the signal for startup (a handler that did nothing lost a stop there: the server served on).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda sig, _: early.append(sig))
     try:

@@ -543,3 +543,33 @@ def test_a_stop_between_the_engine_ready_and_serving_stops(files, sig):
         assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1] == "error: interrupted", proc.stderr
     else:
         assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr
+
+
+# A script run with a Ctrl-C delivered inside a gc callback once JAX is imported: Python prints the callback's
+# KeyboardInterrupt as "Exception ignored" and drops it, as it can any Ctrl-C while JAX's own gc callback runs.
+_CTRL_C_IN_GC_CALLBACK = """
+import gc, os, runpy, signal, sys
+def callback(phase, info, fired=[]):
+    if not fired and "jax" in sys.modules:
+        fired.append(True)
+        os.kill(os.getpid(), signal.SIGINT)
+        fired.append(True)  # the handler runs here, inside the callback
+gc.callbacks.append(callback)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["generate.py", "serve.py"])
+def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops(files, script):
+    """The script stops with its one line and status 130 before loading anything, no traceback (it printed the
+    dropped KeyboardInterrupt, then generated to the end or started serving)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]),
+               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    more = ["--prompt", "hello", "--max-new-tokens", "4"] if script == "generate.py" else ["--port", "0"]
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_IN_GC_CALLBACK, str(ROOT / "scripts" / script), "--model",
+                           str(files["it"]), "--dtype", "float32", "--cache-length", "256", *more], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr and "loading" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().endswith("interrupted"), proc.stderr
