@@ -5,17 +5,18 @@ that calls ``pallas_kernels``), ``checkpoints`` (safetensors, GGUF, ``Checkpoint
 (tokenizer, chat templates, images) and ``runtime`` (engine, sampling, ``Generator``).
 """
 
-from gemma3_jax.checkpoints.loading import CheckpointError, load_pretrained
-from gemma3_jax.model.config import Gemma3Config, TextConfig, VisionConfig
-from gemma3_jax.model.gemma3 import Gemma3
+import importlib
 
 __all__ = ["CheckpointError", "Gemma3", "Gemma3Config", "Generator", "TextConfig", "VisionConfig", "load_pretrained"]
 
+# Each name is imported when first asked for: importing the package itself loads no JAX, so a script can set up
+# what must come first (its Ctrl-C handling, scripts/generate.py) from a module of the package.
+_HOMES = {"CheckpointError": "checkpoints.loading", "load_pretrained": "checkpoints.loading",
+          "Gemma3Config": "model.config", "TextConfig": "model.config", "VisionConfig": "model.config",
+          "Gemma3": "model.gemma3", "Generator": "runtime.generator"}
+
 
 def __getattr__(name: str):
-    # Generator pulls in the tokenizer, chat templates and the image processor: imported when first asked for.
-    if name == "Generator":
-        from gemma3_jax.runtime.generator import Generator
-
-        return Generator
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
     raise AttributeError(f"module 'gemma3_jax' has no attribute {name!r}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -121,24 +120,9 @@ def read_prompt(args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # A Ctrl-C's KeyboardInterrupt raised inside a gc callback (JAX registers one) was printed as a traceback and
-    # dropped, and the run went on to the end: it is kept here and honoured at the next step, and not printed.
-    interrupted = []
+    from gemma3_jax.runtime.interrupts import Interrupts  # no JAX: before it, whose gc callback can drop a Ctrl-C
 
-    def on_interrupt(*_):
-        interrupted.append(True)
-        raise KeyboardInterrupt
-
-    def honour_interrupt() -> None:
-        if interrupted:
-            raise KeyboardInterrupt
-
-    def unraisable(u, default=sys.unraisablehook) -> None:
-        if not isinstance(u.exc_value, KeyboardInterrupt):
-            default(u)
-
-    signal.signal(signal.SIGINT, on_interrupt)
-    sys.unraisablehook = unraisable
+    interrupts = Interrupts().install()
     import jax
 
     from gemma3_jax.model.kv_cache import check_fits
@@ -148,7 +132,7 @@ def main(argv=None) -> int:
 
     enable_compilation_cache()  # before anything compiles: JAX reads the setting once
     try:
-        honour_interrupt()
+        interrupts.check()
         distributed = (args.coordinator_address, args.num_processes, args.process_id)
         if any(v is not None for v in distributed):
             if any(v is None for v in distributed):
@@ -178,10 +162,10 @@ def main(argv=None) -> int:
                                         tensor_parallel=args.tensor_parallel, quantize=args.quantize,
                                         compilation_cache=False)
         print(f"loaded in {gen.load_s:.1f} s", file=sys.stderr)
-        honour_interrupt()
+        interrupts.check()
 
         def stream(row: int, delta: str) -> None:
-            honour_interrupt()
+            interrupts.check()
             sys.stdout.write(delta)
             sys.stdout.flush()
 

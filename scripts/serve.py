@@ -66,21 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # Signals until uvicorn takes them over. A Ctrl-C's KeyboardInterrupt raised inside a gc callback (JAX registers
-    # one) was printed as a traceback and dropped, and the server started as if never interrupted: it is kept here
-    # and honoured when serving would start, and not printed.
-    early: list[int] = []
+    from gemma3_jax.runtime.interrupts import Interrupts  # no JAX: before it, whose gc callback can drop a Ctrl-C
 
-    def on_interrupt(sig, _):
-        early.append(sig)
-        raise KeyboardInterrupt
-
-    def unraisable(u, default=sys.unraisablehook) -> None:
-        if not isinstance(u.exc_value, KeyboardInterrupt):
-            default(u)
-
-    signal.signal(signal.SIGINT, on_interrupt)
-    sys.unraisablehook = unraisable
+    interrupts = Interrupts().install()  # the signals until uvicorn takes them over, honoured before it serves
     try:
         import uvicorn
 
@@ -91,8 +79,7 @@ def main(argv=None) -> int:
     from gemma3_jax.runtime.engine_process import SWITCH_INTERVAL_S, EngineExited
     from gemma3_jax.runtime.service import Service
 
-    if early:  # a Ctrl-C dropped while importing: before anything loads
-        raise KeyboardInterrupt
+    interrupts.check()  # a Ctrl-C dropped while importing: before anything loads
 
     try:
         if not 0 <= args.port <= 65535:
@@ -138,9 +125,9 @@ def main(argv=None) -> int:
     async def startup(sockets=None):
         nonlocal exit_code
         await original(sockets)  # uvicorn's own handlers are in place from here on
-        if early:  # a stop asked for while starting (or a Ctrl-C dropped before): stop now, serving nothing
+        if interrupts.signals:  # a stop asked for while starting (or a Ctrl-C dropped before): serve nothing
             server.should_exit = True
-            if signal.SIGINT in early:
+            if signal.SIGINT in interrupts.signals:
                 print("error: interrupted", file=sys.stderr, flush=True)
                 exit_code = 130
             return
@@ -161,7 +148,7 @@ def main(argv=None) -> int:
     # signal again for the handler it found: this one, so a clean stop exits 0. Until uvicorn installs its own,
     # this one keeps the signal for startup (a handler that did nothing lost a stop there: the server served on).
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda sig, _: early.append(sig))
+        signal.signal(sig, interrupts.keep)
     try:
         server.run(sockets=[listener])
     finally:  # whatever ends serving, the engine (and its process) stops: an engine process left behind hangs exit
