@@ -36,10 +36,14 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="the weights are rounded to this dtype before quantizing, as "
                    "loading with --dtype does (bfloat16 or float32; default: bfloat16)")
     args = p.parse_args(argv)
+    from gemma3_jax.runtime.interrupts import Interrupts  # no JAX: before it, whose gc callback can drop a Ctrl-C
+
+    interrupts = Interrupts().install()
     from gemma3_jax.checkpoints.gguf import packaged_gguf
     from gemma3_jax.checkpoints.quantized import quantize_checkpoint, quantize_gguf
 
     try:
+        interrupts.check()  # a Ctrl-C dropped while importing: before anything is written
         t = time.perf_counter()
         if args.model == "":
             raise ValueError("the model path is empty")
@@ -63,4 +67,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while Python imports what main imports
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

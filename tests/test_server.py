@@ -560,16 +560,18 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("script", ["generate.py", "serve.py"])
-def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops(files, script):
-    """The script stops with its one line and status 130 before loading anything, no traceback (it printed the
-    dropped KeyboardInterrupt, then generated to the end or started serving)."""
+@pytest.mark.parametrize("script", ["generate.py", "serve.py", "quantize.py"])
+def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops(files, script, tmp_path):
+    """The script stops with its one line and status 130 before loading or writing anything, no traceback (it
+    printed the dropped KeyboardInterrupt, then generated to the end, started serving or wrote the checkpoint)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]),
                JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    more = ["--prompt", "hello", "--max-new-tokens", "4"] if script == "generate.py" else ["--port", "0"]
+    more = {"generate.py": ["--prompt", "hello", "--max-new-tokens", "4", "--cache-length", "256"],
+            "serve.py": ["--port", "0", "--cache-length", "256"],
+            "quantize.py": ["--quantize", "int8", "--out", str(tmp_path / "int8")]}[script]
     proc = subprocess.run([sys.executable, "-c", _CTRL_C_IN_GC_CALLBACK, str(ROOT / "scripts" / script), "--model",
-                           str(files["it"]), "--dtype", "float32", "--cache-length", "256", *more], env=env,
-                          capture_output=True, text=True, timeout=120)
+                           str(files["it"]), "--dtype", "float32", *more], env=env, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr and "loading" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().endswith("interrupted"), proc.stderr
+    assert proc.stderr.strip().endswith("interrupted") and not (tmp_path / "int8").exists(), proc.stderr
