@@ -560,16 +560,34 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+# ... or with a Ctrl-C as JAX is first imported (by what the script's main imports)
+_CTRL_C_IMPORTING_JAX = """
+import os, runpy, signal, sys
+class Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name == "jax":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, Finder())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("when", ["gc_callback", "importing_jax"])
 @pytest.mark.parametrize("script", ["generate.py", "serve.py", "quantize.py"])
-def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops(files, script, tmp_path):
-    """The script stops with its one line and status 130 before loading or writing anything, no traceback (it
-    printed the dropped KeyboardInterrupt, then generated to the end, started serving or wrote the checkpoint)."""
+def test_a_ctrl_c_while_a_script_starts_is_one_line(files, script, when, tmp_path):
+    """The script stops with its one line and status 130 before loading or writing anything, no traceback: a Ctrl-C
+    dropped in a gc callback was printed, then the text was generated to the end, the server started or the
+    checkpoint was written; one while importing was a KeyboardInterrupt traceback and status -2."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"), str(ROOT)]),
                JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     more = {"generate.py": ["--prompt", "hello", "--max-new-tokens", "4", "--cache-length", "256"],
             "serve.py": ["--port", "0", "--cache-length", "256"],
             "quantize.py": ["--quantize", "int8", "--out", str(tmp_path / "int8")]}[script]
-    proc = subprocess.run([sys.executable, "-c", _CTRL_C_IN_GC_CALLBACK, str(ROOT / "scripts" / script), "--model",
+    driver = _CTRL_C_IN_GC_CALLBACK if when == "gc_callback" else _CTRL_C_IMPORTING_JAX
+    proc = subprocess.run([sys.executable, "-c", driver, str(ROOT / "scripts" / script), "--model",
                            str(files["it"]), "--dtype", "float32", *more], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 130, proc.stderr
